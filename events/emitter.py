@@ -1,0 +1,145 @@
+"""The worker-side emitter: one method per event type, as mlx-serving's EngineEventEmitter.
+
+Each method builds the envelope, validates it on the hot path (raising the
+SPEC 3.3 error object, ``ValidationFailed``, on bad input) and hands it to a
+publisher. No Django, no database: this runs inside workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any, Protocol
+
+import redis
+from msgspec import UNSET
+
+from events.schemas import Envelope, envelope_encode, envelope_validate
+from events.stream import stream_append
+
+
+class EventPublisher(Protocol):
+    def publish(self, envelope: Envelope) -> None: ...
+
+
+class RedisStreamPublisher:
+    """Appends each event to the stream as it comes (one round trip each).
+
+    Simple and synchronous: fine for the API and tests. Workers use a
+    batching, buffering publisher so generation never waits on Redis.
+    """
+
+    def __init__(self, client: redis.Redis, stream: str) -> None:
+        self.client = client
+        self.stream = stream
+
+    def publish(self, envelope: Envelope) -> None:
+        stream_append(self.client, self.stream, [envelope_encode(envelope)])
+
+
+class CollectingPublisher:
+    """Keeps envelopes in a list: for callers that publish them later themselves."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+
+    def publish(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not UNSET}
+
+
+class EngineEventEmitter:
+    def __init__(self, *, source: str, publisher: EventPublisher) -> None:
+        self.source = source
+        self.publisher = publisher
+
+    def emit(
+        self,
+        event_type: str,
+        payload: dict[str, Any],
+        *,
+        generation_id: uuid.UUID | str | None = None,
+        seq: int = 0,
+    ) -> Envelope:
+        envelope = envelope_validate(
+            {
+                # uuid4 from urandom directly: half the cost of uuid.uuid4().
+                "id": uuid.UUID(bytes=os.urandom(16), version=4),
+                "type": event_type,
+                "timestamp": time.time_ns() // 1_000_000,
+                "source": self.source,
+                "generationId": generation_id,
+                "seq": seq,
+                "payload": payload,
+            }
+        )
+        self.publisher.publish(envelope)
+        return envelope
+
+    def model_loaded(
+        self, *, model: str, model_path: str, quantization: Any = UNSET,
+        parameters: Any = UNSET, metadata: Any = UNSET,
+    ) -> Envelope:
+        return self.emit(
+            "modelLoaded",
+            _given(model=model, modelPath=model_path, quantization=quantization,
+                   parameters=parameters, metadata=metadata),
+        )
+
+    def model_unloaded(self, *, model: str, reason: Any = UNSET) -> Envelope:
+        return self.emit("modelUnloaded", _given(model=model, reason=reason))
+
+    def model_invalidated(self, *, model: str, reason: str) -> Envelope:
+        return self.emit("modelInvalidated", {"model": model, "reason": reason})
+
+    def generation_started(
+        self, *, generation_id: uuid.UUID | str, model: str, prompt: Any,
+        max_tokens: Any = UNSET, metadata: Any = UNSET, seq: int = 0,
+    ) -> Envelope:
+        return self.emit(
+            "generationStarted",
+            _given(model=model, prompt=prompt, maxTokens=max_tokens, metadata=metadata),
+            generation_id=generation_id, seq=seq,
+        )
+
+    def token_generated(
+        self, *, generation_id: uuid.UUID | str, seq: int, model: str, token: str,
+        logprob: Any = UNSET, metadata: Any = UNSET,
+    ) -> Envelope:
+        return self.emit(
+            "tokenGenerated",
+            _given(model=model, token=token, logprob=logprob, metadata=metadata),
+            generation_id=generation_id, seq=seq,
+        )
+
+    def generation_completed(
+        self, *, generation_id: uuid.UUID | str, seq: int, model: str, tokens_generated: int,
+        duration_ms: float, throughput: Any = UNSET, metadata: Any = UNSET,
+    ) -> Envelope:
+        return self.emit(
+            "generationCompleted",
+            _given(model=model, tokensGenerated=tokens_generated, durationMs=duration_ms,
+                   throughput=throughput, metadata=metadata),
+            generation_id=generation_id, seq=seq,
+        )
+
+    def error(
+        self, *, error: str, code: Any = UNSET, model: Any = UNSET, metadata: Any = UNSET,
+        generation_id: uuid.UUID | str | None = None, seq: int = 0,
+    ) -> Envelope:
+        return self.emit(
+            "error", _given(error=error, code=code, model=model, metadata=metadata),
+            generation_id=generation_id, seq=seq,
+        )
+
+    def runtime_status(
+        self, *, status: str, models_loaded: int, active_tasks: Any = UNSET, metadata: Any = UNSET,
+    ) -> Envelope:
+        return self.emit(
+            "runtimeStatus",
+            _given(status=status, modelsLoaded=models_loaded, activeTasks=active_tasks, metadata=metadata),
+        )

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import django_filters
+from django import forms
+from django.db.models import QuerySet
+
+from events.models import MODEL_COLUMN_LENGTH, Event
+from events.schemas import EVENT_TYPES
+
+
+class EpochMsFilter(django_filters.NumberFilter):
+    field_class = forms.IntegerField
+
+
+class EventFilter(django_filters.FilterSet):
+    """The filters of SPEC section 4; each runs on an indexed column and they combine."""
+
+    type = django_filters.ChoiceFilter(choices=[(t, t) for t in EVENT_TYPES])
+    model = django_filters.CharFilter(method="filter_model")
+    source = django_filters.CharFilter()
+    generationId = django_filters.UUIDFilter(field_name="generation_id")
+    since = EpochMsFilter(field_name="timestamp", lookup_expr="gte", help_text="epoch ms, inclusive")
+    until = EpochMsFilter(field_name="timestamp", lookup_expr="lte", help_text="epoch ms, inclusive")
+
+    class Meta:
+        model = Event
+        fields = ["type", "model", "source", "generationId", "since", "until"]
+
+    def filter_model(self, queryset: QuerySet[Event], name: str, value: str) -> QuerySet[Event]:
+        # The column holds the first 200 characters of the name (see Event.model).
+        return queryset.filter(model=value[:MODEL_COLUMN_LENGTH])

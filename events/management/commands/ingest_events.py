@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.core.management.base import BaseCommand
+from django.db import DatabaseError, close_old_connections
+
+from events.services import EventIngester, stream_lag
+from mlxserve.redis_conn import redis_client
+from telemetry.services import telemetry_config_sync
+
+logger = logging.getLogger("mlxserve.ingest")
+
+
+class Command(BaseCommand):
+    help = "Store events from the Redis stream in the database (long-running; Ctrl-C or SIGTERM stops it)."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--consumer", default=socket.gethostname(),
+            help="Consumer name in the group; keep it stable across restarts of one ingester.",
+        )
+        parser.add_argument("--batch-size", type=int, default=500)
+        parser.add_argument("--block-ms", type=int, default=1000)
+        parser.add_argument("--log-every", type=float, default=10.0, help="Seconds between progress lines.")
+        parser.add_argument(
+            "--exit-when-idle", action="store_true",
+            help="Stop once the stream has nothing new (for scripts and tests).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self.stopping = False
+
+        def stop(signum: int, frame: Any) -> None:
+            # Finish the batch in hand (store, acknowledge), then leave.
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+        ingester = EventIngester(
+            client=redis_client(),
+            stream=settings.EVENTS_STREAM,
+            group=settings.EVENTS_CONSUMER_GROUP,
+            consumer=options["consumer"],
+            batch_size=options["batch_size"],
+            block_ms=options["block_ms"],
+        )
+        logger.info(
+            "Ingesting %s (group %s, consumer %s) into %s",
+            settings.EVENTS_STREAM, settings.EVENTS_CONSUMER_GROUP, options["consumer"],
+            settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
+        )
+        stored = dead = 0
+        window_start = time.monotonic()
+        window_stored = 0
+        next_sync = 0.0
+        backoff = 0.5
+        while not self.stopping:
+            try:
+                if time.monotonic() >= next_sync:
+                    telemetry_config_sync()
+                    next_sync = time.monotonic() + 5
+                outcome = ingester.step()
+                stored += outcome.stored
+                dead += outcome.dead
+                window_stored += outcome.stored
+                backoff = 0.5
+                if options["exit_when_idle"] and outcome.stored + outcome.duplicates + outcome.dead == 0:
+                    break
+            except (redis.RedisError, DatabaseError) as exc:
+                logger.error("Ingest paused (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+                close_old_connections()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            elapsed = time.monotonic() - window_start
+            if elapsed >= options["log_every"]:
+                lag = stream_lag(client=ingester.client, stream=ingester.stream, group=ingester.group)
+                logger.info(
+                    "stored %d events (%.0f/s), %d dead letters; stream length %d, pending %d",
+                    stored, window_stored / elapsed, dead, lag["length"], lag["pending"],
+                )
+                window_start, window_stored = time.monotonic(), 0
+        logger.info("Stopped: stored %d events, %d dead letters", stored, dead)

@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import redis
+from django.db import transaction
+from django.utils import timezone
+
+from events.models import MODEL_COLUMN_LENGTH, DeadLetter, Event
+from events.schemas import Envelope, envelope_decode, envelope_encode, envelope_validate
+from events.stream import ENTRY_FIELD, stream_append, stream_ensure_group
+from mlxserve.validation import ValidationFailed
+
+logger = logging.getLogger(__name__)
+
+
+# -- intake (the API) --------------------------------------------------------------
+
+
+@dataclass
+class BatchOutcome:
+    accepted: list[str] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def event_submit(*, client: redis.Redis, stream: str, data: Any) -> str:
+    """One envelope: validate it and append it to the stream. Returns its id."""
+    envelope = envelope_validate(data)
+    stream_append(client, stream, [envelope_encode(envelope)])
+    return str(envelope.id)
+
+
+def event_submit_batch(*, client: redis.Redis, stream: str, items: Sequence[Any]) -> BatchOutcome:
+    """An array of envelopes: the valid ones go to the stream whatever the others hold."""
+    outcome = BatchOutcome()
+    valid: list[Envelope] = []
+    for index, item in enumerate(items):
+        try:
+            valid.append(envelope_validate(item))
+        except ValidationFailed as exc:
+            outcome.rejected.append({"index": index, "error": exc.as_error()})
+    stream_append(client, stream, [envelope_encode(e) for e in valid])
+    outcome.accepted = [str(e.id) for e in valid]
+    return outcome
+
+
+# -- storage (the ingester) ----------------------------------------------------------
+
+
+@dataclass
+class StoreOutcome:
+    stored: int = 0
+    duplicates: int = 0
+    dead: int = 0
+
+
+def _event_row(envelope: Envelope, now: Any) -> Event:
+    payload = envelope.payload
+    model = getattr(payload, "model", "")
+    return Event(
+        id=envelope.id,
+        type=type(envelope).__struct_config__.tag,  # type: ignore[attr-defined]
+        timestamp=envelope.timestamp,
+        source=envelope.source,
+        generation_id=envelope.generation_id,
+        seq=envelope.seq,
+        model=model[:MODEL_COLUMN_LENGTH] if isinstance(model, str) else "",
+        payload=_to_builtins(payload),
+        ingested_at=now,
+    )
+
+
+def _to_builtins(payload: Any) -> dict[str, Any]:
+    result: dict[str, Any] = msgspec.to_builtins(payload)
+    return result
+
+
+def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
+    """Store stream entries ``(entry_id, body)`` in one transaction.
+
+    Valid envelopes become events, idempotent on ``id`` (a repeat is skipped
+    by the database, not by a read first). Invalid ones become dead letters
+    with their error, so they never hold up the entries behind them.
+    """
+    now = timezone.now()
+    rows: dict[Any, Event] = {}
+    dead: list[DeadLetter] = []
+    for entry_id, body in entries:
+        try:
+            envelope = envelope_decode(body)
+        except ValidationFailed as exc:
+            dead.append(
+                DeadLetter(
+                    stream_id=entry_id,
+                    body=body.decode("utf-8", errors="replace"),
+                    error=exc.as_error(),
+                )
+            )
+            continue
+        rows.setdefault(envelope.id, _event_row(envelope, now))
+    with transaction.atomic():
+        before = Event.objects.filter(pk__in=list(rows)).count() if rows else 0
+        Event.objects.bulk_create(list(rows.values()), ignore_conflicts=True, batch_size=500)
+        DeadLetter.objects.bulk_create(dead)
+    duplicates = before + (sum(1 for _ in entries) - len(dead) - len(rows))
+    return StoreOutcome(stored=len(rows) - before, duplicates=duplicates, dead=len(dead))
+
+
+def _entry_body(fields: dict[bytes, bytes]) -> bytes:
+    body = fields.get(ENTRY_FIELD)
+    if body is None:
+        # A foreign producer wrote something else: keep all of it for the dead letter.
+        return repr(fields).encode()
+    return body
+
+
+@dataclass
+class EventIngester:
+    """Redis stream to database, through a consumer group. One ``step`` per loop turn.
+
+    An entry is acknowledged only after the transaction that stored it has
+    committed; if the process dies in between, the entry is delivered again
+    and the idempotent insert skips it. Entries left pending by a consumer
+    that died are claimed after ``claim_idle_ms``.
+    """
+
+    client: redis.Redis
+    stream: str
+    group: str
+    consumer: str
+    batch_size: int = 500
+    block_ms: int = 1000
+    claim_idle_ms: int = 60_000
+    # Start by re-reading our own pending entries: a previous run of this
+    # consumer may have stored them and died before acknowledging.
+    _read_pending: bool = True
+    _group_ready: bool = False
+
+    def step(self) -> StoreOutcome:
+        if not self._group_ready:
+            stream_ensure_group(self.client, self.stream, self.group)
+            self._group_ready = True
+        entries = self._read()
+        if not entries:
+            return StoreOutcome()
+        try:
+            outcome = events_store(entries)
+        except Exception:
+            # Nothing was acknowledged; read these again next turn.
+            self._read_pending = True
+            raise
+        self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
+        return outcome
+
+    def _read(self) -> list[tuple[str, bytes]]:
+        if self._read_pending:
+            pending = self._xread("0", block=None)
+            if pending:
+                return pending
+            self._read_pending = False
+            claimed = self._claim()
+            if claimed:
+                return claimed
+        return self._xread(">", block=self.block_ms)
+
+    def _xread(self, start: str, block: int | None) -> list[tuple[str, bytes]]:
+        response = self.client.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=self.batch_size, block=block
+        )
+        entries: list[tuple[str, bytes]] = []
+        for _stream, items in response or []:
+            for entry_id, fields in items:
+                if fields is None:  # deleted while pending
+                    self.client.xack(self.stream, self.group, entry_id)
+                    continue
+                key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                entries.append((key, _entry_body(fields)))
+        return entries
+
+    def _claim(self) -> list[tuple[str, bytes]]:
+        """Take over entries another consumer read and never acknowledged (it died)."""
+        _next, claimed, *_ = self.client.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
+            start_id="0-0", count=self.batch_size,
+        )
+        entries = []
+        for entry_id, fields in claimed:
+            key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            if fields is None:
+                self.client.xack(self.stream, self.group, key)
+                continue
+            entries.append((key, _entry_body(fields)))
+        return entries
+
+
+def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int]:
+    """Stream length and entries read but not yet acknowledged."""
+    try:
+        pending = client.xpending(stream, group)
+        length = client.xlen(stream)
+    except redis.ResponseError:
+        return {"length": 0, "pending": 0}
+    return {"length": int(length), "pending": int(pending["pending"])}
+

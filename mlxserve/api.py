@@ -1,0 +1,183 @@
+"""What every API endpoint shares: parsing, errors, access and the size limit.
+
+Every error leaves as one JSON object with a ``code`` and a ``message``;
+validation failures carry the ``details`` of SPEC 3.3 as well.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import redis
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.parsers import BaseParser
+from rest_framework.permissions import BasePermission
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from mlxserve.validation import Issue, ValidationFailed
+
+if TYPE_CHECKING:
+    # Not at run time: DRF imports this module (its settings name our parser and
+    # permissions) while rest_framework.views is itself being imported.
+    from rest_framework.views import APIView
+
+logger = logging.getLogger(__name__)
+
+PRODUCER_GROUP = "producer"
+
+_CODE_BY_STATUS = {
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    406: "NotAcceptable",
+    413: "PayloadTooLarge",
+    415: "UnsupportedMediaType",
+    429: "Throttled",
+    503: "Unavailable",
+}
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message}
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+class StrictJSONParser(BaseParser):
+    """JSON that is JSON: ``NaN`` and ``Infinity`` are refused, not turned into floats.
+
+    Python's ``json`` (and so DRF's parser) accepts them; msgspec does not,
+    and parses faster.
+    """
+
+    media_type = "application/json"
+
+    def parse(
+        self,
+        stream: Any,
+        media_type: str | None = None,
+        parser_context: dict[str, Any] | None = None,
+    ) -> Any:
+        body = stream.read() if stream is not None else b""
+        try:
+            return msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise ValidationFailed([Issue([], f"Invalid JSON: {exc}", "invalid_json")]) from None
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+def _drf_issues(detail: Any, path: list[str | int]) -> list[Issue]:
+    if isinstance(detail, dict):
+        return [i for key, value in detail.items() for i in _drf_issues(value, [*path, key])]
+    if isinstance(detail, list):
+        if all(isinstance(d, str) for d in detail):
+            return [Issue(path, str(d), getattr(d, "code", "invalid")) for d in detail]
+        return [i for index, value in enumerate(detail) for i in _drf_issues(value, [*path, index])]
+    return [Issue(path, str(detail), getattr(detail, "code", "invalid"))]
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, ValidationFailed):
+        return Response(exc.as_error(), status=status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, RequestDataTooBig):
+        return Response(_too_large_body(), status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+    if isinstance(exc, redis.RedisError):
+        logger.error("Redis unavailable: %s", exc)
+        return Response(
+            error_body("Unavailable", "The event stream (Redis) is unavailable; nothing was stored, retry later"),
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, exceptions.ValidationError):
+        issues = _drf_issues(exc.detail, []) or [Issue([], "Invalid input", "invalid")]
+        return Response(ValidationFailed(issues).as_error(), status=status.HTTP_400_BAD_REQUEST)
+    from rest_framework.views import exception_handler as drf_exception_handler
+
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    detail = getattr(exc, "detail", None)
+    message = str(detail) if detail is not None else response.reason_phrase
+    code = _CODE_BY_STATUS.get(response.status_code, "Error")
+    response.data = error_body(code, message)
+    return response
+
+
+def _too_large_body() -> dict[str, Any]:
+    return error_body(
+        "PayloadTooLarge",
+        f"Request body exceeds the limit of {settings.MAX_REQUEST_BYTES} bytes",
+    )
+
+
+class RequestSizeLimitMiddleware:
+    """413 for a body over ``MAX_REQUEST_BYTES``, decided from Content-Length before reading it."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return JsonResponse(error_body("BadRequest", "Invalid Content-Length header"), status=400)
+        if length > settings.MAX_REQUEST_BYTES:
+            return JsonResponse(_too_large_body(), status=413)
+        return self.get_response(request)
+
+
+# -- access ----------------------------------------------------------------------
+
+
+def user_is_producer_only(user: AbstractBaseUser | AnonymousUser) -> bool:
+    """A producer account may post events and do nothing else."""
+    return (
+        not getattr(user, "is_staff", False)
+        and user.groups.filter(name=PRODUCER_GROUP).exists()  # type: ignore[union-attr]
+    )
+
+
+class CanRead(BasePermission):
+    """Any signed-in account but a producer-only one may read (SPEC section 4)."""
+
+    message = "Producer accounts can only post events"
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        user = request.user
+        return bool(user and user.is_authenticated) and not user_is_producer_only(user)
+
+
+class CanPostEvents(BasePermission):
+    message = "Posting events needs a producer account or a staff user"
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        user = request.user
+        if not (user and user.is_authenticated):
+            return False
+        return bool(user.is_staff) or user.groups.filter(name=PRODUCER_GROUP).exists()
+
+
+class ReadOrStaffWrite(BasePermission):
+    """Readers read; only staff change (the telemetry config)."""
+
+    message = "Changing the telemetry config needs a staff user"
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        if not CanRead().has_permission(request, view):
+            self.message = CanRead.message
+            return False
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return True
+        return bool(request.user.is_staff)

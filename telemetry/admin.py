@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
+
+from telemetry.forms import TelemetryConfigForm
+from telemetry.models import TelemetryConfig, TelemetryConfigChange
+from telemetry.services import telemetry_config_get, telemetry_config_replace
+
+
+@admin.register(TelemetryConfig)
+class TelemetryConfigAdmin(admin.ModelAdmin):
+    form = TelemetryConfigForm
+    fieldsets = [
+        (None, {"fields": ["enabled", "service_name", "prometheus_port", "export_interval_ms"]}),
+        ("Change", {"fields": ["version", "updated_at", "updated_by"]}),
+    ]
+    readonly_fields = ["version", "updated_at", "updated_by"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        # There is one config: the list would only ever hold one row.
+        config = telemetry_config_get()
+        return HttpResponseRedirect(reverse("admin:telemetry_telemetryconfig_change", args=[config.pk]))
+
+    def save_model(self, request: HttpRequest, obj: TelemetryConfig, form: Any, change: bool) -> None:
+        # Through the service, like the API: one place records history and publishes.
+        saved = telemetry_config_replace(data=form.schema.to_wire(), user=request.user, via="admin")
+        obj.refresh_from_db()
+        if not saved.published:
+            self.message_user(
+                request,
+                "Saved, but Redis is unreachable: workers get this config once it is back "
+                "(the ingester republishes it).",
+                level=messages.WARNING,
+            )
+
+    def response_change(self, request: HttpRequest, obj: TelemetryConfig) -> HttpResponse:
+        # Stay on the page after saving: there is no list to go back to.
+        if "_continue" not in request.POST:
+            self.message_user(request, f"Telemetry config saved (version {obj.version}).", messages.SUCCESS)
+            return HttpResponseRedirect(request.path)
+        return super().response_change(request, obj)
+
+
+@admin.register(TelemetryConfigChange)
+class TelemetryConfigChangeAdmin(admin.ModelAdmin):
+    list_display = ["version", "changed_at", "changed_by_username", "via", "changes"]
+    list_filter = ["via"]
+    search_fields = ["changed_by_username"]
+    readonly_fields = ["version", "config", "changes", "changed_by", "changed_by_username", "via", "changed_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

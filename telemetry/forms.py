@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django import forms
+
+from mlxserve.validation import ValidationFailed
+from telemetry.models import TelemetryConfig
+from telemetry.schemas import FIELD_TO_WIRE, NOT_AN_INTEGER, telemetry_config_validate
+
+_INTEGER_TEXT = re.compile(r"\A-?[0-9]+\Z")
+
+
+class StrictIntegerField(forms.CharField):
+    """Digits only. Django's IntegerField would take "9464.0"; the SPEC does not."""
+
+    widget = forms.NumberInput
+
+    def to_python(self, value: Any) -> int | None:  # type: ignore[override]
+        text = super().to_python(value)
+        if text in self.empty_values:
+            return None
+        if not _INTEGER_TEXT.match(text):
+            raise forms.ValidationError(NOT_AN_INTEGER, code="invalid_type")
+        return int(text)
+
+
+class TelemetryConfigForm(forms.ModelForm):
+    """The admin form. Its rules and messages are the API's: both call ``telemetry_config_validate``."""
+
+    # strip=False: "worker " must be refused, as the API refuses it, not quietly trimmed.
+    service_name = forms.CharField(label="Service name", required=False, strip=False)
+    prometheus_port = StrictIntegerField(label="Prometheus port")
+    export_interval_ms = StrictIntegerField(label="Export interval (ms)")
+
+    class Meta:
+        model = TelemetryConfig
+        fields = ["enabled", "service_name", "prometheus_port", "export_interval_ms"]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if any(name in self.errors for name in self.Meta.fields):
+            return cleaned
+        wire = {FIELD_TO_WIRE[name]: cleaned.get(name) for name in self.Meta.fields}
+        if wire["serviceName"] is None:
+            wire["serviceName"] = ""
+        try:
+            self.schema = telemetry_config_validate(wire)
+        except ValidationFailed as exc:
+            wire_to_field = {w: f for f, w in FIELD_TO_WIRE.items()}
+            for issue in exc.issues:
+                field = wire_to_field.get(str(issue.path[0])) if issue.path else None
+                self.add_error(field, forms.ValidationError(issue.message, code=issue.code))
+        return cleaned

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from telemetry.schemas import (
+    DEFAULT_EXPORT_INTERVAL_MS,
+    DEFAULT_PROMETHEUS_PORT,
+    DEFAULT_SERVICE_NAME,
+    TelemetryConfigSchema,
+)
+
+
+class TelemetryConfig(models.Model):
+    """The fleet's one telemetry config (a single row, pk 1).
+
+    Its rules live in ``telemetry.schemas``; writes go through
+    ``telemetry.services`` so history and publishing never get skipped.
+    """
+
+    SINGLETON_PK = 1
+
+    enabled = models.BooleanField(default=False)
+    service_name = models.CharField(max_length=100, default=DEFAULT_SERVICE_NAME)
+    prometheus_port = models.PositiveIntegerField(default=DEFAULT_PROMETHEUS_PORT)
+    export_interval_ms = models.PositiveIntegerField(default=DEFAULT_EXPORT_INTERVAL_MS)
+    # Bumped on every change; workers use it to ignore stale or repeated pushes.
+    version = models.PositiveIntegerField(default=0, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        verbose_name = "telemetry config"
+        verbose_name_plural = "telemetry config"
+        constraints = [
+            models.CheckConstraint(condition=models.Q(pk=1), name="telemetry_config_singleton"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Telemetry config (version {self.version})"
+
+    def to_schema(self) -> TelemetryConfigSchema:
+        return TelemetryConfigSchema(
+            enabled=self.enabled,
+            service_name=self.service_name,
+            prometheus_port=self.prometheus_port,
+            export_interval_ms=self.export_interval_ms,
+        )
+
+
+class TelemetryConfigChange(models.Model):
+    """Who changed the config, when, through what, and from what to what."""
+
+    version = models.PositiveIntegerField()
+    config = models.JSONField(help_text="The whole config after the change, in wire names.")
+    changes = models.JSONField(help_text="Changed wire fields: {field: [old, new]}.")
+    changed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Kept as text too, so the history survives the user's deletion.
+    changed_by_username = models.CharField(max_length=150, blank=True)
+    via = models.CharField(max_length=20, help_text="admin or api")
+    changed_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-version"]
+        verbose_name = "telemetry config change"
+
+    def __str__(self) -> str:
+        return f"Version {self.version} by {self.changed_by_username or 'unknown'}"

@@ -1,0 +1,166 @@
+"""The telemetry config and metric labels (SPEC section 2), each rule declared once.
+
+The admin form, the REST API and the workers all validate through
+``telemetry_config_validate``; nothing else carries a copy of a range, a
+pattern or a message.
+"""
+
+from __future__ import annotations
+
+import decimal
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from mlxserve.validation import Issue, ValidationFailed, messages, validate
+
+DEFAULT_SERVICE_NAME = "kr-serve-mlx"
+DEFAULT_PROMETHEUS_PORT = 9464
+DEFAULT_EXPORT_INTERVAL_MS = 60000
+
+# \A and \Z, not ^ and $: "$" also matches before a trailing newline, which
+# would let "worker\n" through. The class is spelled out so it stays ASCII.
+SERVICE_NAME_PATTERN = r"\A[A-Za-z0-9_-]+\Z"
+
+NOT_AN_INTEGER = "Must be an integer"
+
+ServiceName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=100,
+        pattern=SERVICE_NAME_PATTERN,
+        extra=messages(
+            min_length="Service name cannot be empty",
+            max_length="Service name cannot exceed 100 characters",
+            pattern="Service name must be alphanumeric with hyphens/underscores",
+        ),
+    ),
+]
+PrometheusPort = Annotated[
+    int,
+    Meta(
+        ge=1024,
+        le=65535,
+        extra=messages(
+            type=NOT_AN_INTEGER,
+            ge="Port must be at least 1024 (non-privileged)",
+            le="Port cannot exceed 65535",
+        ),
+    ),
+]
+ExportIntervalMs = Annotated[
+    int,
+    Meta(
+        ge=1000,
+        le=600000,
+        extra=messages(
+            type=NOT_AN_INTEGER,
+            ge="Export interval must be at least 1 second",
+            le="Export interval cannot exceed 10 minutes",
+        ),
+    ),
+]
+
+
+class TelemetryConfigSchema(msgspec.Struct, forbid_unknown_fields=True, rename="camel", frozen=True):
+    enabled: bool
+    service_name: ServiceName = DEFAULT_SERVICE_NAME
+    prometheus_port: PrometheusPort = DEFAULT_PROMETHEUS_PORT
+    export_interval_ms: ExportIntervalMs = DEFAULT_EXPORT_INTERVAL_MS
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = msgspec.to_builtins(self)
+        return wire
+
+
+# Wire name -> Django field name, derived from the declaration.
+WIRE_TO_FIELD: dict[str, str] = {
+    f.encode_name: f.name for f in msgspec.structs.fields(TelemetryConfigSchema)
+}
+FIELD_TO_WIRE: dict[str, str] = {v: k for k, v in WIRE_TO_FIELD.items()}
+
+
+def telemetry_config_validate(data: Any) -> TelemetryConfigSchema:
+    """A whole config (PUT semantics): missing optional fields take their defaults."""
+    return validate(data, TelemetryConfigSchema)
+
+
+def telemetry_config_merge(current: TelemetryConfigSchema, patch: Any) -> TelemetryConfigSchema:
+    """PATCH semantics: the fields given replace the current ones, then the whole is validated."""
+    if not isinstance(patch, dict):
+        raise ValidationFailed([Issue([], "Must be an object", "invalid_type")])
+    return telemetry_config_validate({**current.to_wire(), **patch})
+
+
+# -- metric labels ---------------------------------------------------------------
+
+
+def _js_number_string(value: float) -> str:
+    """``String(value)`` as JavaScript writes it (ECMA-262 Number::toString)."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    if value == 0:
+        return "0"
+    sign = "-" if value < 0 else ""
+    # repr gives the shortest round-tripping digits, as JavaScript does.
+    _, digit_tuple, exponent = decimal.Decimal(repr(abs(value))).as_tuple()
+    assert isinstance(exponent, int)
+    digits = "".join(map(str, digit_tuple)).lstrip("0")
+    stripped = digits.rstrip("0")
+    exponent += len(digits) - len(stripped)
+    digits = stripped
+    k = len(digits)
+    point = k + exponent  # value == 0.digits * 10**point
+    if k <= point <= 21:
+        return sign + digits + "0" * (point - k)
+    if 0 < point <= 21:
+        return sign + digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return sign + "0." + "0" * (-point) + digits
+    e = point - 1
+    head = digits[0] + ("." + digits[1:] if k > 1 else "")
+    return f"{sign}{head}e{'+' if e >= 0 else '-'}{abs(e)}"
+
+
+def metric_label_value(value: Any) -> str | None:
+    """The label value as a string, as JavaScript would convert it, or None if not allowed."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _js_number_string(value)
+    return None
+
+
+def metric_labels_validate(labels: Any) -> dict[str, str]:
+    """Validate a metric label set (SPEC section 2) and return it with string values."""
+    if not isinstance(labels, Mapping):
+        raise ValidationFailed([Issue([], "Labels must be an object", "invalid_type")])
+    issues: list[Issue] = []
+    result: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str):
+            issues.append(Issue([str(key)], "Label key must be a string", "invalid_type"))
+            continue
+        if key == "":
+            issues.append(Issue([key], "Label key cannot be empty", "too_small"))
+            continue
+        text = metric_label_value(value)
+        if text is None:
+            issues.append(
+                Issue([key], "Label value must be a string, number or boolean", "invalid_type")
+            )
+            continue
+        result[key] = text
+    if issues:
+        raise ValidationFailed(issues)
+    return result

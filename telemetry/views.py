@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from mlxserve.api import ReadOrStaffWrite
+from mlxserve.openapi import ERROR_RESPONSES, struct_schema
+from telemetry.models import TelemetryConfigChange
+from telemetry.schemas import TelemetryConfigSchema
+from telemetry.serializers import TelemetryConfigChangeSerializer
+from telemetry.services import (
+    telemetry_config_get,
+    telemetry_config_patch,
+    telemetry_config_replace,
+)
+
+CONFIG_SCHEMA = struct_schema(TelemetryConfigSchema)
+
+
+class HistoryPagination(PageNumberPagination):
+    page_size = 50
+
+
+class TelemetryConfigView(APIView):
+    """The fleet's telemetry config (SPEC section 2). Staff change it; workers apply it live."""
+
+    permission_classes = [ReadOrStaffWrite]
+
+    @extend_schema(responses={200: CONFIG_SCHEMA, **ERROR_RESPONSES})
+    def get(self, request: Request) -> Response:
+        return Response(telemetry_config_get().to_schema().to_wire())
+
+    @extend_schema(request=CONFIG_SCHEMA, responses={200: CONFIG_SCHEMA, **ERROR_RESPONSES})
+    def put(self, request: Request) -> Response:
+        saved = telemetry_config_replace(data=request.data, user=request.user, via="api")
+        return Response(saved.config.to_schema().to_wire())
+
+    @extend_schema(
+        request={**CONFIG_SCHEMA, "required": []},
+        responses={200: CONFIG_SCHEMA, **ERROR_RESPONSES},
+    )
+    def patch(self, request: Request) -> Response:
+        saved = telemetry_config_patch(data=request.data, user=request.user, via="api")
+        return Response(saved.config.to_schema().to_wire())
+
+
+@extend_schema(responses={200: TelemetryConfigChangeSerializer(many=True), **ERROR_RESPONSES})
+class TelemetryConfigHistoryView(generics.ListAPIView[TelemetryConfigChange]):
+    """Every change to the config, newest first: who, when, through what, old and new values."""
+
+    serializer_class = TelemetryConfigChangeSerializer
+    queryset = TelemetryConfigChange.objects.order_by("-version")
+    filter_backends: list[type] = []
+    pagination_class = HistoryPagination
+
+
