@@ -33,8 +33,16 @@ class EventAdmin(ReadOnlyAdmin):
     list_filter = ["type", "model", "source"]
     search_fields = ["=id", "=generation_id"]
     readonly_fields = [
-        "id", "type", "occurred", "timestamp", "source", "generation_id", "seq", "model",
-        "payload_pretty", "ingested_at",
+        "id",
+        "type",
+        "occurred",
+        "timestamp",
+        "source",
+        "generation_id",
+        "seq",
+        "model",
+        "payload_pretty",
+        "ingested_at",
     ]
     exclude = ["payload"]
     list_per_page = 100

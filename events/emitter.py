@@ -81,13 +81,23 @@ class EngineEventEmitter:
         return envelope
 
     def model_loaded(
-        self, *, model: str, model_path: str, quantization: Any = UNSET,
-        parameters: Any = UNSET, metadata: Any = UNSET,
+        self,
+        *,
+        model: str,
+        model_path: str,
+        quantization: Any = UNSET,
+        parameters: Any = UNSET,
+        metadata: Any = UNSET,
     ) -> Envelope:
         return self.emit(
             "modelLoaded",
-            _given(model=model, modelPath=model_path, quantization=quantization,
-                   parameters=parameters, metadata=metadata),
+            _given(
+                model=model,
+                modelPath=model_path,
+                quantization=quantization,
+                parameters=parameters,
+                metadata=metadata,
+            ),
         )
 
     def model_unloaded(self, *, model: str, reason: Any = UNSET) -> Envelope:
@@ -97,47 +107,87 @@ class EngineEventEmitter:
         return self.emit("modelInvalidated", {"model": model, "reason": reason})
 
     def generation_started(
-        self, *, generation_id: uuid.UUID | str, model: str, prompt: Any,
-        max_tokens: Any = UNSET, metadata: Any = UNSET, seq: int = 0,
+        self,
+        *,
+        generation_id: uuid.UUID | str,
+        model: str,
+        prompt: Any,
+        max_tokens: Any = UNSET,
+        metadata: Any = UNSET,
+        seq: int = 0,
     ) -> Envelope:
         return self.emit(
             "generationStarted",
             _given(model=model, prompt=prompt, maxTokens=max_tokens, metadata=metadata),
-            generation_id=generation_id, seq=seq,
+            generation_id=generation_id,
+            seq=seq,
         )
 
     def token_generated(
-        self, *, generation_id: uuid.UUID | str, seq: int, model: str, token: str,
-        logprob: Any = UNSET, metadata: Any = UNSET,
+        self,
+        *,
+        generation_id: uuid.UUID | str,
+        seq: int,
+        model: str,
+        token: str,
+        logprob: Any = UNSET,
+        metadata: Any = UNSET,
     ) -> Envelope:
         return self.emit(
             "tokenGenerated",
             _given(model=model, token=token, logprob=logprob, metadata=metadata),
-            generation_id=generation_id, seq=seq,
+            generation_id=generation_id,
+            seq=seq,
         )
 
     def generation_completed(
-        self, *, generation_id: uuid.UUID | str, seq: int, model: str, tokens_generated: int,
-        duration_ms: float, throughput: Any = UNSET, metadata: Any = UNSET,
+        self,
+        *,
+        generation_id: uuid.UUID | str,
+        seq: int,
+        model: str,
+        tokens_generated: int,
+        duration_ms: float,
+        throughput: Any = UNSET,
+        metadata: Any = UNSET,
     ) -> Envelope:
         return self.emit(
             "generationCompleted",
-            _given(model=model, tokensGenerated=tokens_generated, durationMs=duration_ms,
-                   throughput=throughput, metadata=metadata),
-            generation_id=generation_id, seq=seq,
+            _given(
+                model=model,
+                tokensGenerated=tokens_generated,
+                durationMs=duration_ms,
+                throughput=throughput,
+                metadata=metadata,
+            ),
+            generation_id=generation_id,
+            seq=seq,
         )
 
     def error(
-        self, *, error: str, code: Any = UNSET, model: Any = UNSET, metadata: Any = UNSET,
-        generation_id: uuid.UUID | str | None = None, seq: int = 0,
+        self,
+        *,
+        error: str,
+        code: Any = UNSET,
+        model: Any = UNSET,
+        metadata: Any = UNSET,
+        generation_id: uuid.UUID | str | None = None,
+        seq: int = 0,
     ) -> Envelope:
         return self.emit(
-            "error", _given(error=error, code=code, model=model, metadata=metadata),
-            generation_id=generation_id, seq=seq,
+            "error",
+            _given(error=error, code=code, model=model, metadata=metadata),
+            generation_id=generation_id,
+            seq=seq,
         )
 
     def runtime_status(
-        self, *, status: str, models_loaded: int, active_tasks: Any = UNSET, metadata: Any = UNSET,
+        self,
+        *,
+        status: str,
+        models_loaded: int,
+        active_tasks: Any = UNSET,
+        metadata: Any = UNSET,
     ) -> Envelope:
         return self.emit(
             "runtimeStatus",

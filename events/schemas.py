@@ -13,6 +13,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect as mi
 from msgspec import UNSET, Meta, UnsetType
 
 from mlxserve.validation import (
@@ -32,12 +33,8 @@ PositiveInt = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 NonNegativeInt = Annotated[int, Meta(ge=0, le=INT64_MAX)]
 # The bounds are what makes msgspec reject NaN and +/-Infinity on the fast path.
 FiniteNumber = Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
-DurationMs = Annotated[
-    float, Meta(ge=0, le=_FLOAT_MAX, extra=messages(ge="Duration cannot be negative"))
-]
-Throughput = Annotated[
-    float, Meta(ge=0, le=_FLOAT_MAX, extra=messages(ge="Throughput cannot be negative"))
-]
+DurationMs = Annotated[float, Meta(ge=0, le=_FLOAT_MAX, extra=messages(ge="Duration cannot be negative"))]
+Throughput = Annotated[float, Meta(ge=0, le=_FLOAT_MAX, extra=messages(ge="Throughput cannot be negative"))]
 Quantization = Literal["none", "int8", "int4"]
 RuntimeState = Annotated[
     Literal["ready", "busy", "error", "shutdown"],
@@ -182,6 +179,23 @@ class _AnyTypeEnvelope(_LifecycleEnvelope, kw_only=True):
     payload: dict[str, Any]
 
 
+def _free_form_fields(payload_type: type[Payload]) -> tuple[tuple[str, str], ...]:
+    """Payload fields that may hold an arbitrary JSON object (``dict[str, Any]``)."""
+
+    def holds_object(info: mi.Type) -> bool:
+        if isinstance(info, mi.UnionType):
+            return any(holds_object(t) for t in info.types)
+        return isinstance(info, mi.DictType) and isinstance(info.value_type, mi.AnyType)
+
+    struct_info = mi.type_info(payload_type)
+    assert isinstance(struct_info, mi.StructType)
+    return tuple((f.name, f.encode_name) for f in struct_info.fields if holds_object(f.type))
+
+
+_FREE_FORM_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {
+    payload_type: _free_form_fields(payload_type) for payload_type in Payload.__subclasses__()
+}
+
 _DECODER: msgspec.json.Decoder[Envelope] = msgspec.json.Decoder(Envelope)  # type: ignore[arg-type]
 
 
@@ -200,10 +214,6 @@ def envelope_issues(obj: Any) -> list[Issue]:
             else Issue(["type"], TYPE_MESSAGE, "invalid_enum")
         )
         issues = [issue, *collect_issues(obj, _AnyTypeEnvelope)]
-    if not issues:
-        metadata = obj.get("payload", {}).get("metadata", UNSET)
-        if metadata is not UNSET:
-            json_value_issues(metadata, ["payload", "metadata"], issues)
     return issues
 
 
@@ -218,13 +228,15 @@ def envelope_validate(obj: Any) -> Envelope:
         envelope: Envelope = msgspec.convert(obj, ENVELOPE_BY_TYPE[obj["type"]], strict=True)  # type: ignore[assignment]
     except (msgspec.ValidationError, KeyError, TypeError) as exc:
         raise _failure(obj, exc) from None
-    # JSON text cannot hold NaN or a datetime, but a Python caller's metadata can.
-    metadata = getattr(envelope.payload, "metadata", UNSET)
-    if metadata is not UNSET:
-        issues: list[Issue] = []
-        json_value_issues(metadata, ["payload", "metadata"], issues)
-        if issues:
-            raise ValidationFailed(issues)
+    # JSON text cannot hold NaN or a datetime, but a Python caller's free-form
+    # objects (metadata, a structured prompt) can: msgspec takes them as Any.
+    for name, wire_name in _FREE_FORM_FIELDS[type(envelope.payload)]:
+        value = getattr(envelope.payload, name)
+        if type(value) is dict:
+            issues: list[Issue] = []
+            json_value_issues(value, ["payload", wire_name], issues)
+            if issues:
+                raise ValidationFailed(issues)
     return envelope
 
 

@@ -63,7 +63,7 @@ def _event_row(envelope: Envelope, now: Any) -> Event:
     model = getattr(payload, "model", "")
     return Event(
         id=envelope.id,
-        type=type(envelope).__struct_config__.tag,  # type: ignore[attr-defined]
+        type=str(type(envelope).__struct_config__.tag),
         timestamp=envelope.timestamp,
         source=envelope.source,
         generation_id=envelope.generation_id,
@@ -168,7 +168,7 @@ class EventIngester:
         return self._xread(">", block=self.block_ms)
 
     def _xread(self, start: str, block: int | None) -> list[tuple[str, bytes]]:
-        response = self.client.xreadgroup(
+        response: Any = self.client.xreadgroup(
             self.group, self.consumer, {self.stream: start}, count=self.batch_size, block=block
         )
         entries: list[tuple[str, bytes]] = []
@@ -183,12 +183,16 @@ class EventIngester:
 
     def _claim(self) -> list[tuple[str, bytes]]:
         """Take over entries another consumer read and never acknowledged (it died)."""
-        _next, claimed, *_ = self.client.xautoclaim(
-            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
-            start_id="0-0", count=self.batch_size,
+        response: Any = self.client.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.claim_idle_ms,
+            start_id="0-0",
+            count=self.batch_size,
         )
         entries = []
-        for entry_id, fields in claimed:
+        for entry_id, fields in response[1]:
             key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             if fields is None:
                 self.client.xack(self.stream, self.group, key)
@@ -205,4 +209,3 @@ def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int
     except redis.ResponseError:
         return {"length": 0, "pending": 0}
     return {"length": int(length), "pending": int(pending["pending"])}
-

@@ -85,7 +85,9 @@ class EventListCreateView(generics.ListAPIView[Event]):
                 status=status.HTTP_207_MULTI_STATUS,
             )
         if not isinstance(data, dict):
-            raise ValidationFailed([Issue([], "Must be an envelope object or an array of them", "invalid_type")])
+            raise ValidationFailed(
+                [Issue([], "Must be an envelope object or an array of them", "invalid_type")]
+            )
         event_id = event_submit(client=client, stream=stream, data=data)
         return Response({"id": event_id}, status=status.HTTP_202_ACCEPTED)
 

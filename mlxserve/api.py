@@ -7,7 +7,7 @@ validation failures carry the ``details`` of SPEC 3.3 as well.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -66,7 +66,7 @@ class StrictJSONParser(BaseParser):
         self,
         stream: Any,
         media_type: str | None = None,
-        parser_context: dict[str, Any] | None = None,
+        parser_context: Mapping[str, Any] | None = None,
     ) -> Any:
         body = stream.read() if stream is not None else b""
         try:
@@ -96,7 +96,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, redis.RedisError):
         logger.error("Redis unavailable: %s", exc)
         return Response(
-            error_body("Unavailable", "The event stream (Redis) is unavailable; nothing was stored, retry later"),
+            error_body(
+                "Unavailable", "The event stream (Redis) is unavailable; nothing was stored, retry later"
+            ),
             status=status.HTTP_503_SERVICE_UNAVAILABLE,
             headers={"Retry-After": "5"},
         )
@@ -144,8 +146,7 @@ class RequestSizeLimitMiddleware:
 def user_is_producer_only(user: AbstractBaseUser | AnonymousUser) -> bool:
     """A producer account may post events and do nothing else."""
     return (
-        not getattr(user, "is_staff", False)
-        and user.groups.filter(name=PRODUCER_GROUP).exists()  # type: ignore[union-attr]
+        not getattr(user, "is_staff", False) and user.groups.filter(name=PRODUCER_GROUP).exists()  # type: ignore[union-attr]
     )
 
 

@@ -150,7 +150,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
 # Serve the admin's files straight from the apps: no collectstatic step to forget.
 WHITENOISE_USE_FINDERS = True
 

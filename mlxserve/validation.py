@@ -66,10 +66,7 @@ class ValidationFailed(Exception):
             "message": self.message,
             "details": {
                 "field": self.field,
-                "issues": [
-                    {"path": list(i.path), "message": i.message, "code": i.code}
-                    for i in self.issues
-                ],
+                "issues": [{"path": list(i.path), "message": i.message, "code": i.code} for i in self.issues],
             },
         }
 
@@ -116,9 +113,7 @@ _TYPE_NAMES = {
 }
 
 
-def collect_issues(
-    obj: Any, struct_type: Any, *, path: Sequence[PathItem] = ()
-) -> list[Issue]:
+def collect_issues(obj: Any, struct_type: Any, *, path: Sequence[PathItem] = ()) -> list[Issue]:
     info = struct_type if isinstance(struct_type, mi.Type) else mi.type_info(struct_type)
     issues: list[Issue] = []
     _check(obj, info, list(path), {}, issues)
@@ -153,8 +148,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_bounds(
-    value: float, info: mi.IntType | mi.FloatType, path: list[PathItem],
-    msgs: Mapping[str, str], out: list[Issue],
+    value: float,
+    info: mi.IntType | mi.FloatType,
+    path: list[PathItem],
+    msgs: Mapping[str, str],
+    out: list[Issue],
 ) -> None:
     if info.ge is not None and not value >= info.ge:
         if info.ge == 1 and isinstance(info, mi.IntType):
@@ -172,14 +170,18 @@ def _check_bounds(
         out.append(Issue(path, msgs.get("lt", f"Must be less than {info.lt}"), "too_big"))
 
 
-def _check_int(value: Any, info: mi.IntType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_int(
+    value: Any, info: mi.IntType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     if not _is_int(value):
         _wrong_type(info, path, msgs, out)
         return
     _check_bounds(value, info, path, msgs, out)
 
 
-def _check_float(value: Any, info: mi.FloatType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_float(
+    value: Any, info: mi.FloatType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     if not (_is_int(value) or isinstance(value, float)):
         _wrong_type(info, path, msgs, out)
         return
@@ -189,39 +191,53 @@ def _check_float(value: Any, info: mi.FloatType, path: list[PathItem], msgs: Map
     _check_bounds(value, info, path, msgs, out)
 
 
-def _check_str(value: Any, info: mi.StrType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_str(
+    value: Any, info: mi.StrType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     if not isinstance(value, str):
         _wrong_type(info, path, msgs, out)
         return
     if info.min_length is not None and len(value) < info.min_length:
-        default = "Cannot be empty" if info.min_length == 1 else f"Must be at least {info.min_length} characters"
+        default = (
+            "Cannot be empty" if info.min_length == 1 else f"Must be at least {info.min_length} characters"
+        )
         out.append(Issue(path, msgs.get("min_length", default), "too_small"))
         return
     if info.max_length is not None and len(value) > info.max_length:
-        out.append(Issue(path, msgs.get("max_length", f"Cannot exceed {info.max_length} characters"), "too_big"))
+        out.append(
+            Issue(path, msgs.get("max_length", f"Cannot exceed {info.max_length} characters"), "too_big")
+        )
         return
     # msgspec applies patterns with ``re.search``: do the same, so both paths agree.
     if info.pattern is not None and re.search(info.pattern, value) is None:
         out.append(Issue(path, msgs.get("pattern", "Has characters that are not allowed"), "invalid_string"))
 
 
-def _check_bool(value: Any, info: mi.BoolType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_bool(
+    value: Any, info: mi.BoolType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     if not isinstance(value, bool):
         _wrong_type(info, path, msgs, out)
 
 
-def _check_none(value: Any, info: mi.NoneType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_none(
+    value: Any, info: mi.NoneType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     if value is not None:
         _wrong_type(info, path, msgs, out)
 
 
-def _check_literal(value: Any, info: mi.LiteralType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_literal(
+    value: Any, info: mi.LiteralType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     if value not in info.values or isinstance(value, bool) != any(isinstance(v, bool) for v in info.values):
         choices = ", ".join(str(v) for v in info.values)
         out.append(Issue(path, msgs.get("enum", f"Must be one of: {choices}"), "invalid_enum"))
 
 
-def _check_uuid(value: Any, info: mi.UUIDType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_uuid(
+    value: Any, info: mi.UUIDType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     if isinstance(value, uuid.UUID):
         return
     if isinstance(value, str):
@@ -233,9 +249,15 @@ def _check_uuid(value: Any, info: mi.UUIDType, path: list[PathItem], msgs: Mappi
     _wrong_type(info, path, msgs, out)
 
 
-def _check_dict(value: Any, info: mi.DictType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_dict(
+    value: Any, info: mi.DictType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     if not isinstance(value, dict):
         _wrong_type(info, path, msgs, out)
+        return
+    if isinstance(info.value_type, mi.AnyType):
+        # A free-form JSON object (metadata, a structured prompt).
+        json_value_issues(value, path, out)
         return
     for key, item in value.items():
         if not isinstance(key, str):
@@ -244,7 +266,9 @@ def _check_dict(value: Any, info: mi.DictType, path: list[PathItem], msgs: Mappi
         _check(item, info.value_type, [*path, key], {}, out)
 
 
-def _check_struct(value: Any, info: mi.StructType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_struct(
+    value: Any, info: mi.StructType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     if not isinstance(value, dict):
         _wrong_type(info, path, msgs, out)
         return
@@ -262,7 +286,9 @@ def _check_struct(value: Any, info: mi.StructType, path: list[PathItem], msgs: M
             out.append(Issue([*path, str(key)], f"Unknown field '{key}'", "unknown_field"))
 
 
-def _check_union(value: Any, info: mi.UnionType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]) -> None:
+def _check_union(
+    value: Any, info: mi.UnionType, path: list[PathItem], msgs: Mapping[str, str], out: list[Issue]
+) -> None:
     # UNSET only means "may be absent", which the struct walk already handled.
     options = [t for t in info.types if not isinstance(t, mi.CustomType)]
     if value is None and not any(isinstance(_bare(t), mi.NoneType) for t in options):
@@ -300,9 +326,7 @@ def _kind_matches(value: Any, info: mi.Type) -> bool:
         return value is None
     if isinstance(info, mi.DictType | mi.StructType):
         return isinstance(value, dict)
-    if isinstance(info, mi.LiteralType):
-        return True
-    return False
+    return bool(isinstance(info, mi.LiteralType))
 
 
 _CHECKERS: dict[type, Any] = {

@@ -56,7 +56,15 @@ class TelemetryConfigChangeAdmin(admin.ModelAdmin):
     list_display = ["version", "changed_at", "changed_by_username", "via", "changes"]
     list_filter = ["via"]
     search_fields = ["changed_by_username"]
-    readonly_fields = ["version", "config", "changes", "changed_by", "changed_by_username", "via", "changed_at"]
+    readonly_fields = [
+        "version",
+        "config",
+        "changes",
+        "changed_by",
+        "changed_by_username",
+        "via",
+        "changed_at",
+    ]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -7,6 +7,7 @@ is also published on a channel (so running workers hear of it at once).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -117,7 +118,5 @@ class TelemetryConfigWatcher:
                 logger.warning("Telemetry config watcher lost Redis (%s); retrying", exc)
                 self._stop.wait(self.retry_seconds)
             finally:
-                try:
+                with contextlib.suppress(redis.RedisError):
                     pubsub.close()
-                except redis.RedisError:
-                    pass

@@ -19,7 +19,7 @@ class StrictIntegerField(forms.CharField):
 
     def to_python(self, value: Any) -> int | None:  # type: ignore[override]
         text = super().to_python(value)
-        if text in self.empty_values:
+        if text is None or text in self.empty_values:
             return None
         if not _INTEGER_TEXT.match(text):
             raise forms.ValidationError(NOT_AN_INTEGER, code="invalid_type")
@@ -36,13 +36,13 @@ class TelemetryConfigForm(forms.ModelForm):
 
     class Meta:
         model = TelemetryConfig
-        fields = ["enabled", "service_name", "prometheus_port", "export_interval_ms"]
+        fields = list(FIELD_TO_WIRE)
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
-        if any(name in self.errors for name in self.Meta.fields):
+        if any(name in self.errors for name in FIELD_TO_WIRE):
             return cleaned
-        wire = {FIELD_TO_WIRE[name]: cleaned.get(name) for name in self.Meta.fields}
+        wire = {wire_name: cleaned.get(name) for name, wire_name in FIELD_TO_WIRE.items()}
         if wire["serviceName"] is None:
             wire["serviceName"] = ""
         try:

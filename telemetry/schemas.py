@@ -78,9 +78,7 @@ class TelemetryConfigSchema(msgspec.Struct, forbid_unknown_fields=True, rename="
 
 
 # Wire name -> Django field name, derived from the declaration.
-WIRE_TO_FIELD: dict[str, str] = {
-    f.encode_name: f.name for f in msgspec.structs.fields(TelemetryConfigSchema)
-}
+WIRE_TO_FIELD: dict[str, str] = {f.encode_name: f.name for f in msgspec.structs.fields(TelemetryConfigSchema)}
 FIELD_TO_WIRE: dict[str, str] = {v: k for k, v in WIRE_TO_FIELD.items()}
 
 
@@ -156,9 +154,7 @@ def metric_labels_validate(labels: Any) -> dict[str, str]:
             continue
         text = metric_label_value(value)
         if text is None:
-            issues.append(
-                Issue([key], "Label value must be a string, number or boolean", "invalid_type")
-            )
+            issues.append(Issue([key], "Label value must be a string, number or boolean", "invalid_type"))
             continue
         result[key] = text
     if issues:

@@ -12,5 +12,3 @@ class TelemetryConfigChangeSerializer(serializers.ModelSerializer[TelemetryConfi
     class Meta:
         model = TelemetryConfigChange
         fields = ["version", "config", "changes", "changedBy", "via", "changedAt"]
-
-

@@ -45,7 +45,7 @@ def telemetry_config_patch(*, data: Any, user: User, via: str) -> ConfigSaved:
 
 
 def _store(new: TelemetryConfigSchema, *, user: User, via: str) -> ConfigSaved:
-    account = user if user is not None and user.is_authenticated else None
+    account: Any = user if user is not None and user.is_authenticated else None
     with transaction.atomic():
         telemetry_config_get()  # make sure the row exists before locking it
         config = TelemetryConfig.objects.select_for_update().get(pk=TelemetryConfig.SINGLETON_PK)
@@ -90,9 +90,7 @@ def telemetry_config_push(config: TelemetryConfig) -> bool:
 def telemetry_config_sync() -> bool:
     """Publish the stored config if Redis lacks it or holds an older version. True if it published."""
     config = telemetry_config_get()
-    published = telemetry_config_published_version(
-        client=redis_client(), key=settings.TELEMETRY_CONFIG_KEY
-    )
+    published = telemetry_config_published_version(client=redis_client(), key=settings.TELEMETRY_CONFIG_KEY)
     if published is not None and published >= config.version:
         return False
     return telemetry_config_push(config)

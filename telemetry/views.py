@@ -56,5 +56,3 @@ class TelemetryConfigHistoryView(generics.ListAPIView[TelemetryConfigChange]):
     queryset = TelemetryConfigChange.objects.order_by("-version")
     filter_backends: list[type] = []
     pagination_class = HistoryPagination
-
-

@@ -23,14 +23,16 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
-            "--consumer", default=socket.gethostname(),
+            "--consumer",
+            default=socket.gethostname(),
             help="Consumer name in the group; keep it stable across restarts of one ingester.",
         )
         parser.add_argument("--batch-size", type=int, default=500)
         parser.add_argument("--block-ms", type=int, default=1000)
         parser.add_argument("--log-every", type=float, default=10.0, help="Seconds between progress lines.")
         parser.add_argument(
-            "--exit-when-idle", action="store_true",
+            "--exit-when-idle",
+            action="store_true",
             help="Stop once the stream has nothing new (for scripts and tests).",
         )
 
@@ -54,7 +56,9 @@ class Command(BaseCommand):
         )
         logger.info(
             "Ingesting %s (group %s, consumer %s) into %s",
-            settings.EVENTS_STREAM, settings.EVENTS_CONSUMER_GROUP, options["consumer"],
+            settings.EVENTS_STREAM,
+            settings.EVENTS_CONSUMER_GROUP,
+            options["consumer"],
             settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
         )
         stored = dead = 0
@@ -85,7 +89,11 @@ class Command(BaseCommand):
                 lag = stream_lag(client=ingester.client, stream=ingester.stream, group=ingester.group)
                 logger.info(
                     "stored %d events (%.0f/s), %d dead letters; stream length %d, pending %d",
-                    stored, window_stored / elapsed, dead, lag["length"], lag["pending"],
+                    stored,
+                    window_stored / elapsed,
+                    dead,
+                    lag["length"],
+                    lag["pending"],
                 )
                 window_start, window_stored = time.monotonic(), 0
         logger.info("Stopped: stored %d events, %d dead letters", stored, dead)

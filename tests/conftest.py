@@ -1,0 +1,106 @@
+"""Shared fixtures: a real Redis (database 15 of the local server) and API clients per role."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from django.contrib.auth.models import Group, User
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from mlxserve.api import PRODUCER_GROUP
+from mlxserve.redis_conn import redis_for_url
+
+TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture(autouse=True)
+def redis_client(settings: Any) -> Iterator[redis.Redis]:
+    """Every test gets an empty Redis database of its own, and the app points at it."""
+    settings.REDIS_URL = TEST_REDIS_URL
+    settings.EVENTS_STREAM = "test:events"
+    settings.EVENTS_CONSUMER_GROUP = "test-ingest"
+    settings.TELEMETRY_CONFIG_KEY = "test:telemetry:config"
+    client = redis_for_url(TEST_REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def make_envelope(event_type: str = "tokenGenerated", **overrides: Any) -> dict[str, Any]:
+    """A valid envelope of ``event_type``; ``overrides`` replace envelope fields."""
+    payloads: dict[str, dict[str, Any]] = {
+        "modelLoaded": {
+            "model": "llama-3-8b",
+            "modelPath": "/models/llama",
+            "quantization": "int4",
+            "parameters": 8000000000,
+            "metadata": {"loadMs": 812},
+        },
+        "modelUnloaded": {"model": "llama-3-8b", "reason": "cache-eviction"},
+        "modelInvalidated": {"model": "llama-3-8b", "reason": "file-changed"},
+        "generationStarted": {"model": "llama-3-8b", "prompt": "Hello", "maxTokens": 32},
+        "tokenGenerated": {"model": "llama-3-8b", "token": "Hello", "logprob": -0.5},
+        "generationCompleted": {
+            "model": "llama-3-8b",
+            "tokensGenerated": 32,
+            "durationMs": 410.5,
+            "throughput": 78.0,
+        },
+        "error": {"error": "Model not found", "code": "ModelNotFound", "model": "nope"},
+        "runtimeStatus": {"status": "ready", "modelsLoaded": 1, "activeTasks": 0},
+    }
+    envelope: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "type": event_type,
+        "timestamp": 1764115200000,
+        "source": "mac-studio-3/worker-1",
+        "generationId": str(uuid.uuid4()),
+        "seq": 0,
+        "payload": payloads[event_type],
+    }
+    envelope.update(overrides)
+    return envelope
+
+
+@pytest.fixture
+def envelope_factory() -> Any:
+    return make_envelope
+
+
+def _token_client(user: User) -> APIClient:
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def staff_user(db: Any) -> User:
+    return User.objects.create_user("staff", password="staff-pass-123", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def staff_client(staff_user: User) -> APIClient:
+    return _token_client(staff_user)
+
+
+@pytest.fixture
+def reader_client(db: Any) -> APIClient:
+    return _token_client(User.objects.create_user("reader", password="reader-pass-123"))
+
+
+@pytest.fixture
+def producer_client(db: Any) -> APIClient:
+    user = User.objects.create_user("producer")
+    user.groups.add(Group.objects.get_or_create(name=PRODUCER_GROUP)[0])
+    return _token_client(user)
+
+
+@pytest.fixture
+def anon_client() -> APIClient:
+    return APIClient()

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, cast
+
+import pytest
+import redis
+
+from events.emitter import CollectingPublisher, EngineEventEmitter, RedisStreamPublisher
+from events.schemas import envelope_to_wire
+from events.stream import ENTRY_FIELD
+from mlxserve.validation import ValidationFailed
+
+
+@pytest.fixture
+def collected() -> tuple[EngineEventEmitter, CollectingPublisher]:
+    publisher = CollectingPublisher()
+    return EngineEventEmitter(source="host/worker-1", publisher=publisher), publisher
+
+
+def test_each_method_emits_its_event_type(collected: tuple[EngineEventEmitter, CollectingPublisher]) -> None:
+    emitter, publisher = collected
+    generation = uuid.uuid4()
+    emitter.model_loaded(
+        model="m", model_path="/models/m", quantization="int4", parameters=8000000000, metadata={"loadMs": 10}
+    )
+    emitter.model_unloaded(model="m", reason="cache-eviction")
+    emitter.model_invalidated(model="m", reason="file-changed")
+    emitter.generation_started(generation_id=generation, model="m", prompt="hi", max_tokens=4)
+    emitter.token_generated(generation_id=generation, seq=1, model="m", token="x", logprob=-0.25)
+    emitter.generation_completed(
+        generation_id=generation, seq=2, model="m", tokens_generated=1, duration_ms=12.5, throughput=80.0
+    )
+    emitter.error(error="boom", code="GenerationFailed", model="m", generation_id=generation, seq=3)
+    emitter.runtime_status(status="ready", models_loaded=1, active_tasks=0)
+    wires = [envelope_to_wire(e) for e in publisher.envelopes]
+    assert [w["type"] for w in wires] == [
+        "modelLoaded",
+        "modelUnloaded",
+        "modelInvalidated",
+        "generationStarted",
+        "tokenGenerated",
+        "generationCompleted",
+        "error",
+        "runtimeStatus",
+    ]
+    assert all(w["source"] == "host/worker-1" and w["timestamp"] > 1_700_000_000_000 for w in wires)
+    assert len({w["id"] for w in wires}) == 8
+    assert wires[4]["payload"] == {"model": "m", "token": "x", "logprob": -0.25}
+    assert wires[4]["generationId"] == str(generation) and wires[4]["seq"] == 1
+    assert wires[1]["generationId"] is None
+    assert "quantization" not in envelope_to_wire(emitter.model_loaded(model="m", model_path="/p"))["payload"]
+
+
+def test_it_raises_the_error_object_and_publishes_nothing_on_bad_input(
+    collected: tuple[EngineEventEmitter, CollectingPublisher],
+) -> None:
+    emitter, publisher = collected
+    with pytest.raises(ValidationFailed) as info:
+        emitter.generation_started(generation_id=uuid.uuid4(), model="m", prompt="p", max_tokens=0)
+    assert info.value.as_error()["message"] == (
+        "Validation error on field 'payload.maxTokens': Must be a positive integer"
+    )
+    with pytest.raises(ValidationFailed) as info:
+        emitter.token_generated(generation_id=None, seq=0, model="m", token="x")  # type: ignore[arg-type]
+    assert info.value.field == "generationId"
+    with pytest.raises(ValidationFailed) as info:
+        emitter.runtime_status(status="sleeping", models_loaded=0)
+    assert info.value.issues[0].message == "Status must be one of: ready, busy, error, shutdown"
+    with pytest.raises(ValidationFailed):
+        emitter.token_generated(generation_id=uuid.uuid4(), seq=0, model="m", token="x", logprob=float("nan"))
+    with pytest.raises(ValidationFailed):
+        EngineEventEmitter(source="", publisher=publisher).runtime_status(status="ready", models_loaded=0)
+    assert publisher.envelopes == []
+
+
+def test_the_redis_publisher_puts_events_on_the_stream(redis_client: redis.Redis, settings: Any) -> None:
+    emitter = EngineEventEmitter(
+        source="h/w", publisher=RedisStreamPublisher(redis_client, settings.EVENTS_STREAM)
+    )
+    sent = emitter.runtime_status(status="busy", models_loaded=2, active_tasks=1)
+    [(_, fields)] = cast(Any, redis_client.xrange(settings.EVENTS_STREAM))
+    assert json.loads(fields[ENTRY_FIELD]) == envelope_to_wire(sent)

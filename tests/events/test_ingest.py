@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+import pytest
+import redis
+from django.core.management import call_command
+from django.db import DatabaseError, connection
+
+from events.models import DeadLetter, Event
+from events.services import EventIngester, stream_lag
+from events.stream import ENTRY_FIELD, stream_append
+from telemetry.broadcast import telemetry_config_read
+from tests.conftest import make_envelope
+
+
+def ingester(redis_client: redis.Redis, settings: Any, consumer: str = "c1", **kwargs: Any) -> EventIngester:
+    return EventIngester(
+        client=redis_client,
+        stream=settings.EVENTS_STREAM,
+        group=settings.EVENTS_CONSUMER_GROUP,
+        consumer=consumer,
+        block_ms=10,
+        **kwargs,
+    )
+
+
+def append(redis_client: redis.Redis, settings: Any, *envelopes: dict[str, Any]) -> None:
+    stream_append(redis_client, settings.EVENTS_STREAM, [msgspec.json.encode(e) for e in envelopes])
+
+
+def pending(redis_client: redis.Redis, settings: Any) -> int:
+    return stream_lag(
+        client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP
+    )["pending"]
+
+
+@pytest.mark.django_db
+def test_it_stores_each_event_once_even_when_sent_twice(redis_client: redis.Redis, settings: Any) -> None:
+    first, second = make_envelope("generationStarted"), make_envelope("tokenGenerated")
+    append(redis_client, settings, first, second, first)
+    outcome = ingester(redis_client, settings).step()
+    assert (outcome.stored, outcome.duplicates) == (2, 1)
+    append(redis_client, settings, second)
+    outcome = ingester(redis_client, settings).step()
+    assert (outcome.stored, outcome.duplicates) == (0, 1)
+    assert Event.objects.count() == 2
+    stored = Event.objects.get(pk=first["id"])
+    assert (stored.type, stored.model, stored.source, str(stored.generation_id)) == (
+        "generationStarted",
+        "llama-3-8b",
+        first["source"],
+        first["generationId"],
+    )
+    assert stored.payload == first["payload"]
+    assert pending(redis_client, settings) == 0
+
+
+@pytest.mark.django_db
+def test_invalid_entries_become_dead_letters_and_do_not_block_the_rest(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    good_a, good_b = make_envelope("modelLoaded"), make_envelope("modelUnloaded")
+    append(redis_client, settings, good_a)
+    redis_client.xadd(settings.EVENTS_STREAM, {ENTRY_FIELD: b'{"type": "tokenGenerated", "seq": -1}'})
+    redis_client.xadd(settings.EVENTS_STREAM, {ENTRY_FIELD: b"\xff not json"})
+    redis_client.xadd(settings.EVENTS_STREAM, {b"other": b"foreign producer"})
+    append(redis_client, settings, good_b)
+    outcome = ingester(redis_client, settings).step()
+    assert (outcome.stored, outcome.dead) == (2, 3)
+    assert set(Event.objects.values_list("id", flat=True).iterator()) == {
+        uuid.UUID(good_a["id"]),
+        uuid.UUID(good_b["id"]),
+    }
+    letters = list(DeadLetter.objects.order_by("stream_id"))
+    assert letters[0].error["code"] == "InvalidParams"
+    assert letters[0].body == '{"type": "tokenGenerated", "seq": -1}'
+    assert letters[1].error["details"]["issues"][0]["code"] == "invalid_json"
+    assert "foreign producer" in letters[2].body
+    assert pending(redis_client, settings) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_acknowledges_only_after_the_database_commit(redis_client: redis.Redis, settings: Any) -> None:
+    events = [make_envelope("tokenGenerated", seq=i) for i in range(3)]
+    append(redis_client, settings, *events)
+    worker = ingester(redis_client, settings)
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE events_event RENAME TO events_event_away")
+    try:
+        with pytest.raises(DatabaseError):
+            worker.step()
+        # Read, not stored, so not acknowledged: still pending on the stream.
+        assert pending(redis_client, settings) == 3
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE events_event_away RENAME TO events_event")
+    assert Event.objects.count() == 0
+    outcome = worker.step()  # the same ingester re-reads what it had pending
+    assert outcome.stored == 3
+    assert pending(redis_client, settings) == 0
+
+
+@pytest.mark.django_db
+def test_a_restarted_consumer_finishes_what_it_had_read(redis_client: redis.Redis, settings: Any) -> None:
+    append(redis_client, settings, make_envelope("error"), make_envelope("error"))
+    # A first run reads the entries, then dies before storing them.
+    redis_client.xgroup_create(settings.EVENTS_STREAM, settings.EVENTS_CONSUMER_GROUP, id="0")
+    redis_client.xreadgroup(settings.EVENTS_CONSUMER_GROUP, "c1", {settings.EVENTS_STREAM: ">"})
+    assert pending(redis_client, settings) == 2
+    assert ingester(redis_client, settings, consumer="c1").step().stored == 2
+    assert pending(redis_client, settings) == 0
+
+
+@pytest.mark.django_db
+def test_entries_left_by_a_dead_consumer_are_claimed_and_stored_once(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    append(redis_client, settings, *[make_envelope("runtimeStatus") for _ in range(4)])
+    redis_client.xgroup_create(settings.EVENTS_STREAM, settings.EVENTS_CONSUMER_GROUP, id="0")
+    redis_client.xreadgroup(settings.EVENTS_CONSUMER_GROUP, "dead", {settings.EVENTS_STREAM: ">"})
+    survivor = ingester(redis_client, settings, consumer="alive", claim_idle_ms=0)
+    assert survivor.step().stored == 4
+    assert survivor.step().stored == 0
+    assert Event.objects.count() == 4
+    assert pending(redis_client, settings) == 0
+
+
+@pytest.mark.django_db
+def test_the_command_drains_the_stream_and_publishes_the_config(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    append(redis_client, settings, *[make_envelope("tokenGenerated", seq=i) for i in range(1200)])
+    call_command("ingest_events", "--exit-when-idle", "--block-ms=10", "--batch-size=500")
+    assert Event.objects.count() == 1200
+    assert pending(redis_client, settings) == 0
+    # Redis keeps nothing across a restart: the ingester republishes the stored config.
+    published = telemetry_config_read(client=redis_client, key=settings.TELEMETRY_CONFIG_KEY)
+    assert published is not None and published[1].enabled is False

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from telemetry.broadcast import TelemetryConfigWatcher, telemetry_config_publish
+from telemetry.schemas import TelemetryConfigSchema
+from telemetry.services import telemetry_config_replace, telemetry_config_sync
+
+
+def test_a_worker_hears_of_a_saved_change_within_a_second(
+    db: Any, redis_client: redis.Redis, settings: Any
+) -> None:
+    heard: queue.Queue[tuple[TelemetryConfigSchema, int]] = queue.Queue()
+    watcher = TelemetryConfigWatcher(
+        client=redis_client, key=settings.TELEMETRY_CONFIG_KEY, on_change=lambda c, v: heard.put((c, v))
+    ).start()
+    try:
+        time.sleep(0.2)  # let it subscribe
+        started = time.monotonic()
+        telemetry_config_replace(data={"enabled": True, "prometheusPort": 9600}, user=None, via="api")
+        config, version = heard.get(timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        assert (config.enabled, config.prometheus_port, version) == (True, 9600, 1)
+    finally:
+        watcher.stop()
+
+
+def test_a_late_worker_reads_the_current_config_and_ignores_stale_versions(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    key = settings.TELEMETRY_CONFIG_KEY
+    telemetry_config_publish(
+        client=redis_client, key=key, config=TelemetryConfigSchema(enabled=True), version=5
+    )
+    heard: queue.Queue[int] = queue.Queue()
+    watcher = TelemetryConfigWatcher(
+        client=redis_client, key=key, on_change=lambda c, v: heard.put(v)
+    ).start()
+    try:
+        assert heard.get(timeout=1.0) == 5
+        telemetry_config_publish(
+            client=redis_client, key=key, config=TelemetryConfigSchema(enabled=False), version=4
+        )
+        telemetry_config_publish(
+            client=redis_client, key=key, config=TelemetryConfigSchema(enabled=False), version=6
+        )
+        assert heard.get(timeout=1.0) == 6
+        assert heard.empty()
+    finally:
+        watcher.stop()
+
+
+def test_a_corrupt_value_in_redis_is_ignored(redis_client: redis.Redis, settings: Any) -> None:
+    redis_client.set(settings.TELEMETRY_CONFIG_KEY, b'{"version": 1, "config": {"enabled": "yes"}}')
+    heard: queue.Queue[int] = queue.Queue()
+    watcher = TelemetryConfigWatcher(
+        client=redis_client, key=settings.TELEMETRY_CONFIG_KEY, on_change=lambda c, v: heard.put(v)
+    ).start()
+    try:
+        with pytest.raises(queue.Empty):
+            heard.get(timeout=0.5)
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.django_db
+def test_sync_republishes_after_redis_lost_the_config(redis_client: redis.Redis, settings: Any) -> None:
+    telemetry_config_replace(data={"enabled": True}, user=None, via="api")
+    assert telemetry_config_sync() is False  # already there
+    redis_client.delete(settings.TELEMETRY_CONFIG_KEY)
+    assert telemetry_config_sync() is True
+    assert redis_client.exists(settings.TELEMETRY_CONFIG_KEY)

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from tests.conftest import make_envelope
+
+pytestmark = pytest.mark.django_db
+
+
+def run(*args: str) -> str:
+    out = io.StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue().strip()
+
+
+def test_create_producer_makes_a_token_that_can_only_post_events() -> None:
+    token = run("create_producer", "mac-studio-3")
+    assert run("create_producer", "mac-studio-3") == token  # idempotent
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    assert client.post("/api/events/", make_envelope(), format="json").status_code == 202
+    assert client.get("/api/events/").status_code == 403
+    assert client.get("/api/telemetry/config/").status_code == 403
+    assert not User.objects.get(username="mac-studio-3").has_usable_password()
+
+
+def test_bootstrap_admin_prints_a_working_login(settings: Any, tmp_path: Any) -> None:
+    settings.VAR_DIR = tmp_path
+    line = run("bootstrap_admin")
+    password = line.rsplit("password: ", 1)[1]
+    assert run("bootstrap_admin") == line  # same login on the next run
+    client = APIClient()
+    assert client.login(username="admin", password=password)
+    assert client.get("/api/telemetry/config/").status_code == 200
