@@ -22,6 +22,7 @@ from mlxserve.validation import (
     ValidationFailed,
     collect_issues,
     failure_for,
+    is_plain_json,
     json_value_issues,
     messages,
 )
@@ -232,7 +233,7 @@ def envelope_validate(obj: Any) -> Envelope:
     # objects (metadata, a structured prompt) can: msgspec takes them as Any.
     for name, wire_name in _FREE_FORM_FIELDS[type(envelope.payload)]:
         value = getattr(envelope.payload, name)
-        if type(value) is dict:
+        if type(value) is dict and not is_plain_json(value):
             issues: list[Issue] = []
             json_value_issues(value, ["payload", wire_name], issues)
             if issues:

@@ -345,6 +345,34 @@ _CHECKERS: dict[type, Any] = {
 # -- JSON values ---------------------------------------------------------------
 
 
+_JSON_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+def is_plain_json(value: Any) -> bool:
+    """A quick yes for the common case: plain JSON types, finite floats.
+
+    ``False`` means "look closer" with ``json_value_issues`` (which also
+    accepts subclasses such as OrderedDict), not necessarily "invalid".
+    """
+    kind = type(value)
+    if kind in _JSON_SCALARS:
+        return True
+    if kind is float:
+        return value - value == 0  # NaN and +/-Infinity give NaN
+    if kind is dict:
+        # Plain loops: cheaper than all() over a generator for the small objects seen here.
+        for key, item in value.items():
+            if type(key) is not str or not is_plain_json(item):
+                return False
+        return True
+    if kind is list:
+        for item in value:
+            if not is_plain_json(item):
+                return False
+        return True
+    return False
+
+
 def json_value_issues(value: Any, path: list[PathItem], out: list[Issue], depth: int = 0) -> None:
     """Issues that keep ``value`` from being stored as JSON (used for ``metadata``).
 
