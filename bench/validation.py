@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mlxserve.settings")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 
@@ -143,7 +143,7 @@ class EnvelopeS(StrictSerializer):
     id = serializers.UUIDField()
     type = serializers.ChoiceField(list(EVENT_TYPES))
     timestamp = StrictInteger(min_value=1)
-    source = serializers.CharField(max_length=200, trim_whitespace=False)
+    source = serializers.CharField(max_length=200, trim_whitespace=False)  # type: ignore[assignment]
     generationId = serializers.UUIDField(required=False, allow_null=True)
     seq = StrictInteger(min_value=0)
     payload = StrictJSONObject()
@@ -236,7 +236,7 @@ def _p_envelope(tag: str, payload_model: type[pydantic.BaseModel]) -> type[pydan
         f"P{tag}Envelope",
         __config__=pydantic.ConfigDict(extra="forbid"),
         id=(uuid.UUID, ...),
-        type=(Literal[tag], ...),
+        type=(Literal[tag], ...),  # type: ignore[arg-type]
         timestamp=(Annotated[int, pydantic.Field(ge=1, strict=True)], ...),
         source=(Annotated[str, pydantic.Field(min_length=1, max_length=200, strict=True)], ...),
         generationId=(uuid.UUID | None, None),
@@ -246,7 +246,7 @@ def _p_envelope(tag: str, payload_model: type[pydantic.BaseModel]) -> type[pydan
 
 
 P_ENVELOPES = {
-    tag: _p_envelope(tag, model)
+    tag: _p_envelope(tag, model)  # type: ignore[arg-type]
     for tag, model in zip(
         EVENT_TYPES,
         [

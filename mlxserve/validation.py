@@ -361,12 +361,12 @@ def is_plain_json(value: Any) -> bool:
         return value - value == 0  # NaN and +/-Infinity give NaN
     if kind is dict:
         # Plain loops: cheaper than all() over a generator for the small objects seen here.
-        for key, item in value.items():
+        for key, item in value.items():  # noqa: SIM110
             if type(key) is not str or not is_plain_json(item):
                 return False
         return True
     if kind is list:
-        for item in value:
+        for item in value:  # noqa: SIM110
             if not is_plain_json(item):
                 return False
         return True
