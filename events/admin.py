@@ -7,9 +7,10 @@ from typing import Any
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
-from events.models import DeadLetter, Event
+from events.models import DeadLetter, Event, Generation, RegisteredModel, Worker
+from events.selectors import generation_detail
 
 
 def _pretty(value: Any) -> str:
@@ -77,3 +78,76 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     @admin.display(description="error")
     def error_pretty(self, obj: DeadLetter) -> str:
         return _pretty(obj.error)
+
+
+@admin.register(RegisteredModel)
+class RegisteredModelAdmin(admin.ModelAdmin):
+    list_display = ["name", "path", "description", "created_at"]
+    search_fields = ["name", "path"]
+
+
+@admin.register(Generation)
+class GenerationAdmin(ReadOnlyAdmin):
+    list_display = ["id", "created_at", "model", "max_tokens", "requested_by"]
+    search_fields = ["=id", "model"]
+    readonly_fields = [
+        "id",
+        "model",
+        "model_path",
+        "prompt_pretty",
+        "max_tokens",
+        "options",
+        "requested_by",
+        "created_at",
+        "timeline",
+    ]
+    exclude = ["prompt"]
+
+    @admin.display(description="prompt")
+    def prompt_pretty(self, obj: Generation) -> str:
+        return _pretty(obj.prompt)
+
+    @admin.display(description="what happened")
+    def timeline(self, obj: Generation) -> str:
+        detail = generation_detail(generation_id=obj.id)
+        if detail is None:
+            return "-"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    datetime.fromtimestamp(e.timestamp / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3],
+                    e.type,
+                    e.seq,
+                    e.source,
+                    json.dumps(e.payload, ensure_ascii=False)[:200],
+                )
+                for e in detail["events"]
+            ),
+        )
+        return format_html(
+            "<p>State: <b>{}</b>, attempt {}, {} tokens, time to first token {} ms, {} tokens/s</p>"
+            "<p>Text: <code>{}</code></p>"
+            "<table><tr><th>time</th><th>type</th><th>seq</th><th>source</th><th>payload</th></tr>{}</table>",
+            detail["state"],
+            detail["attempt"],
+            detail["tokens"],
+            detail["timeToFirstTokenMs"],
+            detail["tokensPerSecond"],
+            detail["text"],
+            rows,
+        )
+
+
+@admin.register(Worker)
+class WorkerAdmin(ReadOnlyAdmin):
+    list_display = ["source", "status", "models_loaded", "active_tasks", "last_heard", "first_seen_at"]
+    list_filter = ["status"]
+    search_fields = ["source"]
+
+    @admin.display(description="last heard (UTC)", ordering="last_heard_at")
+    def last_heard(self, obj: Worker) -> str:
+        if not obj.last_heard_at:
+            return "-"
+        return datetime.fromtimestamp(obj.last_heard_at / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")

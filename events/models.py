@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 
 from events.schemas import EVENT_TYPES
@@ -51,3 +52,60 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"Dead letter {self.stream_id}"
+
+
+class RegisteredModel(models.Model):
+    """A name for a model, so requests can say ``qwen-0.5b`` instead of a path."""
+
+    name = models.CharField(max_length=200, unique=True)
+    path = models.CharField(
+        max_length=1000,
+        help_text="A local MLX model directory, or a Hugging Face repo id already in the local cache.",
+    )
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Generation(models.Model):
+    """A generation someone asked for. What happened to it is told by its events."""
+
+    id = models.UUIDField(primary_key=True)
+    model = models.CharField(max_length=200, help_text="As requested: a registry name, a path or a repo id.")
+    model_path = models.CharField(max_length=1000, blank=True, help_text="Resolved from the registry.")
+    prompt = models.JSONField()
+    max_tokens = models.PositiveIntegerField()
+    options = models.JSONField(default=dict, help_text="Sampling: temperature, topP, seed.")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Generation {self.id}"
+
+
+class Worker(models.Model):
+    """A worker as its events describe it; kept up to date by the ingester."""
+
+    source = models.CharField(max_length=200, unique=True)
+    status = models.CharField(max_length=16, blank=True)
+    models_loaded = models.PositiveIntegerField(default=0)
+    active_tasks = models.PositiveIntegerField(default=0)
+    last_status_at = models.BigIntegerField(default=0, help_text="Epoch ms of its last runtimeStatus.")
+    last_heard_at = models.BigIntegerField(default=0, help_text="Epoch ms of its last event of any type.")
+    first_seen_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["source"]
+
+    def __str__(self) -> str:
+        return self.source

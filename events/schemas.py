@@ -267,3 +267,16 @@ def _failure(obj: Any, exc: Exception) -> ValidationFailed:
     if issues:
         return ValidationFailed(issues)
     return failure_for(obj, _AnyTypeEnvelope, exc)
+
+
+# -- generation requests (POST /api/generations/) --------------------------------
+
+
+class GenerationOrder(msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=1000)]
+    prompt: Prompt
+    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 256
+    temperature: Annotated[float, Meta(ge=0, le=10)] = 0.0
+    # 0 turns nucleus sampling off, as in mlx_lm.sample_utils.make_sampler.
+    top_p: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,10 +11,10 @@ import redis
 from django.db import transaction
 from django.utils import timezone
 
-from events.models import MODEL_COLUMN_LENGTH, DeadLetter, Event
-from events.schemas import Envelope, envelope_decode, envelope_encode, envelope_validate
+from events.models import MODEL_COLUMN_LENGTH, DeadLetter, Event, Generation, RegisteredModel, Worker
+from events.schemas import Envelope, GenerationOrder, envelope_decode, envelope_encode, envelope_validate
 from events.stream import ENTRY_FIELD, stream_append, stream_ensure_group
-from mlxserve.validation import ValidationFailed
+from mlxserve.validation import ValidationFailed, validate
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,37 @@ def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
         before = Event.objects.filter(pk__in=list(rows)).count() if rows else 0
         Event.objects.bulk_create(list(rows.values()), ignore_conflicts=True, batch_size=500)
         DeadLetter.objects.bulk_create(dead)
+        workers_note(rows.values())
     duplicates = before + (sum(1 for _ in entries) - len(dead) - len(rows))
     return StoreOutcome(stored=len(rows) - before, duplicates=duplicates, dead=len(dead))
+
+
+def workers_note(events: Iterable[Event]) -> None:
+    """Bring each source's worker row up to date: when last heard, last runtime status.
+
+    Idempotent and order-free (an older or repeated event changes nothing), so
+    several ingesters and redelivered entries are harmless.
+    """
+    heard: dict[str, int] = {}
+    statuses: dict[str, Event] = {}
+    for event in events:
+        heard[event.source] = max(heard.get(event.source, 0), event.timestamp)
+        if event.type == "runtimeStatus" and event.timestamp >= getattr(
+            statuses.get(event.source), "timestamp", 0
+        ):
+            statuses[event.source] = event
+    if not heard:
+        return
+    Worker.objects.bulk_create([Worker(source=s) for s in heard], ignore_conflicts=True)
+    for source, timestamp in heard.items():
+        Worker.objects.filter(source=source, last_heard_at__lt=timestamp).update(last_heard_at=timestamp)
+    for source, event in statuses.items():
+        Worker.objects.filter(source=source, last_status_at__lte=event.timestamp).update(
+            status=event.payload["status"],
+            models_loaded=event.payload["modelsLoaded"],
+            active_tasks=event.payload.get("activeTasks", 0),
+            last_status_at=event.timestamp,
+        )
 
 
 def _entry_body(fields: dict[bytes, bytes]) -> bytes:
@@ -209,3 +239,46 @@ def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int
     except redis.ResponseError:
         return {"length": 0, "pending": 0}
     return {"length": int(length), "pending": int(pending["pending"])}
+
+
+# -- generations -------------------------------------------------------------------------
+
+
+def generation_queue(*, data: Any, user: Any = None) -> Generation:
+    """Validate a generation request, record it and queue it for a worker (SPEC section 4).
+
+    ``model`` may name a registry entry; the worker gets the path it stands for.
+    Raises ``ValidationFailed``, or ``kombu``/``redis`` errors if the broker is down
+    (then nothing is recorded).
+    """
+    from events.tasks import generation_run
+
+    order = validate(data, GenerationOrder)
+    registered = RegisteredModel.objects.filter(name=order.model).first()
+    generation = Generation.objects.create(
+        id=uuid.uuid4(),
+        model=order.model,
+        model_path=registered.path if registered else "",
+        prompt=order.prompt,
+        max_tokens=order.max_tokens,
+        options={"temperature": order.temperature, "topP": order.top_p, "seed": order.seed},
+        requested_by=user if user is not None and user.is_authenticated else None,
+    )
+    try:
+        generation_run.apply_async(
+            kwargs={
+                "generation_id": str(generation.id),
+                "model": order.model,
+                "model_path": registered.path if registered else None,
+                "prompt": order.prompt,
+                "max_tokens": order.max_tokens,
+                "temperature": order.temperature,
+                "top_p": order.top_p,
+                "seed": order.seed,
+            },
+            retry=False,
+        )
+    except Exception:
+        generation.delete()
+        raise
+    return generation

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRODUCER_GROUP = "producer"
+OPERATOR_GROUP = "operator"
 
 _CODE_BY_STATUS = {
     401: "Unauthorized",
@@ -182,3 +183,15 @@ class ReadOrStaffWrite(BasePermission):
         if request.method in ("GET", "HEAD", "OPTIONS"):
             return True
         return bool(request.user.is_staff)
+
+
+class CanOperate(BasePermission):
+    """Queueing generations and unloading models: operators and staff."""
+
+    message = "This needs an operator account or a staff user"
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        user = request.user
+        if not (user and user.is_authenticated):
+            return False
+        return bool(user.is_staff) or user.groups.filter(name=OPERATOR_GROUP).exists()

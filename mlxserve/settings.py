@@ -199,6 +199,15 @@ EVENTS_STREAM = env_str("MLXSERVE_EVENTS_STREAM", "mlxserve:events")
 EVENTS_CONSUMER_GROUP = env_str("MLXSERVE_EVENTS_GROUP", "mlxserve-ingest")
 TELEMETRY_CONFIG_KEY = env_str("MLXSERVE_CONFIG_KEY", "mlxserve:telemetry:config")
 
+# Workers (SPEC section 6).
+WORKER_CONTROL_CHANNEL = env_str("MLXSERVE_CONTROL_CHANNEL", "mlxserve:control")
+WORKER_SOURCE = env_str("MLXSERVE_WORKER_SOURCE", "")  # default: "<host>/<celery node name>"
+WORKER_SPOOL_DIR = env_str("MLXSERVE_SPOOL_DIR", str(VAR_DIR / "spool"))
+WORKER_MAX_MODELS = env_int("MLXSERVE_MAX_MODELS", 2)
+WORKER_MAX_MODEL_BYTES = env_int("MLXSERVE_MAX_MODEL_BYTES", 0)  # 0: no byte limit
+WORKER_METRICS_HOST = env_str("MLXSERVE_METRICS_HOST", "0.0.0.0")
+DEMO_MODEL_DIR = env_str("MLXSERVE_DEMO_MODEL_DIR", str(VAR_DIR / "demo-model"))
+
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_SERIALIZER = "json"

@@ -7,15 +7,14 @@ is also published on a channel (so running workers hear of it at once).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import redis
 
+from mlxserve.redis_conn import Subscription
 from telemetry.schemas import TelemetryConfigSchema, telemetry_config_validate
 
 logger = logging.getLogger(__name__)
@@ -81,18 +80,23 @@ class TelemetryConfigWatcher:
         self.client = client
         self.key = key
         self.on_change = on_change
-        self.retry_seconds = retry_seconds
         self.version = -1
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="telemetry-config-watcher", daemon=True)
+        # Subscribe first, then read the key: a change made in between is not lost.
+        self._subscription = Subscription(
+            client=client,
+            channel=channel_for(key),
+            on_message=lambda data: self._offer(_parse(data)),
+            on_connect=lambda: self._offer(telemetry_config_read(client=client, key=key)),
+            retry_seconds=retry_seconds,
+            name="telemetry-config-watcher",
+        )
 
     def start(self) -> TelemetryConfigWatcher:
-        self._thread.start()
+        self._subscription.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
+        self._subscription.stop(timeout)
 
     def _offer(self, parsed: tuple[int, TelemetryConfigSchema] | None) -> None:
         if parsed is None or parsed[0] <= self.version:
@@ -102,21 +106,3 @@ class TelemetryConfigWatcher:
             self.on_change(parsed[1], parsed[0])
         except Exception:
             logger.exception("Applying telemetry config version %s failed", parsed[0])
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(channel_for(self.key))
-                # Subscribe first, then read: a change made in between is not lost.
-                self._offer(telemetry_config_read(client=self.client, key=self.key))
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=0.5)
-                    if message and message.get("type") == "message":
-                        self._offer(_parse(message["data"]))
-            except redis.RedisError as exc:
-                logger.warning("Telemetry config watcher lost Redis (%s); retrying", exc)
-                self._stop.wait(self.retry_seconds)
-            finally:
-                with contextlib.suppress(redis.RedisError):
-                    pubsub.close()

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from events.models import Event
+from events.selectors import generation_detail
+from events.services import generation_queue
+from mlxserve.validation import ValidationFailed
+
+
+class Command(BaseCommand):
+    help = (
+        "Queue a generation and stream its tokens to the terminal as they are stored, then print the "
+        "summary. Needs a worker and the ingester running (make run starts both)."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--model", required=True, help="A registry name, a model directory or a cached repo id."
+        )
+        parser.add_argument("--prompt", required=True)
+        parser.add_argument("--max-tokens", type=int, default=64)
+        parser.add_argument("--temperature", type=float, default=0.0)
+        parser.add_argument("--top-p", type=float, default=0.0)
+        parser.add_argument("--seed", type=int)
+        parser.add_argument("--timeout", type=float, default=300.0, help="Seconds to wait for the end.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        order: dict[str, Any] = {
+            "model": options["model"],
+            "prompt": options["prompt"],
+            "maxTokens": options["max_tokens"],
+            "temperature": options["temperature"],
+            "topP": options["top_p"],
+        }
+        if options["seed"] is not None:
+            order["seed"] = options["seed"]
+        try:
+            generation = generation_queue(data=order)
+        except ValidationFailed as exc:
+            raise CommandError(json.dumps(exc.as_error())) from None
+        self.stderr.write(f"Queued generation {generation.id}; waiting for a worker ...")
+        deadline = time.monotonic() + options["timeout"]
+        shown_seq = 0
+        last_attempt_started = None
+        while time.monotonic() < deadline:
+            new = list(
+                Event.objects.filter(generation_id=generation.id, type="tokenGenerated", seq__gt=shown_seq)
+                .order_by("seq")
+                .values_list("seq", "payload", "timestamp")
+            )
+            started = (
+                Event.objects.filter(generation_id=generation.id, type="generationStarted")
+                .order_by("-timestamp")
+                .values_list("timestamp", flat=True)
+                .first()
+            )
+            if started != last_attempt_started and last_attempt_started is not None:
+                self.stderr.write("\n[the worker restarted the generation: a new attempt]")
+                shown_seq = 0
+                continue
+            last_attempt_started = started
+            for seq, payload, timestamp in new:
+                if started is not None and timestamp < started:
+                    continue  # a token of an earlier attempt
+                if seq != shown_seq + 1:
+                    break  # wait until the gap is stored, to print in order
+                self.stdout.write(payload["token"], ending="")
+                self.stdout.flush()
+                shown_seq = seq
+            detail = generation_detail(generation_id=generation.id)
+            if detail and detail["state"] in ("completed", "failed") and shown_seq >= detail["tokens"]:
+                self.stdout.write("")
+                self._summary(detail)
+                if detail["state"] == "failed":
+                    raise CommandError(f"Generation failed: {detail['error']}")
+                return
+            time.sleep(0.1)
+        raise CommandError(
+            f"Timed out after {options['timeout']:.0f}s: is a worker running? Is the ingester?"
+        )
+
+    def _summary(self, detail: dict[str, Any]) -> None:
+        ttft = detail["timeToFirstTokenMs"]
+        tps = detail["tokensPerSecond"]
+        self.stderr.write(
+            f"--\n{detail['state']}: {detail['tokens']} tokens"
+            + (f", time to first token {ttft:.0f} ms" if ttft is not None else "")
+            + (f", {tps:.1f} tokens/s" if tps is not None else "")
+            + (f", attempt {detail['attempt']}" if detail["attempt"] > 1 else "")
+        )

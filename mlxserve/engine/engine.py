@@ -1,0 +1,463 @@
+"""The generation engine: mlx-lm behind a model cache, emitting every lifecycle event.
+
+Plain Python, no Celery and no Django: a worker process drives it through a
+thin task, tests and benchmarks drive it directly. Each event comes from the
+code path where the thing happens (SPEC section 6).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from events.emitter import EngineEventEmitter
+from mlxserve.engine.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+# Files whose change on disk means a loaded copy no longer matches the model.
+WATCHED_SUFFIXES = (".safetensors", ".json", ".model", ".tiktoken", ".jinja", ".txt")
+
+
+class EngineError(Exception):
+    """A failure with an error code of SPEC section 6 (ModelNotFound, ModelLoadFailed, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str  # the name events carry: a registry name, a path or a repo id
+    prompt: str | dict[str, Any]
+    max_tokens: int = 256
+    model_path: str | None = None  # where to load it from, when the name is not itself a path
+    temperature: float = 0.0
+    top_p: float = 0.0
+    seed: int | None = None
+    generation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    attempt: int = 1
+
+
+@dataclass
+class GenerationResult:
+    generation_id: str
+    text: str
+    tokens: int
+    duration_s: float
+    time_to_first_token_s: float | None
+    tokens_per_second: float
+    finish_reason: str | None
+
+
+@dataclass
+class _Progress:
+    seq: int = 0  # the last seq emitted for the generation under way
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: Any
+    tokenizer: Any
+    size_bytes: int
+    parameters: int
+    quantization: str
+    fingerprint: dict[str, tuple[int, int]]
+
+
+def files_fingerprint(path: Path) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of the model's own files: cheap to take before every use."""
+    result = {}
+    for child in path.iterdir():
+        if child.suffix in WATCHED_SUFFIXES and child.is_file():
+            stat = child.stat()
+            result[child.name] = (stat.st_mtime_ns, stat.st_size)
+    return result
+
+
+def resolve_model_path(model: str, model_path: str | None) -> Path:
+    """A local directory, or a Hugging Face repo already in the local cache. Never downloads."""
+    candidate = Path(model_path or model).expanduser()
+    if candidate.is_dir():
+        return candidate.resolve()
+    if candidate.exists():
+        raise EngineError("ModelNotFound", f"Model path {candidate} is not a directory")
+    target = model_path or model
+    if "/" in target and not target.startswith(("/", ".", "~")):
+        try:
+            from mlx_lm.utils import hf_repo_to_path
+
+            return Path(hf_repo_to_path(target))
+        except Exception as exc:  # not in the local cache: huggingface_hub raises several kinds
+            raise EngineError(
+                "ModelNotFound", f"Model {target!r} is not in the local Hugging Face cache"
+            ) from exc
+    raise EngineError("ModelNotFound", f"Model {target!r} not found (no such directory)")
+
+
+def quantization_of(config: dict[str, Any]) -> str:
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    return {4: "int4", 8: "int8"}.get(bits, "none") if bits else "none"
+
+
+class ModelCache:
+    """Loaded models, least recently used first out; bounded by count and by bytes."""
+
+    def __init__(self, *, max_models: int = 2, max_bytes: int = 0) -> None:
+        self.max_models = max_models
+        self.max_bytes = max_bytes  # 0: no byte limit
+        self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._models
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def get(self, name: str) -> LoadedModel | None:
+        loaded = self._models.get(name)
+        if loaded is not None:
+            self._models.move_to_end(name)
+        return loaded
+
+    def peek(self, name: str) -> LoadedModel | None:
+        return self._models.get(name)
+
+    def put(self, loaded: LoadedModel) -> None:
+        self._models[loaded.name] = loaded
+
+    def pop(self, name: str) -> LoadedModel | None:
+        return self._models.pop(name, None)
+
+    def victims_for(self, incoming_bytes: int) -> list[str]:
+        """Which models to evict (oldest first) to make room for one of ``incoming_bytes``."""
+        names = list(self._models)
+        victims: list[str] = []
+        total = sum(m.size_bytes for m in self._models.values())
+        while names and (
+            len(names) + 1 > self.max_models or (self.max_bytes and total + incoming_bytes > self.max_bytes)
+        ):
+            name = names.pop(0)
+            victims.append(name)
+            total -= self._models[name].size_bytes
+        return victims
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        emitter: EngineEventEmitter,
+        metrics: WorkerMetrics,
+        cache: ModelCache | None = None,
+        heartbeat_seconds: float = 60.0,
+        watch_seconds: float = 2.0,
+    ) -> None:
+        self.emitter = emitter
+        self.metrics = metrics
+        self.cache = cache or ModelCache()
+        self.heartbeat_seconds = heartbeat_seconds
+        self.watch_seconds = watch_seconds
+        self.status = "ready"
+        self.active_tasks = 0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._heartbeat_changed = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._status("ready")
+        for target, name in (
+            (self._heartbeat_loop, "engine-heartbeat"),
+            (self._watch_loop, "engine-file-watch"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._heartbeat_changed.set()
+        with self._lock:
+            for name in self.cache.names():
+                self._unload(name, "shutdown")
+            self._status("shutdown")
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+    def set_heartbeat_interval(self, seconds: float) -> None:
+        self.heartbeat_seconds = seconds
+        self._heartbeat_changed.set()
+
+    def _status(self, status: str, **metadata: Any) -> None:
+        self.status = status
+        self.emitter.runtime_status(
+            status=status,
+            models_loaded=len(self.cache),
+            active_tasks=self.active_tasks,
+            **({"metadata": metadata} if metadata else {}),
+        )
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            self._heartbeat_changed.wait(self.heartbeat_seconds)
+            if self._heartbeat_changed.is_set():
+                self._heartbeat_changed.clear()  # the interval changed: start a new wait
+                continue
+            if not self._stop.is_set():
+                with self._lock:
+                    self._status(self.status, heartbeat=True)
+
+    def _watch_loop(self) -> None:
+        while not self._stop.wait(self.watch_seconds):
+            with self._lock:
+                for name in self.cache.names():
+                    self._check_files(name)
+
+    # -- models ---------------------------------------------------------------------
+
+    def _check_files(self, name: str) -> bool:
+        """Invalidate ``name`` if its files changed on disk. True if it is still good."""
+        loaded = self.cache.peek(name)
+        if loaded is None:
+            return False
+        try:
+            current = files_fingerprint(loaded.path)
+        except OSError:
+            current = {}
+        if current == loaded.fingerprint:
+            return True
+        self.cache.pop(name)
+        self.emitter.model_invalidated(model=name, reason="file-changed")
+        self.metrics.models_unloaded.labels(**self.metrics.labels(model=name, reason="file-changed")).inc()
+        logger.info("Model %s changed on disk: dropped, the next request reloads it", name)
+        return False
+
+    def load(self, model: str, model_path: str | None = None) -> LoadedModel:
+        with self._lock:
+            if self.cache.peek(model) is not None and self._check_files(model):
+                loaded = self.cache.get(model)
+                assert loaded is not None
+                return loaded
+            path = resolve_model_path(model, model_path)
+            fingerprint = files_fingerprint(path)
+            started = time.perf_counter()
+            try:
+                import mlx.core as mx
+                from mlx.utils import tree_flatten
+                from mlx_lm import load as mlx_load
+
+                loaded_parts: Any = mlx_load(str(path), return_config=True)
+                mlx_model, tokenizer, config = loaded_parts
+            except Exception as exc:
+                raise EngineError("ModelLoadFailed", f"Loading {model} from {path} failed: {exc}") from exc
+            load_seconds = time.perf_counter() - started
+            flat: Any = tree_flatten(mlx_model.parameters())
+            weights = [w for _, w in flat if isinstance(w, mx.array)]
+            size_bytes = sum(int(w.nbytes) for w in weights)
+            quantization = quantization_of(config)
+            parameters = self._count_parameters(weights, config, quantization)
+            loaded = LoadedModel(
+                name=model,
+                path=path,
+                model=mlx_model,
+                tokenizer=tokenizer,
+                size_bytes=size_bytes,
+                parameters=parameters,
+                quantization=quantization,
+                fingerprint=fingerprint,
+            )
+            for victim in self.cache.victims_for(size_bytes):
+                self._unload(victim, "cache-eviction")
+            self.cache.put(loaded)
+            labels = self.metrics.labels(model=model)
+            self.metrics.models_loaded.labels(**labels).inc()
+            self.metrics.model_load_duration.labels(**labels).observe(load_seconds)
+            self.emitter.model_loaded(
+                model=model,
+                model_path=str(path),
+                quantization=quantization,
+                parameters=max(parameters, 1),
+                metadata={"loadMs": round(load_seconds * 1000, 3), "sizeBytes": size_bytes},
+            )
+            return loaded
+
+    @staticmethod
+    def _count_parameters(weights: list[Any], config: dict[str, Any], quantization: str) -> int:
+        """Parameters, counted from the weights; packed quantized weights are unpacked in the count."""
+        bits = {"int4": 4, "int8": 8}.get(quantization)
+        total = 0
+        for w in weights:
+            size = int(w.size)
+            if bits and str(w.dtype) == "mlx.core.uint32":
+                size = size * 32 // bits
+            total += size
+        return total
+
+    def _unload(self, name: str, reason: str) -> None:
+        if self.cache.pop(name) is None:
+            return
+        self.emitter.model_unloaded(model=name, reason=reason)
+        self.metrics.models_unloaded.labels(**self.metrics.labels(model=name, reason=reason)).inc()
+
+    def unload(self, name: str, reason: str = "manual") -> bool:
+        """Drop ``name`` from memory (an unload command). False if it was not loaded."""
+        with self._lock:
+            if name not in self.cache:
+                return False
+            self._unload(name, reason)
+            return True
+
+    # -- generation -------------------------------------------------------------------
+
+    def generate(
+        self, request: GenerationRequest, on_token: Callable[[str], None] | None = None
+    ) -> GenerationResult:
+        """Run one generation, emitting its events; raises ``EngineError`` after emitting ``error``."""
+        with self._lock:
+            self.active_tasks += 1
+            self._status("busy")
+        progress = _Progress()
+        try:
+            return self._generate(request, on_token, progress)
+        except EngineError as exc:
+            self._failed(request, exc.code, str(exc), progress.seq + 1)
+            raise
+        except Exception as exc:
+            self._failed(request, "GenerationFailed", f"{type(exc).__name__}: {exc}", progress.seq + 1)
+            raise EngineError("GenerationFailed", str(exc)) from exc
+        finally:
+            with self._lock:
+                self.active_tasks -= 1
+                self._status("ready")
+
+    def _failed(self, request: GenerationRequest, code: str, message: str, seq: int) -> None:
+        labels = self.metrics.labels(model=request.model, code=code)
+        self.metrics.generation_errors.labels(**labels).inc()
+        self.metrics.errors.labels(code=code).inc()
+        self.emitter.error(
+            error=message,
+            code=code,
+            model=request.model,
+            generation_id=request.generation_id,
+            seq=seq,
+            metadata={"attempt": request.attempt},
+        )
+        with self._lock:
+            self._status("error", code=code)
+
+    def _generate(
+        self, request: GenerationRequest, on_token: Callable[[str], None] | None, progress: _Progress
+    ) -> GenerationResult:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        started = time.perf_counter()
+        emitter, gid, model = self.emitter, request.generation_id, request.model
+        emitter.generation_started(
+            generation_id=gid,
+            model=model,
+            prompt=request.prompt,
+            max_tokens=request.max_tokens,
+            metadata={
+                "attempt": request.attempt,
+                "temperature": request.temperature,
+                "topP": request.top_p,
+                **({"seed": request.seed} if request.seed is not None else {}),
+            },
+        )
+        loaded = self.load(model, request.model_path)
+        prompt = self._prompt_text(loaded, request.prompt)
+        if request.seed is not None:
+            mx.random.seed(request.seed)
+        sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
+        labels = self.metrics.labels(model=model)
+        tokens_counter = self.metrics.tokens_generated.labels(**labels)
+        itl = self.metrics.inter_token_latency.labels(**labels)
+        pieces: list[str] = []
+        seq = 0
+        first_token_at: float | None = None
+        last_token_at = started
+        finish_reason = None
+        for response in stream_generate(
+            loaded.model, loaded.tokenizer, prompt, max_tokens=request.max_tokens, sampler=sampler
+        ):
+            now = time.perf_counter()
+            seq += 1
+            progress.seq = seq
+            if first_token_at is None:
+                first_token_at = now
+                self.metrics.time_to_first_token.labels(**labels).observe(now - started)
+            else:
+                itl.observe(now - last_token_at)
+            last_token_at = now
+            logprob = float(response.logprobs[response.token].item())  # type: ignore[arg-type]
+            emitter.token_generated(
+                generation_id=gid, seq=seq, model=model, token=response.text, logprob=logprob
+            )
+            tokens_counter.inc()
+            pieces.append(response.text)
+            if on_token is not None:
+                on_token(response.text)
+            finish_reason = response.finish_reason
+        duration = time.perf_counter() - started
+        generating = (last_token_at - first_token_at) if first_token_at is not None else 0.0
+        throughput = (seq - 1) / generating if seq > 1 and generating > 0 else 0.0
+        self.metrics.generation_duration.labels(**labels).observe(duration)
+        emitter.generation_completed(
+            generation_id=gid,
+            seq=seq + 1,
+            model=model,
+            tokens_generated=seq,
+            duration_ms=duration * 1000,
+            throughput=throughput,
+            metadata={
+                "attempt": request.attempt,
+                "finishReason": finish_reason or "stop",
+                "timeToFirstTokenMs": round((first_token_at - started) * 1000, 3) if first_token_at else None,
+            },
+        )
+        return GenerationResult(
+            generation_id=gid,
+            text="".join(pieces),
+            tokens=seq,
+            duration_s=duration,
+            time_to_first_token_s=(first_token_at - started) if first_token_at else None,
+            tokens_per_second=throughput,
+            finish_reason=finish_reason,
+        )
+
+    @staticmethod
+    def _prompt_text(loaded: LoadedModel, prompt: str | dict[str, Any]) -> str:
+        """A string is used as is; ``{"messages": [...]}`` goes through the model's chat template."""
+        if isinstance(prompt, str):
+            return prompt
+        messages = prompt.get("messages")
+        tokenizer = loaded.tokenizer
+        if isinstance(messages, list) and getattr(tokenizer, "chat_template", None):
+            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        if isinstance(messages, list):
+            return (
+                "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
+                + "\nassistant:"
+            )
+        return json.dumps(prompt)

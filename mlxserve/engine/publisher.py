@@ -1,0 +1,296 @@
+"""The worker's event publisher: generation never waits on Redis, and no event is dropped.
+
+``publish`` only appends to a queue. A background thread sends the queue to
+the Redis stream in pipelined batches. While Redis is unreachable, a circuit
+breaker stops the hammering, events wait in memory up to ``max_memory``, then
+on local disk (a spool file, one JSON envelope a line), and are delivered in
+order once Redis is back. A spool left by a worker that died is picked up by
+the next publisher that starts on the same spool directory.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import redis
+
+from events.schemas import EnvelopeBase, envelope_encode
+from events.stream import stream_append
+from mlxserve.engine.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class CircuitBreaker:
+    """closed -> (``threshold`` failures) -> open -> (cool-down) -> half_open -> closed or open.
+
+    The cool-down doubles on each failed trial, up to ``max_cooldown``.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: int = 3,
+        cooldown: float = 0.5,
+        max_cooldown: float = 5.0,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self.threshold = threshold
+        self.base_cooldown = cooldown
+        self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self.on_change = on_change
+        self.state = "closed"
+        self.failures = 0
+        self.opened_at = 0.0
+
+    def _set(self, state: str) -> None:
+        if state != self.state:
+            logger.warning("Event publisher circuit breaker: %s -> %s", self.state, state)
+            self.state = state
+            if self.on_change:
+                self.on_change(state)
+
+    def allow(self) -> bool:
+        if self.state == "open" and time.monotonic() - self.opened_at >= self.cooldown:
+            self._set("half_open")
+        return self.state != "open"
+
+    def success(self) -> None:
+        self.failures = 0
+        self.cooldown = self.base_cooldown
+        self._set("closed")
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.state == "half_open":
+            self.cooldown = min(self.cooldown * 2, self.max_cooldown)
+        if self.state == "half_open" or self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+            self._set("open")
+
+
+class _Spool:
+    """Events that did not fit in memory, on disk, oldest first; read from ``offset`` on."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock: IO[bytes] = open(path.with_suffix(".lock"), "wb")  # noqa: SIM115 - held for life
+        fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.file: IO[bytes] = open(path, "ab+")  # noqa: SIM115 - held for life
+        self.read_offset = 0
+        with open(path, "rb") as existing:
+            self.count = sum(1 for line in existing if line.endswith(b"\n"))
+
+    def append(self, body: bytes) -> None:
+        self.file.seek(0, os.SEEK_END)
+        self.file.write(body + b"\n")
+        self.file.flush()
+        self.count += 1
+
+    def peek(self, limit: int) -> tuple[list[bytes], int]:
+        """Up to ``limit`` bodies from the read offset, and the offset after them."""
+        self.file.seek(self.read_offset)
+        bodies: list[bytes] = []
+        offset = self.read_offset
+        while len(bodies) < limit:
+            line = self.file.readline()
+            if not line.endswith(b"\n"):
+                break  # nothing more (or a torn last line from a crash mid-write)
+            offset += len(line)
+            bodies.append(line[:-1])
+        return bodies, offset
+
+    def consume(self, count: int, offset: int) -> None:
+        self.read_offset = offset
+        self.count -= count
+        if self.count <= 0:
+            self.file.truncate(0)
+            self.read_offset = 0
+            self.count = 0
+
+    def close(self, *, remove: bool) -> None:
+        self.file.close()
+        if remove:
+            self.path.unlink(missing_ok=True)
+            self.path.with_suffix(".lock").unlink(missing_ok=True)
+        self.lock.close()
+
+
+class BufferedPublisher:
+    def __init__(
+        self,
+        *,
+        client: redis.Redis,
+        stream: str,
+        spool_dir: str | Path,
+        metrics: WorkerMetrics,
+        max_memory: int = 50_000,
+        batch_size: int = 500,
+        linger: float = 0.02,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.client = client
+        self.stream = stream
+        self.metrics = metrics
+        self.max_memory = max_memory
+        self.batch_size = batch_size
+        self.linger = linger
+        self.breaker = breaker or CircuitBreaker(
+            on_change=lambda state: metrics.circuit_breaker_state_changes.labels(state=state).inc()
+        )
+        self._memory: collections.deque[EnvelopeBase] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = False
+        self.spool_dir = Path(spool_dir)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._orphans = self._adopt_orphan_spools()
+        self._spool = _Spool(self.spool_dir / f"events-{os.getpid()}-{time.time_ns()}.jsonl")
+        self._thread = threading.Thread(target=self._run, name="event-publisher", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side: never blocks on Redis -------------------------------------
+
+    def publish(self, envelope: EnvelopeBase) -> None:
+        with self._lock:
+            if self._spool.count or len(self._memory) >= self.max_memory:
+                # Once events spill to disk, later ones follow them there, so order holds.
+                self._spool.append(envelope_encode(envelope))
+            else:
+                self._memory.append(envelope)
+            self._idle.clear()
+        self._wake.set()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._memory) + self._spool.count + sum(s.count for s in self._orphans)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything published so far is on the stream. False on timeout."""
+        self._wake.set()
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what can be delivered within ``timeout``; what cannot stays in the spool file."""
+        delivered = self.flush(timeout)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=2)
+        with self._lock:
+            if not delivered and self._memory:
+                for envelope in self._memory:
+                    self._spool.append(envelope_encode(envelope))
+                logger.error(
+                    "Redis unreachable at shutdown: %d events left in %s", self._spool.count, self._spool.path
+                )
+                self._memory.clear()
+            self._spool.close(remove=self._spool.count == 0)
+
+    # -- the background thread ---------------------------------------------------------
+
+    def _adopt_orphan_spools(self) -> list[_Spool]:
+        """Spool files of publishers that died before delivering them, oldest first."""
+        orphans = []
+        for path in sorted(self.spool_dir.glob("events-*.jsonl"), key=lambda p: p.stat().st_mtime):
+            try:
+                spool = _Spool(path)
+            except BlockingIOError:
+                continue  # a live publisher owns it
+            if spool.count:
+                logger.info("Delivering %d events left in %s by an earlier worker", spool.count, path)
+                orphans.append(spool)
+            else:
+                spool.close(remove=True)
+        return orphans
+
+    def _next_batch(self) -> tuple[list[bytes], Callable[[], None]] | None:
+        with self._lock:
+            while self._orphans:
+                orphan = self._orphans[0]
+                orphan_bodies, orphan_offset = orphan.peek(self.batch_size)
+                if not orphan_bodies:  # nothing left but perhaps a torn last line
+                    self._orphans.pop(0).close(remove=True)
+                    continue
+
+                return orphan_bodies, functools.partial(
+                    self._orphan_delivered, orphan, len(orphan_bodies), orphan_offset
+                )
+            if self._memory:
+                batch = [self._memory[i] for i in range(min(self.batch_size, len(self._memory)))]
+
+                def done_memory() -> None:
+                    for _ in batch:
+                        self._memory.popleft()
+
+                return [envelope_encode(e) for e in batch], done_memory
+            if self._spool.count:
+                bodies, offset = self._spool.peek(self.batch_size)
+
+                def done_spool() -> None:
+                    self._spool.consume(len(bodies), offset)
+
+                return bodies, done_spool
+            self._idle.set()
+            return None
+
+    def _orphan_delivered(self, orphan: _Spool, count: int, offset: int) -> None:
+        orphan.consume(count, offset)
+        if orphan.count == 0:
+            self._orphans.remove(orphan)
+            orphan.close(remove=True)
+
+    def _send(self, bodies: list[bytes]) -> None:
+        m = self.metrics
+        m.ipc_requests_in_flight.inc()
+        started = time.perf_counter()
+        try:
+            stream_append(self.client, self.stream, bodies)
+        finally:
+            m.ipc_requests_in_flight.dec()
+            m.ipc_requests.labels(operation="xadd").inc()
+            m.ipc_request_duration.labels(operation="xadd").observe(time.perf_counter() - started)
+        m.batch_operations.inc()
+        m.batch_size.observe(len(bodies))
+        m.batch_efficiency.observe(len(bodies) / self.batch_size)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.linger)
+            self._wake.clear()
+            while True:
+                if not self.breaker.allow():
+                    if self._stop:
+                        return
+                    time.sleep(0.05)
+                    continue
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                bodies, done = batch
+                try:
+                    self._send(bodies)
+                except redis.RedisError as exc:
+                    self.metrics.retry_attempts.labels(operation="xadd").inc()
+                    self.metrics.errors.labels(code="PublishFailed").inc()
+                    logger.warning("Publishing %d events failed (%s); keeping them", len(bodies), exc)
+                    self.breaker.failure()
+                    if self._stop:
+                        return
+                    continue
+                self.breaker.success()
+                with self._lock:
+                    done()
+            if self._stop:
+                return

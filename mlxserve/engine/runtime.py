@@ -1,0 +1,139 @@
+"""One worker process's telemetry runtime: engine, publisher, metrics endpoint, live config, control.
+
+Plain Python (no Celery, no Django): built from a Redis URL and a few names,
+so the same runtime runs under Celery, in ``generate --local`` style scripts,
+in the benchmark and in tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis
+
+from events.emitter import EngineEventEmitter
+from mlxserve.engine.engine import Engine, ModelCache
+from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
+from mlxserve.engine.publisher import BufferedPublisher
+from mlxserve.redis_conn import Subscription
+from telemetry.broadcast import TelemetryConfigWatcher
+from telemetry.schemas import TelemetryConfigSchema
+
+logger = logging.getLogger(__name__)
+
+
+class ControlCommand(msgspec.Struct, forbid_unknown_fields=True):
+    command: str
+    model: str
+    source: str | None = None  # None: every worker
+
+
+def control_command_publish(*, client: redis.Redis, channel: str, command: ControlCommand) -> int:
+    """Send a command to the workers; returns how many were listening."""
+    return int(client.publish(channel, msgspec.json.encode(command)))  # type: ignore[arg-type]
+
+
+def default_source(nodename: str | None = None) -> str:
+    host = socket.gethostname()
+    return f"{host}/{nodename}" if nodename else f"{host}/worker"
+
+
+@dataclass
+class RuntimeSettings:
+    redis_url: str
+    stream: str
+    config_key: str
+    control_channel: str
+    source: str
+    spool_dir: Path
+    max_models: int = 2
+    max_model_bytes: int = 0
+    metrics_host: str = "0.0.0.0"
+
+
+class WorkerRuntime:
+    def __init__(self, settings: RuntimeSettings, *, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.client = client or redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5
+        )
+        self.metrics = WorkerMetrics()
+        self.metrics.set_identity(
+            service_name=TelemetryConfigSchema(enabled=False).service_name, source=settings.source
+        )
+        self.publisher = BufferedPublisher(
+            client=self.client, stream=settings.stream, spool_dir=settings.spool_dir, metrics=self.metrics
+        )
+        self.emitter = EngineEventEmitter(source=settings.source, publisher=self.publisher)
+        self.engine = Engine(
+            emitter=self.emitter,
+            metrics=self.metrics,
+            cache=ModelCache(max_models=settings.max_models, max_bytes=settings.max_model_bytes),
+        )
+        self.exporter = MetricsExporter(self.metrics.registry, host=settings.metrics_host)
+        self.config: TelemetryConfigSchema | None = None
+        self._watcher = TelemetryConfigWatcher(
+            client=self.client, key=settings.config_key, on_change=self.apply_config
+        )
+        self._control = Subscription(
+            client=self.client,
+            channel=settings.control_channel,
+            on_message=self._on_control,
+            name="worker-control",
+        )
+
+    def start(self) -> WorkerRuntime:
+        self.engine.start()
+        self._watcher.start()
+        self._control.start()
+        logger.info("Worker runtime %s started", self.settings.source)
+        return self
+
+    def apply_config(self, config: TelemetryConfigSchema, version: int) -> None:
+        """A config change, live: exporter on/off/port, service name, heartbeat interval."""
+        self.config = config
+        self.metrics.set_identity(service_name=config.service_name, source=self.settings.source)
+        self.engine.set_heartbeat_interval(config.export_interval_ms / 1000)
+        self.exporter.apply(enabled=config.enabled, port=config.prometheus_port)
+        logger.info("Telemetry config version %d applied: %s", version, config.to_wire())
+
+    def _on_control(self, data: bytes) -> None:
+        command = msgspec.json.decode(data, type=ControlCommand)
+        if command.source not in (None, self.settings.source):
+            return
+        if command.command == "unload":
+            unloaded = self.engine.unload(command.model, "manual")
+            logger.info("Unload %s: %s", command.model, "done" if unloaded else "was not loaded")
+        else:
+            logger.warning("Unknown control command %r", command.command)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._control.stop()
+        self._watcher.stop()
+        self.engine.shutdown()
+        self.exporter.close()
+        self.publisher.close(timeout)
+        logger.info("Worker runtime %s stopped", self.settings.source)
+
+
+def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
+    from django.conf import settings
+
+    values: dict[str, Any] = {
+        "redis_url": settings.REDIS_URL,
+        "stream": settings.EVENTS_STREAM,
+        "config_key": settings.TELEMETRY_CONFIG_KEY,
+        "control_channel": settings.WORKER_CONTROL_CHANNEL,
+        "source": settings.WORKER_SOURCE or default_source(),
+        "spool_dir": Path(settings.WORKER_SPOOL_DIR),
+        "max_models": settings.WORKER_MAX_MODELS,
+        "max_model_bytes": settings.WORKER_MAX_MODEL_BYTES,
+        "metrics_host": settings.WORKER_METRICS_HOST,
+    }
+    values.update(overrides)
+    return RuntimeSettings(**values)
