@@ -82,6 +82,15 @@ def _attempts(events: list[Event]) -> list[Attempt]:
     return attempts
 
 
+def _summaries(attempts: list[Attempt]) -> list[dict[str, Any]]:
+    summaries = [a.summary() for a in attempts]
+    for summary in summaries[:-1]:
+        if summary["state"] == "running":
+            # A newer attempt began (the worker died and the task was redelivered).
+            summary["state"] = "abandoned"
+    return summaries
+
+
 def generation_detail(*, generation_id: uuid.UUID) -> dict[str, Any] | None:
     """The generation's state, text so far, figures, every attempt and its events in order.
 
@@ -91,15 +100,15 @@ def generation_detail(*, generation_id: uuid.UUID) -> dict[str, Any] | None:
     events = list(Event.objects.filter(generation_id=generation_id).order_by("timestamp", "seq"))
     if generation is None and not events:
         return None
-    attempts = _attempts(events)
-    latest = attempts[-1].summary() if attempts else Attempt(number=0).summary()
+    attempts = _summaries(_attempts(events))
+    latest = attempts[-1] if attempts else Attempt(number=0).summary()
     return {
         "generationId": str(generation_id),
         "model": generation.model if generation else (events[0].model if events else None),
         "createdAt": generation.created_at if generation else None,
         **{k: v for k, v in latest.items() if k != "attempt"},
         "attempt": latest["attempt"] if attempts else 0,
-        "attempts": [a.summary() for a in attempts],
+        "attempts": attempts,
         "events": events,
     }
 

@@ -56,11 +56,6 @@ def telemetry_config_read(*, client: redis.Redis, key: str) -> tuple[int, Teleme
     return _parse(raw)  # type: ignore[arg-type]
 
 
-def telemetry_config_published_version(*, client: redis.Redis, key: str) -> int | None:
-    current = telemetry_config_read(client=client, key=key)
-    return current[0] if current else None
-
-
 class TelemetryConfigWatcher:
     """Calls ``on_change(config, version)`` with the current config, then on every change.
 

@@ -9,7 +9,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 
 from mlxserve.redis_conn import redis_client
-from telemetry.broadcast import telemetry_config_publish, telemetry_config_published_version
+from telemetry.broadcast import telemetry_config_publish, telemetry_config_read
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
 from telemetry.schemas import (
     FIELD_TO_WIRE,
@@ -88,9 +88,9 @@ def telemetry_config_push(config: TelemetryConfig) -> bool:
 
 
 def telemetry_config_sync() -> bool:
-    """Publish the stored config if Redis lacks it or holds an older version. True if it published."""
+    """Publish the stored config if Redis lacks it or holds another one. True if it published."""
     config = telemetry_config_get()
-    published = telemetry_config_published_version(client=redis_client(), key=settings.TELEMETRY_CONFIG_KEY)
-    if published is not None and published >= config.version:
+    published = telemetry_config_read(client=redis_client(), key=settings.TELEMETRY_CONFIG_KEY)
+    if published == (config.version, config.to_schema()):
         return False
     return telemetry_config_push(config)

@@ -170,7 +170,7 @@ class Engine:
     ) -> None:
         self.emitter = emitter
         self.metrics = metrics
-        self.cache = cache or ModelCache()
+        self.cache = cache if cache is not None else ModelCache()  # an empty cache is falsy
         self.heartbeat_seconds = heartbeat_seconds
         self.watch_seconds = watch_seconds
         self.status = "ready"

@@ -97,6 +97,16 @@ class _Spool:
         self.file.flush()
         self.count += 1
 
+    def prepend(self, bodies: list[bytes]) -> None:
+        """Put older events in front of what is on disk (at shutdown, from memory)."""
+        self.file.seek(self.read_offset)
+        rest = self.file.read()
+        self.file.truncate(0)
+        self.file.write(b"".join(body + b"\n" for body in bodies) + rest)
+        self.file.flush()
+        self.read_offset = 0
+        self.count += len(bodies)
+
     def peek(self, limit: int) -> tuple[list[bytes], int]:
         """Up to ``limit`` bodies from the read offset, and the offset after them."""
         self.file.seek(self.read_offset)
@@ -190,8 +200,8 @@ class BufferedPublisher:
         self._thread.join(timeout=2)
         with self._lock:
             if not delivered and self._memory:
-                for envelope in self._memory:
-                    self._spool.append(envelope_encode(envelope))
+                # Memory holds the oldest events: they go before those already on disk.
+                self._spool.prepend([envelope_encode(e) for e in self._memory])
                 logger.error(
                     "Redis unreachable at shutdown: %d events left in %s", self._spool.count, self._spool.path
                 )

@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import mlx_lm
+import pytest
+
+from mlxserve.engine.engine import EngineError, GenerationRequest, ModelCache, quantization_of
+from tests.engine.conftest import Recorder
+
+
+def test_a_generation_emits_started_each_token_in_order_and_completed(
+    recorder: Recorder, demo_model: Path
+) -> None:
+    result = recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="Hello", max_tokens=12))
+    events = recorder.events("generationStarted", "tokenGenerated", "generationCompleted", "error")
+    assert [e["type"] for e in events] == ["generationStarted"] + ["tokenGenerated"] * 12 + [
+        "generationCompleted"
+    ]
+    assert {e["generationId"] for e in events} == {result.generation_id}
+    tokens = [e for e in events if e["type"] == "tokenGenerated"]
+    assert [e["seq"] for e in tokens] == list(range(1, 13))
+    assert "".join(e["payload"]["token"] for e in tokens) == result.text
+    assert all(math.isfinite(e["payload"]["logprob"]) and e["payload"]["logprob"] <= 0 for e in tokens)
+    completed = events[-1]["payload"]
+    assert completed["tokensGenerated"] == 12 == result.tokens
+    assert completed["durationMs"] > 0 and completed["throughput"] > 0
+    assert events[0]["payload"]["prompt"] == "Hello" and events[0]["payload"]["maxTokens"] == 12
+
+
+def test_the_logprob_is_that_of_the_sampled_token(recorder: Recorder, demo_model: Path) -> None:
+    """Greedy decoding picks the most likely token, so its logprob is the largest of the step."""
+    model, tokenizer = mlx_lm.load(str(demo_model))
+    recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="The", max_tokens=1))
+    [token] = recorder.events("tokenGenerated")
+    import mlx.core as mx
+
+    logits = model(mx.array([tokenizer.encode("The")]))[0, -1]
+    logprobs = logits - mx.logsumexp(logits)
+    assert token["payload"]["logprob"] == pytest.approx(float(mx.max(logprobs).item()), abs=1e-3)
+
+
+def test_two_generations_load_the_model_once(recorder: Recorder, demo_model: Path) -> None:
+    for _ in range(2):
+        recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="a", max_tokens=3))
+    [loaded] = recorder.events("modelLoaded")
+    payload = loaded["payload"]
+    assert payload["model"] == str(demo_model) and payload["modelPath"] == str(demo_model.resolve())
+    assert payload["quantization"] == "none"
+    config = json.loads((demo_model / "config.json").read_text())
+    h, v, i, n = (
+        config["hidden_size"],
+        config["vocab_size"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+    )
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    assert payload["parameters"] == v * h + n * per_layer + h  # counted from the weights
+    assert payload["metadata"]["loadMs"] > 0
+    assert recorder.sample("kr_serve_models_loaded_total", model=str(demo_model)) == 1
+
+
+def test_a_full_cache_evicts_the_least_recently_used_model(demo_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = Path(shutil.copytree(demo_model, tmp_path / "other"))
+    recorder = Recorder(cache=ModelCache(max_models=1))
+    try:
+        recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="a", max_tokens=2))
+        recorder.engine.generate(GenerationRequest(model=str(other), prompt="a", max_tokens=2))
+        assert [e["payload"] for e in recorder.events("modelUnloaded")] == [
+            {"model": str(demo_model), "reason": "cache-eviction"}
+        ]
+        assert recorder.engine.cache.names() == [str(other)]
+        assert (
+            recorder.sample("kr_serve_models_unloaded_total", model=str(demo_model), reason="cache-eviction")
+            == 1
+        )
+    finally:
+        recorder.engine.shutdown()
+
+
+def test_the_byte_limit_evicts_too(demo_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = Path(shutil.copytree(demo_model, tmp_path / "other"))
+    recorder = Recorder(cache=ModelCache(max_models=10, max_bytes=1))  # room for one model at most
+    try:
+        for path in (demo_model, other):
+            recorder.engine.generate(GenerationRequest(model=str(path), prompt="a", max_tokens=1))
+        assert [e["payload"]["reason"] for e in recorder.events("modelUnloaded")] == ["cache-eviction"]
+    finally:
+        recorder.engine.shutdown()
+
+
+def test_rewriting_a_weight_file_invalidates_and_the_next_request_reloads(
+    recorder: Recorder, demo_model: Path
+) -> None:
+    request = GenerationRequest(model=str(demo_model), prompt="a", max_tokens=2)
+    recorder.engine.generate(request)
+    weights = demo_model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # same content, new file: a redeploy
+    recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="a", max_tokens=2))
+    types = [e["type"] for e in recorder.events("modelLoaded", "modelInvalidated")]
+    assert types == ["modelLoaded", "modelInvalidated", "modelLoaded"]
+    assert recorder.events("modelInvalidated")[0]["payload"] == {
+        "model": str(demo_model),
+        "reason": "file-changed",
+    }
+
+
+def test_the_file_watch_invalidates_without_a_request(demo_model: Path) -> None:
+    recorder = Recorder(watch_seconds=0.1)
+    recorder.engine.start()
+    try:
+        recorder.engine.load(str(demo_model))
+        (demo_model / "config.json").write_text((demo_model / "config.json").read_text() + "\n")
+        deadline = time.monotonic() + 5
+        while not recorder.events("modelInvalidated") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert recorder.events("modelInvalidated")[0]["payload"]["reason"] == "file-changed"
+        assert str(demo_model) not in recorder.engine.cache
+    finally:
+        recorder.engine.shutdown()
+
+
+def test_an_unknown_model_fails_the_generation_with_model_not_found(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    request = GenerationRequest(model=str(tmp_path / "missing"), prompt="a", max_tokens=2)
+    with pytest.raises(EngineError) as info:
+        recorder.engine.generate(request)
+    assert info.value.code == "ModelNotFound"
+    events = recorder.events("generationStarted", "tokenGenerated", "generationCompleted", "error")
+    assert [e["type"] for e in events] == ["generationStarted", "error"]
+    error = events[1]
+    assert error["generationId"] == request.generation_id and error["seq"] == 1
+    assert error["payload"]["code"] == "ModelNotFound"
+    assert recorder.sample("kr_serve_generation_errors_total", model=request.model, code="ModelNotFound") == 1
+    statuses = [e["payload"]["status"] for e in recorder.events("runtimeStatus")]
+    assert statuses == ["busy", "error", "ready"]
+
+
+def test_a_broken_model_fails_with_model_load_failed(recorder: Recorder, demo_model: Path) -> None:
+    (demo_model / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(EngineError) as info:
+        recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="a", max_tokens=2))
+    assert info.value.code == "ModelLoadFailed"
+    assert recorder.events("error")[0]["payload"]["code"] == "ModelLoadFailed"
+
+
+def test_a_repo_id_not_in_the_cache_is_not_downloaded(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(EngineError) as info:
+        recorder.engine.generate(
+            GenerationRequest(model="mlx-community/not-here-4bit", prompt="a", max_tokens=2)
+        )
+    assert info.value.code == "ModelNotFound"
+    assert "local Hugging Face cache" in str(info.value)
+
+
+def test_a_seed_makes_sampling_repeatable(recorder: Recorder, demo_model: Path) -> None:
+    def run(seed: int) -> str:
+        request = GenerationRequest(
+            model=str(demo_model), prompt="a", max_tokens=16, temperature=1.0, seed=seed
+        )
+        return recorder.engine.generate(request).text
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_a_structured_prompt_is_accepted(recorder: Recorder, demo_model: Path) -> None:
+    prompt = {"messages": [{"role": "user", "content": "hi"}]}
+    result = recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt=prompt, max_tokens=3))
+    assert result.tokens == 3
+    assert recorder.events("generationStarted")[0]["payload"]["prompt"] == prompt
+
+
+def test_status_heartbeat_and_shutdown(demo_model: Path) -> None:
+    recorder = Recorder()
+    recorder.engine.start()
+    recorder.engine.load(str(demo_model))
+    recorder.engine.set_heartbeat_interval(0.1)
+    time.sleep(0.35)
+    recorder.engine.shutdown()
+    statuses = recorder.events("runtimeStatus")
+    assert statuses[0]["payload"] == {"status": "ready", "modelsLoaded": 0, "activeTasks": 0}
+    heartbeats = [s for s in statuses if (s["payload"].get("metadata") or {}).get("heartbeat")]
+    assert len(heartbeats) >= 2
+    assert recorder.events("modelUnloaded")[-1]["payload"] == {"model": str(demo_model), "reason": "shutdown"}
+    assert statuses[-1]["payload"]["status"] == "shutdown" and statuses[-1]["payload"]["modelsLoaded"] == 0
+
+
+def test_an_unload_command_unloads(recorder: Recorder, demo_model: Path) -> None:
+    recorder.engine.load(str(demo_model))
+    assert recorder.engine.unload(str(demo_model)) is True
+    assert recorder.engine.unload(str(demo_model)) is False
+    assert recorder.events("modelUnloaded")[0]["payload"] == {"model": str(demo_model), "reason": "manual"}
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({}, "none"),
+        ({"quantization": {"group_size": 64, "bits": 4}}, "int4"),
+        ({"quantization": {"bits": 8}}, "int8"),
+        ({"quantization_config": {"bits": 4}}, "int4"),
+        ({"quantization": {"bits": 3}}, "none"),
+    ],
+)
+def test_quantization_is_read_from_the_config(config: dict[str, object], expected: str) -> None:
+    assert quantization_of(config) == expected
+
+
+def test_a_quantized_model_reports_int4_and_its_unpacked_parameter_count(
+    recorder: Recorder, demo_model: Path, tmp_path: Path
+) -> None:
+    from mlx_lm.convert import convert
+
+    quantized = tmp_path / "q4"
+    convert(str(demo_model), mlx_path=str(quantized), quantize=True, q_bits=4, q_group_size=64)
+    recorder.engine.load(str(demo_model))
+    recorder.engine.load(str(quantized))
+    full, q4 = (e["payload"] for e in recorder.events("modelLoaded"))
+    assert q4["quantization"] == "int4"
+    # Scales and biases add a little; the packed weights are counted as what they hold.
+    assert full["parameters"] <= q4["parameters"] < full["parameters"] * 1.2

@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from events.models import Event
+from events.services import EventIngester
+from mlxserve.engine.engine import EngineError, GenerationRequest
+from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
+from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime
+from telemetry.services import telemetry_config_replace
+from tests.conftest import TEST_REDIS_URL
+from tests.engine.conftest import free_port
+
+MLX_SERVING_METRICS = [
+    "kr_serve_models_loaded",
+    "kr_serve_models_unloaded",
+    "kr_serve_model_load_duration_seconds",
+    "kr_serve_tokens_generated",
+    "kr_serve_generation_duration_seconds",
+    "kr_serve_generation_errors",
+    "kr_serve_ipc_requests",
+    "kr_serve_ipc_request_duration_seconds",
+    "kr_serve_ipc_requests_in_flight",
+    "kr_serve_batch_operations",
+    "kr_serve_batch_size",
+    "kr_serve_batch_efficiency",
+    "kr_serve_errors",
+    "kr_serve_retry_attempts",
+    "kr_serve_circuit_breaker_state_changes",
+]
+
+
+def scrape(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def serves(port: int) -> bool:
+    try:
+        scrape(port)
+        return True
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+def wait_until(condition: Any, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return bool(condition())
+
+
+def value(families: dict[str, Any], sample: str, **labels: str) -> float:
+    """The sum of the samples named ``sample`` whose labels include ``labels``."""
+    return sum(
+        s.value
+        for family in families.values()
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def identity(port: int) -> dict[str, str]:
+    [info] = [s for f in scrape(port).values() for s in f.samples if s.name == "target_info"]
+    return dict(info.labels)
+
+
+def test_the_exporter_starts_moves_and_stops() -> None:
+    metrics = WorkerMetrics()
+    exporter = MetricsExporter(metrics.registry, host="127.0.0.1")
+    first, second = free_port(), free_port()
+    try:
+        exporter.apply(enabled=True, port=first)
+        families = scrape(first)
+        assert set(MLX_SERVING_METRICS) <= set(families)
+        assert families["kr_serve_ipc_requests_in_flight"].type == "gauge"
+        exporter.apply(enabled=True, port=second)
+        assert serves(second) and not serves(first)
+        exporter.apply(enabled=False, port=second)
+        assert not serves(second)
+    finally:
+        exporter.close()
+
+
+def test_a_port_in_use_is_logged_and_retried_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    exporter = MetricsExporter(WorkerMetrics().registry, host="127.0.0.1", retry_seconds=0.2)
+    try:
+        with caplog.at_level(logging.ERROR):
+            exporter.apply(enabled=True, port=port)
+        assert f"Cannot serve worker metrics on port {port}" in caplog.text
+        assert exporter.serving_port is None
+        squatter.close()
+        assert wait_until(lambda: exporter.serving_port == port)
+        assert serves(port)
+    finally:
+        squatter.close()
+        exporter.close()
+
+
+def test_latency_histograms_have_buckets_from_one_millisecond() -> None:
+    metrics = WorkerMetrics()
+    metrics.time_to_first_token.labels(model="m").observe(0.0005)
+    metrics.inter_token_latency.labels(model="m").observe(0.0015)
+    registry = metrics.registry
+    assert (
+        registry.get_sample_value(
+            "kr_serve_time_to_first_token_seconds_bucket", {"model": "m", "le": "0.001"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "kr_serve_inter_token_latency_seconds_bucket", {"model": "m", "le": "0.001"}
+        )
+        == 0
+    )
+    assert (
+        registry.get_sample_value(
+            "kr_serve_inter_token_latency_seconds_bucket", {"model": "m", "le": "0.0025"}
+        )
+        == 1
+    )
+
+
+@pytest.fixture
+def runtime(redis_client: redis.Redis, settings: Any, tmp_path: Path) -> Any:
+    rt = WorkerRuntime(
+        RuntimeSettings(
+            redis_url=TEST_REDIS_URL,
+            stream=settings.EVENTS_STREAM,
+            config_key=settings.TELEMETRY_CONFIG_KEY,
+            control_channel="test:control",
+            source="test-host/worker-1",
+            spool_dir=tmp_path / "spool",
+            metrics_host="127.0.0.1",
+        ),
+        client=redis_client,
+    ).start()
+    yield rt
+    rt.shutdown()
+
+
+@pytest.mark.django_db
+def test_a_config_saved_reaches_the_running_worker_within_a_second(runtime: WorkerRuntime) -> None:
+    port, other = free_port(), free_port()
+    telemetry_config_replace(
+        data={"enabled": True, "prometheusPort": port, "serviceName": "fleet-a", "exportIntervalMs": 1000},
+        user=None,
+        via="api",
+    )
+    assert wait_until(lambda: serves(port), timeout=1.0)
+    assert identity(port) == {"service_name": "fleet-a", "source": "test-host/worker-1"}
+    assert runtime.engine.heartbeat_seconds == 1.0
+
+    telemetry_config_replace(
+        data={"enabled": True, "prometheusPort": other, "serviceName": "fleet-b"}, user=None, via="api"
+    )
+    assert wait_until(lambda: serves(other), timeout=1.0)
+    assert not serves(port)
+    assert identity(other)["service_name"] == "fleet-b"
+
+    telemetry_config_replace(data={"enabled": False, "prometheusPort": other}, user=None, via="api")
+    assert wait_until(lambda: not serves(other), timeout=1.0)
+
+
+@pytest.mark.django_db
+def test_exported_counters_agree_with_the_events_stored(
+    runtime: WorkerRuntime, demo_model: Path, redis_client: redis.Redis, settings: Any
+) -> None:
+    port = free_port()
+    telemetry_config_replace(data={"enabled": True, "prometheusPort": port}, user=None, via="api")
+    assert wait_until(lambda: serves(port), timeout=1.0)
+    for tokens in (5, 9):
+        runtime.engine.generate(GenerationRequest(model=str(demo_model), prompt="a", max_tokens=tokens))
+    with pytest.raises(EngineError):
+        runtime.engine.generate(GenerationRequest(model="no-such-model", prompt="a", max_tokens=3))
+    runtime.engine.unload(str(demo_model))
+    assert runtime.publisher.flush(timeout=10)
+    families = scrape(port)
+    ingester = EventIngester(
+        client=redis_client,
+        stream=settings.EVENTS_STREAM,
+        group=settings.EVENTS_CONSUMER_GROUP,
+        consumer="c",
+        block_ms=10,
+    )
+    while ingester.step().stored:
+        pass
+    stored = Event.objects
+    assert (
+        value(families, "kr_serve_tokens_generated_total")
+        == stored.filter(type="tokenGenerated").count()
+        == 14
+    )
+    assert value(families, "kr_serve_models_loaded_total") == stored.filter(type="modelLoaded").count() == 1
+    assert (
+        value(families, "kr_serve_models_unloaded_total") == stored.filter(type="modelUnloaded").count() == 1
+    )
+    assert (
+        value(families, "kr_serve_generation_errors_total", code="ModelNotFound")
+        == stored.filter(type="error", payload__code="ModelNotFound").count()
+        == 1
+    )
+    assert (
+        value(families, "kr_serve_generation_duration_seconds_count")
+        == stored.filter(type="generationCompleted").count()
+        == 2
+    )
+    assert value(families, "kr_serve_time_to_first_token_seconds_count") == 2
+    assert value(families, "kr_serve_inter_token_latency_seconds_count") == 14 - 2
+    assert value(families, "kr_serve_batch_operations_total") >= 1
+    assert value(families, "kr_serve_ipc_requests_total", operation="xadd") == value(
+        families, "kr_serve_batch_operations_total"
+    )
+    # Every event went out in some batch: the batch sizes add up to what reached the stream.
+    assert value(families, "kr_serve_batch_size_sum") == redis_client.xlen(settings.EVENTS_STREAM)

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from events.emitter import EngineEventEmitter
+from events.stream import ENTRY_FIELD
+from mlxserve.engine.engine import Engine, GenerationRequest
+from mlxserve.engine.metrics import WorkerMetrics
+from mlxserve.engine.publisher import BufferedPublisher, CircuitBreaker
+from tests.engine.conftest import RedisServer
+
+STREAM = "events"
+
+
+def stream_events(client: redis.Redis) -> list[dict[str, Any]]:
+    entries: Any = client.xrange(STREAM)
+    return [json.loads(fields[ENTRY_FIELD]) for _, fields in entries]
+
+
+def publisher_for(
+    server: RedisServer, spool: Path, metrics: WorkerMetrics | None = None, **kwargs: Any
+) -> BufferedPublisher:
+    client = redis.Redis.from_url(server.url, socket_connect_timeout=0.5, socket_timeout=1)
+    return BufferedPublisher(
+        client=client, stream=STREAM, spool_dir=spool, metrics=metrics or WorkerMetrics(), **kwargs
+    )
+
+
+def emit_runtime_statuses(emitter: EngineEventEmitter, count: int) -> list[str]:
+    return [str(emitter.runtime_status(status="ready", models_loaded=i).id) for i in range(count)]
+
+
+def test_redis_down_for_seconds_mid_generation_loses_no_event(
+    own_redis: RedisServer, tmp_path: Path, demo_model: Path
+) -> None:
+    metrics = WorkerMetrics()
+    publisher = publisher_for(own_redis, tmp_path / "spool", metrics)
+    engine = Engine(emitter=EngineEventEmitter(source="h/w", publisher=publisher), metrics=metrics)
+    outage = threading.Thread(target=lambda: (own_redis.stop(), time.sleep(3), own_redis.start()))
+    tokens: list[str] = []
+
+    def on_token(token: str) -> None:
+        tokens.append(token)
+        if len(tokens) == 50:
+            outage.start()  # Redis goes away while tokens keep coming
+        if 50 <= len(tokens) < 400:
+            time.sleep(0.01)  # keep generating through the outage
+
+    started = time.monotonic()
+    result = engine.generate(GenerationRequest(model=str(demo_model), prompt="a", max_tokens=400), on_token)
+    generation_seconds = time.monotonic() - started
+    outage.join()
+    assert publisher.flush(timeout=20)
+    publisher.close()
+    events = stream_events(redis.Redis.from_url(own_redis.url))
+    by_id = {e["id"]: e for e in events}  # a batch cut off mid-pipeline may be resent: stored once by id
+    generation = [e for e in dict.fromkeys(e["id"] for e in events) if by_id[e]["generationId"]]
+    kinds = [by_id[i]["type"] for i in generation]
+    assert kinds == ["generationStarted"] + ["tokenGenerated"] * 400 + ["generationCompleted"]
+    assert [by_id[i]["seq"] for i in generation[1:-1]] == list(range(1, 401))
+    assert "".join(by_id[i]["payload"]["token"] for i in generation[1:-1]) == result.text
+    assert generation_seconds < 10, "generation did not wait for Redis"
+    assert metrics.registry.get_sample_value("kr_serve_retry_attempts_total", {"operation": "xadd"}) > 0
+    assert (
+        metrics.registry.get_sample_value("kr_serve_circuit_breaker_state_changes_total", {"state": "open"})
+        >= 1
+    )
+    assert (
+        metrics.registry.get_sample_value("kr_serve_circuit_breaker_state_changes_total", {"state": "closed"})
+        >= 1
+    )
+
+
+def test_past_the_memory_bound_events_wait_on_disk_and_arrive_in_order(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    own_redis.stop()
+    spool = tmp_path / "spool"
+    publisher = publisher_for(own_redis, spool, max_memory=10)
+    emitter = EngineEventEmitter(source="h/w", publisher=publisher)
+    ids = emit_runtime_statuses(emitter, 100)
+    assert publisher.pending() == 100
+    on_disk = sum(len(p.read_bytes().splitlines()) for p in spool.glob("*.jsonl"))
+    assert on_disk == 90
+    own_redis.start()
+    assert publisher.flush(timeout=20)
+    publisher.close()
+    assert list(dict.fromkeys(e["id"] for e in stream_events(redis.Redis.from_url(own_redis.url)))) == ids
+    assert list(spool.glob("*.jsonl")) == []
+
+
+def test_events_left_on_disk_by_a_dead_worker_are_delivered_by_the_next(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    own_redis.stop()
+    spool = tmp_path / "spool"
+    first = publisher_for(own_redis, spool, max_memory=5)
+    ids = emit_runtime_statuses(EngineEventEmitter(source="h/w", publisher=first), 20)
+    first.close(timeout=0.5)  # Redis still down: everything stays in the spool file
+    assert sum(len(p.read_bytes().splitlines()) for p in spool.glob("*.jsonl")) == 20
+    own_redis.start()
+    second = publisher_for(own_redis, spool)
+    later = emit_runtime_statuses(EngineEventEmitter(source="h/w", publisher=second), 3)
+    assert second.flush(timeout=20)
+    second.close()
+    delivered = list(dict.fromkeys(e["id"] for e in stream_events(redis.Redis.from_url(own_redis.url))))
+    assert delivered == ids + later
+
+
+def test_publish_never_blocks_on_a_dead_redis(tmp_path: Path) -> None:
+    client = redis.Redis(port=1, socket_connect_timeout=0.5)
+    publisher = BufferedPublisher(client=client, stream=STREAM, spool_dir=tmp_path, metrics=WorkerMetrics())
+    emitter = EngineEventEmitter(source="h/w", publisher=publisher)
+    started = time.perf_counter()
+    for _ in range(1000):
+        emitter.token_generated(generation_id=uuid.uuid4(), seq=1, model="m", token="x")
+    assert time.perf_counter() - started < 1.0
+    assert publisher.pending() == 1000
+    publisher.close(timeout=0.2)
+
+
+def test_the_circuit_breaker_opens_then_tries_again() -> None:
+    changes: list[str] = []
+    breaker = CircuitBreaker(threshold=2, cooldown=0.05, on_change=changes.append)
+    breaker.failure()
+    assert breaker.allow()
+    breaker.failure()
+    assert not breaker.allow()
+    time.sleep(0.06)
+    assert breaker.allow() and breaker.state == "half_open"
+    breaker.failure()  # the trial failed: open again, longer cool-down
+    assert breaker.state == "open" and breaker.cooldown == 0.1
+    time.sleep(0.11)
+    assert breaker.allow()
+    breaker.success()
+    assert changes == ["open", "half_open", "open", "half_open", "closed"]
