@@ -218,6 +218,10 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A task whose worker vanished (killed, host lost) goes back on the queue after
+# this long. It must exceed the longest generation, or a running one is re-run.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("MLXSERVE_TASK_VISIBILITY_TIMEOUT", 3600)}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 LOGGING = {
     "version": 1,

@@ -18,6 +18,14 @@ from mlxserve.redis_conn import redis_for_url
 TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _celery_on_the_test_redis() -> None:
+    """Queue tasks where the tests' workers listen (settings were read before the fixtures ran)."""
+    from mlxserve.celery import app
+
+    app.conf.broker_url = TEST_REDIS_URL
+
+
 @pytest.fixture(autouse=True)
 def redis_client(settings: Any) -> Iterator[redis.Redis]:
     """Every test gets an empty Redis database of its own, and the app points at it."""

@@ -43,7 +43,13 @@ def test_redis_down_for_seconds_mid_generation_loses_no_event(
     metrics = WorkerMetrics()
     publisher = publisher_for(own_redis, tmp_path / "spool", metrics)
     engine = Engine(emitter=EngineEventEmitter(source="h/w", publisher=publisher), metrics=metrics)
-    outage = threading.Thread(target=lambda: (own_redis.stop(), time.sleep(3), own_redis.start()))
+
+    def redis_outage() -> None:
+        own_redis.stop()
+        time.sleep(3)
+        own_redis.start()
+
+    outage = threading.Thread(target=redis_outage)
     tokens: list[str] = []
 
     def on_token(token: str) -> None:
@@ -67,15 +73,10 @@ def test_redis_down_for_seconds_mid_generation_loses_no_event(
     assert [by_id[i]["seq"] for i in generation[1:-1]] == list(range(1, 401))
     assert "".join(by_id[i]["payload"]["token"] for i in generation[1:-1]) == result.text
     assert generation_seconds < 10, "generation did not wait for Redis"
-    assert metrics.registry.get_sample_value("kr_serve_retry_attempts_total", {"operation": "xadd"}) > 0
-    assert (
-        metrics.registry.get_sample_value("kr_serve_circuit_breaker_state_changes_total", {"state": "open"})
-        >= 1
-    )
-    assert (
-        metrics.registry.get_sample_value("kr_serve_circuit_breaker_state_changes_total", {"state": "closed"})
-        >= 1
-    )
+    sample = metrics.registry.get_sample_value
+    assert (sample("kr_serve_retry_attempts_total", {"operation": "xadd"}) or 0) > 0
+    assert (sample("kr_serve_circuit_breaker_state_changes_total", {"state": "open"}) or 0) >= 1
+    assert (sample("kr_serve_circuit_breaker_state_changes_total", {"state": "closed"}) or 0) >= 1
 
 
 def test_past_the_memory_bound_events_wait_on_disk_and_arrive_in_order(

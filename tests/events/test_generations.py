@@ -1,0 +1,277 @@
+"""Generations end to end: the API queues on Redis, a real Celery worker runs mlx-lm, the ingester stores."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings as django_settings
+from django.contrib.auth.models import Group, User
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from events.models import Event, RegisteredModel
+from events.services import EventIngester
+from mlxserve.api import OPERATOR_GROUP
+from mlxserve.engine.demo_model import create_demo_model
+from tests.conftest import TEST_REDIS_URL, _token_client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+STREAM, CONFIG_KEY, CONTROL = "test:events", "test:telemetry:config", "test:control"
+
+
+@pytest.fixture(scope="module")
+def module_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="module")
+def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+    """``celery -A mlxserve worker --pool=solo``, as the README runs it, on the test Redis."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        "REDIS_URL": TEST_REDIS_URL,
+        "MLXSERVE_EVENTS_STREAM": STREAM,
+        "MLXSERVE_CONFIG_KEY": CONFIG_KEY,
+        "MLXSERVE_CONTROL_CHANNEL": CONTROL,
+        "MLXSERVE_WORKER_SOURCE": "test-host/celery-worker",
+        "MLXSERVE_SPOOL_DIR": str(log.parent / "spool"),
+        "MLXSERVE_METRICS_HOST": "127.0.0.1",
+    }
+    env.pop("DATABASE_URL", None)  # a worker needs no database
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "mlxserve",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(django_settings.BASE_DIR),
+        )
+        deadline = time.monotonic() + 60
+        while b"ready." not in log.read_bytes():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield process
+        process.terminate()
+        process.wait(30)
+    assert b"Worker runtime test-host/celery-worker stopped" in log.read_bytes()
+
+
+@pytest.fixture
+def operator_client(db: Any) -> APIClient:
+    user = User.objects.create_user("operator")
+    user.groups.add(Group.objects.get_or_create(name=OPERATOR_GROUP)[0])
+    return _token_client(user)
+
+
+@pytest.fixture(autouse=True)
+def _names(settings: Any) -> None:
+    settings.WORKER_CONTROL_CHANNEL = CONTROL
+
+
+def ingest_until(redis_client: redis.Redis, condition: Any, timeout: float = 60.0) -> None:
+    ingester = EventIngester(
+        client=redis_client, stream=STREAM, group="test-ingest", consumer="t", block_ms=100
+    )
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the worker's events"
+        ingester.step()
+
+
+def generation(client: APIClient, generation_id: str) -> dict[str, Any]:
+    response = client.get(f"/api/generations/{generation_id}/")
+    assert response.status_code == 200
+    return dict(response.json())
+
+
+def test_a_queued_generation_runs_on_a_worker_and_reads_back_whole(
+    celery_worker: Any,
+    module_demo_model: Path,
+    operator_client: APIClient,
+    reader_client: APIClient,
+    redis_client: redis.Redis,
+) -> None:
+    RegisteredModel.objects.create(name="demo", path=str(module_demo_model))
+    response = operator_client.post(
+        "/api/generations/",
+        {"model": "demo", "prompt": "Hello", "maxTokens": 8, "temperature": 0.5, "seed": 1},
+        format="json",
+    )
+    assert response.status_code == 202
+    generation_id = response.json()["generationId"]
+    assert generation(reader_client, generation_id)["state"] == "queued"
+
+    ingest_until(
+        redis_client, lambda: generation(reader_client, generation_id)["state"] in ("completed", "failed")
+    )
+    detail = generation(reader_client, generation_id)
+    assert detail["state"] == "completed"
+    assert detail["model"] == "demo" and detail["tokens"] == 8
+    tokens = [e for e in detail["events"] if e["type"] == "tokenGenerated"]
+    assert [e["seq"] for e in tokens] == list(range(1, 9))
+    assert detail["text"] == "".join(e["payload"]["token"] for e in tokens)
+    assert detail["timeToFirstTokenMs"] is not None and detail["tokensPerSecond"] > 0
+    assert detail["events"][0]["type"] == "generationStarted"
+    assert detail["events"][-1]["type"] == "generationCompleted"
+    assert detail["events"][-1]["source"] == "test-host/celery-worker"
+    assert [a["state"] for a in detail["attempts"]] == ["completed"]
+    assert Event.objects.filter(type="modelLoaded", model="demo").count() == 1
+
+    workers = reader_client.get("/api/workers/").json()
+    [worker] = [w for w in workers if w["source"] == "test-host/celery-worker"]
+    assert worker["status"] == "ready" and worker["modelsLoaded"] == 1 and worker["stale"] is False
+
+    unload = operator_client.post("/api/workers/unload/", {"model": "demo"}, format="json")
+    assert unload.status_code == 202 and unload.json()["listeners"] >= 1
+    ingest_until(redis_client, lambda: Event.objects.filter(type="modelUnloaded").exists())
+    assert Event.objects.get(type="modelUnloaded").payload == {"model": "demo", "reason": "manual"}
+
+
+def test_an_unknown_model_gives_a_failed_generation(
+    celery_worker: Any, operator_client: APIClient, reader_client: APIClient, redis_client: redis.Redis
+) -> None:
+    response = operator_client.post(
+        "/api/generations/", {"model": "no-such-model", "prompt": "x"}, format="json"
+    )
+    generation_id = response.json()["generationId"]
+    ingest_until(redis_client, lambda: generation(reader_client, generation_id)["state"] == "failed")
+    detail = generation(reader_client, generation_id)
+    assert detail["error"]["code"] == "ModelNotFound"
+    assert [e["type"] for e in detail["events"]] == ["generationStarted", "error"]
+
+
+def test_the_generate_command_streams_tokens_and_a_summary(
+    celery_worker: Any, module_demo_model: Path, redis_client: redis.Redis
+) -> None:
+    import threading
+
+    stop = threading.Event()
+
+    def ingest() -> None:
+        from django.db import connection
+
+        ingester = EventIngester(
+            client=redis_client, stream=STREAM, group="test-ingest", consumer="t", block_ms=100
+        )
+        while not stop.is_set():
+            ingester.step()
+        connection.close()
+
+    thread = threading.Thread(target=ingest)
+    thread.start()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        call_command(
+            "generate",
+            "--model",
+            str(module_demo_model),
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "6",
+            "--timeout",
+            "60",
+            stdout=out,
+            stderr=err,
+        )
+    finally:
+        stop.set()
+        thread.join()
+    tokens = Event.objects.filter(type="tokenGenerated").order_by("seq")
+    assert out.getvalue().strip("\n") == "".join(e.payload["token"] for e in tokens).strip("\n")
+    assert "completed: 6 tokens" in err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "x"}, "model"),
+        ({"model": "m", "prompt": "x", "maxTokens": 0}, "maxTokens"),
+        ({"model": "m", "prompt": "x", "topP": 2}, "topP"),
+        ({"model": "m", "prompt": "x", "stream": True}, "stream"),
+        ({"model": "m", "prompt": 5}, "prompt"),
+    ],
+)
+def test_a_bad_generation_request_gets_the_error_object(
+    operator_client: APIClient, body: Any, field: str
+) -> None:
+    response = operator_client.post("/api/generations/", body, format="json")
+    assert response.status_code == 400
+    assert response.json()["details"]["field"] == field
+
+
+def test_who_may_queue_and_read_generations(
+    anon_client: APIClient, reader_client: APIClient, producer_client: APIClient
+) -> None:
+    body = {"model": "m", "prompt": "x"}
+    assert anon_client.post("/api/generations/", body, format="json").status_code == 401
+    assert reader_client.post("/api/generations/", body, format="json").status_code == 403
+    assert producer_client.post("/api/generations/", body, format="json").status_code == 403
+    assert reader_client.post("/api/workers/unload/", {"model": "m"}, format="json").status_code == 403
+    assert reader_client.get("/api/generations/00000000-0000-4000-8000-000000000000/").status_code == 404
+    assert producer_client.get("/api/workers/").status_code == 403
+    assert anon_client.get("/api/workers/").status_code == 401
+
+
+def test_a_rerun_is_a_new_attempt_told_apart_in_the_history(
+    module_demo_model: Path,
+    reader_client: APIClient,
+    redis_client: redis.Redis,
+    settings: Any,
+    tmp_path: Path,
+) -> None:
+    """The task body as a worker runs it on a redelivery: the attempt counter lives in Redis."""
+    from events.tasks import generation_run
+    from mlxserve import worker
+
+    settings.EVENTS_STREAM, settings.TELEMETRY_CONFIG_KEY = STREAM, CONFIG_KEY
+    settings.WORKER_SPOOL_DIR, settings.WORKER_SOURCE = str(tmp_path), "test-host/in-process"
+    generation_id = "6f1c7c1e-0b7a-4a8e-9a57-1b0f0e2c9d11"
+    kwargs = {
+        "generation_id": generation_id,
+        "model": str(module_demo_model),
+        "model_path": None,
+        "prompt": "x",
+        "max_tokens": 3,
+    }
+    try:
+        assert generation_run.run(**kwargs)["attempt"] == 1
+        assert generation_run.run(**kwargs)["attempt"] == 2
+        assert worker.worker_runtime().publisher.flush(10)
+    finally:
+        worker._on_worker_shutdown()
+    ingest_until(
+        redis_client,
+        lambda: Event.objects.filter(generation_id=generation_id, type="generationCompleted").count() == 2,
+    )
+    detail = generation(reader_client, generation_id)
+    assert [(a["attempt"], a["state"], a["tokens"]) for a in detail["attempts"]] == [
+        (1, "completed", 3),
+        (2, "completed", 3),
+    ]
+    assert detail["attempt"] == 2 and detail["tokens"] == 3
