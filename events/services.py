@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from events.models import MODEL_COLUMN_LENGTH, DeadLetter, Event, Generation, RegisteredModel, Worker
 from events.schemas import Envelope, GenerationOrder, envelope_decode, envelope_encode, envelope_validate
-from events.stream import ENTRY_FIELD, stream_append, stream_ensure_group
+from events.stream import entry_envelopes, stream_append, stream_append_batch, stream_ensure_group
 from mlxserve.validation import ValidationFailed, validate
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def event_submit_batch(*, client: redis.Redis, stream: str, items: Sequence[Any]
             valid.append(envelope_validate(item))
         except ValidationFailed as exc:
             outcome.rejected.append({"index": index, "error": exc.as_error()})
-    stream_append(client, stream, [envelope_encode(e) for e in valid])
+    # One stream entry for the whole batch, as workers send theirs.
+    stream_append_batch(client, stream, [envelope_encode(e) for e in valid])
     outcome.accepted = [str(e.id) for e in valid]
     return outcome
 
@@ -140,14 +141,6 @@ def workers_note(events: Iterable[Event]) -> None:
         )
 
 
-def _entry_body(fields: dict[bytes, bytes]) -> bytes:
-    body = fields.get(ENTRY_FIELD)
-    if body is None:
-        # A foreign producer wrote something else: keep all of it for the dead letter.
-        return repr(fields).encode()
-    return body
-
-
 @dataclass
 class EventIngester:
     """Redis stream to database, through a consumer group. One ``step`` per loop turn.
@@ -178,7 +171,9 @@ class EventIngester:
         if not entries:
             return StoreOutcome()
         try:
-            outcome = events_store(entries)
+            outcome = events_store(
+                [e for entry_id, fields in entries for e in entry_envelopes(entry_id, fields)]
+            )
         except Exception:
             # Nothing was acknowledged; read these again next turn.
             self._read_pending = True
@@ -186,7 +181,7 @@ class EventIngester:
         self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
         return outcome
 
-    def _read(self) -> list[tuple[str, bytes]]:
+    def _read(self) -> list[tuple[str, dict[bytes, bytes]]]:
         if self._read_pending:
             pending = self._xread("0", block=None)
             if pending:
@@ -197,21 +192,21 @@ class EventIngester:
                 return claimed
         return self._xread(">", block=self.block_ms)
 
-    def _xread(self, start: str, block: int | None) -> list[tuple[str, bytes]]:
+    def _xread(self, start: str, block: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
         response: Any = self.client.xreadgroup(
             self.group, self.consumer, {self.stream: start}, count=self.batch_size, block=block
         )
-        entries: list[tuple[str, bytes]] = []
+        entries: list[tuple[str, dict[bytes, bytes]]] = []
         for _stream, items in response or []:
             for entry_id, fields in items:
                 if fields is None:  # deleted while pending
                     self.client.xack(self.stream, self.group, entry_id)
                     continue
                 key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                entries.append((key, _entry_body(fields)))
+                entries.append((key, fields))
         return entries
 
-    def _claim(self) -> list[tuple[str, bytes]]:
+    def _claim(self) -> list[tuple[str, dict[bytes, bytes]]]:
         """Take over entries another consumer read and never acknowledged (it died)."""
         response: Any = self.client.xautoclaim(
             self.stream,
@@ -221,13 +216,13 @@ class EventIngester:
             start_id="0-0",
             count=self.batch_size,
         )
-        entries = []
+        entries: list[tuple[str, dict[bytes, bytes]]] = []
         for entry_id, fields in response[1]:
             key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             if fields is None:
                 self.client.xack(self.stream, self.group, key)
                 continue
-            entries.append((key, _entry_body(fields)))
+            entries.append((key, fields))
         return entries
 
 

@@ -206,6 +206,8 @@ WORKER_SPOOL_DIR = env_str("MLXSERVE_SPOOL_DIR", str(VAR_DIR / "spool"))
 WORKER_MAX_MODELS = env_int("MLXSERVE_MAX_MODELS", 2)
 WORKER_MAX_MODEL_BYTES = env_int("MLXSERVE_MAX_MODEL_BYTES", 0)  # 0: no byte limit
 WORKER_METRICS_HOST = env_str("MLXSERVE_METRICS_HOST", "0.0.0.0")
+# How long events gather before a batch goes to Redis (see README, Figures).
+WORKER_PUBLISH_LINGER_MS = env_int("MLXSERVE_PUBLISH_LINGER_MS", 250)
 DEMO_MODEL_DIR = env_str("MLXSERVE_DEMO_MODEL_DIR", str(VAR_DIR / "demo-model"))
 
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)

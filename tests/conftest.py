@@ -39,6 +39,15 @@ def redis_client(settings: Any) -> Iterator[redis.Redis]:
     client.flushdb()
 
 
+def stream_envelopes(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
+    """Every envelope on the stream, in order, single entries and batches alike."""
+    import json
+
+    from events.stream import stream_envelope_bodies
+
+    return [json.loads(body) for body in stream_envelope_bodies(client, stream)]
+
+
 def make_envelope(event_type: str = "tokenGenerated", **overrides: Any) -> dict[str, Any]:
     """A valid envelope of ``event_type``; ``overrides`` replace envelope fields."""
     payloads: dict[str, dict[str, Any]] = {

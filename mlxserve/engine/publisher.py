@@ -24,7 +24,7 @@ from typing import IO
 import redis
 
 from events.schemas import EnvelopeBase, envelope_encode
-from events.stream import stream_append
+from events.stream import stream_append_batch
 from mlxserve.engine.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class BufferedPublisher:
         metrics: WorkerMetrics,
         max_memory: int = 50_000,
         batch_size: int = 500,
-        linger: float = 0.02,
+        linger: float = 0.25,
         breaker: CircuitBreaker | None = None,
     ) -> None:
         self.client = client
@@ -181,7 +181,11 @@ class BufferedPublisher:
             else:
                 self._memory.append(envelope)
             self._idle.clear()
-        self._wake.set()
+            full = len(self._memory) >= self.batch_size
+        # The sender wakes every ``linger`` seconds anyway: waking it per event would
+        # send batches of one and spend the generation's CPU on round trips.
+        if full:
+            self._wake.set()
 
     def pending(self) -> int:
         with self._lock:
@@ -261,12 +265,16 @@ class BufferedPublisher:
             self._orphans.remove(orphan)
             orphan.close(remove=True)
 
+    # Each batch sent costs the generation thread about a millisecond (the
+    # sender needs the GIL twice per round trip): at the default linger of
+    # 0.25 s that is under 0.5% of a generation's time, at 0.05 s about 2%.
+
     def _send(self, bodies: list[bytes]) -> None:
         m = self.metrics
         m.ipc_requests_in_flight.inc()
         started = time.perf_counter()
         try:
-            stream_append(self.client, self.stream, bodies)
+            stream_append_batch(self.client, self.stream, bodies)
         finally:
             m.ipc_requests_in_flight.dec()
             m.ipc_requests.labels(operation="xadd").inc()

@@ -54,6 +54,7 @@ class RuntimeSettings:
     max_models: int = 2
     max_model_bytes: int = 0
     metrics_host: str = "0.0.0.0"
+    publish_linger_seconds: float = 0.25
 
 
 class WorkerRuntime:
@@ -67,7 +68,11 @@ class WorkerRuntime:
             service_name=TelemetryConfigSchema(enabled=False).service_name, source=settings.source
         )
         self.publisher = BufferedPublisher(
-            client=self.client, stream=settings.stream, spool_dir=settings.spool_dir, metrics=self.metrics
+            client=self.client,
+            stream=settings.stream,
+            spool_dir=settings.spool_dir,
+            metrics=self.metrics,
+            linger=settings.publish_linger_seconds,
         )
         self.emitter = EngineEventEmitter(source=settings.source, publisher=self.publisher)
         self.engine = Engine(
@@ -134,6 +139,7 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
         "max_models": settings.WORKER_MAX_MODELS,
         "max_model_bytes": settings.WORKER_MAX_MODEL_BYTES,
         "metrics_host": settings.WORKER_METRICS_HOST,
+        "publish_linger_seconds": settings.WORKER_PUBLISH_LINGER_MS / 1000,
     }
     values.update(overrides)
     return RuntimeSettings(**values)

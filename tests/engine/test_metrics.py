@@ -18,7 +18,7 @@ from mlxserve.engine.engine import EngineError, GenerationRequest
 from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
 from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime
 from telemetry.services import telemetry_config_replace
-from tests.conftest import TEST_REDIS_URL
+from tests.conftest import TEST_REDIS_URL, stream_envelopes
 from tests.engine.conftest import free_port
 
 MLX_SERVING_METRICS = [
@@ -231,4 +231,7 @@ def test_exported_counters_agree_with_the_events_stored(
         families, "kr_serve_batch_operations_total"
     )
     # Every event went out in some batch: the batch sizes add up to what reached the stream.
-    assert value(families, "kr_serve_batch_size_sum") == redis_client.xlen(settings.EVENTS_STREAM)
+    assert value(families, "kr_serve_batch_size_sum") == len(
+        stream_envelopes(redis_client, settings.EVENTS_STREAM)
+    )
+    assert value(families, "kr_serve_batch_operations_total") == redis_client.xlen(settings.EVENTS_STREAM)

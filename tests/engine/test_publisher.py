@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -10,18 +9,17 @@ from typing import Any
 import redis
 
 from events.emitter import EngineEventEmitter
-from events.stream import ENTRY_FIELD
 from mlxserve.engine.engine import Engine, GenerationRequest
 from mlxserve.engine.metrics import WorkerMetrics
 from mlxserve.engine.publisher import BufferedPublisher, CircuitBreaker
+from tests.conftest import stream_envelopes
 from tests.engine.conftest import RedisServer
 
 STREAM = "events"
 
 
 def stream_events(client: redis.Redis) -> list[dict[str, Any]]:
-    entries: Any = client.xrange(STREAM)
-    return [json.loads(fields[ENTRY_FIELD]) for _, fields in entries]
+    return stream_envelopes(client, STREAM)
 
 
 def publisher_for(

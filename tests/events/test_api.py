@@ -10,8 +10,7 @@ import redis
 from rest_framework.test import APIClient
 
 from events.services import events_store
-from events.stream import ENTRY_FIELD
-from tests.conftest import make_envelope
+from tests.conftest import make_envelope, stream_envelopes
 
 pytestmark = pytest.mark.django_db
 
@@ -23,8 +22,7 @@ def post(client: APIClient, body: Any) -> Any:
 
 
 def stream_bodies(redis_client: redis.Redis, stream: str) -> list[dict[str, Any]]:
-    entries: Any = redis_client.xrange(stream)
-    return [json.loads(fields[ENTRY_FIELD]) for _id, fields in entries]
+    return stream_envelopes(redis_client, stream)
 
 
 def store(*envelopes: dict[str, Any]) -> None:
