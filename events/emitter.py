@@ -17,10 +17,12 @@ from msgspec import UNSET
 
 from events.schemas import Envelope, envelope_encode, envelope_validate
 from events.stream import stream_append
+from mlxserve.validation import Issue, ValidationFailed
 
 
 class EventPublisher(Protocol):
-    def publish(self, envelope: Envelope) -> None: ...
+    def publish(self, envelope: Envelope, body: bytes) -> None:
+        """Take ``envelope`` (validated), whose JSON encoding is ``body``."""
 
 
 class RedisStreamPublisher:
@@ -34,8 +36,8 @@ class RedisStreamPublisher:
         self.client = client
         self.stream = stream
 
-    def publish(self, envelope: Envelope) -> None:
-        stream_append(self.client, self.stream, [envelope_encode(envelope)])
+    def publish(self, envelope: Envelope, body: bytes) -> None:
+        stream_append(self.client, self.stream, [body])
 
 
 class CollectingPublisher:
@@ -44,7 +46,7 @@ class CollectingPublisher:
     def __init__(self) -> None:
         self.envelopes: list[Envelope] = []
 
-    def publish(self, envelope: Envelope) -> None:
+    def publish(self, envelope: Envelope, body: bytes) -> None:
         self.envelopes.append(envelope)
 
 
@@ -77,7 +79,15 @@ class EngineEventEmitter:
                 "payload": payload,
             }
         )
-        self.publisher.publish(envelope)
+        # Encode here, not in the publisher's thread: a string that cannot be
+        # UTF-8 (a lone surrogate) is refused to the caller like any bad input.
+        try:
+            body = envelope_encode(envelope)
+        except UnicodeEncodeError:
+            raise ValidationFailed(
+                [Issue([], "Strings must be valid Unicode (a lone surrogate was found)", "invalid_string")]
+            ) from None
+        self.publisher.publish(envelope, body)
         return envelope
 
     def model_loaded(

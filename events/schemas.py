@@ -247,10 +247,18 @@ def envelope_decode(raw: bytes | str) -> Envelope:
         envelope: Envelope = _DECODER.decode(raw)
         return envelope
     except msgspec.ValidationError as exc:
-        obj = msgspec.json.decode(raw)
+        # The typed decoder can stop at a wrong type before it reaches broken JSON further on.
+        try:
+            obj = msgspec.json.decode(raw)
+        except msgspec.DecodeError as json_exc:
+            raise _invalid_json(json_exc) from None
         raise _failure(obj, exc) from None
     except msgspec.DecodeError as exc:
-        raise ValidationFailed([Issue([], f"Invalid JSON: {exc}", "invalid_json")]) from None
+        raise _invalid_json(exc) from None
+
+
+def _invalid_json(exc: msgspec.DecodeError) -> ValidationFailed:
+    return ValidationFailed([Issue([], f"Invalid JSON: {exc}", "invalid_json")])
 
 
 def envelope_encode(envelope: EnvelopeBase) -> bytes:

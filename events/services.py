@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -8,7 +9,7 @@ from typing import Any
 
 import msgspec
 import redis
-from django.db import transaction
+from django.db import DataError, transaction
 from django.utils import timezone
 
 from events.models import MODEL_COLUMN_LENGTH, DeadLetter, Event, Generation, RegisteredModel, Worker
@@ -89,28 +90,63 @@ def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
     with their error, so they never hold up the entries behind them.
     """
     now = timezone.now()
-    rows: dict[Any, Event] = {}
+    rows: dict[Any, tuple[Event, str, bytes]] = {}
     dead: list[DeadLetter] = []
     for entry_id, body in entries:
         try:
-            envelope = envelope_decode(body)
+            envelope = envelope_decode(storable_body(body))
         except ValidationFailed as exc:
-            dead.append(
-                DeadLetter(
-                    stream_id=entry_id,
-                    body=body.decode("utf-8", errors="replace"),
-                    error=exc.as_error(),
-                )
-            )
+            dead.append(_dead_letter(entry_id, body, exc.as_error()))
             continue
-        rows.setdefault(envelope.id, _event_row(envelope, now))
+        rows.setdefault(envelope.id, (_event_row(envelope, now), entry_id, body))
     with transaction.atomic():
         before = Event.objects.filter(pk__in=list(rows)).count() if rows else 0
-        Event.objects.bulk_create(list(rows.values()), ignore_conflicts=True, batch_size=500)
+        events = [row for row, _, _ in rows.values()]
+        try:
+            with transaction.atomic():
+                Event.objects.bulk_create(events, ignore_conflicts=True, batch_size=500)
+        except DataError:
+            # One row the database will not take must not hold up the rest: go row
+            # by row, and keep the ones it refuses as dead letters with its reason.
+            events = []
+            for row, entry_id, body in rows.values():
+                try:
+                    with transaction.atomic():
+                        Event.objects.bulk_create([row], ignore_conflicts=True)
+                    events.append(row)
+                except DataError as exc:
+                    dead.append(_dead_letter(entry_id, body, _storage_error(exc)))
         DeadLetter.objects.bulk_create(dead)
-        workers_note(rows.values())
-    duplicates = before + (sum(1 for _ in entries) - len(dead) - len(rows))
-    return StoreOutcome(stored=len(rows) - before, duplicates=duplicates, dead=len(dead))
+        workers_note(events)
+    duplicates = before + (len(entries) - len(dead) - len(rows))
+    return StoreOutcome(stored=len(events) - before, duplicates=max(duplicates, 0), dead=len(dead))
+
+
+# PostgreSQL cannot hold U+0000 in text or jsonb. An escaped NUL in the JSON
+# (never a raw one: JSON forbids it) is stored as U+FFFD, on SQLite too, so
+# both databases keep the same thing. An escaped backslash before "u0000"
+# is literal text and is left alone.
+_ESCAPED_NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def storable_body(body: bytes) -> bytes:
+    if b"\\u0000" not in body:
+        return body
+    return _ESCAPED_NUL.sub(rb"\1\\ufffd", body)
+
+
+def _dead_letter(entry_id: str, body: bytes, error: dict[str, Any]) -> DeadLetter:
+    text = body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    return DeadLetter(stream_id=entry_id, body=text, error=error)
+
+
+def _storage_error(exc: Exception) -> dict[str, Any]:
+    message = f"The database refused the event: {exc}".strip()
+    return {
+        "code": "StorageFailed",
+        "message": message,
+        "details": {"field": "root", "issues": [{"path": [], "message": message, "code": "storage_failed"}]},
+    }
 
 
 def workers_note(events: Iterable[Event]) -> None:

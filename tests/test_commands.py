@@ -38,3 +38,20 @@ def test_bootstrap_admin_prints_a_working_login(settings: Any, tmp_path: Any) ->
     client = APIClient()
     assert client.login(username="admin", password=password)
     assert client.get("/api/telemetry/config/").status_code == 200
+
+
+def test_create_demo_model_writes_a_model_mlx_lm_loads(tmp_path: Any) -> None:
+    import mlx_lm
+
+    out = run("create_demo_model", str(tmp_path / "demo"))
+    assert "Demo model ready" in out
+    _model, tokenizer = mlx_lm.load(str(tmp_path / "demo"))[:2]
+    assert tokenizer.decode(tokenizer.encode("hello world")).strip() == "hello world"
+
+
+def test_register_model_names_a_path() -> None:
+    from events.models import RegisteredModel
+
+    assert run("register_model", "demo", "/models/demo") == "Registered demo -> /models/demo"
+    assert run("register_model", "demo", "/models/other") == "Updated demo -> /models/other"
+    assert RegisteredModel.objects.get(name="demo").path == "/models/other"

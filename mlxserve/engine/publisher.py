@@ -23,7 +23,7 @@ from typing import IO
 
 import redis
 
-from events.schemas import EnvelopeBase, envelope_encode
+from events.schemas import EnvelopeBase
 from events.stream import stream_append_batch
 from mlxserve.engine.metrics import WorkerMetrics
 
@@ -158,7 +158,7 @@ class BufferedPublisher:
         self.breaker = breaker or CircuitBreaker(
             on_change=lambda state: metrics.circuit_breaker_state_changes.labels(state=state).inc()
         )
-        self._memory: collections.deque[EnvelopeBase] = collections.deque()
+        self._memory: collections.deque[bytes] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Event()
@@ -173,13 +173,13 @@ class BufferedPublisher:
 
     # -- the caller's side: never blocks on Redis -------------------------------------
 
-    def publish(self, envelope: EnvelopeBase) -> None:
+    def publish(self, envelope: EnvelopeBase, body: bytes) -> None:
         with self._lock:
             if self._spool.count or len(self._memory) >= self.max_memory:
                 # Once events spill to disk, later ones follow them there, so order holds.
-                self._spool.append(envelope_encode(envelope))
+                self._spool.append(body)
             else:
-                self._memory.append(envelope)
+                self._memory.append(body)
             self._idle.clear()
             full = len(self._memory) >= self.batch_size
         # The sender wakes every ``linger`` seconds anyway: waking it per event would
@@ -205,7 +205,7 @@ class BufferedPublisher:
         with self._lock:
             if not delivered and self._memory:
                 # Memory holds the oldest events: they go before those already on disk.
-                self._spool.prepend([envelope_encode(e) for e in self._memory])
+                self._spool.prepend(list(self._memory))
                 logger.error(
                     "Redis unreachable at shutdown: %d events left in %s", self._spool.count, self._spool.path
                 )
@@ -248,7 +248,7 @@ class BufferedPublisher:
                     for _ in batch:
                         self._memory.popleft()
 
-                return [envelope_encode(e) for e in batch], done_memory
+                return batch, done_memory
             if self._spool.count:
                 bodies, offset = self._spool.peek(self.batch_size)
 

@@ -216,3 +216,25 @@ def test_the_openapi_schema_and_docs_are_served(anon_client: APIClient) -> None:
     paths = schema.json()["paths"]
     assert {"/api/events/", "/api/events/{id}/", "/api/telemetry/config/"} <= set(paths)
     assert anon_client.get("/api/docs/").status_code == 200
+
+
+def test_workers_go_stale_after_three_missed_heartbeats(reader_client: APIClient) -> None:
+    import time
+
+    from events.models import Worker
+    from telemetry.services import telemetry_config_patch
+
+    telemetry_config_patch(data={"exportIntervalMs": 1000}, user=None, via="api")
+    now = time.time_ns() // 1_000_000
+    Worker.objects.create(source="fresh/w", status="ready", last_heard_at=now - 2500)
+    Worker.objects.create(source="silent/w", status="busy", last_heard_at=now - 3500)
+    workers = {w["source"]: w for w in reader_client.get("/api/workers/").json()}
+    assert workers["fresh/w"]["stale"] is False
+    assert workers["silent/w"]["stale"] is True
+    assert workers["silent/w"]["status"] == "busy"
+
+
+def test_a_lone_surrogate_escape_gets_400(producer_client: APIClient) -> None:
+    text = json.dumps(make_envelope("tokenGenerated")).replace('"Hello"', '"\\ud800"')
+    response = producer_client.post(URL, data=text, content_type="application/json")
+    assert response.status_code == 400

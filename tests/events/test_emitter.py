@@ -82,3 +82,13 @@ def test_the_redis_publisher_puts_events_on_the_stream(redis_client: redis.Redis
     sent = emitter.runtime_status(status="busy", models_loaded=2, active_tasks=1)
     [(_, fields)] = cast(Any, redis_client.xrange(settings.EVENTS_STREAM))
     assert json.loads(fields[ENTRY_FIELD]) == envelope_to_wire(sent)
+
+
+def test_a_lone_surrogate_is_refused_before_it_reaches_the_publisher(
+    collected: tuple[EngineEventEmitter, CollectingPublisher],
+) -> None:
+    emitter, publisher = collected
+    with pytest.raises(ValidationFailed) as info:
+        emitter.token_generated(generation_id=uuid.uuid4(), seq=1, model="m", token="\ud800")
+    assert info.value.issues[0].code == "invalid_string"
+    assert publisher.envelopes == []

@@ -11,7 +11,7 @@ from django.db import DatabaseError, connection
 
 from events.models import DeadLetter, Event
 from events.services import EventIngester, stream_lag
-from events.stream import ENTRY_FIELD, stream_append
+from events.stream import BATCH_FIELD, ENTRY_FIELD, stream_append, stream_append_batch
 from telemetry.broadcast import telemetry_config_read
 from tests.conftest import make_envelope
 
@@ -139,3 +139,66 @@ def test_the_command_drains_the_stream_and_publishes_the_config(
     # Redis keeps nothing across a restart: the ingester republishes the stored config.
     published = telemetry_config_read(client=redis_client, key=settings.TELEMETRY_CONFIG_KEY)
     assert published is not None and published[1].enabled is False
+
+
+@pytest.mark.django_db
+def test_a_batch_entry_is_stored_event_by_event_with_bad_ones_dead_lettered(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    good = [make_envelope("tokenGenerated", seq=i) for i in range(1, 4)]
+    bad = make_envelope("tokenGenerated", seq=-1)
+    bodies = [msgspec.json.encode(e) for e in (good[0], bad, good[1], good[2])]
+    entry_id = stream_append_batch(redis_client, settings.EVENTS_STREAM, bodies)
+    redis_client.xadd(settings.EVENTS_STREAM, {BATCH_FIELD: b"[not json"})
+    outcome = ingester(redis_client, settings).step()
+    assert (outcome.stored, outcome.dead) == (3, 2)
+    assert sorted(Event.objects.values_list("seq", flat=True)) == [1, 2, 3]
+    letters = {d.stream_id: d for d in DeadLetter.objects.all()}
+    assert letters[f"{entry_id}#1"].error["details"]["field"] == "seq"
+    assert [d.error["details"]["issues"][0]["code"] for k, d in letters.items() if "#" not in k] == [
+        "invalid_json"
+    ]
+    assert pending(redis_client, settings) == 0
+
+
+@pytest.mark.django_db
+def test_workers_are_kept_up_to_date_from_their_events(redis_client: redis.Redis, settings: Any) -> None:
+    from events.models import Worker
+
+    append(
+        redis_client,
+        settings,
+        make_envelope(
+            "runtimeStatus",
+            source="a/w",
+            timestamp=2000,
+            payload={"status": "busy", "modelsLoaded": 1, "activeTasks": 1},
+        ),
+        make_envelope(
+            "runtimeStatus",
+            source="a/w",
+            timestamp=1000,
+            payload={"status": "ready", "modelsLoaded": 0, "activeTasks": 0},
+        ),  # older: ignored
+        make_envelope("tokenGenerated", source="a/w", timestamp=3000),
+    )
+    ingester(redis_client, settings).step()
+    worker = Worker.objects.get(source="a/w")
+    assert (worker.status, worker.models_loaded, worker.active_tasks) == ("busy", 1, 1)
+    assert (worker.last_status_at, worker.last_heard_at) == (2000, 3000)
+
+
+@pytest.mark.django_db
+def test_nul_characters_are_stored_as_replacement_characters_not_a_stuck_ingester(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    with_nul = make_envelope(
+        "tokenGenerated", source="host\u0000/w", payload={"model": "m", "token": "a\u0000b"}
+    )
+    literal = make_envelope("tokenGenerated", payload={"model": "m", "token": "\\u0000 is text"})
+    append(redis_client, settings, with_nul, literal, make_envelope("error"))
+    outcome = ingester(redis_client, settings).step()
+    assert (outcome.stored, outcome.dead) == (3, 0)
+    stored = Event.objects.get(pk=with_nul["id"])
+    assert stored.payload["token"] == "a\ufffdb" and stored.source == "host\ufffd/w"
+    assert Event.objects.get(pk=literal["id"]).payload["token"] == "\\u0000 is text"

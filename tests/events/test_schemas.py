@@ -341,3 +341,9 @@ def test_fast_path_and_thorough_walk_agree(envelope: Any) -> None:
     except ValidationFailed:
         fast_ok = False
     assert fast_ok == (envelope_issues(envelope) == [])
+
+
+def test_decoding_a_wrong_type_ahead_of_broken_json_reports_the_json() -> None:
+    with pytest.raises(ValidationFailed) as info:
+        envelope_decode(b"[not json")
+    assert info.value.issues[0].code == "invalid_json"
