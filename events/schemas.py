@@ -46,7 +46,9 @@ Prompt = str | dict[str, Any]
 Source = Annotated[str, Meta(min_length=1, max_length=200)]
 
 
-class Payload(msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True):
+# gc=False: events hold no reference cycles, so the cyclic GC need not track the
+# thousands a second a worker makes (fewer collections on the generation thread).
+class Payload(msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True, gc=False):
     pass
 
 
@@ -105,7 +107,7 @@ class RuntimeStatus(Payload):
 
 
 class EnvelopeBase(
-    msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True, tag_field="type"
+    msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True, tag_field="type", gc=False
 ):
     id: uuid.UUID
     timestamp: PositiveInt
