@@ -24,7 +24,7 @@ from events.serializers import EventSerializer
 from events.services import event_submit, event_submit_batch, generation_queue
 from mlxserve.api import CanOperate, CanPostEvents, CanRead
 from mlxserve.engine.runtime import ControlCommand, control_command_publish
-from mlxserve.openapi import ERROR_RESPONSES, ERROR_SCHEMA, error, struct_schema
+from mlxserve.openapi import ERROR_RESPONSES, ERROR_SCHEMA, error, json_request, struct_schema
 from mlxserve.redis_conn import redis_client
 from mlxserve.validation import Issue, ValidationFailed, validate
 
@@ -56,7 +56,7 @@ class EventListCreateView(generics.ListAPIView[Event]):
         return [CanRead()]
 
     @extend_schema(
-        request={"oneOf": [ENVELOPE_SCHEMA, {"type": "array", "items": ENVELOPE_SCHEMA}]},
+        request=json_request({"oneOf": [ENVELOPE_SCHEMA, {"type": "array", "items": ENVELOPE_SCHEMA}]}),
         responses={
             202: OpenApiResponse(
                 response={"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}},
@@ -132,7 +132,7 @@ class GenerationCreateView(APIView):
     permission_classes = [CanOperate]
 
     @extend_schema(
-        request=struct_schema(GenerationOrder),
+        request=json_request(struct_schema(GenerationOrder)),
         responses={
             202: OpenApiResponse(
                 response={
@@ -179,7 +179,7 @@ class WorkerUnloadView(APIView):
     permission_classes = [CanOperate]
 
     @extend_schema(
-        request=struct_schema(ControlCommand),
+        request=json_request(struct_schema(ControlCommand)),
         responses={
             202: {"type": "object", "properties": {"listeners": {"type": "integer"}}},
             **ERROR_RESPONSES,

@@ -9,11 +9,20 @@ from drf_spectacular.utils import OpenApiResponse
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """msgspec writes JSON Schema 2020-12; OpenAPI 3.0 wants references resolved here and
+    ``nullable: true`` instead of a ``{"type": "null"}`` alternative."""
     if isinstance(node, dict):
         ref = node.get("$ref")
         if isinstance(ref, str) and ref.startswith("#/$defs/"):
             return _inline(defs[ref.removeprefix("#/$defs/")], defs)
-        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+        result = {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+        options = result.get("anyOf")
+        if isinstance(options, list) and {"type": "null"} in options:
+            rest = [o for o in options if o != {"type": "null"}]
+            del result["anyOf"]
+            result.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+            result["nullable"] = True
+        return result
     if isinstance(node, list):
         return [_inline(v, defs) for v in node]
     return node
@@ -65,3 +74,8 @@ ERROR_RESPONSES = {
     403: error("Authenticated, but this account may not do this"),
     413: error("Request body over the size limit"),
 }
+
+
+def json_request(schema: dict[str, Any]) -> dict[str, Any]:
+    """A raw JSON schema as a request body (drf-spectacular takes raw dicts keyed by media type)."""
+    return {"application/json": schema}
