@@ -9,11 +9,18 @@ from typing import Any
 
 import msgspec
 import redis
-from django.db import DataError, transaction
+from django.db import DataError, connection, transaction
 from django.utils import timezone
 
 from events.models import MODEL_COLUMN_LENGTH, DeadLetter, Event, Generation, RegisteredModel, Worker
-from events.schemas import Envelope, GenerationOrder, envelope_decode, envelope_encode, envelope_validate
+from events.schemas import (
+    Envelope,
+    GenerationOrder,
+    RuntimeStatusEnvelope,
+    envelope_decode,
+    envelope_encode,
+    envelope_validate,
+)
 from events.stream import entry_envelopes, stream_append, stream_append_batch, stream_ensure_group
 from mlxserve.validation import ValidationFailed, validate
 
@@ -61,25 +68,91 @@ class StoreOutcome:
     dead: int = 0
 
 
-def _event_row(envelope: Envelope, now: Any) -> Event:
+_EVENT_COLUMNS = (
+    "id",
+    "type",
+    "timestamp",
+    "source",
+    "generation_id",
+    "seq",
+    "model",
+    "payload",
+    "ingested_at",
+)
+
+
+def _event_values(envelope: Envelope, now: Any) -> tuple[Any, ...]:
+    """One row of ``events_event`` in column order, payload as JSON text."""
     payload = envelope.payload
     model = getattr(payload, "model", "")
-    return Event(
-        id=envelope.id,
-        type=str(type(envelope).__struct_config__.tag),
-        timestamp=envelope.timestamp,
-        source=envelope.source,
-        generation_id=envelope.generation_id,
-        seq=envelope.seq,
-        model=model[:MODEL_COLUMN_LENGTH] if isinstance(model, str) else "",
-        payload=_to_builtins(payload),
-        ingested_at=now,
+    return (
+        envelope.id,
+        type(envelope).__struct_config__.tag,
+        envelope.timestamp,
+        envelope.source,
+        envelope.generation_id,
+        envelope.seq,
+        model[:MODEL_COLUMN_LENGTH] if isinstance(model, str) else "",
+        msgspec.json.encode(payload).decode(),
+        now,
     )
 
 
-def _to_builtins(payload: Any) -> dict[str, Any]:
-    result: dict[str, Any] = msgspec.to_builtins(payload)
-    return result
+def _insert_postgresql(rows: list[tuple[Any, ...]]) -> int:
+    """COPY into a session-local staging table, then one INSERT ... ON CONFLICT DO NOTHING.
+
+    COPY is PostgreSQL's bulk path (no SQL text per row, no per-row round trip);
+    the INSERT from the staging table keeps the insert idempotent on ``id``.
+    """
+    table, columns = Event._meta.db_table, ", ".join(_EVENT_COLUMNS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS event_staging (LIKE {table} INCLUDING DEFAULTS) "
+            "ON COMMIT DELETE ROWS"
+        )
+        raw = cursor.cursor  # the psycopg cursor, for COPY
+        with raw.copy(f"COPY event_staging ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(
+            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM event_staging ON CONFLICT (id) DO NOTHING"
+        )
+        inserted = cursor.rowcount
+        cursor.execute("TRUNCATE event_staging")
+    return int(inserted)
+
+
+def _insert_generic(rows: list[tuple[Any, ...]]) -> int:
+    """Batched multi-row INSERT ... ON CONFLICT DO NOTHING (SQLite, or any other backend)."""
+    fields: list[Any] = [Event._meta.get_field(name) for name in _EVENT_COLUMNS]
+    prepared = [
+        tuple(
+            f.get_db_prep_save(v, connection) if f.name != "payload" else v
+            for f, v in zip(fields, row, strict=True)
+        )
+        for row in rows
+    ]
+    table, columns = Event._meta.db_table, ", ".join(_EVENT_COLUMNS)
+    placeholders = ", ".join(["%s"] * len(_EVENT_COLUMNS))
+    inserted = 0
+    with connection.cursor() as cursor:
+        for start in range(0, len(prepared), 100):
+            chunk = prepared[start : start + 100]
+            values = ", ".join([f"({placeholders})"] * len(chunk))
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id) DO NOTHING",
+                [v for row in chunk for v in row],
+            )
+            inserted += max(cursor.rowcount, 0)
+    return inserted
+
+
+def _insert_events(rows: list[tuple[Any, ...]]) -> int:
+    if not rows:
+        return 0
+    if connection.vendor == "postgresql":
+        return _insert_postgresql(rows)
+    return _insert_generic(rows)
 
 
 def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
@@ -90,7 +163,7 @@ def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
     with their error, so they never hold up the entries behind them.
     """
     now = timezone.now()
-    rows: dict[Any, tuple[Event, str, bytes]] = {}
+    pending: dict[Any, tuple[Envelope, str, bytes]] = {}
     dead: list[DeadLetter] = []
     for entry_id, body in entries:
         try:
@@ -98,28 +171,26 @@ def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
         except ValidationFailed as exc:
             dead.append(_dead_letter(entry_id, body, exc.as_error()))
             continue
-        rows.setdefault(envelope.id, (_event_row(envelope, now), entry_id, body))
+        pending.setdefault(envelope.id, (envelope, entry_id, body))
+    kept = [envelope for envelope, _, _ in pending.values()]
     with transaction.atomic():
-        before = Event.objects.filter(pk__in=list(rows)).count() if rows else 0
-        events = [row for row, _, _ in rows.values()]
         try:
             with transaction.atomic():
-                Event.objects.bulk_create(events, ignore_conflicts=True, batch_size=500)
+                stored = _insert_events([_event_values(e, now) for e in kept])
         except DataError:
             # One row the database will not take must not hold up the rest: go row
             # by row, and keep the ones it refuses as dead letters with its reason.
-            events = []
-            for row, entry_id, body in rows.values():
+            stored, kept = 0, []
+            for envelope, entry_id, body in pending.values():
                 try:
                     with transaction.atomic():
-                        Event.objects.bulk_create([row], ignore_conflicts=True)
-                    events.append(row)
+                        stored += _insert_events([_event_values(envelope, now)])
+                    kept.append(envelope)
                 except DataError as exc:
                     dead.append(_dead_letter(entry_id, body, _storage_error(exc)))
         DeadLetter.objects.bulk_create(dead)
-        workers_note(events)
-    duplicates = before + (len(entries) - len(dead) - len(rows))
-    return StoreOutcome(stored=len(events) - before, duplicates=max(duplicates, 0), dead=len(dead))
+        workers_note(kept)
+    return StoreOutcome(stored=stored, duplicates=len(entries) - len(dead) - stored, dead=len(dead))
 
 
 # PostgreSQL cannot hold U+0000 in text or jsonb. An escaped NUL in the JSON
@@ -149,17 +220,17 @@ def _storage_error(exc: Exception) -> dict[str, Any]:
     }
 
 
-def workers_note(events: Iterable[Event]) -> None:
+def workers_note(events: Iterable[Envelope]) -> None:
     """Bring each source's worker row up to date: when last heard, last runtime status.
 
     Idempotent and order-free (an older or repeated event changes nothing), so
     several ingesters and redelivered entries are harmless.
     """
     heard: dict[str, int] = {}
-    statuses: dict[str, Event] = {}
+    statuses: dict[str, RuntimeStatusEnvelope] = {}
     for event in events:
         heard[event.source] = max(heard.get(event.source, 0), event.timestamp)
-        if event.type == "runtimeStatus" and event.timestamp >= getattr(
+        if isinstance(event, RuntimeStatusEnvelope) and event.timestamp >= getattr(
             statuses.get(event.source), "timestamp", 0
         ):
             statuses[event.source] = event
@@ -169,10 +240,11 @@ def workers_note(events: Iterable[Event]) -> None:
     for source, timestamp in heard.items():
         Worker.objects.filter(source=source, last_heard_at__lt=timestamp).update(last_heard_at=timestamp)
     for source, event in statuses.items():
+        active = event.payload.active_tasks
         Worker.objects.filter(source=source, last_status_at__lte=event.timestamp).update(
-            status=event.payload["status"],
-            models_loaded=event.payload["modelsLoaded"],
-            active_tasks=event.payload.get("activeTasks", 0),
+            status=event.payload.status,
+            models_loaded=event.payload.models_loaded,
+            active_tasks=active if isinstance(active, int) else 0,
             last_status_at=event.timestamp,
         )
 
