@@ -263,13 +263,16 @@ class EventIngester:
     stream: str
     group: str
     consumer: str
-    batch_size: int = 500
+    # Events per transaction, roughly. Entries hold one event (the API) or a
+    # batch (workers), so how many entries to read is adjusted from the last read.
+    batch_size: int = 5000
     block_ms: int = 1000
     claim_idle_ms: int = 60_000
     # Start by re-reading our own pending entries: a previous run of this
     # consumer may have stored them and died before acknowledging.
     _read_pending: bool = True
     _group_ready: bool = False
+    _entries_per_read: int = 10
 
     def step(self) -> StoreOutcome:
         if not self._group_ready:
@@ -278,10 +281,11 @@ class EventIngester:
         entries = self._read()
         if not entries:
             return StoreOutcome()
+        bodies = [e for entry_id, fields in entries for e in entry_envelopes(entry_id, fields)]
+        per_entry = max(1, len(bodies) // len(entries))
+        self._entries_per_read = max(1, min(1000, self.batch_size // per_entry))
         try:
-            outcome = events_store(
-                [e for entry_id, fields in entries for e in entry_envelopes(entry_id, fields)]
-            )
+            outcome = events_store(bodies)
         except Exception:
             # Nothing was acknowledged; read these again next turn.
             self._read_pending = True
@@ -302,7 +306,7 @@ class EventIngester:
 
     def _xread(self, start: str, block: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
         response: Any = self.client.xreadgroup(
-            self.group, self.consumer, {self.stream: start}, count=self.batch_size, block=block
+            self.group, self.consumer, {self.stream: start}, count=self._entries_per_read, block=block
         )
         entries: list[tuple[str, dict[bytes, bytes]]] = []
         for _stream, items in response or []:
@@ -322,7 +326,7 @@ class EventIngester:
             self.consumer,
             min_idle_time=self.claim_idle_ms,
             start_id="0-0",
-            count=self.batch_size,
+            count=self._entries_per_read,
         )
         entries: list[tuple[str, dict[bytes, bytes]]] = []
         for entry_id, fields in response[1]:

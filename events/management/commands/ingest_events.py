@@ -27,7 +27,12 @@ class Command(BaseCommand):
             default=socket.gethostname(),
             help="Consumer name in the group; keep it stable across restarts of one ingester.",
         )
-        parser.add_argument("--batch-size", type=int, default=500)
+        parser.add_argument(
+            "--batch-size",
+            type=int,
+            default=5000,
+            help="Events per transaction (about; entries may hold batches).",
+        )
         parser.add_argument("--block-ms", type=int, default=1000)
         parser.add_argument("--log-every", type=float, default=10.0, help="Seconds between progress lines.")
         parser.add_argument(

@@ -1,0 +1,167 @@
+"""Events/s from the Redis stream into PostgreSQL (SPEC 7: at least 25,000 events/s sustained).
+
+The ingester (``EventIngester``: XREADGROUP, validation, COPY + INSERT ... ON
+CONFLICT, XACK after commit) beside a baseline of one ORM ``save()`` per event,
+on the same kind of data in the same run. Events are written to the stream as
+workers write them (one entry per batch of 500). The database is a scratch one
+this script creates and drops.
+
+    .venv/bin/python bench/ingest.py [--events 200000] [--baseline-events 10000]
+        [--postgres postgres://postgres@127.0.0.1:5432/postgres] [--redis-url redis://127.0.0.1:6379/12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SCRATCH_DB = "mlxserve_bench_ingest"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--baseline-events", type=int, default=10_000)
+    parser.add_argument(
+        "--per-entry",
+        type=int,
+        default=500,
+        help="Events per stream entry: 500 as workers send, 1 as the API does.",
+    )
+    parser.add_argument("--postgres", default="postgres://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    args = parser.parse_args()
+
+    import psycopg
+
+    admin_url = args.postgres
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DB}")
+        conn.execute(f"CREATE DATABASE {SCRATCH_DB}")
+    os.environ["DATABASE_URL"] = admin_url.rsplit("/", 1)[0] + "/" + SCRATCH_DB
+    os.environ["REDIS_URL"] = args.redis_url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mlxserve.settings")
+
+    import django
+
+    django.setup()
+    import msgspec
+    import redis
+    from django.core.management import call_command
+    from django.db import connection
+
+    from events.models import Event
+    from events.schemas import envelope_decode
+    from events.services import EventIngester, _event_values
+    from events.stream import stream_append_batch
+
+    call_command("migrate", verbosity=0)
+    client = redis.Redis.from_url(args.redis_url)
+    client.flushdb()
+    try:
+        source = "bench-host/worker-1"
+
+        def envelope(i: int, generation: str) -> bytes:
+            return msgspec.json.encode(
+                {
+                    "id": str(uuid.uuid4()),
+                    "type": "tokenGenerated",
+                    "timestamp": 1764115200000 + i,
+                    "source": source,
+                    "generationId": generation,
+                    "seq": i % 512 + 1,
+                    "payload": {
+                        "model": "llama-3-8b",
+                        "token": f" tok{i % 997}",
+                        "logprob": -0.5 - (i % 7) / 10,
+                    },
+                }
+            )
+
+        print(f"writing {args.events:,} events to the stream ...", flush=True)
+        generation = str(uuid.uuid4())
+        batch: list[bytes] = []
+        for i in range(args.events):
+            if i % 512 == 0:
+                generation = str(uuid.uuid4())
+            batch.append(envelope(i, generation))
+            if len(batch) == args.per_entry:
+                stream_append_batch(client, "bench:events", batch)
+                batch = []
+        stream_append_batch(client, "bench:events", batch)
+
+        ingester = EventIngester(
+            client=client, stream="bench:events", group="bench", consumer="c1", block_ms=10
+        )
+        stored = 0
+        started = time.perf_counter()
+        last_report = started
+        while True:
+            outcome = ingester.step()
+            stored += outcome.stored
+            if time.perf_counter() - last_report >= 2:
+                rate = stored / (time.perf_counter() - started)
+                print(f"  {stored:,} stored, {rate:,.0f} events/s", flush=True)
+                last_report = time.perf_counter()
+            if outcome.stored + outcome.duplicates + outcome.dead == 0:
+                break
+        ingest_seconds = time.perf_counter() - started
+        assert Event.objects.count() == args.events == stored, "not every event was stored"
+        pending = client.xpending("bench:events", "bench")["pending"]
+        assert pending == 0, f"{pending} entries left unacknowledged"
+        ingest_rate = stored / ingest_seconds
+
+        print(f"baseline: one ORM save() per event, {args.baseline_events:,} events ...", flush=True)
+        from django.utils import timezone
+
+        bodies = [envelope(i, str(uuid.uuid4())) for i in range(args.baseline_events)]
+        started = time.perf_counter()
+        for body in bodies:
+            values = dict(
+                zip(
+                    (
+                        "id",
+                        "type",
+                        "timestamp",
+                        "source",
+                        "generation_id",
+                        "seq",
+                        "model",
+                        "payload",
+                        "ingested_at",
+                    ),
+                    _event_values(envelope_decode(body), timezone.now()),
+                    strict=True,
+                )
+            )
+            values["payload"] = msgspec.json.decode(values["payload"])
+            Event(**values).save()
+        baseline_rate = args.baseline_events / (time.perf_counter() - started)
+    finally:
+        client.flushdb()
+        connection.close()
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DB}")
+
+    print(
+        f"ingester: {ingest_rate:,.0f} events/s ({args.events:,} events, {args.per_entry} per stream entry, "
+        "stream to PostgreSQL, acknowledged)"
+    )
+    print(
+        f"baseline: {baseline_rate:,.0f} events/s (ORM save() per event)  -> {ingest_rate / baseline_rate:.0f}x"
+    )
+    verdict = "PASS" if ingest_rate >= 25_000 else "FAIL"
+    print(f"{verdict} (bar 25,000 events/s)")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
