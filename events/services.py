@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -270,9 +271,11 @@ class EventIngester:
     claim_idle_ms: int = 60_000
     # Start by re-reading our own pending entries: a previous run of this
     # consumer may have stored them and died before acknowledging.
+    claim_every_s: float = 30.0
     _read_pending: bool = True
     _group_ready: bool = False
     _entries_per_read: int = 10
+    _next_claim: float = 0.0
 
     def step(self) -> StoreOutcome:
         if not self._group_ready:
@@ -286,11 +289,12 @@ class EventIngester:
         self._entries_per_read = max(1, min(1000, self.batch_size // per_entry))
         try:
             outcome = events_store(bodies)
+            self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
         except Exception:
-            # Nothing was acknowledged; read these again next turn.
+            # Not stored, or stored and not acknowledged (Redis went away between
+            # the two): read our pending entries again next turn; the insert skips repeats.
             self._read_pending = True
             raise
-        self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
         return outcome
 
     def _read(self) -> list[tuple[str, dict[bytes, bytes]]]:
@@ -299,10 +303,26 @@ class EventIngester:
             if pending:
                 return pending
             self._read_pending = False
+        now = time.monotonic()
+        if now >= self._next_claim:
+            # Another ingester may have died holding entries: take them over.
+            self._next_claim = now + self.claim_every_s
             claimed = self._claim()
             if claimed:
                 return claimed
         return self._xread(">", block=self.block_ms)
+
+    def trim(self) -> int:
+        """Drop stream entries every consumer has acknowledged; returns how many went.
+
+        Never past an entry that is pending (read, not yet stored) or not yet
+        delivered: trimming by length (MAXLEN) could drop those, MINID below
+        the oldest of them cannot.
+        """
+        floor = safe_trim_id(client=self.client, stream=self.stream, group=self.group)
+        if floor is None:
+            return 0
+        return int(self.client.xtrim(self.stream, minid=floor, approximate=False))
 
     def _xread(self, start: str, block: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
         response: Any = self.client.xreadgroup(
@@ -338,14 +358,48 @@ class EventIngester:
         return entries
 
 
-def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int]:
-    """Stream length and entries read but not yet acknowledged."""
+def _id_ms(entry_id: Any) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.split("-", 1)[0])
+
+
+def _id_tuple(entry_id: Any) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def safe_trim_id(*, client: redis.Redis, stream: str, group: str) -> str | None:
+    """The oldest entry id the group still needs (pending, or not yet delivered), or None if unknown."""
     try:
-        pending = client.xpending(stream, group)
+        groups: Any = client.xinfo_groups(stream)
+        pending: Any = client.xpending(stream, group)
+    except redis.ResponseError:
+        return None
+    info = next(
+        (g for g in groups if (g["name"].decode() if isinstance(g["name"], bytes) else g["name"]) == group),
+        None,
+    )
+    if info is None:
+        return None
+    if pending["pending"]:
+        return str(pending["min"].decode() if isinstance(pending["min"], bytes) else pending["min"])
+    # Nothing pending: everything up to the last delivered entry is acknowledged.
+    ms, seq = _id_tuple(info["last-delivered-id"])
+    return f"{ms}-{seq + 1}"
+
+
+def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int]:
+    """Stream length, entries read but not yet acknowledged, and the age of the oldest of them (ms)."""
+    try:
+        pending: Any = client.xpending(stream, group)
         length = client.xlen(stream)
     except redis.ResponseError:
-        return {"length": 0, "pending": 0}
-    return {"length": int(length), "pending": int(pending["pending"])}
+        return {"length": 0, "pending": 0, "oldest_pending_ms": 0}
+    oldest = 0
+    if pending["pending"]:
+        oldest = max(0, time.time_ns() // 1_000_000 - _id_ms(pending["min"]))
+    return {"length": int(length), "pending": int(pending["pending"]), "oldest_pending_ms": oldest}
 
 
 # -- generations -------------------------------------------------------------------------

@@ -202,3 +202,27 @@ def test_nul_characters_are_stored_as_replacement_characters_not_a_stuck_ingeste
     stored = Event.objects.get(pk=with_nul["id"])
     assert stored.payload["token"] == "a\ufffdb" and stored.source == "host\ufffd/w"
     assert Event.objects.get(pk=literal["id"]).payload["token"] == "\\u0000 is text"
+
+
+@pytest.mark.django_db
+def test_trimming_drops_stored_entries_and_never_pending_or_undelivered_ones(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    stream, group = settings.EVENTS_STREAM, settings.EVENTS_CONSUMER_GROUP
+    append(redis_client, settings, *[make_envelope("error") for _ in range(5)])
+    worker = ingester(redis_client, settings)
+    assert worker.step().stored == 5
+    append(redis_client, settings, *[make_envelope("error") for _ in range(3)])
+    redis_client.xreadgroup(group, "slow", {stream: ">"})  # read, not yet stored: pending
+    append(redis_client, settings, *[make_envelope("error") for _ in range(2)])  # not even delivered
+    assert worker.trim() == 5
+    assert redis_client.xlen(stream) == 5
+    lag = stream_lag(client=redis_client, stream=stream, group=group)
+    assert lag["pending"] == 3 and lag["oldest_pending_ms"] >= 0
+    # Once everything is stored, all of it may go.
+    survivor = ingester(redis_client, settings, consumer="alive", claim_idle_ms=0)
+    while survivor.step().stored:
+        pass
+    assert Event.objects.count() == 10
+    assert worker.trim() == 5
+    assert redis_client.xlen(stream) == 0

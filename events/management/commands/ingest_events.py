@@ -91,14 +91,21 @@ class Command(BaseCommand):
                 continue
             elapsed = time.monotonic() - window_start
             if elapsed >= options["log_every"]:
-                lag = stream_lag(client=ingester.client, stream=ingester.stream, group=ingester.group)
+                try:
+                    trimmed = ingester.trim()
+                    lag = stream_lag(client=ingester.client, stream=ingester.stream, group=ingester.group)
+                except redis.RedisError:
+                    continue  # reported by the next step's retry
                 logger.info(
-                    "stored %d events (%.0f/s), %d dead letters; stream length %d, pending %d",
+                    "stored %d events (%.0f/s), %d dead letters; stream length %d (%d trimmed), "
+                    "pending %d, oldest pending %.1fs",
                     stored,
                     window_stored / elapsed,
                     dead,
                     lag["length"],
+                    trimmed,
                     lag["pending"],
+                    lag["oldest_pending_ms"] / 1000,
                 )
                 window_start, window_stored = time.monotonic(), 0
         logger.info("Stopped: stored %d events, %d dead letters", stored, dead)

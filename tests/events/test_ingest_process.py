@@ -1,0 +1,132 @@
+"""``ingest_events`` as operators run it: a process, stopped politely or cut off from Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import pytest
+import redis
+from django.conf import settings as django_settings
+
+from events.models import Event
+from events.services import stream_lag
+from events.stream import stream_append_batch
+from tests.conftest import TEST_REDIS_URL, RedisServer
+from tests.events.test_ingest_crash import database_url
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def fill(client: redis.Redis, stream: str, count: int) -> None:
+    generation = str(uuid.uuid4())
+    bodies = [
+        msgspec.json.encode(
+            {
+                "id": str(uuid.uuid4()),
+                "type": "tokenGenerated",
+                "timestamp": 1764115200000 + i,
+                "source": "process-test/w1",
+                "generationId": generation,
+                "seq": i,
+                "payload": {"model": "m", "token": "t"},
+            }
+        )
+        for i in range(count)
+    ]
+    for start in range(0, count, 500):
+        stream_append_batch(client, stream, bodies[start : start + 500])
+
+
+def start_ingester(settings: Any, redis_url: str, *extra: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": redis_url,
+        "MLXSERVE_EVENTS_STREAM": settings.EVENTS_STREAM,
+        "MLXSERVE_EVENTS_GROUP": settings.EVENTS_CONSUMER_GROUP,
+        "MLXSERVE_CONFIG_KEY": settings.TELEMETRY_CONFIG_KEY,
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "ingest_events",
+            "--consumer",
+            "i1",
+            "--block-ms",
+            "50",
+            "--batch-size",
+            "1000",
+            *extra,
+        ],
+        env=env,
+        cwd=django_settings.BASE_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for_count(minimum: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while (count := Event.objects.count()) < minimum:
+        assert time.monotonic() < deadline, f"only {count} of {minimum} events stored"
+        time.sleep(0.02)
+    return count
+
+
+def test_sigterm_finishes_the_batch_acknowledges_and_exits(redis_client: redis.Redis, settings: Any) -> None:
+    fill(redis_client, settings.EVENTS_STREAM, 50_000)
+    process = start_ingester(settings, TEST_REDIS_URL)
+    wait_for_count(5_000, timeout=60)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output.decode()[-2000:]
+    assert b"Stopped: stored" in output
+    stopped_at = Event.objects.count()
+    assert stopped_at < 50_000
+    lag = stream_lag(client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP)
+    assert lag["pending"] == 0, "everything it read was stored and acknowledged before it left"
+    again = start_ingester(settings, TEST_REDIS_URL, "--exit-when-idle")
+    again.communicate(timeout=120)
+    assert Event.objects.count() == Event.objects.values("id").distinct().count() == 50_000
+
+
+def test_redis_gone_for_ten_seconds_loses_nothing_and_the_ingester_recovers(
+    own_redis: RedisServer, settings: Any
+) -> None:
+    client = redis.Redis.from_url(own_redis.url)
+    fill(client, settings.EVENTS_STREAM, 60_000)
+    process = start_ingester(settings, own_redis.url)
+    try:
+        wait_for_count(2_000, timeout=60)
+        own_redis.stop()  # append-only file, fsync always: it comes back with the stream and the group
+        time.sleep(10)
+        assert process.poll() is None, "the ingester must wait for Redis, not die"
+        own_redis.start()
+        wait_for_count(60_000, timeout=120)
+        deadline = time.monotonic() + 30
+        while (
+            stream_lag(client=client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP)[
+                "pending"
+            ]
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert b"Ingest paused (ConnectionError" in output
+    assert Event.objects.count() == Event.objects.values("id").distinct().count() == 60_000
+    assert (
+        stream_lag(client=client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP)[
+            "pending"
+        ]
+        == 0
+    )
