@@ -9,8 +9,9 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from events.models import DeadLetter, Event, Generation, RegisteredModel, Worker
+from events.models import DeadLetter, Event, Generation, RegisteredModel, RetentionPolicy, Worker
 from events.selectors import generation_detail
+from events.services import dead_letters_replay
 
 
 def _pretty(value: Any) -> str:
@@ -67,9 +68,16 @@ class EventAdmin(ReadOnlyAdmin):
 
 @admin.register(DeadLetter)
 class DeadLetterAdmin(ReadOnlyAdmin):
-    list_display = ["received_at", "stream_id", "error_message"]
-    readonly_fields = ["stream_id", "received_at", "body", "error_pretty"]
+    list_display = ["received_at", "stream_id", "error_message", "replayed_at"]
+    list_filter = [("replayed_at", admin.EmptyFieldListFilter)]
+    readonly_fields = ["stream_id", "received_at", "replayed_at", "body", "error_pretty"]
     exclude = ["error"]
+    actions = ["replay"]
+
+    @admin.action(description="Replay: validate again and store the ones valid now")
+    def replay(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
+        stored, invalid = dead_letters_replay(queryset)
+        self.message_user(request, f"{stored} stored as events, {invalid} still invalid.")
 
     @admin.display(description="error")
     def error_message(self, obj: DeadLetter) -> str:
@@ -138,6 +146,11 @@ class GenerationAdmin(ReadOnlyAdmin):
             detail["text"],
             rows,
         )
+
+
+@admin.register(RetentionPolicy)
+class RetentionPolicyAdmin(admin.ModelAdmin):
+    list_display = ["event_type", "keep_days"]
 
 
 @admin.register(Worker)

@@ -46,6 +46,9 @@ class DeadLetter(models.Model):
     body = models.TextField(help_text="The entry as it was on the stream (UTF-8, bad bytes replaced).")
     error = models.JSONField(help_text="The error object (SPEC 3.3).")
     received_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    replayed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a replay stored it as an event."
+    )
 
     class Meta:
         ordering = ["-received_at"]
@@ -109,3 +112,17 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return self.source
+
+
+class RetentionPolicy(models.Model):
+    """How long events of one type are kept; types without a policy are kept for good."""
+
+    event_type = models.CharField(max_length=32, unique=True, choices=[(t, t) for t in EVENT_TYPES])
+    keep_days = models.PositiveIntegerField(help_text="Events older than this many days are deleted.")
+
+    class Meta:
+        ordering = ["event_type"]
+        verbose_name_plural = "retention policies"
+
+    def __str__(self) -> str:
+        return f"{self.event_type}: {self.keep_days} days"

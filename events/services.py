@@ -443,3 +443,58 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
         generation.delete()
         raise
     return generation
+
+
+# -- dead letters and retention --------------------------------------------------------
+
+
+def dead_letters_replay(letters: Iterable[DeadLetter]) -> tuple[int, int]:
+    """Validate each dead letter again and store the ones now valid (say, after a producer or
+    contract fix). Returns (stored, still invalid); the latter keep their updated error."""
+    stored = invalid = 0
+    for letter in letters:
+        if letter.replayed_at is not None:
+            continue
+        body = letter.body.encode()
+        try:
+            envelope_decode(storable_body(body))
+        except ValidationFailed as exc:
+            letter.error = exc.as_error()
+            letter.save(update_fields=["error"])
+            invalid += 1
+            continue
+        with transaction.atomic():
+            events_store([(letter.stream_id, body)])
+            letter.replayed_at = timezone.now()
+            letter.save(update_fields=["replayed_at"])
+        stored += 1
+    return stored, invalid
+
+
+def events_retention_apply(*, now_ms: int | None = None, chunk: int = 10_000) -> dict[str, int]:
+    """Delete events past their type's kept-for period, ``chunk`` rows a transaction.
+
+    Each chunk is found through the (type, timestamp) index and deleted by
+    primary key, so a run never holds long locks and its cost grows with what
+    it deletes, not with the size of the table.
+    """
+    from events.models import RetentionPolicy
+
+    now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    table = Event._meta.db_table
+    deleted: dict[str, int] = {}
+    for policy in RetentionPolicy.objects.all():
+        cutoff = now_ms - policy.keep_days * 86_400_000
+        deleted[policy.event_type] = 0
+        while True:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    f"DELETE FROM {table} WHERE id IN "
+                    f"(SELECT id FROM {table} WHERE type = %s AND timestamp < %s LIMIT %s)",
+                    [policy.event_type, cutoff, chunk],
+                )
+                count = max(cursor.rowcount, 0)
+            deleted[policy.event_type] += count
+            if count < chunk:
+                break
+    return deleted

@@ -226,3 +226,59 @@ def test_trimming_drops_stored_entries_and_never_pending_or_undelivered_ones(
     assert Event.objects.count() == 10
     assert worker.trim() == 5
     assert redis_client.xlen(stream) == 0
+
+
+@pytest.mark.django_db
+def test_dead_letters_can_be_replayed_once_valid(redis_client: redis.Redis, settings: Any) -> None:
+    from django.core.management import call_command
+
+    from events.services import dead_letters_replay
+
+    valid_now = make_envelope("modelLoaded")
+    DeadLetter.objects.create(
+        stream_id="1-0",
+        body=msgspec.json.encode(valid_now).decode(),
+        error={"code": "InvalidParams", "message": "from an older contract"},
+    )
+    still_bad = DeadLetter.objects.create(stream_id="2-0", body='{"type": "nope"}', error={})
+    assert dead_letters_replay(DeadLetter.objects.order_by("stream_id")) == (1, 1)
+    assert Event.objects.filter(pk=valid_now["id"]).exists()
+    still_bad.refresh_from_db()
+    assert still_bad.replayed_at is None and still_bad.error["details"]["field"] == "type"
+    import io
+
+    out = io.StringIO()
+    call_command("replay_dead_letters", stdout=out)  # the replayed one is not stored twice
+    assert out.getvalue().strip() == "0 stored, 1 still invalid"
+    assert Event.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_retention_removes_exactly_what_is_past_its_period(settings: Any) -> None:
+    from events.models import RetentionPolicy
+    from events.services import events_retention_apply, events_store
+
+    day = 86_400_000
+    now = 1_800_000_000_000
+    assert RetentionPolicy.objects.get(event_type="tokenGenerated").keep_days == 7  # the shipped default
+    RetentionPolicy.objects.filter(event_type="modelLoaded").delete()  # no policy: kept for good
+    ages: dict[str, list[float]] = {
+        "tokenGenerated": [8, 7.01, 6.99, 1],
+        "error": [91, 89],
+        "modelLoaded": [1000],
+    }
+    envelopes = [
+        make_envelope(event_type, timestamp=int(now - age * day))
+        for event_type, age_list in ages.items()
+        for age in age_list
+    ]
+    events_store([(f"{i}-0", msgspec.json.encode(e)) for i, e in enumerate(envelopes)])
+    removed = events_retention_apply(now_ms=now, chunk=1)  # chunk 1: the loop runs to the end
+    assert removed["tokenGenerated"] == 2 and removed["error"] == 1
+    left = sorted((e.type, round((now - e.timestamp) / day, 2)) for e in Event.objects.all())
+    assert left == [
+        ("error", 89.0),
+        ("modelLoaded", 1000.0),
+        ("tokenGenerated", 1.0),
+        ("tokenGenerated", 6.99),
+    ]

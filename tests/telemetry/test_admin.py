@@ -126,3 +126,21 @@ def test_the_event_list_is_read_only_filterable_and_escapes_payloads(admin_brows
     assert "<script>alert(1)</script>" not in page
     assert admin_browser.get("/admin/events/event/add/").status_code == 403
     assert Event.objects.count() == 1
+
+
+def test_dead_letters_are_listed_and_replayed_from_the_admin(admin_browser: Client) -> None:
+    from events.models import DeadLetter
+
+    envelope = make_envelope("runtimeStatus")
+    letter = DeadLetter.objects.create(
+        stream_id="9-0",
+        body=msgspec.json.encode(envelope).decode(),
+        error={"code": "InvalidParams", "message": "older contract"},
+    )
+    listing = admin_browser.get("/admin/events/deadletter/")
+    assert listing.status_code == 200 and "older contract" in listing.content.decode()
+    response = admin_browser.post(
+        "/admin/events/deadletter/", {"action": "replay", "_selected_action": [letter.pk]}, follow=True
+    )
+    assert "1 stored as events, 0 still invalid." in response.content.decode()
+    assert Event.objects.filter(pk=envelope["id"]).exists()

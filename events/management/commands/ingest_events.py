@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import DatabaseError, close_old_connections
 
-from events.services import EventIngester, stream_lag
+from events.services import EventIngester, events_retention_apply, stream_lag
 from mlxserve.redis_conn import redis_client
 from telemetry.services import telemetry_config_sync
 
@@ -35,6 +35,12 @@ class Command(BaseCommand):
         )
         parser.add_argument("--block-ms", type=int, default=1000)
         parser.add_argument("--log-every", type=float, default=10.0, help="Seconds between progress lines.")
+        parser.add_argument(
+            "--retention-every",
+            type=float,
+            default=3600.0,
+            help="Seconds between retention runs (deleting events past their kept-for period); 0: never.",
+        )
         parser.add_argument(
             "--exit-when-idle",
             action="store_true",
@@ -70,12 +76,17 @@ class Command(BaseCommand):
         window_start = time.monotonic()
         window_stored = 0
         next_sync = 0.0
+        next_retention = time.monotonic() + 60 if options["retention_every"] > 0 else float("inf")
         backoff = 0.5
         while not self.stopping:
             try:
                 if time.monotonic() >= next_sync:
                     telemetry_config_sync()
                     next_sync = time.monotonic() + 5
+                if time.monotonic() >= next_retention:
+                    removed = events_retention_apply()
+                    logger.info("Retention: deleted %s", {k: v for k, v in removed.items() if v} or "nothing")
+                    next_retention = time.monotonic() + options["retention_every"]
                 outcome = ingester.step()
                 stored += outcome.stored
                 dead += outcome.dead

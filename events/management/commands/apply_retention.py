@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from events.services import events_retention_apply
+
+
+class Command(BaseCommand):
+    help = "Delete events past their type's kept-for period now (ingest_events also does it every hour)."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        for event_type, count in events_retention_apply().items():
+            self.stdout.write(f"{event_type}: {count} deleted")
