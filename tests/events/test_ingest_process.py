@@ -130,3 +130,47 @@ def test_redis_gone_for_ten_seconds_loses_nothing_and_the_ingester_recovers(
         ]
         == 0
     )
+
+
+def test_a_database_outage_acknowledges_nothing_and_the_ingester_recovers(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    from django.db import connection
+
+    process = start_ingester(settings, TEST_REDIS_URL)
+    try:
+        fill(redis_client, settings.EVENTS_STREAM, 1_000)
+        wait_for_count(1_000, timeout=60)
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE events_event RENAME TO events_event_away")
+        try:
+            fill(redis_client, settings.EVENTS_STREAM, 2_000)
+            time.sleep(3)
+            lag = stream_lag(
+                client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP
+            )
+            assert lag["pending"] > 0, "read while the table was gone, so not acknowledged"
+            assert process.poll() is None, "the ingester must wait for the database, not die"
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("ALTER TABLE events_event_away RENAME TO events_event")
+        wait_for_count(3_000, timeout=60)
+        deadline = time.monotonic() + 30
+        while (
+            stream_lag(
+                client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP
+            )["pending"]
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert b"Ingest paused (" in output
+    assert Event.objects.count() == Event.objects.values("id").distinct().count() == 3_000
+    assert (
+        stream_lag(client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP)[
+            "pending"
+        ]
+        == 0
+    )
