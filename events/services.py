@@ -4,7 +4,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -471,7 +471,12 @@ def dead_letters_replay(letters: Iterable[DeadLetter]) -> tuple[int, int]:
     return stored, invalid
 
 
-def events_retention_apply(*, now_ms: int | None = None, chunk: int = 10_000) -> dict[str, int]:
+def events_retention_apply(
+    *,
+    now_ms: int | None = None,
+    chunk: int = 10_000,
+    on_chunk: Callable[[str, int, float], None] | None = None,
+) -> dict[str, int]:
     """Delete events past their type's kept-for period, ``chunk`` rows a transaction.
 
     Each chunk is found through the (type, timestamp) index and deleted by
@@ -487,6 +492,7 @@ def events_retention_apply(*, now_ms: int | None = None, chunk: int = 10_000) ->
         cutoff = now_ms - policy.keep_days * 86_400_000
         deleted[policy.event_type] = 0
         while True:
+            started = time.perf_counter()
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute(
                     f"DELETE FROM {table} WHERE id IN "
@@ -495,6 +501,8 @@ def events_retention_apply(*, now_ms: int | None = None, chunk: int = 10_000) ->
                 )
                 count = max(cursor.rowcount, 0)
             deleted[policy.event_type] += count
+            if on_chunk is not None:
+                on_chunk(policy.event_type, count, time.perf_counter() - started)
             if count < chunk:
                 break
     return deleted

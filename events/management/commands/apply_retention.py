@@ -11,5 +11,12 @@ class Command(BaseCommand):
     help = "Delete events past their type's kept-for period now (ingest_events also does it every hour)."
 
     def handle(self, *args: Any, **options: Any) -> None:
-        for event_type, count in events_retention_apply().items():
+        progress = {"rows": 0}
+
+        def report(event_type: str, count: int, seconds: float) -> None:
+            progress["rows"] += count
+            if count:
+                self.stderr.write(f"  {event_type}: {progress['rows']:,} deleted so far")
+
+        for event_type, count in events_retention_apply(on_chunk=report).items():
             self.stdout.write(f"{event_type}: {count} deleted")
