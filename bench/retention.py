@@ -97,7 +97,7 @@ def main() -> int:
             conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DB}")
 
     print(
-        f"batched (10,000 rows a transaction): {deleted:,} rows in {batched_seconds:.1f}s "
+        f"batched (about 10,000 rows a transaction): {deleted:,} rows in {batched_seconds:.1f}s "
         f"= {deleted / batched_seconds:,.0f} rows/s, longest transaction {max(chunks):.2f}s"
     )
     print(
