@@ -282,3 +282,24 @@ def test_retention_removes_exactly_what_is_past_its_period(settings: Any) -> Non
         ("tokenGenerated", 1.0),
         ("tokenGenerated", 6.99),
     ]
+
+
+@pytest.mark.django_db
+def test_dead_letters_and_lag_show_on_the_control_plane_metrics(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    from django.test import Client
+    from prometheus_client.parser import text_string_to_metric_families
+
+    redis_client.xadd(settings.EVENTS_STREAM, {ENTRY_FIELD: b'{"type": "nope"}'})
+    redis_client.xadd(settings.EVENTS_STREAM, {ENTRY_FIELD: b"[]"})
+    ingester(redis_client, settings).step()
+    append(redis_client, settings, make_envelope("error"))
+    redis_client.xreadgroup(settings.EVENTS_CONSUMER_GROUP, "slow", {settings.EVENTS_STREAM: ">"})
+    text = Client().get("/metrics").content.decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["mlxserve_dead_letters_total"] == 2
+    assert samples["mlxserve_dead_letters_waiting"] == 2
+    assert samples["mlxserve_ingest_stream_length"] == 3
+    assert samples["mlxserve_ingest_pending"] == 1
+    assert samples["mlxserve_ingest_oldest_pending_seconds"] >= 0
