@@ -74,6 +74,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     exclude = ["error"]
     actions = ["replay"]
 
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # kept as evidence; mlxserve_dead_letters_total counts them
+
     @admin.action(description="Replay: validate again and store the ones valid now")
     def replay(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
         stored, invalid = dead_letters_replay(queryset)

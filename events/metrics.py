@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import redis
 from django.conf import settings
 from django.db import DatabaseError
-from django.db.models import Max
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
@@ -40,8 +39,8 @@ class IngestCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         try:
-            # Ids only grow: the highest is how many dead letters were ever kept.
-            total = DeadLetter.objects.aggregate(top=Max("id"))["top"] or 0
+            # Dead letters are never deleted (a replay marks them), so the count only grows.
+            total = DeadLetter.objects.count()
             waiting = DeadLetter.objects.filter(replayed_at__isnull=True).count()
         except DatabaseError as exc:
             logger.warning("Dead-letter metrics unavailable: %s", exc)
