@@ -68,7 +68,12 @@ class Attempt:
 
 
 def _attempts(events: list[Event]) -> list[Attempt]:
-    """Split a generation's events into attempts: each ``generationStarted`` opens one."""
+    """Split a generation's events into attempts: each ``generationStarted`` opens one.
+
+    Timestamps are milliseconds, so the end of one attempt and the start of the
+    next can share one; ``seq`` cannot lie: an event continues the latest attempt
+    whose last ``seq`` is just before its own.
+    """
     attempts: list[Attempt] = []
     for event in events:
         if event.type == "generationStarted" or not attempts:
@@ -78,7 +83,13 @@ def _attempts(events: list[Event]) -> list[Attempt]:
                 else None
             )
             attempts.append(Attempt(number=number if isinstance(number, int) else len(attempts) + 1))
-        attempts[-1].events.append(event)
+            attempts[-1].events.append(event)
+            continue
+        owner = next(
+            (a for a in reversed(attempts) if a.events[-1].seq == event.seq - 1),
+            attempts[-1],
+        )
+        owner.events.append(event)
     return attempts
 
 

@@ -246,3 +246,31 @@ def test_a_lone_surrogate_escape_gets_400(producer_client: APIClient) -> None:
     text = json.dumps(make_envelope("tokenGenerated")).replace('"Hello"', '"\\ud800"')
     response = producer_client.post(URL, data=text, content_type="application/json")
     assert response.status_code == 400
+
+
+def test_attempts_sharing_a_millisecond_are_told_apart_by_seq(reader_client: APIClient) -> None:
+    generation = str(uuid.uuid4())
+
+    def event(
+        event_type: str, seq: int, ts: int, attempt: int | None = None, **payload: Any
+    ) -> dict[str, Any]:
+        base: dict[str, Any] = {"model": "m", **payload}
+        if attempt is not None:
+            base["metadata"] = {"attempt": attempt}
+        return make_envelope(event_type, generationId=generation, seq=seq, timestamp=ts, payload=base)
+
+    store(
+        event("generationStarted", 0, 1000, attempt=1, prompt="p"),
+        event("tokenGenerated", 1, 1001, token="a"),
+        event("tokenGenerated", 2, 1002, token="b"),
+        event("generationStarted", 0, 1002, attempt=2, prompt="p"),  # same ms as attempt 1's last token
+        event("generationCompleted", 3, 1002, tokensGenerated=2, durationMs=2),
+        event("tokenGenerated", 1, 1003, token="c"),
+        event("generationCompleted", 2, 1004, tokensGenerated=1, durationMs=2),
+    )
+    detail = reader_client.get(f"/api/generations/{generation}/").json()
+    assert [(a["attempt"], a["state"], a["text"]) for a in detail["attempts"]] == [
+        (1, "completed", "ab"),
+        (2, "completed", "c"),
+    ]
+    assert detail["text"] == "c" and detail["attempt"] == 2
