@@ -60,7 +60,7 @@ def main() -> int:
 
     from events.models import Event
     from events.schemas import envelope_decode
-    from events.services import EventIngester, _event_values
+    from events.services import _EVENT_COLUMNS, EventIngester, _event_values
     from events.stream import stream_append_batch
 
     call_command("migrate", verbosity=0)
@@ -127,17 +127,7 @@ def main() -> int:
         for body in bodies:
             values = dict(
                 zip(
-                    (
-                        "id",
-                        "type",
-                        "timestamp",
-                        "source",
-                        "generation_id",
-                        "seq",
-                        "model",
-                        "payload",
-                        "ingested_at",
-                    ),
+                    _EVENT_COLUMNS,
                     _event_values(envelope_decode(body), timezone.now()),
                     strict=True,
                 )

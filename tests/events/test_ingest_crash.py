@@ -34,25 +34,30 @@ def database_url() -> str:
     return f"sqlite:///{db['NAME']}"
 
 
-def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
-    redis_client: redis.Redis, settings: Any
-) -> None:
-    rng = random.Random(20261126)
+def token_bodies(count: int) -> list[bytes]:
+    """``count`` valid token events of one generation, JSON-encoded, in order."""
     generation = str(uuid.uuid4())
-    bodies = [
+    return [
         msgspec.json.encode(
             {
                 "id": str(uuid.uuid4()),
                 "type": "tokenGenerated",
                 "timestamp": 1764115200000 + i,
-                "source": "crash-test/w1",
+                "source": "ingest-test/w1",
                 "generationId": generation,
                 "seq": i,
                 "payload": {"model": "m", "token": "t", "logprob": -1.0},
             }
         )
-        for i in range(TOTAL)
+        for i in range(count)
     ]
+
+
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    rng = random.Random(20261126)
+    bodies = token_bodies(TOTAL)
     # Workers' batches and the API's single entries, mixed.
     position = 0
     while position < TOTAL:

@@ -7,10 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from typing import Any
 
-import msgspec
 import pytest
 import redis
 from django.conf import settings as django_settings
@@ -19,27 +17,13 @@ from events.models import Event
 from events.services import stream_lag
 from events.stream import stream_append_batch
 from tests.conftest import TEST_REDIS_URL, RedisServer
-from tests.events.test_ingest_crash import database_url
+from tests.events.test_ingest_crash import database_url, token_bodies
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def fill(client: redis.Redis, stream: str, count: int) -> None:
-    generation = str(uuid.uuid4())
-    bodies = [
-        msgspec.json.encode(
-            {
-                "id": str(uuid.uuid4()),
-                "type": "tokenGenerated",
-                "timestamp": 1764115200000 + i,
-                "source": "process-test/w1",
-                "generationId": generation,
-                "seq": i,
-                "payload": {"model": "m", "token": "t"},
-            }
-        )
-        for i in range(count)
-    ]
+    bodies = token_bodies(count)
     for start in range(0, count, 500):
         stream_append_batch(client, stream, bodies[start : start + 500])
 
@@ -71,6 +55,15 @@ def start_ingester(settings: Any, redis_url: str, *extra: str) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+
+
+def wait_until_nothing_pending(client: redis.Redis, settings: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lag = stream_lag(client=client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP)
+        if not lag["pending"]:
+            return
+        time.sleep(0.05)
 
 
 def wait_for_count(minimum: int, timeout: float) -> int:
@@ -111,14 +104,7 @@ def test_redis_gone_for_ten_seconds_loses_nothing_and_the_ingester_recovers(
         assert process.poll() is None, "the ingester must wait for Redis, not die"
         own_redis.start()
         wait_for_count(60_000, timeout=120)
-        deadline = time.monotonic() + 30
-        while (
-            stream_lag(client=client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP)[
-                "pending"
-            ]
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.05)
+        wait_until_nothing_pending(client, settings)
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
@@ -155,14 +141,7 @@ def test_a_database_outage_acknowledges_nothing_and_the_ingester_recovers(
             with connection.cursor() as cursor:
                 cursor.execute("ALTER TABLE events_event_away RENAME TO events_event")
         wait_for_count(3_000, timeout=60)
-        deadline = time.monotonic() + 30
-        while (
-            stream_lag(
-                client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP
-            )["pending"]
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.05)
+        wait_until_nothing_pending(redis_client, settings)
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
