@@ -3,7 +3,8 @@
 Fills a scratch database with ``--rows`` events (default 10 million: token events
 and some lifecycle events spread over 30 days, all indexes in place), then deletes
 one day of token events past the cutoff twice: with ``events_retention_apply``
-(10,000-row transactions found through the (type, timestamp) index) and, as the
+(one time window of about 10,000 rows a transaction, a range scan of the
+(type, timestamp) index) and, as the
 baseline, with one ``DELETE ... WHERE type = ... AND timestamp < ...`` for the next
 day. Prints rows/s for each and the longest single transaction (how long rows
 stay locked and a replica lags).

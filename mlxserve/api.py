@@ -161,14 +161,18 @@ class CanRead(BasePermission):
         return bool(user and user.is_authenticated) and not user_is_producer_only(user)
 
 
+def _staff_or_member(request: Request, group: str) -> bool:
+    user = request.user
+    if not (user and user.is_authenticated):
+        return False
+    return bool(user.is_staff) or user.groups.filter(name=group).exists()
+
+
 class CanPostEvents(BasePermission):
     message = "Posting events needs a producer account or a staff user"
 
     def has_permission(self, request: Request, view: APIView) -> bool:
-        user = request.user
-        if not (user and user.is_authenticated):
-            return False
-        return bool(user.is_staff) or user.groups.filter(name=PRODUCER_GROUP).exists()
+        return _staff_or_member(request, PRODUCER_GROUP)
 
 
 class ReadOrStaffWrite(BasePermission):
@@ -191,7 +195,4 @@ class CanOperate(BasePermission):
     message = "This needs an operator account or a staff user"
 
     def has_permission(self, request: Request, view: APIView) -> bool:
-        user = request.user
-        if not (user and user.is_authenticated):
-            return False
-        return bool(user.is_staff) or user.groups.filter(name=OPERATOR_GROUP).exists()
+        return _staff_or_member(request, OPERATOR_GROUP)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -190,7 +191,7 @@ class MetricsExporter:
             self._retry.wait()
             if self._closed:
                 return
-            threading.Event().wait(self.retry_seconds)
+            time.sleep(self.retry_seconds)
             with self._lock:
                 self._retry.clear()
                 if self.port is not None and self.serving_port != self.port:
