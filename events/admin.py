@@ -6,17 +6,69 @@ from typing import Any
 
 from django.contrib import admin
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
 from django.utils.html import format_html, format_html_join
 
-from events.models import DeadLetter, Event, Generation, RegisteredModel, RetentionPolicy, Worker
-from events.selectors import generation_detail
+from events.models import (
+    DeadLetter,
+    Event,
+    Generation,
+    PromptPolicy,
+    RegisteredModel,
+    RetentionPolicy,
+    Worker,
+)
+from events.privacy import prompt_policy_get
+from events.selectors import generation_detail, worker_is_stale, worker_tokens_per_second
 from events.services import dead_letters_replay
 
 
 def _pretty(value: Any) -> str:
     # format_html escapes: a token "<script>" shows as text, never runs.
     return format_html("<pre>{}</pre>", json.dumps(value, indent=2, ensure_ascii=False))
+
+
+class ExactInputFilter(admin.SimpleListFilter):
+    """A text box matching one indexed column exactly.
+
+    Django's field filters list the distinct values of the column, a scan of the
+    whole table at 10 million events; this one asks for the value instead.
+    """
+
+    template = "admin/events/input_filter.html"
+    field_name = ""
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("", "")]  # Django shows a filter only when it has lookups
+
+    def has_output(self) -> bool:
+        return True
+
+    def choices(self, changelist: Any) -> Any:
+        self.current = self.value()
+        self.kept_params = [
+            (k, v)
+            for k, values in changelist.get_filters_params().items()
+            if k != self.parameter_name
+            for v in (values if isinstance(values, list) else [values])
+        ]
+        self.clear_url = changelist.get_query_string(remove=[self.parameter_name])
+        return [{"selected": bool(self.current)}]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(**{self.field_name: value}) if value else queryset
+
+
+class ModelFilter(ExactInputFilter):
+    title = "model"
+    parameter_name = field_name = "model"
+
+
+class SourceFilter(ExactInputFilter):
+    title = "source"
+    parameter_name = field_name = "source"
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -32,7 +84,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 @admin.register(Event)
 class EventAdmin(ReadOnlyAdmin):
     list_display = ["occurred", "type", "model", "source", "generation_id", "seq"]
-    list_filter = ["type", "model", "source"]
+    # type has fixed choices (no query); model and source are typed in (no DISTINCT scan).
+    list_filter = ["type", ModelFilter, SourceFilter]
+    # Only the time order has an index to walk; other columns would sort the whole table.
+    sortable_by = ["occurred"]
     search_fields = ["=id", "=generation_id"]
     readonly_fields = [
         "id",
@@ -158,7 +213,17 @@ class RetentionPolicyAdmin(admin.ModelAdmin):
 
 @admin.register(Worker)
 class WorkerAdmin(ReadOnlyAdmin):
-    list_display = ["source", "status", "models_loaded", "active_tasks", "last_heard", "first_seen_at"]
+    """The fleet overview: every worker, its last status, when last heard, and its pace."""
+
+    list_display = [
+        "source",
+        "status",
+        "is_stale",
+        "last_heard",
+        "models_loaded",
+        "active_tasks",
+        "tokens_per_second",
+    ]
     list_filter = ["status"]
     search_fields = ["source"]
 
@@ -167,3 +232,28 @@ class WorkerAdmin(ReadOnlyAdmin):
         if not obj.last_heard_at:
             return "-"
         return datetime.fromtimestamp(obj.last_heard_at / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    @admin.display(description="stale", boolean=True)
+    def is_stale(self, obj: Worker) -> bool:
+        return worker_is_stale(obj)
+
+    @admin.display(description="tokens/s (last minute)")
+    def tokens_per_second(self, obj: Worker) -> str:
+        return f"{worker_tokens_per_second(source=obj.source):.1f}"
+
+
+@admin.register(PromptPolicy)
+class PromptPolicyAdmin(admin.ModelAdmin):
+    """One policy (how prompts are kept at rest); applied by the ingester from its next batch."""
+
+    list_display = ["__str__", "truncate_chars", "updated_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        prompt_policy_get()
+        return redirect("admin:events_promptpolicy_change", 1)

@@ -7,6 +7,10 @@ class EventsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.db.models.signals import post_migrate
+
         from events.metrics import register
+        from mlxserve.roles import roles_ensure
 
         register()
+        post_migrate.connect(roles_ensure, sender=self)

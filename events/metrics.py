@@ -13,10 +13,12 @@ from collections.abc import Iterator
 import redis
 from django.conf import settings
 from django.db import DatabaseError
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
+from events.fleet import FLEET_METRICS, HISTOGRAM_BUCKETS, bucket_label, fleet_counters_read
 from events.models import DeadLetter
+from events.selectors import workers_list
 from events.services import stream_lag
 from mlxserve.redis_conn import redis_client
 
@@ -73,11 +75,82 @@ class IngestCollector(Collector):
         )
 
 
+WORKER_STATES = ("ready", "busy", "error", "shutdown", "unknown")
+
+
+class FleetCollector(Collector):
+    """What the stored events say about the fleet: running totals kept by the ingester
+    (``events.fleet``) and the workers' state, read from the database at scrape."""
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # nothing queried while Django starts
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            rows = list(fleet_counters_read())
+            workers = workers_list()
+        except DatabaseError as exc:
+            logger.warning("Fleet metrics unavailable: %s", exc)
+            return
+        yield from _families(rows)
+        by_state = dict.fromkeys(WORKER_STATES, 0)
+        stale = GaugeMetricFamily(
+            "mlxserve_fleet_workers_stale", "Workers silent for three heartbeat intervals or more"
+        )
+        heard = GaugeMetricFamily(
+            "mlxserve_fleet_worker_last_heard_timestamp_seconds",
+            "When each worker was last heard from (any event), Unix seconds",
+            labels=["source", "status"],
+        )
+        for worker in workers:
+            by_state[worker["status"] or "unknown"] = by_state.get(worker["status"] or "unknown", 0) + 1
+            heard.add_metric([worker["source"], worker["status"] or "unknown"], worker["lastHeardAt"] / 1000)
+        stale.add_metric([], sum(1 for w in workers if w["stale"] and w["status"] != "shutdown"))
+        by_status = GaugeMetricFamily(
+            "mlxserve_fleet_workers", "Workers by their last runtimeStatus", labels=["status"]
+        )
+        for state, count in by_state.items():
+            by_status.add_metric([state], count)
+        yield by_status
+        yield stale
+        yield heard
+
+
+def _families(rows: list[tuple[str, dict[str, str], float]]) -> Iterator[Metric]:
+    series: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for name, labels, value in rows:
+        series.setdefault(name, []).append((labels, value))
+    for name, (kind, help_text, label_names) in FLEET_METRICS.items():
+        if kind == "counter":
+            counter = CounterMetricFamily(name.removesuffix("_total"), help_text, labels=label_names)
+            for labels, value in series.get(name, []):
+                counter.add_metric([labels.get(n, "") for n in label_names], value)
+            yield counter
+            continue
+        histogram = HistogramMetricFamily(name, help_text, labels=label_names)
+        sums = {
+            tuple(labels.get(n, "") for n in label_names): v for labels, v in series.get(f"{name}_sum", [])
+        }
+        buckets: dict[tuple[str, ...], list[tuple[str, float]]] = {}
+        for labels, value in series.get(f"{name}_bucket", []):
+            key = tuple(labels.get(n, "") for n in label_names)
+            buckets.setdefault(key, []).append((labels["le"], value))
+        bounds = [bucket_label(b) for b in (*HISTOGRAM_BUCKETS[name], float("inf"))]
+        for key, observed in buckets.items():
+            # Stored cumulative; a bucket no observation fell into has no row: it is 0.
+            counts = dict(observed)
+            histogram.add_metric(list(key), [(b, counts.get(b, 0.0)) for b in bounds], sums.get(key, 0.0))
+        yield histogram
+
+
+CONTROL_PLANE_COLLECTORS: tuple[Collector, ...] = (IngestCollector(), FleetCollector())
 _registered = False
 
 
 def register() -> None:
+    """Add the control plane's collectors to the default registry (single-process mode)."""
     global _registered
     if not _registered:
-        REGISTRY.register(IngestCollector())
+        for collector in CONTROL_PLANE_COLLECTORS:
+            REGISTRY.register(collector)
         _registered = True

@@ -126,3 +126,52 @@ class RetentionPolicy(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type}: {self.keep_days} days"
+
+
+class PromptPolicy(models.Model):
+    """How ``generationStarted`` prompts (and queued generations' prompts) are kept at rest.
+
+    One row (pk 1), edited in the admin, applied by the ingester as it stores
+    events and by ``POST /api/generations/`` as it records a request.
+    """
+
+    KEEP, TRUNCATE, HASH, DROP = "keep", "truncate", "hash", "drop"
+    MODES = [
+        (KEEP, "Keep the prompt as sent"),
+        (TRUNCATE, "Keep the first N characters"),
+        (HASH, "Keep only a keyed SHA-256 hash and the length"),
+        (DROP, "Drop it (an empty string is stored)"),
+    ]
+
+    mode = models.CharField(max_length=16, choices=MODES, default=HASH)
+    truncate_chars = models.PositiveIntegerField(
+        default=200, help_text="With 'truncate': how many characters of the prompt are kept."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "prompt privacy policy"
+        verbose_name_plural = "prompt privacy policy"
+
+    def __str__(self) -> str:
+        return f"Prompts: {self.get_mode_display()}"
+
+
+class FleetCounter(models.Model):
+    """A running total derived from stored events, for the control plane's ``/metrics``.
+
+    The ingester adds to these in the same transaction that stores the events
+    (only events stored for the first time count), so every web process reads
+    the same figures at scrape and a restart loses nothing. Histogram buckets
+    are rows too: ``name`` ends in ``_bucket`` and ``labels`` carries ``le``.
+    """
+
+    name = models.CharField(max_length=100)
+    labels = models.CharField(max_length=600, help_text="Sorted label pairs as JSON.")
+    value = models.FloatField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["name", "labels"], name="fleet_counter_key")]
+
+    def __str__(self) -> str:
+        return f"{self.name}{self.labels} {self.value}"

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from events.models import Event, Generation, Worker
+import msgspec
+from django.db.models import Count, Min, Q, QuerySet
+
+from events.models import MODEL_COLUMN_LENGTH, Event, Generation, Worker
 from telemetry.services import telemetry_config_get
 
 # A worker is stale after this many heartbeat intervals without a word.
@@ -124,6 +128,19 @@ def generation_detail(*, generation_id: uuid.UUID) -> dict[str, Any] | None:
     }
 
 
+def worker_is_stale(worker: Worker, *, interval_ms: int | None = None, now_ms: int | None = None) -> bool:
+    interval_ms = interval_ms or telemetry_config_get().export_interval_ms
+    now_ms = now_ms or time.time_ns() // 1_000_000
+    return now_ms - worker.last_heard_at > STALE_AFTER_HEARTBEATS * interval_ms
+
+
+def worker_tokens_per_second(*, source: str, window_ms: int = 60_000) -> float:
+    """Tokens the worker emitted over the last ``window_ms``, per second (the source index)."""
+    since = time.time_ns() // 1_000_000 - window_ms
+    tokens = Event.objects.filter(source=source, timestamp__gte=since, type="tokenGenerated").count()
+    return tokens * 1000 / window_ms
+
+
 def workers_list() -> list[dict[str, Any]]:
     interval_ms = telemetry_config_get().export_interval_ms
     now_ms = time.time_ns() // 1_000_000
@@ -135,7 +152,122 @@ def workers_list() -> list[dict[str, Any]]:
             "activeTasks": w.active_tasks,
             "lastStatusAt": w.last_status_at or None,
             "lastHeardAt": w.last_heard_at,
-            "stale": now_ms - w.last_heard_at > STALE_AFTER_HEARTBEATS * interval_ms,
+            "stale": worker_is_stale(w, interval_ms=interval_ms, now_ms=now_ms),
         }
         for w in Worker.objects.order_by("source")
     ]
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p95/p99 by linear interpolation between closest ranks (None when there is no data)."""
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    ordered = sorted(values)
+    result: dict[str, float | None] = {}
+    for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        result[name] = round(ordered[low] + (ordered[high] - ordered[low]) * (position - low), 3)
+    return result
+
+
+def _first_token_times(generation_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+    """Each generation's first token time, by the (generation_id, seq) index, 500 ids a query."""
+    first: dict[uuid.UUID, int] = {}
+    for start in range(0, len(generation_ids), 500):
+        rows = (
+            Event.objects.filter(generation_id__in=generation_ids[start : start + 500], type="tokenGenerated")
+            .values("generation_id")
+            .annotate(first=Min("timestamp"))
+        )
+        first.update({row["generation_id"]: row["first"] for row in rows})
+    return first
+
+
+def events_stats(*, since: int, until: int, model: str | None = None) -> dict[str, Any]:
+    """What the fleet did in ``[since, until]`` (epoch ms): counts, tokens/s, time to first token.
+
+    Counts come from one GROUP BY over the time index; the figures are per
+    generation, from the ``generationCompleted`` events in the window (their
+    ``throughput``, or tokens over duration) and the first token after each
+    ``generationStarted`` in the window.
+    """
+    window = Event.objects.filter(timestamp__gte=since, timestamp__lte=until)
+    if model is not None:
+        window = window.filter(model=model[:MODEL_COLUMN_LENGTH])
+    by_type: dict[str, int] = {}
+    by_model: dict[str, int] = {}
+    for row in window.order_by().values("type", "model").annotate(count=Count("*")):
+        by_type[row["type"]] = by_type.get(row["type"], 0) + row["count"]
+        if row["model"]:
+            by_model[row["model"]] = by_model.get(row["model"], 0) + row["count"]
+
+    throughputs: list[float] = []
+    for payload in window.filter(type="generationCompleted").values_list("payload", flat=True):
+        if "throughput" in payload:
+            throughputs.append(float(payload["throughput"]))
+        elif payload.get("durationMs"):
+            throughputs.append(payload["tokensGenerated"] * 1000 / payload["durationMs"])
+
+    started: dict[uuid.UUID, int] = {
+        g: t
+        for g, t in window.filter(type="generationStarted", generation_id__isnull=False)
+        .order_by("timestamp")
+        .values_list("generation_id", "timestamp")
+        if g is not None
+    }
+    first_tokens = _first_token_times(list(started))
+    ttft = [float(first_tokens[g] - t) for g, t in started.items() if first_tokens.get(g, -1) >= t]
+
+    seconds = max(until - since, 1) / 1000
+    return {
+        "since": since,
+        "until": until,
+        "model": model,
+        "events": {"total": sum(by_type.values()), "byType": by_type, "byModel": by_model},
+        "generations": {
+            "started": by_type.get("generationStarted", 0),
+            "completed": by_type.get("generationCompleted", 0),
+            "errors": by_type.get("error", 0),
+        },
+        "tokens": by_type.get("tokenGenerated", 0),
+        "tokensPerSecond": {
+            "fleet": round(by_type.get("tokenGenerated", 0) / seconds, 3),
+            **_percentiles(throughputs),
+        },
+        "timeToFirstTokenMs": {"count": len(ttft), **_percentiles(ttft)},
+    }
+
+
+def event_row(event: Event) -> dict[str, Any]:
+    """An event as the API shows it (the serializer's shape, built directly for the export)."""
+    return {
+        "id": str(event.id),
+        "type": event.type,
+        "timestamp": event.timestamp,
+        "source": event.source,
+        "generationId": str(event.generation_id) if event.generation_id else None,
+        "seq": event.seq,
+        "payload": event.payload,
+        "ingestedAt": event.ingested_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def events_export(queryset: QuerySet[Event], *, chunk: int = 2000) -> Iterator[bytes]:
+    """NDJSON lines of ``queryset``, oldest first, read in keyset chunks (no OFFSET, no long
+    transaction): memory stays flat whatever the range holds."""
+    ordered = queryset.order_by("timestamp", "seq", "id")
+    last: tuple[int, int, uuid.UUID] | None = None
+    while True:
+        page = ordered
+        if last is not None:
+            t, s, i = last
+            page = page.filter(timestamp__gte=t).filter(
+                Q(timestamp__gt=t) | Q(timestamp=t, seq__gt=s) | Q(timestamp=t, seq=s, id__gt=i)
+            )
+        rows = list(page[:chunk])
+        if not rows:
+            return
+        yield b"".join(msgspec.json.encode(event_row(e)) + b"\n" for e in rows)
+        last = (rows[-1].timestamp, rows[-1].seq, rows[-1].id)

@@ -13,10 +13,21 @@ import redis
 from django.db import DataError, connection, transaction
 from django.utils import timezone
 
-from events.models import MODEL_COLUMN_LENGTH, DeadLetter, Event, Generation, RegisteredModel, Worker
+from events.fleet import fleet_counters_add
+from events.models import (
+    MODEL_COLUMN_LENGTH,
+    DeadLetter,
+    Event,
+    Generation,
+    PromptPolicy,
+    RegisteredModel,
+    Worker,
+)
+from events.privacy import prompt_policy_get, prompt_redact
 from events.schemas import (
     Envelope,
     GenerationOrder,
+    GenerationStartedEnvelope,
     RuntimeStatusEnvelope,
     envelope_decode,
     envelope_encode,
@@ -99,7 +110,7 @@ def _event_values(envelope: Envelope, now: Any) -> tuple[Any, ...]:
     )
 
 
-def _insert_postgresql(rows: list[tuple[Any, ...]]) -> int:
+def _insert_postgresql(rows: list[tuple[Any, ...]]) -> set[str]:
     """COPY into a session-local staging table, then one INSERT ... ON CONFLICT DO NOTHING.
 
     COPY is PostgreSQL's bulk path (no SQL text per row, no per-row round trip);
@@ -116,14 +127,15 @@ def _insert_postgresql(rows: list[tuple[Any, ...]]) -> int:
             for row in rows:
                 copy.write_row(row)
         cursor.execute(
-            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM event_staging ON CONFLICT (id) DO NOTHING"
+            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM event_staging "
+            "ON CONFLICT (id) DO NOTHING RETURNING id"
         )
-        inserted = cursor.rowcount
+        inserted = {str(row[0]) for row in cursor.fetchall()}
         cursor.execute("TRUNCATE event_staging")
-    return int(inserted)
+    return inserted
 
 
-def _insert_generic(rows: list[tuple[Any, ...]]) -> int:
+def _insert_generic(rows: list[tuple[Any, ...]]) -> set[str]:
     """Batched multi-row INSERT ... ON CONFLICT DO NOTHING (SQLite, or any other backend)."""
     fields: list[Any] = [Event._meta.get_field(name) for name in _EVENT_COLUMNS]
     prepared = [
@@ -135,22 +147,23 @@ def _insert_generic(rows: list[tuple[Any, ...]]) -> int:
     ]
     table, columns = Event._meta.db_table, ", ".join(_EVENT_COLUMNS)
     placeholders = ", ".join(["%s"] * len(_EVENT_COLUMNS))
-    inserted = 0
+    inserted: set[str] = set()
     with connection.cursor() as cursor:
         for start in range(0, len(prepared), 100):
             chunk = prepared[start : start + 100]
             values = ", ".join([f"({placeholders})"] * len(chunk))
             cursor.execute(
-                f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id) DO NOTHING",
+                f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id) DO NOTHING RETURNING id",
                 [v for row in chunk for v in row],
             )
-            inserted += max(cursor.rowcount, 0)
+            inserted.update(str(uuid.UUID(str(row[0]))) for row in cursor.fetchall())
     return inserted
 
 
-def _insert_events(rows: list[tuple[Any, ...]]) -> int:
+def _insert_events(rows: list[tuple[Any, ...]]) -> set[str]:
+    """Insert, skipping ids already stored; returns the ids stored now."""
     if not rows:
-        return 0
+        return set()
     if connection.vendor == "postgresql":
         return _insert_postgresql(rows)
     return _insert_generic(rows)
@@ -166,31 +179,38 @@ def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
     now = timezone.now()
     pending: dict[Any, tuple[Envelope, str, bytes]] = {}
     dead: list[DeadLetter] = []
+    policy: PromptPolicy | None = None
     for entry_id, body in entries:
         try:
             envelope = envelope_decode(storable_body(body))
         except ValidationFailed as exc:
             dead.append(_dead_letter(entry_id, body, exc.as_error()))
             continue
+        if isinstance(envelope, GenerationStartedEnvelope):
+            policy = policy or prompt_policy_get()
+            envelope = _prompt_redacted(envelope, policy)
         pending.setdefault(envelope.id, (envelope, entry_id, body))
     kept = [envelope for envelope, _, _ in pending.values()]
     with transaction.atomic():
         try:
             with transaction.atomic():
-                stored = _insert_events([_event_values(e, now) for e in kept])
+                inserted = _insert_events([_event_values(e, now) for e in kept])
         except DataError:
             # One row the database will not take must not hold up the rest: go row
             # by row, and keep the ones it refuses as dead letters with its reason.
-            stored, kept = 0, []
+            inserted, kept = set(), []
             for envelope, entry_id, body in pending.values():
                 try:
                     with transaction.atomic():
-                        stored += _insert_events([_event_values(envelope, now)])
+                        inserted |= _insert_events([_event_values(envelope, now)])
                     kept.append(envelope)
                 except DataError as exc:
                     dead.append(_dead_letter(entry_id, body, _storage_error(exc)))
         DeadLetter.objects.bulk_create(dead)
         workers_note(kept)
+        # Only events stored for the first time count: a redelivered entry adds nothing.
+        fleet_counters_add([e for e in kept if str(e.id) in inserted])
+    stored = len(inserted)
     return StoreOutcome(stored=stored, duplicates=len(entries) - len(dead) - stored, dead=len(dead))
 
 
@@ -199,6 +219,13 @@ def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
 # both databases keep the same thing. An escaped backslash before "u0000"
 # is literal text and is left alone.
 _ESCAPED_NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _prompt_redacted(envelope: GenerationStartedEnvelope, policy: PromptPolicy) -> GenerationStartedEnvelope:
+    if policy.mode == PromptPolicy.KEEP:
+        return envelope
+    payload = msgspec.structs.replace(envelope.payload, prompt=prompt_redact(envelope.payload.prompt, policy))
+    return msgspec.structs.replace(envelope, payload=payload)
 
 
 def storable_body(body: bytes) -> bytes:
@@ -420,7 +447,7 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
         id=uuid.uuid4(),
         model=order.model,
         model_path=registered.path if registered else "",
-        prompt=order.prompt,
+        prompt=prompt_redact(order.prompt, prompt_policy_get()),
         max_tokens=order.max_tokens,
         options={"temperature": order.temperature, "topP": order.top_p, "seed": order.seed},
         requested_by=user if user is not None and user.is_authenticated else None,

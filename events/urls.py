@@ -4,9 +4,11 @@ from events import views
 
 urlpatterns = [
     path("events/", views.EventListCreateView.as_view(), name="event-list"),
+    path("events/export/", views.EventExportView.as_view(), name="event-export"),
     path("events/<uuid:pk>/", views.EventDetailView.as_view(), name="event-detail"),
     path("generations/", views.GenerationCreateView.as_view(), name="generation-create"),
     path("generations/<uuid:generation_id>/", views.GenerationDetailView.as_view(), name="generation-detail"),
+    path("stats/", views.StatsView.as_view(), name="stats"),
     path("workers/", views.WorkerListView.as_view(), name="worker-list"),
     path("workers/unload/", views.WorkerUnloadView.as_view(), name="worker-unload"),
 ]

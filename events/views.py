@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
+import msgspec
 import redis
 from django.conf import settings
 from django.db.models import QuerySet
+from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from kombu.exceptions import OperationalError
-from rest_framework import generics, status
+from rest_framework import generics, renderers, serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import BasePermission
@@ -16,15 +20,22 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from events.filters import EventFilter
+from events.filters import EpochMsFilter, EventFilter
 from events.models import Event
 from events.schemas import Envelope, GenerationOrder
-from events.selectors import generation_detail, workers_list
+from events.selectors import events_export, events_stats, generation_detail, workers_list
 from events.serializers import EventSerializer
 from events.services import event_submit, event_submit_batch, generation_queue
 from mlxserve.api import CanOperate, CanPostEvents, CanRead
 from mlxserve.engine.runtime import ControlCommand, control_command_publish
-from mlxserve.openapi import ERROR_RESPONSES, ERROR_SCHEMA, error, json_request, struct_schema
+from mlxserve.openapi import (
+    ERROR_RESPONSES,
+    ERROR_SCHEMA,
+    WRITE_ERROR_RESPONSES,
+    error,
+    json_request,
+    struct_schema,
+)
 from mlxserve.redis_conn import redis_client
 from mlxserve.validation import Issue, ValidationFailed, validate
 
@@ -78,7 +89,7 @@ class EventListCreateView(generics.ListAPIView[Event]):
                 },
                 description="An array: the valid envelopes are accepted whatever the others hold.",
             ),
-            **ERROR_RESPONSES,
+            **WRITE_ERROR_RESPONSES,
             503: OpenApiResponse(response=ERROR_SCHEMA, description="Redis unreachable; nothing stored"),
         },
     )
@@ -141,7 +152,7 @@ class GenerationCreateView(APIView):
                 },
                 description="Queued",
             ),
-            **ERROR_RESPONSES,
+            **WRITE_ERROR_RESPONSES,
             503: OpenApiResponse(response=ERROR_SCHEMA, description="The broker (Redis) is unreachable"),
         },
     )
@@ -182,7 +193,7 @@ class WorkerUnloadView(APIView):
         request=json_request(struct_schema(ControlCommand)),
         responses={
             202: {"type": "object", "properties": {"listeners": {"type": "integer"}}},
-            **ERROR_RESPONSES,
+            **WRITE_ERROR_RESPONSES,
         },
     )
     def post(self, request: Request) -> Response:
@@ -194,3 +205,101 @@ class WorkerUnloadView(APIView):
             client=redis_client(), channel=settings.WORKER_CONTROL_CHANNEL, command=command
         )
         return Response({"listeners": listeners}, status=status.HTTP_202_ACCEPTED)
+
+
+HOUR_MS = 3_600_000
+
+
+class StatsQuery(serializers.Serializer[Any]):
+    since = serializers.IntegerField(
+        required=False, min_value=0, max_value=2**63 - 1, help_text="epoch ms; default: an hour before until"
+    )
+    until = serializers.IntegerField(
+        required=False, min_value=0, max_value=2**63 - 1, help_text="epoch ms; default: now"
+    )
+    model = serializers.CharField(required=False, help_text="only this model's events")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        until = attrs.get("until", time.time_ns() // 1_000_000)
+        since = attrs.get("since", max(until - HOUR_MS, 0))
+        if since > until:
+            raise serializers.ValidationError({"since": "Must not be after until"})
+        return {**attrs, "since": since, "until": until}
+
+
+STATS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "since": {"type": "integer"},
+        "until": {"type": "integer"},
+        "model": {"type": "string", "nullable": True},
+        "events": {
+            "type": "object",
+            "properties": {
+                "total": {"type": "integer"},
+                "byType": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "byModel": {"type": "object", "additionalProperties": {"type": "integer"}},
+            },
+        },
+        "generations": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "tokens": {"type": "integer"},
+        "tokensPerSecond": {"type": "object", "additionalProperties": {"type": "number", "nullable": True}},
+        "timeToFirstTokenMs": {
+            "type": "object",
+            "additionalProperties": {"type": "number", "nullable": True},
+        },
+    },
+}
+
+
+class StatsView(APIView):
+    """Counts by type and model, fleet tokens/s, and per-generation tokens/s and time to
+    first token percentiles (p50, p95, p99) over a window (default: the last hour)."""
+
+    @extend_schema(parameters=[StatsQuery], responses={200: STATS_SCHEMA, **ERROR_RESPONSES})
+    def get(self, request: Request) -> Response:
+        query = StatsQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        return Response(events_stats(**query.validated_data))
+
+
+class NDJSONRenderer(renderers.BaseRenderer):
+    media_type = "application/x-ndjson"
+    format = "ndjson"
+
+    def render(
+        self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None
+    ) -> bytes:
+        return msgspec.json.encode(data) + b"\n"
+
+
+class EventExportFilter(EventFilter):
+    since = EpochMsFilter(field_name="timestamp", lookup_expr="gte", required=True, help_text="epoch ms")
+
+
+class EventExportView(generics.GenericAPIView[Event]):
+    """Every event in a time range as NDJSON (one JSON object a line, oldest first), streamed.
+
+    ``since`` is required; ``until`` and the other filters of the event list are optional.
+    """
+
+    renderer_classes = [renderers.JSONRenderer, NDJSONRenderer]
+    filterset_class = EventExportFilter
+    pagination_class = None
+
+    def get_queryset(self) -> QuerySet[Event]:
+        return Event.objects.all()
+
+    @extend_schema(
+        responses={
+            (200, "application/x-ndjson"): OpenApiResponse(
+                response=OpenApiTypes.STR, description="One event a line, as in the event list"
+            ),
+            **{(code, "application/json"): value for code, value in ERROR_RESPONSES.items()},
+        },
+    )
+    def get(self, request: Request) -> StreamingHttpResponse:
+        queryset = self.filter_queryset(self.get_queryset())
+        response = StreamingHttpResponse(events_export(queryset), content_type="application/x-ndjson")
+        response["Content-Disposition"] = 'attachment; filename="events.ndjson"'
+        return response

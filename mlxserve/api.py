@@ -21,7 +21,9 @@ from rest_framework.parsers import BaseParser
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import UserRateThrottle
 
+from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP
 from mlxserve.validation import Issue, ValidationFailed
 
 if TYPE_CHECKING:
@@ -31,8 +33,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PRODUCER_GROUP = "producer"
-OPERATOR_GROUP = "operator"
 
 _CODE_BY_STATUS = {
     401: "Unauthorized",
@@ -196,3 +196,22 @@ class CanOperate(BasePermission):
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         return _staff_or_member(request, OPERATOR_GROUP)
+
+
+class PostRateThrottle(UserRateThrottle):
+    """Writes per account (events, generations, config): ``API_POST_RATE``, e.g. ``"600/min"``.
+
+    Counted in Redis (the ``default`` cache), so every web process shares one
+    count. Reads are never throttled. The rate is read at each request, so a
+    changed setting applies without a restart of the class.
+    """
+
+    scope = "posts"
+
+    def get_rate(self) -> str | None:
+        return settings.API_POST_RATE or None
+
+    def allow_request(self, request: Request, view: APIView) -> bool:
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return True
+        return super().allow_request(request, view)

@@ -79,3 +79,7 @@ ERROR_RESPONSES = {
 def json_request(schema: dict[str, Any]) -> dict[str, Any]:
     """A raw JSON schema as a request body (drf-spectacular takes raw dicts keyed by media type)."""
     return {"application/json": schema}
+
+
+# Writes are throttled per account as well.
+WRITE_ERROR_RESPONSES = {**ERROR_RESPONSES, 429: error("Too many writes from this account; see Retry-After")}

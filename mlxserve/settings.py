@@ -178,7 +178,15 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "mlxserve.api.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "DEFAULT_THROTTLE_CLASSES": ["mlxserve.api.PostRateThrottle"],
 }
+# Migration gauges would be one series per process in multiprocess mode; `make run`
+# migrates before it starts, so they say nothing useful.
+PROMETHEUS_EXPORT_MIGRATIONS = False
+
+# Writes (POST/PUT/PATCH) per account; one request may carry a batch of events.
+# Empty turns throttling off.
+API_POST_RATE = env_str("MLXSERVE_API_POST_RATE", "1200/min")
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "mlxserve",
@@ -195,6 +203,14 @@ SPECTACULAR_SETTINGS = {
 # -- Redis: events, config, Celery -------------------------------------------------
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# The throttle counts live here, shared by every web process.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "mlxserve",
+    }
+}
 EVENTS_STREAM = env_str("MLXSERVE_EVENTS_STREAM", "mlxserve:events")
 EVENTS_CONSUMER_GROUP = env_str("MLXSERVE_EVENTS_GROUP", "mlxserve-ingest")
 TELEMETRY_CONFIG_KEY = env_str("MLXSERVE_CONFIG_KEY", "mlxserve:telemetry:config")

@@ -8,7 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from mlxserve.api import ReadOrStaffWrite
-from mlxserve.openapi import ERROR_RESPONSES, json_request, struct_schema
+from mlxserve.openapi import ERROR_RESPONSES, WRITE_ERROR_RESPONSES, json_request, struct_schema
 from telemetry.models import TelemetryConfigChange
 from telemetry.schemas import TelemetryConfigSchema
 from telemetry.serializers import TelemetryConfigChangeSerializer
@@ -34,7 +34,9 @@ class TelemetryConfigView(APIView):
     def get(self, request: Request) -> Response:
         return Response(telemetry_config_get().to_schema().to_wire())
 
-    @extend_schema(request=json_request(CONFIG_SCHEMA), responses={200: CONFIG_SCHEMA, **ERROR_RESPONSES})
+    @extend_schema(
+        request=json_request(CONFIG_SCHEMA), responses={200: CONFIG_SCHEMA, **WRITE_ERROR_RESPONSES}
+    )
     def put(self, request: Request) -> Response:
         saved = telemetry_config_replace(data=request.data, user=request.user, via="api")
         return Response(saved.config.to_schema().to_wire())
@@ -42,7 +44,7 @@ class TelemetryConfigView(APIView):
     @extend_schema(
         # PATCH: the same fields, none of them required.
         request=json_request({k: v for k, v in CONFIG_SCHEMA.items() if k != "required"}),
-        responses={200: CONFIG_SCHEMA, **ERROR_RESPONSES},
+        responses={200: CONFIG_SCHEMA, **WRITE_ERROR_RESPONSES},
     )
     def patch(self, request: Request) -> Response:
         saved = telemetry_config_patch(data=request.data, user=request.user, via="api")

@@ -16,8 +16,8 @@ from django.contrib.auth.models import Group, User
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from mlxserve.api import PRODUCER_GROUP
 from mlxserve.redis_conn import redis_for_url
+from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
 
 TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -34,6 +34,9 @@ def _celery_on_the_test_redis() -> None:
 def redis_client(settings: Any) -> Iterator[redis.Redis]:
     """Every test gets an empty Redis database of its own, and the app points at it."""
     settings.REDIS_URL = TEST_REDIS_URL
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": TEST_REDIS_URL}
+    }
     settings.EVENTS_STREAM = "test:events"
     settings.EVENTS_CONSUMER_GROUP = "test-ingest"
     settings.TELEMETRY_CONFIG_KEY = "test:telemetry:config"
@@ -120,6 +123,22 @@ def producer_client(db: Any) -> APIClient:
     user = User.objects.create_user("producer")
     user.groups.add(Group.objects.get_or_create(name=PRODUCER_GROUP)[0])
     return _token_client(user)
+
+
+def role_user(username: str, group: str, *, is_staff: bool = False) -> User:
+    user = User.objects.create_user(username, password=f"{username}-pass-123", is_staff=is_staff)
+    user.groups.add(Group.objects.get_or_create(name=group)[0])
+    return user
+
+
+@pytest.fixture
+def viewer_client(db: Any) -> APIClient:
+    return _token_client(role_user("viewer", VIEWER_GROUP))
+
+
+@pytest.fixture
+def operator_client(db: Any) -> APIClient:
+    return _token_client(role_user("operator", OPERATOR_GROUP))
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from rest_framework.test import APIClient
 
 from events.models import Event, RegisteredModel
 from events.services import EventIngester
-from mlxserve.api import OPERATOR_GROUP
 from mlxserve.engine.demo_model import create_demo_model
+from mlxserve.roles import OPERATOR_GROUP
 from tests.conftest import TEST_REDIS_URL, _token_client
 
 pytestmark = pytest.mark.django_db(transaction=True)

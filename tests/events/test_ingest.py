@@ -54,7 +54,9 @@ def test_it_stores_each_event_once_even_when_sent_twice(redis_client: redis.Redi
         first["source"],
         first["generationId"],
     )
-    assert stored.payload == first["payload"]
+    # The default prompt policy keeps a keyed hash of the prompt, nothing else changes.
+    assert stored.payload == {**first["payload"], "prompt": stored.payload["prompt"]}
+    assert stored.payload["prompt"].startswith("hmac-sha256:")
     assert pending(redis_client, settings) == 0
 
 
