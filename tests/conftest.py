@@ -31,6 +31,12 @@ def _celery_on_the_test_redis() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: Any) -> None:
+    # Test accounts only: PBKDF2's deliberate slowness would dominate the role tests.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def redis_client(settings: Any) -> Iterator[redis.Redis]:
     """Every test gets an empty Redis database of its own, and the app points at it."""
     settings.REDIS_URL = TEST_REDIS_URL

@@ -1,0 +1,132 @@
+"""The admin at scale and by role: the event list, the fleet overview, the prompt policy."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+from events.models import PromptPolicy, Worker
+from events.services import events_store
+from mlxserve.roles import ADMIN_GROUP, OPERATOR_GROUP, VIEWER_GROUP
+from tests.conftest import make_envelope, role_user
+
+pytestmark = pytest.mark.django_db
+
+EVENTS_URL = "/admin/events/event/"
+
+
+def browser(username: str, group: str) -> Client:
+    role_user(username, group, is_staff=True)
+    client = Client()
+    assert client.login(username=username, password=f"{username}-pass-123")
+    return client
+
+
+def store(envelopes: list[dict[str, Any]]) -> None:
+    events_store([(f"{i}-0", msgspec.json.encode(e)) for i, e in enumerate(envelopes)])
+
+
+def action_names(client: Client, url: str) -> list[str]:
+    form = client.get(url).context["action_form"]
+    return [] if form is None else [name for name, _ in form.fields["action"].choices]
+
+
+def test_the_event_list_filters_on_indexed_columns_without_scanning_for_choices() -> None:
+    store(
+        [make_envelope("tokenGenerated", source=f"host-{i % 3}", timestamp=1_000 + i) for i in range(30)]
+        + [make_envelope("error", source="host-9", timestamp=5_000)]
+    )
+    client = browser("viewer", VIEWER_GROUP)
+    with CaptureQueriesContext(connection) as queries:
+        page = client.get(EVENTS_URL, {"source": "host-1", "type__exact": "tokenGenerated"})
+    assert page.status_code == 200
+    assert len(page.context["cl"].result_list) == 10
+    sql = " ".join(q["sql"] for q in queries.captured_queries).upper()
+    assert "DISTINCT" not in sql
+    assert '"PAYLOAD"' not in sql, "the payload is deferred in the list"
+    text = page.content.decode()
+    assert 'name="source" value="host-1"' in text
+    assert "host-9" not in text
+
+
+def test_the_event_list_never_counts_past_the_cap(settings: Any) -> None:
+    from events.admin import CappedCountPaginator
+
+    store([make_envelope("tokenGenerated", timestamp=1_000 + i) for i in range(120)])
+    CappedCountPaginator.CAP, cap = 105, CappedCountPaginator.CAP
+    try:
+        page = browser("viewer", VIEWER_GROUP).get(EVENTS_URL)
+    finally:
+        CappedCountPaginator.CAP = cap
+    assert page.context["cl"].result_count == 105
+    assert page.context["cl"].full_result_count is None
+
+
+def test_the_event_list_sorts_only_by_time() -> None:
+    page = browser("viewer", VIEWER_GROUP).get(EVENTS_URL)
+    assert page.context["cl"].sortable_by == ["occurred"]
+
+
+def test_a_payload_is_shown_pretty_and_escaped() -> None:
+    nasty = make_envelope("tokenGenerated", payload={"model": "m", "token": "<script>alert(1)</script>"})
+    store([nasty])
+    page = browser("viewer", VIEWER_GROUP).get(f"{EVENTS_URL}{nasty['id']}/change/").content.decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert(1)</script>" not in page
+    assert "<pre>{\n  &quot;model&quot;: &quot;m&quot;," in page
+
+
+def test_the_fleet_overview_shows_status_staleness_and_pace() -> None:
+    now = time.time_ns() // 1_000_000
+    Worker.objects.create(source="mac-1/w1", status="busy", last_heard_at=now)
+    Worker.objects.create(source="mac-2/w1", status="ready", last_heard_at=now - 3_600_000)
+    store(
+        [make_envelope("tokenGenerated", source="mac-1/w1", timestamp=now - 1000, seq=i) for i in range(120)]
+    )
+    page = browser("viewer", VIEWER_GROUP).get("/admin/events/worker/")
+    rows = {row.source: row for row in page.context["cl"].result_list}
+    admin_ = page.context["cl"].model_admin
+    assert admin_.tokens_per_second(rows["mac-1/w1"]) == "2.0"  # 120 tokens in the last minute
+    assert admin_.is_stale(rows["mac-1/w1"]) is False
+    assert admin_.is_stale(rows["mac-2/w1"]) is True
+    text = page.content.decode()
+    assert "tokens/s (last minute)" in text.lower() and "mac-2/w1" in text
+
+
+def test_a_viewer_reads_but_cannot_change_the_config_or_replay() -> None:
+    viewer = browser("viewer", VIEWER_GROUP)
+    assert viewer.get("/admin/telemetry/telemetryconfig/1/change/").status_code == 200
+    response = viewer.post(
+        "/admin/telemetry/telemetryconfig/1/change/",
+        {"enabled": "on", "service_name": "x", "prometheus_port": "9500", "export_interval_ms": "60000"},
+    )
+    assert response.status_code == 403
+    assert "replay" not in action_names(viewer, "/admin/events/deadletter/")
+
+
+def test_an_operator_may_replay_dead_letters() -> None:
+    operator = browser("operator", OPERATOR_GROUP)
+    assert "replay" in action_names(operator, "/admin/events/deadletter/")
+
+
+def test_the_prompt_policy_is_one_row_an_admin_edits() -> None:
+    admin_browser = browser("boss", ADMIN_GROUP)
+    listing = admin_browser.get("/admin/events/promptpolicy/")
+    assert listing.status_code == 302 and listing["Location"].endswith("/promptpolicy/1/change/")
+    response = admin_browser.post(
+        "/admin/events/promptpolicy/1/change/", {"mode": "truncate", "truncate_chars": "40"}
+    )
+    assert response.status_code == 302
+    assert PromptPolicy.objects.get(pk=1).mode == "truncate"
+    assert (
+        browser("viewer", VIEWER_GROUP)
+        .post("/admin/events/promptpolicy/1/change/", {"mode": "keep", "truncate_chars": "40"})
+        .status_code
+        == 403
+    )

@@ -1,0 +1,188 @@
+"""Answering questions from history: stats over a window, the NDJSON export, the prompt policy."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import msgspec
+import pytest
+from rest_framework.test import APIClient
+
+from events.models import Event, Generation, PromptPolicy
+from events.privacy import HASH_PREFIX, prompt_redact
+from events.services import events_store
+from tests.conftest import make_envelope
+
+pytestmark = pytest.mark.django_db
+
+T0 = 1_764_115_200_000
+
+
+def generation(
+    *, start: int, ttft: int, tokens: int, model: str = "llama-3-8b", throughput: float | None = None
+) -> list[dict[str, Any]]:
+    """A generation's events: started, ``tokens`` tokens 10 ms apart after ``ttft``, completed."""
+    gid = str(uuid.uuid4())
+    started = make_envelope(
+        "generationStarted",
+        generationId=gid,
+        timestamp=start,
+        seq=0,
+        payload={"model": model, "prompt": "Hi", "maxTokens": tokens},
+    )
+    token_events = [
+        make_envelope(
+            "tokenGenerated",
+            generationId=gid,
+            timestamp=start + ttft + i * 10,
+            seq=i + 1,
+            payload={"model": model, "token": f"t{i}"},
+        )
+        for i in range(tokens)
+    ]
+    completed_payload: dict[str, Any] = {
+        "model": model,
+        "tokensGenerated": tokens,
+        "durationMs": float(ttft + tokens * 10),
+    }
+    if throughput is not None:
+        completed_payload["throughput"] = throughput
+    completed = make_envelope(
+        "generationCompleted",
+        generationId=gid,
+        timestamp=start + ttft + tokens * 10,
+        seq=tokens + 1,
+        payload=completed_payload,
+    )
+    return [started, *token_events, completed]
+
+
+def store(envelopes: list[dict[str, Any]]) -> None:
+    events_store([(f"{i}-0", msgspec.json.encode(e)) for i, e in enumerate(envelopes)])
+
+
+def test_stats_count_by_type_and_model_and_give_percentiles(reader_client: APIClient) -> None:
+    events = []
+    for i, ttft in enumerate([100, 200, 300, 400, 500]):
+        events += generation(start=T0 + i * 10_000, ttft=ttft, tokens=4, throughput=float(10 * (i + 1)))
+    events += generation(start=T0 + 60_000, ttft=50, tokens=2, model="qwen")
+    events.append(make_envelope("error", timestamp=T0 + 1000, generationId=None))
+    events.append(make_envelope("tokenGenerated", timestamp=T0 + 10_000_000))  # outside the window
+    store(events)
+
+    body = reader_client.get(f"/api/stats/?since={T0}&until={T0 + 120_000}").json()
+    assert body["events"]["byType"] == {
+        "generationStarted": 6,
+        "tokenGenerated": 22,
+        "generationCompleted": 6,
+        "error": 1,
+    }
+    assert body["events"]["total"] == 35
+    assert body["events"]["byModel"] == {"llama-3-8b": 30, "qwen": 4, "nope": 1}
+    assert body["generations"] == {"started": 6, "completed": 6, "errors": 1}
+    assert body["timeToFirstTokenMs"]["count"] == 6
+    # TTFTs 50, 100, ..., 500: the median sits between 200 and 300.
+    assert body["timeToFirstTokenMs"]["p50"] == 250.0
+    assert body["timeToFirstTokenMs"]["p99"] == pytest.approx(495.0)
+    # Throughputs 10..50, and qwen, which sends none: 2 tokens in 70 ms, 28.57/s.
+    assert body["tokensPerSecond"]["p50"] == pytest.approx((2000 / 70 + 30) / 2, abs=1e-3)
+    assert body["tokensPerSecond"]["fleet"] == pytest.approx(22 / 120, abs=1e-3)
+
+    only_qwen = reader_client.get(f"/api/stats/?since={T0}&until={T0 + 120_000}&model=qwen").json()
+    assert only_qwen["events"]["total"] == 4
+    assert only_qwen["timeToFirstTokenMs"]["p50"] == 50.0
+
+
+def test_stats_of_an_empty_window_say_so(reader_client: APIClient) -> None:
+    body = reader_client.get("/api/stats/").json()
+    assert body["events"]["total"] == 0
+    assert body["until"] - body["since"] == 3_600_000
+    assert body["timeToFirstTokenMs"] == {"count": 0, "p50": None, "p95": None, "p99": None}
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [("since=abc", "since"), ("since=10&until=5", "since"), ("until=-1", "until")],
+)
+def test_bad_stats_windows_get_the_error_object(reader_client: APIClient, query: str, field: str) -> None:
+    response = reader_client.get(f"/api/stats/?{query}")
+    assert response.status_code == 400
+    assert response.json()["code"] == "InvalidParams"
+    assert response.json()["details"]["issues"][0]["path"][0] == field
+
+
+def test_the_export_streams_a_time_range_as_ndjson_oldest_first(reader_client: APIClient) -> None:
+    # Several events share a millisecond: the keyset must neither skip nor repeat one.
+    events = [make_envelope("tokenGenerated", timestamp=T0 + i // 3, seq=i) for i in range(5000)]
+    events.append(make_envelope("tokenGenerated", timestamp=T0 + 99_999))  # after until
+    store(events)
+    response = reader_client.get(f"/api/events/export/?since={T0}&until={T0 + 50_000}")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/x-ndjson"
+    assert response.streaming
+    chunks = list(response.streaming_content)  # type: ignore[attr-defined]
+    assert len(chunks) == 3  # read 2,000 rows at a time, never all at once
+    lines = b"".join(chunks).decode().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["id"] for r in rows] == [e["id"] for e in events[:5000]]
+    assert rows[0] == {**events[0], "ingestedAt": rows[0]["ingestedAt"]}
+
+
+def test_the_export_takes_the_list_filters_and_needs_since(reader_client: APIClient) -> None:
+    store([make_envelope("tokenGenerated", timestamp=T0), make_envelope("error", timestamp=T0 + 1)])
+    export = reader_client.get(f"/api/events/export/?since={T0}&type=error")
+    lines = b"".join(export.streaming_content).splitlines()  # type: ignore[attr-defined]
+    assert [json.loads(line)["type"] for line in lines] == ["error"]
+    response = reader_client.get("/api/events/export/")
+    assert response.status_code == 400
+    assert response.json()["details"]["issues"][0]["path"] == ["since"]
+
+
+def policy(mode: str, chars: int = 5) -> PromptPolicy:
+    PromptPolicy.objects.update_or_create(pk=1, defaults={"mode": mode, "truncate_chars": chars})
+    return PromptPolicy.objects.get(pk=1)
+
+
+@pytest.mark.parametrize(
+    ("mode", "prompt", "stored"),
+    [
+        ("keep", "My name is Ada Lovelace", "My name is Ada Lovelace"),
+        ("truncate", "My name is Ada Lovelace", "My na"),
+        ("truncate", "Hi", "Hi"),
+        ("truncate", {"messages": [{"role": "user", "content": "x"}]}, '{"mes'),
+        ("drop", "My name is Ada Lovelace", ""),
+        ("keep", {"messages": []}, {"messages": []}),
+    ],
+)
+def test_the_prompt_policy_is_applied_at_ingest(mode: str, prompt: Any, stored: Any) -> None:
+    policy(mode)
+    envelope = make_envelope("generationStarted", payload={"model": "m", "prompt": prompt, "maxTokens": 3})
+    store([envelope])
+    assert Event.objects.get(pk=envelope["id"]).payload == {"model": "m", "prompt": stored, "maxTokens": 3}
+
+
+def test_hashing_keeps_no_text_but_matches_equal_prompts() -> None:
+    current = policy("hash")
+    first, second, other = (
+        make_envelope("generationStarted", payload={"model": "m", "prompt": p})
+        for p in ("call me at 555-0100", "call me at 555-0100", "something else")
+    )
+    store([first, second, other])
+    stored = {e["id"]: Event.objects.get(pk=e["id"]).payload["prompt"] for e in (first, second, other)}
+    assert stored[first["id"]] == stored[second["id"]] != stored[other["id"]]
+    assert stored[first["id"]].startswith(HASH_PREFIX) and "555" not in stored[first["id"]]
+    assert stored[first["id"]] == prompt_redact("call me at 555-0100", current)
+
+
+def test_the_default_policy_hashes(operator_client: APIClient) -> None:
+    assert PromptPolicy.objects.get(pk=1).mode == "hash"
+    response = operator_client.post(
+        "/api/generations/",
+        data=json.dumps({"model": "demo", "prompt": "my secret", "maxTokens": 2}),
+        content_type="application/json",
+    )
+    assert response.status_code == 202
+    recorded = Generation.objects.get(pk=response.json()["generationId"])
+    assert recorded.prompt.startswith(HASH_PREFIX)
