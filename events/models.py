@@ -79,7 +79,7 @@ class Generation(models.Model):
     """A generation someone asked for. What happened to it is told by its events."""
 
     id = models.UUIDField(primary_key=True)
-    model = models.CharField(max_length=200, help_text="As requested: a registry name, a path or a repo id.")
+    model = models.CharField(max_length=1000, help_text="As requested: a registry name, a path or a repo id.")
     model_path = models.CharField(max_length=1000, blank=True, help_text="Resolved from the registry.")
     prompt = models.JSONField()
     max_tokens = models.PositiveIntegerField()

@@ -34,7 +34,7 @@ from events.schemas import (
     envelope_validate,
 )
 from events.stream import entry_envelopes, stream_append, stream_append_batch, stream_ensure_group
-from mlxserve.validation import ValidationFailed, validate
+from mlxserve.validation import Issue, ValidationFailed, validate
 
 logger = logging.getLogger(__name__)
 
@@ -442,12 +442,17 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
     from events.tasks import generation_run
 
     order = validate(data, GenerationOrder)
+    if "\x00" in order.model:
+        raise ValidationFailed([Issue(["model"], "Cannot contain NUL characters", "invalid")])
     registered = RegisteredModel.objects.filter(name=order.model).first()
     generation = Generation.objects.create(
         id=uuid.uuid4(),
         model=order.model,
         model_path=registered.path if registered else "",
-        prompt=prompt_redact(order.prompt, prompt_policy_get()),
+        # Stored as the events are: an escaped NUL (PostgreSQL cannot hold one) becomes U+FFFD.
+        prompt=msgspec.json.decode(
+            storable_body(msgspec.json.encode(prompt_redact(order.prompt, prompt_policy_get())))
+        ),
         max_tokens=order.max_tokens,
         options={"temperature": order.temperature, "topP": order.top_p, "seed": order.seed},
         requested_by=user if user is not None and user.is_authenticated else None,

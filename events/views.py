@@ -50,6 +50,13 @@ class EventCursorPagination(CursorPagination):
     page_size_query_param = "limit"
     max_page_size = 1000
 
+    def decode_cursor(self, request: Request) -> Any:
+        # DRF answers a malformed cursor with 404; it is a bad parameter: 400.
+        try:
+            return super().decode_cursor(request)
+        except NotFound:
+            raise ValidationFailed([Issue(["cursor"], "Invalid cursor", "invalid_cursor")]) from None
+
 
 class EventListCreateView(generics.ListAPIView[Event]):
     """``GET`` the stored events (newest first, filtered); ``POST`` one envelope or an array."""

@@ -125,6 +125,15 @@ def _too_large_body() -> dict[str, Any]:
     )
 
 
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """404 for a URL nothing matches: the error object under /api/, Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("NotFound", "No such endpoint or object"), status=404)
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception or Exception("Not found"))
+
+
 class RequestSizeLimitMiddleware:
     """413 for a body over ``MAX_REQUEST_BYTES``, decided from Content-Length before reading it."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import drf_spectacular.openapi
 import msgspec
 from drf_spectacular.utils import OpenApiResponse
 
@@ -83,3 +84,29 @@ def json_request(schema: dict[str, Any]) -> dict[str, Any]:
 
 # Writes are throttled per account as well.
 WRITE_ERROR_RESPONSES = {**ERROR_RESPONSES, 429: error("Too many writes from this account; see Retry-After")}
+
+
+class AutoSchema(drf_spectacular.openapi.AutoSchema):
+    """drf-spectacular's schema, with the error responses every endpoint can give filled in.
+
+    Any operation can answer 400 (a bad query or body), 401 and 403; one with a path
+    parameter 404; a write 413 and 429. Declared ones are kept as the view states them.
+    """
+
+    def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:
+        responses: dict[str, Any] = super()._get_response_bodies(direction)
+        errors = dict(ERROR_RESPONSES)
+        if "{" not in self.path:
+            errors.pop(404, None)
+        else:
+            errors.setdefault(404, error("No such object"))
+        if self.method in ("GET", "HEAD"):
+            errors.pop(413, None)
+        else:
+            errors.update(WRITE_ERROR_RESPONSES)
+        for code, response in errors.items():
+            if str(code) not in responses:
+                responses[str(code)] = self._get_response_for_code(
+                    response, str(code), ["application/json"], direction
+                )
+        return responses

@@ -175,9 +175,11 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "mlxserve.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "mlxserve.api.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # No ?format=: the API speaks JSON (and the export NDJSON); an unknown format was a 404.
+    "URL_FORMAT_OVERRIDE": None,
     "DEFAULT_THROTTLE_CLASSES": ["mlxserve.api.PostRateThrottle"],
 }
 # Migration gauges would be one series per process in multiprocess mode; `make run`

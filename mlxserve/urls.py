@@ -12,3 +12,5 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("metrics", metrics, name="prometheus-django-metrics"),
 ]
+
+handler404 = "mlxserve.api.not_found"

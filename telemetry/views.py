@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics
+from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -9,6 +12,7 @@ from rest_framework.views import APIView
 
 from mlxserve.api import ReadOrStaffWrite
 from mlxserve.openapi import ERROR_RESPONSES, WRITE_ERROR_RESPONSES, json_request, struct_schema
+from mlxserve.validation import Issue, ValidationFailed
 from telemetry.models import TelemetryConfigChange
 from telemetry.schemas import TelemetryConfigSchema
 from telemetry.serializers import TelemetryConfigChangeSerializer
@@ -23,6 +27,13 @@ CONFIG_SCHEMA = struct_schema(TelemetryConfigSchema)
 
 class HistoryPagination(PageNumberPagination):
     page_size = 50
+
+    def paginate_queryset(self, queryset: Any, request: Request, view: Any = None) -> Any:
+        # DRF answers a bad or past-the-end page with 404; it is a bad parameter: 400.
+        try:
+            return super().paginate_queryset(queryset, request, view)
+        except NotFound as exc:
+            raise ValidationFailed([Issue(["page"], str(exc.detail), "invalid_page")]) from None
 
 
 class TelemetryConfigView(APIView):

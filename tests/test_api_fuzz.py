@@ -1,0 +1,127 @@
+"""Robustness: schemathesis drives every operation of /api/schema/, hypothesis throws
+arbitrary JSON at POST /api/events/. No 500, no response outside the schema, no partial write."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+import schemathesis
+from django.contrib.auth.models import User
+from django.core.signals import request_finished, request_started
+from django.core.wsgi import get_wsgi_application
+from django.db import close_old_connections
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.conftest import make_envelope, stream_envelopes
+
+pytestmark = pytest.mark.django_db
+
+schema = schemathesis.openapi.from_wsgi("/api/schema/", get_wsgi_application())
+
+FUZZ = settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+    ],
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_connection_for_the_test() -> Any:
+    """Calls go to the WSGI app in this thread; like Django's test client, keep the test's
+    database connection (and its transaction) open across requests."""
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    yield
+    request_started.connect(close_old_connections)
+    request_finished.connect(close_old_connections)
+
+
+@pytest.fixture
+def staff_token(db: Any) -> str:
+    user = User.objects.create_user("fuzz-staff", is_staff=True, is_superuser=True)
+    return Token.objects.create(user=user).key
+
+
+@schema.parametrize()
+@FUZZ
+def test_every_operation_answers_within_its_schema(case: Any, staff_token: str) -> None:
+    case.call_and_validate(
+        headers={"Authorization": f"Token {staff_token}"},
+        checks=[
+            not_a_server_error,
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+        ],
+    )
+
+
+# Anything JSON can hold, and envelopes with one field replaced by anything.
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = ["id", "type", "timestamp", "source", "generationId", "seq", "payload"]
+
+
+@st.composite
+def mangled_envelopes(draw: Any) -> Any:
+    envelope = make_envelope(draw(st.sampled_from(["tokenGenerated", "generationStarted", "runtimeStatus"])))
+    if draw(st.booleans()):
+        envelope[draw(st.sampled_from(FIELDS))] = draw(json_values)
+    if isinstance(envelope["payload"], dict) and draw(st.booleans()):
+        envelope["payload"] = {**envelope["payload"], draw(st.text(max_size=8)): draw(json_values)}
+    return envelope
+
+
+bodies = st.one_of(
+    json_values,
+    mangled_envelopes(),
+    st.lists(st.one_of(mangled_envelopes(), json_values), max_size=6),
+)
+
+
+@FUZZ
+@given(body=bodies)
+def test_posting_events_never_500s_and_never_writes_partly(
+    body: Any, producer_client: APIClient, redis_client: redis.Redis, settings: Any
+) -> None:
+    settings.API_POST_RATE = ""
+    redis_client.flushdb()
+    response = producer_client.post("/api/events/", data=json.dumps(body), content_type="application/json")
+    assert response.status_code in (202, 207, 400), response.content
+    queued = [e["id"] for e in stream_envelopes(redis_client, settings.EVENTS_STREAM)]
+    answer = response.json()
+    if response.status_code == 202:
+        assert queued == [answer["id"]]
+    elif response.status_code == 207:
+        # Exactly the accepted ones are on the stream, in order; every other index is rejected.
+        assert queued == answer["accepted"]
+        assert len(answer["accepted"]) + len(answer["rejected"]) == len(body)
+    else:
+        assert queued == []
+        assert {"code", "message", "details"} <= set(answer)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200))
+def test_raw_bytes_never_500(raw: bytes, producer_client: APIClient, redis_client: redis.Redis) -> None:
+    response = producer_client.post("/api/events/", data=raw, content_type="application/json")
+    assert response.status_code in (202, 207, 400, 429)
