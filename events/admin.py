@@ -120,6 +120,8 @@ class EventAdmin(ReadOnlyAdmin):
     # No "x of N" count and no full-table COUNT(*) on every page load.
     show_full_result_count = False
     paginator = CappedCountPaginator
+    # Facet counts would COUNT the whole table once per filter choice.
+    show_facets = admin.ShowFacets.NEVER
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Event]:
         return super().get_queryset(request).defer("payload")
