@@ -6,10 +6,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import msgspec
-from django.db.models import Count, Min, Q, QuerySet
+from django.db.models import Count, Min, Q, QuerySet, TextField
+from django.db.models.functions import Cast
 
 from events.models import MODEL_COLUMN_LENGTH, Event, Generation, Worker
 from telemetry.services import telemetry_config_get
@@ -18,16 +20,62 @@ from telemetry.services import telemetry_config_get
 STALE_AFTER_HEARTBEATS = 3
 
 
+class StoredEvent(msgspec.Struct, gc=False):
+    """A stored event as the read paths use it: no model instance, the payload both
+    decoded (for the figures) and raw (written out as it is, never re-encoded)."""
+
+    id: uuid.UUID
+    type: str
+    timestamp: int
+    source: str
+    generation_id: uuid.UUID | None
+    seq: int
+    payload: dict[str, Any]
+    payload_raw: msgspec.Raw
+    ingested_at: datetime
+
+
+_READ_FIELDS = ("id", "type", "timestamp", "source", "generation_id", "seq", "payload_text", "ingested_at")
+
+
+def with_payload_text(queryset: QuerySet[Event]) -> QuerySet[Event]:
+    """The payload as the database's JSON text, skipping Django's per-row ``json.loads``."""
+    return queryset.defer("payload").annotate(payload_text=Cast("payload", TextField()))
+
+
+def stored_events(queryset: QuerySet[Event]) -> list[StoredEvent]:
+    decode = msgspec.json.Decoder(dict[str, Any]).decode
+    rows = with_payload_text(queryset).values_list(*_READ_FIELDS)
+    return [
+        StoredEvent(
+            id=_uuid(i),
+            type=t,
+            timestamp=ts,
+            source=src,
+            generation_id=_uuid(g) if g is not None else None,
+            seq=seq,
+            payload=decode(text),
+            payload_raw=msgspec.Raw(text.encode()),
+            ingested_at=at,
+        )
+        for i, t, ts, src, g, seq, text, at in rows
+    ]
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
 @dataclass
 class Attempt:
     number: int
-    events: list[Event] = field(default_factory=list)
+    events: list[StoredEvent] = field(default_factory=list)
 
-    def first(self, event_type: str) -> Event | None:
+    def first(self, event_type: str) -> StoredEvent | None:
         return next((e for e in self.events if e.type == event_type), None)
 
     @property
-    def tokens(self) -> list[Event]:
+    def tokens(self) -> list[StoredEvent]:
         return [e for e in self.events if e.type == "tokenGenerated"]
 
     @property
@@ -71,7 +119,7 @@ class Attempt:
         }
 
 
-def _attempts(events: list[Event]) -> list[Attempt]:
+def _attempts(events: list[StoredEvent]) -> list[Attempt]:
     """Split a generation's events into attempts: each ``generationStarted`` opens one.
 
     Timestamps are milliseconds, so the end of one attempt and the start of the
@@ -112,14 +160,14 @@ def generation_detail(*, generation_id: uuid.UUID) -> dict[str, Any] | None:
     None if neither the request nor any event of it is known.
     """
     generation = Generation.objects.filter(pk=generation_id).first()
-    events = list(Event.objects.filter(generation_id=generation_id).order_by("timestamp", "seq"))
+    events = stored_events(Event.objects.filter(generation_id=generation_id).order_by("timestamp", "seq"))
     if generation is None and not events:
         return None
     attempts = _summaries(_attempts(events))
     latest = attempts[-1] if attempts else Attempt(number=0).summary()
     return {
         "generationId": str(generation_id),
-        "model": generation.model if generation else (events[0].model if events else None),
+        "model": generation.model if generation else (events[0].payload.get("model") if events else None),
         "createdAt": generation.created_at if generation else None,
         **{k: v for k, v in latest.items() if k != "attempt"},
         "attempt": latest["attempt"] if attempts else 0,
@@ -240,8 +288,16 @@ def events_stats(*, since: int, until: int, model: str | None = None) -> dict[st
     }
 
 
-def event_row(event: Event) -> dict[str, Any]:
-    """An event as the API shows it (the serializer's shape, built directly for the export)."""
+def event_row(event: Event | StoredEvent) -> dict[str, Any]:
+    """An event as the API shows it; the payload goes out as the database holds it when the
+    row was read with ``with_payload_text`` (encode with msgspec: it writes ``Raw`` as is)."""
+    text = getattr(event, "payload_text", None)
+    if isinstance(event, StoredEvent):
+        payload: Any = event.payload_raw
+    elif text is not None:
+        payload = msgspec.Raw(text.encode())
+    else:
+        payload = event.payload
     return {
         "id": str(event.id),
         "type": event.type,
@@ -249,7 +305,7 @@ def event_row(event: Event) -> dict[str, Any]:
         "source": event.source,
         "generationId": str(event.generation_id) if event.generation_id else None,
         "seq": event.seq,
-        "payload": event.payload,
+        "payload": payload,
         "ingestedAt": event.ingested_at.isoformat().replace("+00:00", "Z"),
     }
 
@@ -257,7 +313,7 @@ def event_row(event: Event) -> dict[str, Any]:
 def events_export(queryset: QuerySet[Event], *, chunk: int = 2000) -> Iterator[bytes]:
     """NDJSON lines of ``queryset``, oldest first, read in keyset chunks (no OFFSET, no long
     transaction): memory stays flat whatever the range holds."""
-    ordered = queryset.order_by("timestamp", "seq", "id")
+    ordered = with_payload_text(queryset).order_by("timestamp", "seq", "id")
     last: tuple[int, int, uuid.UUID] | None = None
     while True:
         page = ordered

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import builtins
 import time
 import uuid
 from typing import Any
@@ -23,7 +24,14 @@ from rest_framework.views import APIView
 from events.filters import EpochMsFilter, EventFilter
 from events.models import Event
 from events.schemas import Envelope, GenerationOrder
-from events.selectors import events_export, events_stats, generation_detail, workers_list
+from events.selectors import (
+    event_row,
+    events_export,
+    events_stats,
+    generation_detail,
+    with_payload_text,
+    workers_list,
+)
 from events.serializers import EventSerializer
 from events.services import event_submit, event_submit_batch, generation_queue
 from mlxserve.api import CanOperate, CanPostEvents, CanRead
@@ -68,7 +76,14 @@ class EventListCreateView(generics.ListAPIView[Event]):
     def get_queryset(self) -> QuerySet[Event]:
         return Event.objects.all()
 
-    def get_permissions(self) -> list[BasePermission]:
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        # Rows straight to JSON: the payload as the database's text (never parsed and
+        # re-encoded), no serializer fields per row. Same shape as EventSerializer.
+        queryset = with_payload_text(self.filter_queryset(self.get_queryset()))
+        page = self.paginate_queryset(queryset) or []
+        return self.get_paginated_response([event_row(e) for e in page])
+
+    def get_permissions(self) -> builtins.list[BasePermission]:
         if self.request.method == "POST":
             return [CanPostEvents()]
         return [CanRead()]
@@ -179,7 +194,7 @@ class GenerationDetailView(APIView):
         detail = generation_detail(generation_id=generation_id)
         if detail is None:
             raise NotFound("No such generation")
-        detail["events"] = EventSerializer(detail["events"], many=True).data
+        detail["events"] = [event_row(e) for e in detail["events"]]
         return Response(detail)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -16,9 +17,11 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.functional import Promise
 from rest_framework import exceptions, status
 from rest_framework.parsers import BaseParser
 from rest_framework.permissions import BasePermission
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import UserRateThrottle
@@ -74,6 +77,24 @@ class StrictJSONParser(BaseParser):
             return msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
             raise ValidationFailed([Issue([], f"Invalid JSON: {exc}", "invalid_json")]) from None
+
+
+class FastJSONRenderer(JSONRenderer):
+    """DRF's JSON renderer, encoding with msgspec: several times faster on lists of
+    events, and it writes a payload read as raw JSON text (``msgspec.Raw``) as it is."""
+
+    def render(
+        self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None
+    ) -> bytes:
+        if data is None:
+            return b""
+        return msgspec.json.encode(data, enc_hook=_encode_other)
+
+
+def _encode_other(value: Any) -> Any:
+    if isinstance(value, Promise | Decimal):  # lazy translations (DRF messages), decimals
+        return str(value)
+    raise NotImplementedError(f"Cannot encode {type(value).__name__}")
 
 
 # -- errors ----------------------------------------------------------------------

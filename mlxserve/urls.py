@@ -1,14 +1,15 @@
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularSwaggerView
 
 from mlxserve.metrics_view import metrics
+from mlxserve.schema_view import SchemaView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/telemetry/", include("telemetry.urls")),
     path("api/", include("events.urls")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/schema/", SchemaView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("metrics", metrics, name="prometheus-django-metrics"),
 ]

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from django.conf import settings as django_settings
 from django.contrib.auth.models import User
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
 from events.models import Generation
 from events.services import events_store
@@ -35,6 +35,11 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def on_dialog(seen: list[str], dialog: Dialog) -> None:
+    seen.append(dialog.message)
+    dialog.dismiss()
 
 
 def shot(page: Page, name: str) -> None:
@@ -64,7 +69,7 @@ def test_an_admin_edits_the_config_and_browses_history_in_chromium(live_server: 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page()
-        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("dialog", lambda dialog: on_dialog(dialogs, dialog))
 
         page.goto(f"{live_server.url}/admin/login/")
         page.fill("#id_username", "ada")

@@ -1,0 +1,322 @@
+"""The history API at 10 million events: p50/p99 over HTTP, cursor pages against offset pages.
+
+Fills a scratch PostgreSQL database by COPY with ``--rows`` events (default 10
+million: generations of 512 tokens from 8 workers and 4 models over 30 days,
+plus errors and status events, every index in place), starts gunicorn on it, and
+times ``--requests`` sequential keep-alive requests per case:
+
+- the event list (cursor pagination, 100 a page) unfiltered, with each filter of
+  SPEC section 4, with filters combined, and 50 pages deep by cursor;
+- the generation view, the stats endpoint (last hour) and the admin event list;
+- the baseline, in the same run against the same server: the same list with
+  offset pagination (``?limit=100&offset=N``), at random offsets and filtered.
+
+    .venv/bin/python bench/api.py [--rows 10000000] [--requests 200]
+        [--postgres postgres://postgres@127.0.0.1:5432/postgres] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlencode, urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SCRATCH_DB = "mlxserve_bench_api"
+DAY_MS = 86_400_000
+NOW_MS = 1_800_000_000_000
+MODELS = ["llama-3-8b", "qwen-2.5-7b", "mistral-7b", "phi-3-mini"]
+SOURCES = [f"mac-studio-{i}/worker-1" for i in range(8)]
+TOKENS = 512
+
+
+def _row(
+    rng: random.Random, prefix: tuple[str, uuid.UUID, str], kind: str, ts: int, seq: int, payload: str
+) -> str:
+    """One COPY text line of events_event."""
+    source, gid, model = prefix
+    ident = uuid.UUID(int=rng.getrandbits(128), version=4)
+    return f"{ident}\t{kind}\t{ts}\t{source}\t{gid}\t{seq}\t{model}\t{payload}\t2026-11-26 00:00:00+00\n"
+
+
+def fill(dsn: str, rows: int) -> dict[str, object]:
+    """COPY ``rows`` events in; returns a few ids and names to query for."""
+    import psycopg
+
+    generations = max(rows // (TOKENS + 3), 1)
+    span = 30 * DAY_MS
+    rng = random.Random(7)
+    sample: dict[str, object] = {}
+    written = 0
+    started = time.perf_counter()
+    columns = "id, type, timestamp, source, generation_id, seq, model, payload, ingested_at"
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+        with cursor.copy(f"COPY events_event ({columns}) FROM STDIN") as copy:
+            for g in range(generations):
+                gid = uuid.UUID(int=rng.getrandbits(128), version=4)
+                source, model = SOURCES[g % len(SOURCES)], MODELS[g % len(MODELS)]
+                t0 = NOW_MS - span + g * span // generations
+                prefix = (source, gid, model)
+                lines = io.StringIO()
+                started_payload = f'{{"model": "{model}", "prompt": "hmac-sha256:00"}}'
+                lines.write(_row(rng, prefix, "generationStarted", t0, 0, started_payload))
+                for seq in range(1, TOKENS + 1):
+                    token = f'{{"model": "{model}", "token": "t{seq}"}}'
+                    lines.write(_row(rng, prefix, "tokenGenerated", t0 + 150 + seq * 20, seq, token))
+                completed = (
+                    f'{{"model": "{model}", "tokensGenerated": {TOKENS}, "durationMs": {150 + TOKENS * 20}}}'
+                )
+                lines.write(
+                    _row(rng, prefix, "generationCompleted", t0 + 200 + TOKENS * 20, TOKENS + 1, completed)
+                )
+                if g % 97 == 0:
+                    error = f'{{"error": "Out of memory", "code": "OOM", "model": "{model}"}}'
+                    lines.write(_row(rng, prefix, "error", t0 + 300, 0, error))
+                copy.write(lines.getvalue())
+                written += TOKENS + 2 + (g % 97 == 0)
+                if g == generations // 2:
+                    sample["generation"] = str(gid)
+                if g % 2000 == 0:
+                    print(f"  {written:,} rows ({time.perf_counter() - started:.0f}s)", flush=True)
+        conn.commit()
+        cursor.execute("ANALYZE events_event")
+        conn.commit()
+    print(f"filled {written:,} events in {time.perf_counter() - started:.0f}s", flush=True)
+    return sample
+
+
+class Client:
+    def __init__(self, base: str, headers: dict[str, str]) -> None:
+        url = urlparse(base)
+        self.conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
+        self.headers = headers
+
+    def get(self, path: str) -> tuple[int, bytes, float]:
+        started = time.perf_counter()
+        self.conn.request("GET", path, headers=self.headers)
+        response = self.conn.getresponse()
+        body = response.read()
+        return response.status, body, (time.perf_counter() - started) * 1000
+
+
+def measure(client: Client, name: str, paths: Callable[[int], str], n: int) -> tuple[float, float]:
+    client.get(paths(0))  # warm this query's plan and pages once
+    times = []
+    for i in range(n):
+        status, body, ms = client.get(paths(i))
+        if status != 200:
+            raise SystemExit(f"{name}: HTTP {status} {body[:300]!r}")
+        times.append(ms)
+    times.sort()
+    p50, p99 = statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+    print(f"  {name:<52} p50 {p50:7.1f} ms   p99 {p99:7.1f} ms", flush=True)
+    return p50, p99
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--postgres", default="postgres://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--keep", action="store_true", help="reuse a filled scratch database if present")
+    args = parser.parse_args()
+
+    import psycopg
+
+    dsn = args.postgres.rsplit("/", 1)[0] + "/" + SCRATCH_DB
+    with psycopg.connect(args.postgres, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [SCRATCH_DB]).fetchone()
+        if not (args.keep and exists):
+            conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DB}")
+            conn.execute(f"CREATE DATABASE {SCRATCH_DB}")
+            exists = None
+    env = {**os.environ, "DATABASE_URL": dsn, "DJANGO_SETTINGS_MODULE": "bench.api_settings"}
+    python = sys.executable
+    subprocess.run([python, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
+    if not exists:
+        print(f"filling {args.rows:,} events by COPY (indexes in place) ...", flush=True)
+        fill(dsn, args.rows)
+    with psycopg.connect(dsn) as conn:
+        gen = conn.execute(
+            "SELECT generation_id FROM events_event WHERE type = 'generationCompleted' "
+            "AND timestamp < %s ORDER BY timestamp DESC LIMIT 1",
+            [NOW_MS - 15 * DAY_MS],
+        ).fetchone()
+        total = conn.execute(
+            "SELECT reltuples::bigint FROM pg_class WHERE relname = 'events_event'"
+        ).fetchone()
+    generation_id = str(gen[0]) if gen else ""
+    rows = int(total[0]) if total else args.rows
+    token = (
+        subprocess.run(
+            [python, "manage.py", "shell", "-c", BENCH_USER],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+
+    server = subprocess.Popen(
+        [
+            str(Path(python).parent / "gunicorn"),
+            "mlxserve.wsgi",
+            "--bind",
+            f"127.0.0.1:{args.port}",
+            "--workers",
+            "2",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        base = f"http://127.0.0.1:{args.port}"
+        for _ in range(100):
+            try:
+                Client(base, {}).get("/api/schema/")
+                break
+            except OSError:
+                time.sleep(0.2)
+        client = Client(base, {"Authorization": f"Token {token}"})
+        run(client, args.requests, generation_id, rows)
+        admin_cases(base, args.requests)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return 0
+
+
+BENCH_USER = """
+from django.contrib.auth.models import User
+from rest_framework.authtoken.models import Token
+user, _ = User.objects.get_or_create(username="bench", defaults={"is_staff": True, "is_superuser": True})
+user.set_password("bench-pass-123"); user.save()
+print(Token.objects.get_or_create(user=user)[0].key)
+"""
+
+
+def run(client: Client, n: int, generation_id: str, rows: int) -> None:
+    rng = random.Random(11)
+    hour_until = NOW_MS - 3 * DAY_MS
+    hour = {"since": hour_until - 3_600_000, "until": hour_until}
+
+    def events(**query: object) -> Callable[[int], str]:
+        return lambda i: "/api/events/?" + urlencode({"limit": 100, **query})
+
+    _, deep_body, _ = client.get("/api/events/?limit=100")
+    cursor_url = json.loads(deep_body)["next"]
+    for _ in range(49):
+        _, body, _ = client.get(urlparse(cursor_url).path + "?" + urlparse(cursor_url).query)
+        cursor_url = json.loads(body)["next"]
+    deep = urlparse(cursor_url).path + "?" + urlparse(cursor_url).query
+
+    print(f"cursor pagination (the API), {n} requests each:", flush=True)
+    figures = {
+        "list, newest first": measure(client, "list, newest first", events(), n),
+        "type=error": measure(client, "type=error (1% of generations)", events(type="error"), n),
+        "model": measure(client, "model=qwen-2.5-7b", events(model="qwen-2.5-7b"), n),
+        "source": measure(client, "source=mac-studio-3/worker-1", events(source=SOURCES[3]), n),
+        "generationId": measure(
+            client, "generationId=<one generation>", events(generationId=generation_id), n
+        ),
+        "since+until": measure(client, "since+until (one hour, 30 days back)", events(**hour), n),
+        "combined": measure(
+            client,
+            "type+model+source+since+until",
+            events(type="tokenGenerated", model=MODELS[1], source=SOURCES[1], **hour),
+            n,
+        ),
+        "deep": measure(client, "page 51 by cursor", lambda i: deep, n),
+        "generation": measure(
+            client, "generation view (514 events)", lambda i: f"/api/generations/{generation_id}/", n
+        ),
+        "stats": measure(client, "stats, one hour", lambda i: "/api/stats/?" + urlencode(hour), n),
+    }
+    print(f"offset pagination (baseline), {n} requests each:", flush=True)
+    offsets = [rng.randrange(0, rows - 100) for _ in range(n + 1)]
+    measure(
+        client,
+        "offset list, random offset",
+        lambda i: f"/bench/offset-events/?limit=100&offset={offsets[i]}",
+        n,
+    )
+    measure(
+        client,
+        "offset list, model=qwen-2.5-7b, random offset",
+        lambda i: f"/bench/offset-events/?limit=100&model={MODELS[1]}&offset={offsets[i] // 4}",
+        n,
+    )
+    measure(client, "offset list, page 51", lambda i: "/bench/offset-events/?limit=100&offset=5000", n)
+    worst = max(p99 for _, p99 in figures.values())
+    print(f"worst cursor p99: {worst:.1f} ms (bar: under 20 ms)", flush=True)
+
+
+def admin_cases(base: str, n: int) -> None:
+    import re
+
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
+    conn.request("GET", "/admin/login/")
+    response = conn.getresponse()
+    response.read()
+    cookies = {
+        c.split("=", 1)[0]: c.split("=", 1)[1].split(";")[0]
+        for c in response.headers.get_all("Set-Cookie") or []
+    }
+    csrf = cookies["csrftoken"]
+    conn.request(
+        "POST",
+        "/admin/login/",
+        body=urlencode(
+            {
+                "username": "bench",
+                "password": "bench-pass-123",
+                "csrfmiddlewaretoken": csrf,
+                "next": "/admin/",
+            }
+        ),
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Cookie": f"csrftoken={csrf}",
+            "Referer": base,
+        },
+    )
+    response = conn.getresponse()
+    response.read()
+    session = re.search(r"sessionid=([^;]+)", " ".join(response.headers.get_all("Set-Cookie") or []))
+    if not session:
+        raise SystemExit("admin login failed")
+    client = Client(base, {"Cookie": f"sessionid={session.group(1)}; csrftoken={csrf}"})
+    print(f"admin event list, {n} requests each:", flush=True)
+    measure(client, "admin list, newest first", lambda i: "/admin/events/event/", n)
+    measure(
+        client,
+        "admin list, source + type",
+        lambda i: f"/admin/events/event/?source={SOURCES[2]}&type__exact=error",
+        n,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
