@@ -253,6 +253,8 @@ def run(client: Client, n: int, generation_id: str, rows: int) -> None:
         ),
         "stats": measure(client, "stats, one hour", lambda i: "/api/stats/?" + urlencode(hour), n),
     }
+    # Deep offsets take seconds each at 10M rows: fewer requests, the same percentiles.
+    n = min(n, 30)
     print(f"offset pagination (baseline), {n} requests each:", flush=True)
     offsets = [rng.randrange(0, rows - 100) for _ in range(n + 1)]
     measure(

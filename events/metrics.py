@@ -36,6 +36,8 @@ class IngestCollector(Collector):
             "ingest_stream_length",
             "ingest_pending",
             "ingest_oldest_pending_seconds",
+            "ingest_undelivered",
+            "ingest_lag_seconds",
         ):
             yield GaugeMetricFamily(f"mlxserve_{name}", name)
 
@@ -72,6 +74,16 @@ class IngestCollector(Collector):
             "mlxserve_ingest_oldest_pending_seconds",
             "Age of the oldest entry read and not yet stored",
             value=lag["oldest_pending_ms"] / 1000,
+        )
+        yield GaugeMetricFamily(
+            "mlxserve_ingest_undelivered",
+            "Stream entries no ingester has read yet",
+            value=lag["undelivered"],
+        )
+        yield GaugeMetricFamily(
+            "mlxserve_ingest_lag_seconds",
+            "How long the oldest event not yet stored has waited (read or not)",
+            value=lag["lag_ms"] / 1000,
         )
 
 

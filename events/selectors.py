@@ -288,9 +288,28 @@ def events_stats(*, since: int, until: int, model: str | None = None) -> dict[st
     }
 
 
-def event_row(event: Event | StoredEvent) -> dict[str, Any]:
+def event_values(queryset: QuerySet[Event]) -> QuerySet[Event, dict[str, Any]]:
+    """Plain rows, payload as JSON text: no model instance per row (a third of a list's time)."""
+    return queryset.annotate(payload_text=Cast("payload", TextField())).values(
+        "id", "type", "timestamp", "source", "generation_id", "seq", "payload_text", "ingested_at"
+    )
+
+
+def event_row(event: Event | StoredEvent | dict[str, Any]) -> dict[str, Any]:
     """An event as the API shows it; the payload goes out as the database holds it when the
-    row was read with ``with_payload_text`` (encode with msgspec: it writes ``Raw`` as is)."""
+    row was read with ``with_payload_text`` or ``event_values`` (encode with msgspec: it
+    writes ``Raw`` as is)."""
+    if isinstance(event, dict):
+        return {
+            "id": str(event["id"]),
+            "type": event["type"],
+            "timestamp": event["timestamp"],
+            "source": event["source"],
+            "generationId": str(event["generation_id"]) if event["generation_id"] else None,
+            "seq": event["seq"],
+            "payload": msgspec.Raw(event["payload_text"].encode()),
+            "ingestedAt": event["ingested_at"].isoformat().replace("+00:00", "Z"),
+        }
     text = getattr(event, "payload_text", None)
     if isinstance(event, StoredEvent):
         payload: Any = event.payload_raw

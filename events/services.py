@@ -417,16 +417,45 @@ def safe_trim_id(*, client: redis.Redis, stream: str, group: str) -> str | None:
 
 
 def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int]:
-    """Stream length, entries read but not yet acknowledged, and the age of the oldest of them (ms)."""
+    """How far ingestion is behind the stream.
+
+    ``pending``: entries an ingester read and has not stored yet (and the age of the
+    oldest, ``oldest_pending_ms``); ``undelivered``: entries no ingester has read
+    yet (and the age of the oldest, ``oldest_undelivered_ms``: with every ingester
+    down, this is the one that grows). ``lag_ms`` is the older of the two ages: how
+    long the oldest event not yet stored has waited.
+    """
+    lag = {
+        "length": 0,
+        "pending": 0,
+        "oldest_pending_ms": 0,
+        "undelivered": 0,
+        "oldest_undelivered_ms": 0,
+        "lag_ms": 0,
+    }
     try:
         pending: Any = client.xpending(stream, group)
         length = client.xlen(stream)
+        info = next((g for g in client.xinfo_groups(stream) if _text(g.get("name")) == group), None)
     except redis.ResponseError:
-        return {"length": 0, "pending": 0, "oldest_pending_ms": 0}
-    oldest = 0
+        return lag
+    now_ms = time.time_ns() // 1_000_000
+    lag["length"], lag["pending"] = int(length), int(pending["pending"])
     if pending["pending"]:
-        oldest = max(0, time.time_ns() // 1_000_000 - _id_ms(pending["min"]))
-    return {"length": int(length), "pending": int(pending["pending"]), "oldest_pending_ms": oldest}
+        lag["oldest_pending_ms"] = max(0, now_ms - _id_ms(pending["min"]))
+    if info is not None:
+        after = _text(info.get("last-delivered-id")) or "0-0"
+        first = client.xrange(stream, min=f"({after}", max="+", count=1)
+        if first:
+            lag["oldest_undelivered_ms"] = max(0, now_ms - _id_ms(first[0][0]))
+            undelivered = info.get("lag")
+            lag["undelivered"] = int(undelivered) if undelivered is not None else int(length)
+    lag["lag_ms"] = max(lag["oldest_pending_ms"], lag["oldest_undelivered_ms"])
+    return lag
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 # -- generations -------------------------------------------------------------------------

@@ -26,10 +26,10 @@ from events.models import Event
 from events.schemas import Envelope, GenerationOrder
 from events.selectors import (
     event_row,
+    event_values,
     events_export,
     events_stats,
     generation_detail,
-    with_payload_text,
     workers_list,
 )
 from events.serializers import EventSerializer
@@ -79,7 +79,7 @@ class EventListCreateView(generics.ListAPIView[Event]):
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         # Rows straight to JSON: the payload as the database's text (never parsed and
         # re-encoded), no serializer fields per row. Same shape as EventSerializer.
-        queryset = with_payload_text(self.filter_queryset(self.get_queryset()))
+        queryset = event_values(self.filter_queryset(self.get_queryset()))
         page = self.paginate_queryset(queryset) or []
         return self.get_paginated_response([event_row(e) for e in page])
 

@@ -221,6 +221,7 @@ def test_trimming_drops_stored_entries_and_never_pending_or_undelivered_ones(
     assert redis_client.xlen(stream) == 5
     lag = stream_lag(client=redis_client, stream=stream, group=group)
     assert lag["pending"] == 3 and lag["oldest_pending_ms"] >= 0
+    assert lag["undelivered"] == 2 and lag["lag_ms"] >= lag["oldest_undelivered_ms"] >= 0
     # Once everything is stored, all of it may go.
     survivor = ingester(redis_client, settings, consumer="alive", claim_idle_ms=0)
     while survivor.step().stored:
@@ -228,6 +229,7 @@ def test_trimming_drops_stored_entries_and_never_pending_or_undelivered_ones(
     assert Event.objects.count() == 10
     assert worker.trim() == 5
     assert redis_client.xlen(stream) == 0
+    assert stream_lag(client=redis_client, stream=stream, group=group)["lag_ms"] == 0
 
 
 @pytest.mark.django_db

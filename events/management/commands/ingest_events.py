@@ -109,14 +109,15 @@ class Command(BaseCommand):
                     continue  # reported by the next step's retry
                 logger.info(
                     "stored %d events (%.0f/s), %d dead letters; stream length %d (%d trimmed), "
-                    "pending %d, oldest pending %.1fs",
+                    "pending %d, not yet read %d, oldest not stored %.1fs",
                     stored,
                     window_stored / elapsed,
                     dead,
                     lag["length"],
                     trimmed,
                     lag["pending"],
-                    lag["oldest_pending_ms"] / 1000,
+                    lag["undelivered"],
+                    lag["lag_ms"] / 1000,
                 )
                 window_start, window_stored = time.monotonic(), 0
         logger.info("Stopped: stored %d events, %d dead letters", stored, dead)

@@ -1,0 +1,30 @@
+"""gunicorn settings for the control plane (``gunicorn -c python:mlxserve.gunicorn_conf``).
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set, every web process writes its metrics to
+files there and ``/metrics`` adds them up (prometheus_client's multiprocess
+mode). The directory is emptied when gunicorn starts (files of an earlier run
+would be added in), and a worker that exits is marked dead so its live gauges
+leave the sum; its counters stay in it, as counters must.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from prometheus_client import multiprocess
+
+graceful_timeout = 5
+
+
+def on_starting(server: Any) -> None:
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(worker.pid)
