@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,10 +14,12 @@ from typing import Any
 
 import pytest
 import redis
+from django.conf import settings as django_settings
 from django.contrib.auth.models import Group, User
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.redis_conn import redis_for_url
 from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
 
@@ -211,3 +215,60 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+# -- a real worker (celery, solo pool) on the test Redis ----------------------------------
+
+STREAM, CONFIG_KEY, CONTROL = "test:events", "test:telemetry:config", "test:control"
+
+
+@pytest.fixture(scope="module")
+def module_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="module")
+def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+    """``celery -A mlxserve worker --pool=solo``, as the README runs it, on the test Redis."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        "REDIS_URL": TEST_REDIS_URL,
+        "MLXSERVE_EVENTS_STREAM": STREAM,
+        "MLXSERVE_CONFIG_KEY": CONFIG_KEY,
+        "MLXSERVE_CONTROL_CHANNEL": CONTROL,
+        "MLXSERVE_WORKER_SOURCE": "test-host/celery-worker",
+        "MLXSERVE_SPOOL_DIR": str(log.parent / "spool"),
+        "MLXSERVE_METRICS_HOST": "127.0.0.1",
+    }
+    env.pop("DATABASE_URL", None)  # a worker needs no database
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "mlxserve",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(django_settings.BASE_DIR),
+        )
+        deadline = time.monotonic() + 60
+        while b"ready." not in log.read_bytes():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield process
+        process.terminate()
+        process.wait(30)
+    assert b"Worker runtime test-host/celery-worker stopped" in log.read_bytes()

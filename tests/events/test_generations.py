@@ -3,82 +3,22 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from django.conf import settings as django_settings
 from django.contrib.auth.models import Group, User
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from events.models import Event, RegisteredModel
 from events.services import EventIngester
-from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.roles import OPERATOR_GROUP
-from tests.conftest import TEST_REDIS_URL, _token_client
+from tests.conftest import CONFIG_KEY, CONTROL, STREAM, _token_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-STREAM, CONFIG_KEY, CONTROL = "test:events", "test:telemetry:config", "test:control"
-
-
-@pytest.fixture(scope="module")
-def module_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return create_demo_model(tmp_path_factory.mktemp("models") / "demo")
-
-
-@pytest.fixture(scope="module")
-def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
-    """``celery -A mlxserve worker --pool=solo``, as the README runs it, on the test Redis."""
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {
-        **os.environ,
-        "REDIS_URL": TEST_REDIS_URL,
-        "MLXSERVE_EVENTS_STREAM": STREAM,
-        "MLXSERVE_CONFIG_KEY": CONFIG_KEY,
-        "MLXSERVE_CONTROL_CHANNEL": CONTROL,
-        "MLXSERVE_WORKER_SOURCE": "test-host/celery-worker",
-        "MLXSERVE_SPOOL_DIR": str(log.parent / "spool"),
-        "MLXSERVE_METRICS_HOST": "127.0.0.1",
-    }
-    env.pop("DATABASE_URL", None)  # a worker needs no database
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "mlxserve",
-                "worker",
-                "--pool=solo",
-                "--concurrency=1",
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=Path(django_settings.BASE_DIR),
-        )
-        deadline = time.monotonic() + 60
-        while b"ready." not in log.read_bytes():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield process
-        process.terminate()
-        process.wait(30)
-    assert b"Worker runtime test-host/celery-worker stopped" in log.read_bytes()
 
 
 @pytest.fixture
