@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -21,49 +22,100 @@ STALE_AFTER_HEARTBEATS = 3
 
 
 class StoredEvent(msgspec.Struct, gc=False):
-    """A stored event as the read paths use it: no model instance, the payload both
+    """A stored event as the read paths use it: no model instance; the payload both
     decoded (for the figures) and raw (written out as it is, never re-encoded)."""
 
-    id: uuid.UUID
+    id: str
     type: str
     timestamp: int
     source: str
-    generation_id: uuid.UUID | None
+    generation_id: str | None
     seq: int
     payload: dict[str, Any]
     payload_raw: msgspec.Raw
-    ingested_at: datetime
+    ingested_at: str
 
 
-_READ_FIELDS = ("id", "type", "timestamp", "source", "generation_id", "seq", "payload_text", "ingested_at")
+# Read as text, in SQL: parsing 500 timestamps and UUIDs into Python objects only to
+# print them again was most of a generation view's time.
+_AS_TEXT = {
+    "id_text": Cast("id", TextField()),
+    "generation_text": Cast("generation_id", TextField()),
+    "payload_text": Cast("payload", TextField()),
+    "ingested_text": Cast("ingested_at", TextField()),
+}
+_ROW_FIELDS = (
+    "id_text",
+    "type",
+    "timestamp",
+    "source",
+    "generation_text",
+    "seq",
+    "payload_text",
+    "ingested_text",
+)
 
 
-def with_payload_text(queryset: QuerySet[Event]) -> QuerySet[Event]:
-    """The payload as the database's JSON text, skipping Django's per-row ``json.loads``."""
-    return queryset.defer("payload").annotate(payload_text=Cast("payload", TextField()))
+def event_values(queryset: QuerySet[Event]) -> QuerySet[Event, dict[str, Any]]:
+    """Plain rows (dicts), every column the API shows read as text; no model instances."""
+    return queryset.annotate(**_AS_TEXT).values(*_ROW_FIELDS)
+
+
+def _dashed(value: str | None) -> str | None:
+    # SQLite keeps a UUID as 32 hex digits; PostgreSQL's text is already dashed.
+    if value is None or len(value) != 32:
+        return value
+    return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
+
+
+@lru_cache(maxsize=4096)
+def _iso(value: str) -> str:
+    """A stored timestamp's text (either database's) as ISO 8601 UTC; a batch shares one."""
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def stored_event(row: dict[str, Any], decode: Callable[[str], dict[str, Any]]) -> StoredEvent:
+    text = row["payload_text"]
+    return StoredEvent(
+        id=_dashed(row["id_text"]) or "",
+        type=row["type"],
+        timestamp=row["timestamp"],
+        source=row["source"],
+        generation_id=_dashed(row["generation_text"]),
+        seq=row["seq"],
+        payload=decode(text),
+        payload_raw=msgspec.Raw(text.encode()),
+        ingested_at=_iso(row["ingested_text"]),
+    )
 
 
 def stored_events(queryset: QuerySet[Event]) -> list[StoredEvent]:
     decode = msgspec.json.Decoder(dict[str, Any]).decode
-    rows = with_payload_text(queryset).values_list(*_READ_FIELDS)
-    return [
-        StoredEvent(
-            id=_uuid(i),
-            type=t,
-            timestamp=ts,
-            source=src,
-            generation_id=_uuid(g) if g is not None else None,
-            seq=seq,
-            payload=decode(text),
-            payload_raw=msgspec.Raw(text.encode()),
-            ingested_at=at,
-        )
-        for i, t, ts, src, g, seq, text, at in rows
-    ]
+    return [stored_event(row, decode) for row in event_values(queryset)]
 
 
-def _uuid(value: Any) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+def _no_decode(text: str) -> dict[str, Any]:
+    return {}
+
+
+def event_row(event: StoredEvent | dict[str, Any]) -> dict[str, Any]:
+    """An event as the API shows it (a ``StoredEvent``, or a row of ``event_values``); the
+    payload goes out as the database holds it (msgspec writes ``Raw`` as is)."""
+    if isinstance(event, dict):
+        event = stored_event(event, _no_decode)
+    return {
+        "id": event.id,
+        "type": event.type,
+        "timestamp": event.timestamp,
+        "source": event.source,
+        "generationId": event.generation_id,
+        "seq": event.seq,
+        "payload": event.payload_raw,
+        "ingestedAt": event.ingested_at,
+    }
 
 
 @dataclass
@@ -288,52 +340,11 @@ def events_stats(*, since: int, until: int, model: str | None = None) -> dict[st
     }
 
 
-def event_values(queryset: QuerySet[Event]) -> QuerySet[Event, dict[str, Any]]:
-    """Plain rows, payload as JSON text: no model instance per row (a third of a list's time)."""
-    return queryset.annotate(payload_text=Cast("payload", TextField())).values(
-        "id", "type", "timestamp", "source", "generation_id", "seq", "payload_text", "ingested_at"
-    )
-
-
-def event_row(event: Event | StoredEvent | dict[str, Any]) -> dict[str, Any]:
-    """An event as the API shows it; the payload goes out as the database holds it when the
-    row was read with ``with_payload_text`` or ``event_values`` (encode with msgspec: it
-    writes ``Raw`` as is)."""
-    if isinstance(event, dict):
-        return {
-            "id": str(event["id"]),
-            "type": event["type"],
-            "timestamp": event["timestamp"],
-            "source": event["source"],
-            "generationId": str(event["generation_id"]) if event["generation_id"] else None,
-            "seq": event["seq"],
-            "payload": msgspec.Raw(event["payload_text"].encode()),
-            "ingestedAt": event["ingested_at"].isoformat().replace("+00:00", "Z"),
-        }
-    text = getattr(event, "payload_text", None)
-    if isinstance(event, StoredEvent):
-        payload: Any = event.payload_raw
-    elif text is not None:
-        payload = msgspec.Raw(text.encode())
-    else:
-        payload = event.payload
-    return {
-        "id": str(event.id),
-        "type": event.type,
-        "timestamp": event.timestamp,
-        "source": event.source,
-        "generationId": str(event.generation_id) if event.generation_id else None,
-        "seq": event.seq,
-        "payload": payload,
-        "ingestedAt": event.ingested_at.isoformat().replace("+00:00", "Z"),
-    }
-
-
 def events_export(queryset: QuerySet[Event], *, chunk: int = 2000) -> Iterator[bytes]:
     """NDJSON lines of ``queryset``, oldest first, read in keyset chunks (no OFFSET, no long
     transaction): memory stays flat whatever the range holds."""
-    ordered = with_payload_text(queryset).order_by("timestamp", "seq", "id")
-    last: tuple[int, int, uuid.UUID] | None = None
+    ordered = queryset.annotate(**_AS_TEXT).order_by("timestamp", "seq", "id").values(*_ROW_FIELDS, "id")
+    last: tuple[int, int, Any] | None = None
     while True:
         page = ordered
         if last is not None:
@@ -345,4 +356,4 @@ def events_export(queryset: QuerySet[Event], *, chunk: int = 2000) -> Iterator[b
         if not rows:
             return
         yield b"".join(msgspec.json.encode(event_row(e)) + b"\n" for e in rows)
-        last = (rows[-1].timestamp, rows[-1].seq, rows[-1].id)
+        last = (rows[-1]["timestamp"], rows[-1]["seq"], rows[-1]["id"])
