@@ -55,3 +55,32 @@ def test_register_model_names_a_path() -> None:
     assert run("register_model", "demo", "/models/demo") == "Registered demo -> /models/demo"
     assert run("register_model", "demo", "/models/other") == "Updated demo -> /models/other"
     assert RegisteredModel.objects.get(name="demo").path == "/models/other"
+
+
+@pytest.mark.parametrize(
+    ("role", "reads", "writes_config", "queues"),
+    [("viewer", 200, 403, 403), ("operator", 200, 403, 400), ("admin", 200, 200, 400)],
+)
+def test_create_account_makes_a_role_that_can_log_in_and_use_its_token(
+    role: str, reads: int, writes_config: int, queues: int
+) -> None:
+    from django.test import Client
+
+    out = run("create_account", f"{role}-1", "--role", role).splitlines()
+    token = out[0].removeprefix("token: ")
+    password = out[1].removeprefix("password: ")
+    assert Client().login(username=f"{role}-1", password=password), "an admin-site login"
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    assert api.get("/api/events/").status_code == reads
+    assert (
+        api.patch("/api/telemetry/config/", {"serviceName": "x"}, format="json").status_code == writes_config
+    )
+    # An operator may queue: an empty order is refused for what it holds (400), not for who sent it.
+    assert api.post("/api/generations/", {}, format="json").status_code == queues
+
+
+def test_create_account_for_a_producer_gives_a_token_and_no_login() -> None:
+    out = run("create_account", "mac-9", "--role", "producer").splitlines()
+    assert len(out) == 1 and out[0].startswith("token: ")
+    assert not User.objects.get(username="mac-9").has_usable_password()

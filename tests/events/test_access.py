@@ -29,7 +29,8 @@ def client_for(role: str) -> APIClient:
         "operator": OPERATOR_GROUP,
         "admin": ADMIN_GROUP,
     }[role]
-    return _token_client(role_user(role, group, is_staff=role == "admin"))
+    # Viewers and operators are staff too (they may look around the admin); the API goes by role.
+    return _token_client(role_user(role, group, is_staff=role != "producer"))
 
 
 def call(client: APIClient, method: str, path: str, body: Any = None) -> Any:

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.core.management.base import BaseCommand
+from rest_framework.authtoken.models import Token
+
+from mlxserve.roles import ADMIN_GROUP, OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
+
+ROLES = {"viewer": VIEWER_GROUP, "operator": OPERATOR_GROUP, "admin": ADMIN_GROUP, "producer": PRODUCER_GROUP}
+
+
+class Command(BaseCommand):
+    help = (
+        "Create (or update) an account with one role and print its API token. Viewers, operators and "
+        "admins can also log into the admin (a password is generated unless --password is given); a "
+        "producer is a token that can only post events."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("username")
+        parser.add_argument("--role", choices=sorted(ROLES), required=True)
+        parser.add_argument("--password", help="admin login password (default: a generated one, printed)")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        role = options["role"]
+        user, _ = get_user_model().objects.get_or_create(username=options["username"])
+        user.groups.set([Group.objects.get_or_create(name=ROLES[role])[0]])
+        user.is_staff = role != "producer"
+        password = None
+        if role == "producer":
+            user.set_unusable_password()  # a token, never a login
+        else:
+            password = options["password"] or secrets.token_urlsafe(12)
+            user.set_password(password)
+        user.save()
+        token, _ = Token.objects.get_or_create(user=user)
+        self.stdout.write(f"token: {token.key}")
+        if password and not options["password"]:
+            self.stdout.write(f"password: {password}")
