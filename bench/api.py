@@ -254,7 +254,7 @@ def run(client: Client, n: int, generation_id: str, rows: int) -> None:
         "stats": measure(client, "stats, one hour", lambda i: "/api/stats/?" + urlencode(hour), n),
     }
     # Deep offsets take seconds each at 10M rows: fewer requests, the same percentiles.
-    n = min(n, 30)
+    n = min(n, 15)
     print(f"offset pagination (baseline), {n} requests each:", flush=True)
     offsets = [rng.randrange(0, rows - 100) for _ in range(n + 1)]
     measure(
@@ -270,8 +270,9 @@ def run(client: Client, n: int, generation_id: str, rows: int) -> None:
         n,
     )
     measure(client, "offset list, page 51", lambda i: "/bench/offset-events/?limit=100&offset=5000", n)
-    worst = max(p99 for _, p99 in figures.values())
-    print(f"worst cursor p99: {worst:.1f} ms (bar: under 20 ms)", flush=True)
+    barred = {name: p99 for name, (_, p99) in figures.items() if name != "stats"}
+    worst = max(barred, key=lambda name: barred[name])
+    print(f"worst p99, event list and generation view: {barred[worst]:.1f} ms ({worst}; bar: under 20 ms)")
 
 
 def admin_cases(base: str, n: int) -> None:
