@@ -7,8 +7,7 @@ from typing import Any
 from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect
+from django.http import HttpRequest
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
@@ -24,6 +23,7 @@ from events.models import (
 from events.privacy import prompt_policy_get
 from events.selectors import generation_detail, worker_is_stale, worker_tokens_per_second
 from events.services import dead_letters_replay
+from mlxserve.admin import SingletonAdmin
 
 
 def _pretty(value: Any) -> str:
@@ -264,17 +264,8 @@ class WorkerAdmin(ReadOnlyAdmin):
 
 
 @admin.register(PromptPolicy)
-class PromptPolicyAdmin(admin.ModelAdmin):
+class PromptPolicyAdmin(SingletonAdmin):
     """One policy (how prompts are kept at rest); applied by the ingester from its next batch."""
 
-    list_display = ["__str__", "truncate_chars", "updated_at"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
-        prompt_policy_get()
-        return redirect("admin:events_promptpolicy_change", 1)
+    def singleton(self) -> PromptPolicy:
+        return prompt_policy_get()

@@ -62,29 +62,22 @@ class IngestCollector(Collector):
         except redis.RedisError as exc:
             logger.warning("Ingest lag metrics unavailable: %s", exc)
             return
-        yield GaugeMetricFamily(
-            "mlxserve_ingest_stream_length", "Entries in the event stream", value=lag["length"]
-        )
-        yield GaugeMetricFamily(
-            "mlxserve_ingest_pending",
-            "Stream entries read by an ingester and not yet stored",
-            value=lag["pending"],
-        )
-        yield GaugeMetricFamily(
-            "mlxserve_ingest_oldest_pending_seconds",
-            "Age of the oldest entry read and not yet stored",
-            value=lag["oldest_pending_ms"] / 1000,
-        )
-        yield GaugeMetricFamily(
-            "mlxserve_ingest_undelivered",
-            "Stream entries no ingester has read yet",
-            value=lag["undelivered"],
-        )
-        yield GaugeMetricFamily(
-            "mlxserve_ingest_lag_seconds",
-            "How long the oldest event not yet stored has waited (read or not)",
-            value=lag["lag_ms"] / 1000,
-        )
+        for name, help_text, value in (
+            ("ingest_stream_length", "Entries in the event stream", lag["length"]),
+            ("ingest_pending", "Stream entries read by an ingester and not yet stored", lag["pending"]),
+            (
+                "ingest_oldest_pending_seconds",
+                "Age of the oldest entry read and not yet stored",
+                lag["oldest_pending_ms"] / 1000,
+            ),
+            ("ingest_undelivered", "Stream entries no ingester has read yet", lag["undelivered"]),
+            (
+                "ingest_lag_seconds",
+                "How long the oldest event not yet stored has waited (read or not)",
+                lag["lag_ms"] / 1000,
+            ),
+        ):
+            yield GaugeMetricFamily(f"mlxserve_{name}", help_text, value=value)
 
 
 WORKER_STATES = ("ready", "busy", "error", "shutdown", "unknown")

@@ -4,15 +4,15 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
-from django.urls import reverse
 
+from mlxserve.admin import SingletonAdmin
 from telemetry.forms import TelemetryConfigForm
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
 from telemetry.services import telemetry_config_get, telemetry_config_replace
 
 
 @admin.register(TelemetryConfig)
-class TelemetryConfigAdmin(admin.ModelAdmin):
+class TelemetryConfigAdmin(SingletonAdmin):
     form = TelemetryConfigForm
     fieldsets = [
         (None, {"fields": ["enabled", "service_name", "prometheus_port", "export_interval_ms"]}),
@@ -20,16 +20,8 @@ class TelemetryConfigAdmin(admin.ModelAdmin):
     ]
     readonly_fields = ["version", "updated_at", "updated_by"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
-        # There is one config: the list would only ever hold one row.
-        config = telemetry_config_get()
-        return HttpResponseRedirect(reverse("admin:telemetry_telemetryconfig_change", args=[config.pk]))
+    def singleton(self) -> TelemetryConfig:
+        return telemetry_config_get()
 
     def save_model(self, request: HttpRequest, obj: TelemetryConfig, form: Any, change: bool) -> None:
         # Through the service, like the API: one place records history and publishes.

@@ -1,0 +1,28 @@
+"""Admin pieces both apps use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import Model
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
+
+
+class SingletonAdmin(admin.ModelAdmin):
+    """A model with one row, edited in place: no add, no delete, the list goes straight to it."""
+
+    def singleton(self) -> Model:
+        raise NotImplementedError
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        opts = self.model._meta
+        url = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[self.singleton().pk])
+        return HttpResponseRedirect(url)
