@@ -24,6 +24,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 SCRATCH_DB = "mlxserve_bench_ingest"
 
 
+def drain(consumer: str, redis_url: str) -> int:
+    """One ingester (consumer ``consumer`` of the group) storing until the stream is empty."""
+    import redis
+    from django.db import connection
+
+    from events.services import EventIngester
+
+    client = redis.Redis.from_url(redis_url)
+    ingester = EventIngester(
+        client=client, stream="bench:events", group="bench", consumer=consumer, block_ms=10
+    )
+    stored, started, last_report = 0, time.perf_counter(), time.perf_counter()
+    try:
+        while True:
+            outcome = ingester.step()
+            stored += outcome.stored
+            if time.perf_counter() - last_report >= 2:
+                rate = stored / (time.perf_counter() - started)
+                print(f"  {consumer}: {stored:,} stored, {rate:,.0f} events/s", flush=True)
+                last_report = time.perf_counter()
+            if outcome.stored + outcome.duplicates + outcome.dead == 0:
+                return stored
+    finally:
+        connection.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -35,6 +61,12 @@ def main() -> int:
         type=int,
         default=500,
         help="Events per stream entry: 500 as workers send, 1 as the API does.",
+    )
+    parser.add_argument(
+        "--consumers",
+        type=int,
+        default=1,
+        help="Ingester processes in the consumer group (as `ingest_events` run N times).",
     )
     parser.add_argument("--postgres", default="postgres://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
@@ -60,7 +92,7 @@ def main() -> int:
 
     from events.models import Event
     from events.schemas import envelope_decode
-    from events.services import _EVENT_COLUMNS, EventIngester, _event_values
+    from events.services import _EVENT_COLUMNS, _event_values
     from events.stream import stream_append_batch
 
     call_command("migrate", verbosity=0)
@@ -98,21 +130,16 @@ def main() -> int:
                 batch = []
         stream_append_batch(client, "bench:events", batch)
 
-        ingester = EventIngester(
-            client=client, stream="bench:events", group="bench", consumer="c1", block_ms=10
-        )
-        stored = 0
+        connection.close()  # the consumers open their own
         started = time.perf_counter()
-        last_report = started
-        while True:
-            outcome = ingester.step()
-            stored += outcome.stored
-            if time.perf_counter() - last_report >= 2:
-                rate = stored / (time.perf_counter() - started)
-                print(f"  {stored:,} stored, {rate:,.0f} events/s", flush=True)
-                last_report = time.perf_counter()
-            if outcome.stored + outcome.duplicates + outcome.dead == 0:
-                break
+        if args.consumers == 1:
+            stored = drain("c1", args.redis_url)
+        else:
+            import multiprocessing
+
+            context = multiprocessing.get_context("fork")
+            with context.Pool(args.consumers) as pool:
+                stored = sum(pool.starmap(drain, [(f"c{n}", args.redis_url) for n in range(args.consumers)]))
         ingest_seconds = time.perf_counter() - started
         assert Event.objects.count() == args.events == stored, "not every event was stored"
         pending = client.xpending("bench:events", "bench")["pending"]
@@ -142,7 +169,8 @@ def main() -> int:
             conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DB}")
 
     print(
-        f"ingester: {ingest_rate:,.0f} events/s ({args.events:,} events, {args.per_entry} per stream entry, "
+        f"ingester ({args.consumers} process(es)): {ingest_rate:,.0f} events/s "
+        f"({args.events:,} events, {args.per_entry} per stream entry, "
         "stream to PostgreSQL, acknowledged)"
     )
     print(

@@ -99,58 +99,77 @@ def _starts_before(tokens: list[TokenGeneratedEnvelope], batch: Sequence[Envelop
     return starts
 
 
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def fleet_deltas(envelopes: Sequence[Envelope]) -> Counter[Key]:
-    deltas: Deltas = Counter()
-    # A token is a first token when the event just before it (seq one less) is its
-    # generation's start; one preceded by a token in this batch cannot be.
-    tokens_seen = {(e.generation_id, e.seq) for e in envelopes if isinstance(e, TokenGeneratedEnvelope)}
-    candidates: list[TokenGeneratedEnvelope] = []
+    """What these newly stored events add to each series.
+
+    Per event only a tuple is counted (this runs for every event the ingester stores);
+    label JSON is made once per distinct series at the end.
+    """
+    counts: Counter[tuple[str, tuple[str, ...]]] = Counter()
+    by_type: Counter[type[Envelope]] = Counter()
+    tokens_by_model: Counter[str] = Counter()
+    observations: list[tuple[str, Sequence[float], float, str]] = []  # (histogram, buckets, value, model)
+    # A generation's first token can only be its earliest token in this batch (the one
+    # with the lowest seq); it is the first when the event just before it is the start.
+    earliest: dict[int, TokenGeneratedEnvelope] = {}
     for e in envelopes:
-        deltas[("mlxserve_events_ingested_total", _labels(type=str(type(e).__struct_config__.tag)))] += 1
+        by_type[type(e)] += 1
         if isinstance(e, TokenGeneratedEnvelope):
-            deltas[("mlxserve_fleet_tokens_total", _labels(model=e.payload.model))] += 1
-            if (e.generation_id, e.seq - 1) not in tokens_seen:
-                candidates.append(e)
+            tokens_by_model[e.payload.model] += 1
+            key = e.generation_id.int
+            seen = earliest.get(key)
+            if seen is None or e.seq < seen.seq:
+                earliest[key] = e
         elif isinstance(e, GenerationStartedEnvelope):
-            deltas[("mlxserve_fleet_generations_started_total", _labels(model=e.payload.model))] += 1
+            counts[("mlxserve_fleet_generations_started_total", (e.payload.model,))] += 1
         elif isinstance(e, GenerationCompletedEnvelope):
-            deltas[("mlxserve_fleet_generations_completed_total", _labels(model=e.payload.model))] += 1
-            _observe(
-                deltas,
-                "mlxserve_fleet_generation_duration_seconds",
-                DURATION_BUCKETS,
-                e.payload.duration_ms / 1000,
-                model=e.payload.model,
+            counts[("mlxserve_fleet_generations_completed_total", (e.payload.model,))] += 1
+            observations.append(
+                (
+                    "mlxserve_fleet_generation_duration_seconds",
+                    DURATION_BUCKETS,
+                    e.payload.duration_ms / 1000,
+                    e.payload.model,
+                )
             )
         elif isinstance(e, ErrorEnvelope):
-            code = e.payload.code if isinstance(e.payload.code, str) else ""
-            model = e.payload.model if isinstance(e.payload.model, str) else ""
-            deltas[("mlxserve_fleet_errors_total", _labels(code=code, model=model))] += 1
+            counts[("mlxserve_fleet_errors_total", (_text(e.payload.code), _text(e.payload.model)))] += 1
         elif isinstance(e, ModelLoadedEnvelope):
-            quantization = e.payload.quantization if isinstance(e.payload.quantization, str) else ""
-            deltas[
-                (
-                    "mlxserve_fleet_model_loads_total",
-                    _labels(model=e.payload.model, quantization=quantization),
-                )
-            ] += 1
+            loaded = (e.payload.model, _text(e.payload.quantization))
+            counts[("mlxserve_fleet_model_loads_total", loaded)] += 1
         elif isinstance(e, ModelUnloadedEnvelope):
-            reason = e.payload.reason if isinstance(e.payload.reason, str) else ""
-            deltas[("mlxserve_fleet_model_unloads_total", _labels(model=e.payload.model, reason=reason))] += 1
+            counts[("mlxserve_fleet_model_unloads_total", (e.payload.model, _text(e.payload.reason)))] += 1
         elif isinstance(e, ModelInvalidatedEnvelope):
-            deltas[("mlxserve_fleet_model_invalidations_total", _labels(model=e.payload.model))] += 1
+            counts[("mlxserve_fleet_model_invalidations_total", (e.payload.model,))] += 1
+    for model, count in tokens_by_model.items():
+        counts[("mlxserve_fleet_tokens_total", (model,))] += count
+    candidates = list(earliest.values())
     if candidates:
         starts = _starts_before(candidates, envelopes)
         for token in candidates:
             started = starts.get((str(token.generation_id), str(token.seq - 1)))
             if started is not None and token.timestamp >= started:
-                _observe(
-                    deltas,
-                    "mlxserve_fleet_time_to_first_token_seconds",
-                    TTFT_BUCKETS,
-                    (token.timestamp - started) / 1000,
-                    model=token.payload.model,
+                observations.append(
+                    (
+                        "mlxserve_fleet_time_to_first_token_seconds",
+                        TTFT_BUCKETS,
+                        (token.timestamp - started) / 1000,
+                        token.payload.model,
+                    )
                 )
+
+    deltas: Deltas = Counter()
+    for kind, count in by_type.items():
+        deltas[("mlxserve_events_ingested_total", _labels(type=str(kind.__struct_config__.tag)))] += count
+    for (name, values), count in counts.items():
+        names = FLEET_METRICS[name][2]
+        deltas[(name, _labels(**dict(zip(names, values, strict=True))))] += count
+    for name, buckets, value, model in observations:
+        _observe(deltas, name, buckets, value, model=model)
     return deltas
 
 

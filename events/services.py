@@ -110,7 +110,7 @@ def _event_values(envelope: Envelope, now: Any) -> tuple[Any, ...]:
     )
 
 
-def _insert_postgresql(rows: list[tuple[Any, ...]]) -> set[str]:
+def _insert_postgresql(rows: list[tuple[Any, ...]]) -> int:
     """COPY into a session-local staging table, then one INSERT ... ON CONFLICT DO NOTHING.
 
     COPY is PostgreSQL's bulk path (no SQL text per row, no per-row round trip);
@@ -124,18 +124,36 @@ def _insert_postgresql(rows: list[tuple[Any, ...]]) -> set[str]:
         )
         raw = cursor.cursor  # the psycopg cursor, for COPY
         with raw.copy(f"COPY event_staging ({columns}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+            # COPY's text format written directly: psycopg's write_row costs ~10 µs a row.
+            copy.write("".join(map(_copy_line, rows)))
         cursor.execute(
-            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM event_staging "
-            "ON CONFLICT (id) DO NOTHING RETURNING id"
+            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM event_staging ON CONFLICT (id) DO NOTHING"
         )
-        inserted = {str(row[0]) for row in cursor.fetchall()}
+        inserted = cursor.rowcount
         cursor.execute("TRUNCATE event_staging")
-    return inserted
+    return int(inserted)
 
 
-def _insert_generic(rows: list[tuple[Any, ...]]) -> set[str]:
+_COPY_SPECIAL = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(value: str) -> str:
+    """A value in COPY's text format: backslash, tab, newline and CR escaped."""
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_SPECIAL)
+    return value
+
+
+def _copy_line(row: tuple[Any, ...]) -> str:
+    ident, kind, timestamp, source, generation_id, seq, model, payload, now = row
+    generation = "\\N" if generation_id is None else str(generation_id)
+    return (
+        f"{ident}\t{kind}\t{timestamp}\t{_copy_text(source)}\t{generation}\t{seq}\t"
+        f"{_copy_text(model)}\t{_copy_text(payload)}\t{now.isoformat()}\n"
+    )
+
+
+def _insert_generic(rows: list[tuple[Any, ...]]) -> int:
     """Batched multi-row INSERT ... ON CONFLICT DO NOTHING (SQLite, or any other backend)."""
     fields: list[Any] = [Event._meta.get_field(name) for name in _EVENT_COLUMNS]
     prepared = [
@@ -147,23 +165,23 @@ def _insert_generic(rows: list[tuple[Any, ...]]) -> set[str]:
     ]
     table, columns = Event._meta.db_table, ", ".join(_EVENT_COLUMNS)
     placeholders = ", ".join(["%s"] * len(_EVENT_COLUMNS))
-    inserted: set[str] = set()
+    inserted = 0
     with connection.cursor() as cursor:
         for start in range(0, len(prepared), 100):
             chunk = prepared[start : start + 100]
             values = ", ".join([f"({placeholders})"] * len(chunk))
             cursor.execute(
-                f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id) DO NOTHING RETURNING id",
+                f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id) DO NOTHING",
                 [v for row in chunk for v in row],
             )
-            inserted.update(str(uuid.UUID(str(row[0]))) for row in cursor.fetchall())
+            inserted += max(cursor.rowcount, 0)
     return inserted
 
 
-def _insert_events(rows: list[tuple[Any, ...]]) -> set[str]:
-    """Insert, skipping ids already stored; returns the ids stored now."""
+def _insert_events(rows: list[tuple[Any, ...]]) -> int:
+    """Insert, skipping ids already stored; returns how many were stored now."""
     if not rows:
-        return set()
+        return 0
     if connection.vendor == "postgresql":
         return _insert_postgresql(rows)
     return _insert_generic(rows)
@@ -194,23 +212,22 @@ def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
     with transaction.atomic():
         try:
             with transaction.atomic():
-                inserted = _insert_events([_event_values(e, now) for e in kept])
+                stored = _insert_events([_event_values(e, now) for e in kept])
         except DataError:
             # One row the database will not take must not hold up the rest: go row
             # by row, and keep the ones it refuses as dead letters with its reason.
-            inserted, kept = set(), []
+            stored, kept = 0, []
             for envelope, entry_id, body in pending.values():
                 try:
                     with transaction.atomic():
-                        inserted |= _insert_events([_event_values(envelope, now)])
+                        stored += _insert_events([_event_values(envelope, now)])
                     kept.append(envelope)
                 except DataError as exc:
                     dead.append(_dead_letter(entry_id, body, _storage_error(exc)))
         DeadLetter.objects.bulk_create(dead)
         workers_note(kept)
         # Only events stored for the first time count: a redelivered entry adds nothing.
-        fleet_counters_add([e for e in kept if str(e.id) in inserted])
-    stored = len(inserted)
+        fleet_counters_add(_stored_now(kept, stored, now))
     return StoreOutcome(stored=stored, duplicates=len(entries) - len(dead) - stored, dead=len(dead))
 
 
@@ -219,6 +236,23 @@ def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
 # both databases keep the same thing. An escaped backslash before "u0000"
 # is literal text and is left alone.
 _ESCAPED_NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _stored_now(kept: list[Envelope], stored: int, now: Any) -> list[Envelope]:
+    """Which of ``kept`` this batch stored (the others were stored before: a redelivery).
+
+    Usually all of them, and the row count says so without reading anything back.
+    Otherwise the rows this batch wrote carry its ``ingested_at`` to the microsecond;
+    rows stored earlier carry an earlier one.
+    """
+    if stored == len(kept):
+        return kept
+    if stored == 0:
+        return []
+    fresh = set(
+        Event.objects.filter(id__in=[e.id for e in kept], ingested_at=now).values_list("id", flat=True)
+    )
+    return [e for e in kept if e.id in fresh]
 
 
 def _prompt_redacted(envelope: GenerationStartedEnvelope, policy: PromptPolicy) -> GenerationStartedEnvelope:

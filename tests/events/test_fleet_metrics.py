@@ -74,6 +74,16 @@ def test_redelivered_events_are_not_counted_twice() -> None:
     assert m[("mlxserve_fleet_time_to_first_token_seconds_count", (("model", "llama-3-8b"),))] == 1
 
 
+def test_a_batch_mixing_new_and_already_stored_events_counts_only_the_new_ones() -> None:
+    events = generation(start=T0, ttft=100, tokens=10)
+    store(events[:5])
+    store(events)  # the first five again (a redelivery) with the rest, in one batch
+    m = scrape()
+    assert m[("mlxserve_fleet_tokens_total", (("model", "llama-3-8b"),))] == 10
+    assert m[("mlxserve_events_ingested_total", (("type", "generationStarted"),))] == 1
+    assert m[("mlxserve_fleet_generations_completed_total", (("model", "llama-3-8b"),))] == 1
+
+
 def test_time_to_first_token_is_found_when_the_start_came_in_an_earlier_batch() -> None:
     events = generation(start=T0, ttft=300, tokens=6)
     store(events[:1])

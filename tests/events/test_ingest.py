@@ -307,3 +307,22 @@ def test_dead_letters_and_lag_show_on_the_control_plane_metrics(
     assert samples["mlxserve_ingest_stream_length"] == 3
     assert samples["mlxserve_ingest_pending"] == 1
     assert samples["mlxserve_ingest_oldest_pending_seconds"] >= 0
+
+
+@pytest.mark.django_db
+def test_text_with_tabs_newlines_backslashes_and_quotes_is_stored_as_sent(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    # On PostgreSQL rows go through COPY's text format, where these characters are special.
+    tricky = 'a\tb\nc\rd\\e\\\\f "g" \\N h\u2028'
+    envelopes = [
+        make_envelope("tokenGenerated", payload={"model": "m\\odel\t1", "token": tricky}),
+        make_envelope("error", generationId=None, payload={"error": tricky, "code": "\\N"}),
+    ]
+    append(redis_client, settings, *envelopes)
+    assert ingester(redis_client, settings).step().stored == 2
+    token = Event.objects.get(pk=envelopes[0]["id"])
+    assert token.payload == {"model": "m\\odel\t1", "token": tricky}
+    assert token.model == "m\\odel\t1"
+    error = Event.objects.get(pk=envelopes[1]["id"])
+    assert error.payload["code"] == "\\N" and error.generation_id is None
