@@ -1,11 +1,12 @@
 """The roles of SPEC section 4 and issue 5, as Django groups with their admin permissions.
 
-- ``viewer``: reads history (API reads; in the admin, with ``is_staff``, views everything).
-- ``operator``: a viewer who also queues generations, unloads models, replays dead
-  letters and edits the model registry.
-- ``admin``: a staff user; edits the telemetry config, retention and prompt policies.
+- ``viewer``: reads history over the API.
+- ``operator``: a viewer who also queues generations and unloads models.
+- ``admin``: staff (SPEC 4: staff change the config), with every admin permission of the
+  two apps: the telemetry config, retention and prompt policies, dead-letter replay.
 - ``producer``: posts events and nothing else (a token, never a login).
 
+Viewers and operators are API accounts, not staff: staff may change the config.
 The groups are (re)made after every ``migrate``, so a new deployment has them.
 """
 
@@ -20,21 +21,14 @@ PRODUCER_GROUP = "producer"
 ROLES = (VIEWER_GROUP, OPERATOR_GROUP, ADMIN_GROUP, PRODUCER_GROUP)
 
 _APPS = ("events", "telemetry")
-_OPERATOR_EXTRA = ("change_deadletter", "add_registeredmodel", "change_registeredmodel")
 
 
 def roles_ensure(**kwargs: Any) -> None:
     """Create the role groups and give each its permissions; idempotent."""
     from django.contrib.auth.models import Group, Permission
 
-    permissions = Permission.objects.filter(content_type__app_label__in=_APPS)
-    view = [p for p in permissions if p.codename.startswith("view_")]
-    grants = {
-        VIEWER_GROUP: view,
-        OPERATOR_GROUP: view + [p for p in permissions if p.codename in _OPERATOR_EXTRA],
-        ADMIN_GROUP: list(permissions),
-        PRODUCER_GROUP: [],
-    }
+    permissions = list(Permission.objects.filter(content_type__app_label__in=_APPS))
+    grants = {VIEWER_GROUP: [], OPERATOR_GROUP: [], ADMIN_GROUP: permissions, PRODUCER_GROUP: []}
     for name, granted in grants.items():
         group, _ = Group.objects.get_or_create(name=name)
         group.permissions.set(granted)

@@ -15,27 +15,30 @@ ROLES = {"viewer": VIEWER_GROUP, "operator": OPERATOR_GROUP, "admin": ADMIN_GROU
 
 class Command(BaseCommand):
     help = (
-        "Create (or update) an account with one role and print its API token. Viewers, operators and "
-        "admins can also log into the admin (a password is generated unless --password is given); a "
-        "producer is a token that can only post events."
+        "Create (or update) an account with one role and print its API token. Admins are staff and log "
+        "into the admin (a password is generated unless --password is given); viewers, operators and "
+        "producers are API tokens."
     )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("username")
         parser.add_argument("--role", choices=sorted(ROLES), required=True)
-        parser.add_argument("--password", help="admin login password (default: a generated one, printed)")
+        parser.add_argument(
+            "--password", help="admins: the login password (default: a generated one, printed)"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         role = options["role"]
         user, _ = get_user_model().objects.get_or_create(username=options["username"])
         user.groups.set([Group.objects.get_or_create(name=ROLES[role])[0]])
-        user.is_staff = role != "producer"
+        # SPEC 4: staff may change the config, so only admins are staff (and log into the admin).
+        user.is_staff = role == "admin"
         password = None
-        if role == "producer":
-            user.set_unusable_password()  # a token, never a login
-        else:
+        if role == "admin":
             password = options["password"] or secrets.token_urlsafe(12)
             user.set_password(password)
+        else:
+            user.set_unusable_password()  # a token, never a login
         user.save()
         token, _ = Token.objects.get_or_create(user=user)
         self.stdout.write(f"token: {token.key}")
