@@ -52,14 +52,13 @@ def _row(
     return f"{ident}\t{kind}\t{ts}\t{source}\t{gid}\t{seq}\t{model}\t{payload}\t2026-11-26 00:00:00+00\n"
 
 
-def fill(dsn: str, rows: int) -> dict[str, object]:
-    """COPY ``rows`` events in; returns a few ids and names to query for."""
+def fill(dsn: str, rows: int) -> None:
+    """COPY ``rows`` events in."""
     import psycopg
 
     generations = max(rows // (TOKENS + 3), 1)
     span = 30 * DAY_MS
     rng = random.Random(7)
-    sample: dict[str, object] = {}
     written = 0
     started = time.perf_counter()
     columns = "id, type, timestamp, source, generation_id, seq, model, payload, ingested_at"
@@ -87,15 +86,12 @@ def fill(dsn: str, rows: int) -> dict[str, object]:
                     lines.write(_row(rng, prefix, "error", t0 + 300, 0, error))
                 copy.write(lines.getvalue())
                 written += TOKENS + 2 + (g % 97 == 0)
-                if g == generations // 2:
-                    sample["generation"] = str(gid)
                 if g % 2000 == 0:
                     print(f"  {written:,} rows ({time.perf_counter() - started:.0f}s)", flush=True)
         conn.commit()
         cursor.execute("ANALYZE events_event")
         conn.commit()
     print(f"filled {written:,} events in {time.perf_counter() - started:.0f}s", flush=True)
-    return sample
 
 
 class Client:

@@ -9,7 +9,7 @@ not lower a counter: Prometheus counters only go up.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
 import msgspec
@@ -66,7 +66,7 @@ def bucket_label(bound: float) -> str:
 
 
 Key = tuple[str, str]  # (series name, labels as sorted JSON)
-Deltas = Counter[Key]  # float values: histogram sums are not whole
+Deltas = defaultdict[Key, float]  # histogram sums are not whole numbers
 
 
 def _labels(**labels: str) -> str:
@@ -74,11 +74,11 @@ def _labels(**labels: str) -> str:
     return msgspec.json.encode(cut).decode()
 
 
-def _observe(deltas: Counter[Key], name: str, buckets: Sequence[float], value: float, **labels: str) -> None:
+def _observe(deltas: Deltas, name: str, buckets: Sequence[float], value: float, **labels: str) -> None:
     for bound in (*buckets, float("inf")):
         if value <= bound:
             deltas[(f"{name}_bucket", _labels(**labels, le=bucket_label(bound)))] += 1
-    deltas[(f"{name}_sum", _labels(**labels))] += value  # type: ignore[assignment]
+    deltas[(f"{name}_sum", _labels(**labels))] += value
     deltas[(f"{name}_count", _labels(**labels))] += 1
 
 
@@ -103,7 +103,7 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def fleet_deltas(envelopes: Sequence[Envelope]) -> Counter[Key]:
+def fleet_deltas(envelopes: Sequence[Envelope]) -> Deltas:
     """What these newly stored events add to each series.
 
     Per event only a tuple is counted (this runs for every event the ingester stores);
@@ -162,7 +162,7 @@ def fleet_deltas(envelopes: Sequence[Envelope]) -> Counter[Key]:
                     )
                 )
 
-    deltas: Deltas = Counter()
+    deltas: Deltas = defaultdict(float)
     for kind, count in by_type.items():
         deltas[("mlxserve_events_ingested_total", _labels(type=str(kind.__struct_config__.tag)))] += count
     for (name, values), count in counts.items():

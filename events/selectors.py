@@ -77,7 +77,8 @@ def _iso(value: str) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def stored_event(row: dict[str, Any], decode: Callable[[str], dict[str, Any]]) -> StoredEvent:
+def stored_event(row: dict[str, Any], decode: Callable[[str], dict[str, Any]] | None = None) -> StoredEvent:
+    """A row of ``event_values``; ``decode`` parses the payload when figures need it."""
     text = row["payload_text"]
     return StoredEvent(
         id=_dashed(row["id_text"]) or "",
@@ -86,7 +87,7 @@ def stored_event(row: dict[str, Any], decode: Callable[[str], dict[str, Any]]) -
         source=row["source"],
         generation_id=_dashed(row["generation_text"]),
         seq=row["seq"],
-        payload=decode(text),
+        payload=decode(text) if decode else {},
         payload_raw=msgspec.Raw(text.encode()),
         ingested_at=_iso(row["ingested_text"]),
     )
@@ -97,15 +98,11 @@ def stored_events(queryset: QuerySet[Event]) -> list[StoredEvent]:
     return [stored_event(row, decode) for row in event_values(queryset)]
 
 
-def _no_decode(text: str) -> dict[str, Any]:
-    return {}
-
-
 def event_row(event: StoredEvent | dict[str, Any]) -> dict[str, Any]:
     """An event as the API shows it (a ``StoredEvent``, or a row of ``event_values``); the
     payload goes out as the database holds it (msgspec writes ``Raw`` as is)."""
     if isinstance(event, dict):
-        event = stored_event(event, _no_decode)
+        event = stored_event(event)
     return {
         "id": event.id,
         "type": event.type,

@@ -66,6 +66,12 @@ def wait_until_nothing_pending(client: redis.Redis, settings: Any, timeout: floa
         time.sleep(0.05)
 
 
+def assert_stored_once_and_acknowledged(client: redis.Redis, settings: Any, count: int) -> None:
+    assert Event.objects.count() == Event.objects.values("id").distinct().count() == count
+    lag = stream_lag(client=client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP)
+    assert lag["pending"] == 0
+
+
 def wait_for_count(minimum: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while (count := Event.objects.count()) < minimum:
@@ -109,13 +115,7 @@ def test_redis_gone_for_ten_seconds_loses_nothing_and_the_ingester_recovers(
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     assert b"Ingest paused (ConnectionError" in output
-    assert Event.objects.count() == Event.objects.values("id").distinct().count() == 60_000
-    assert (
-        stream_lag(client=client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP)[
-            "pending"
-        ]
-        == 0
-    )
+    assert_stored_once_and_acknowledged(client, settings, 60_000)
 
 
 def test_a_database_outage_acknowledges_nothing_and_the_ingester_recovers(
@@ -146,10 +146,4 @@ def test_a_database_outage_acknowledges_nothing_and_the_ingester_recovers(
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     assert b"Ingest paused (" in output
-    assert Event.objects.count() == Event.objects.values("id").distinct().count() == 3_000
-    assert (
-        stream_lag(client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP)[
-            "pending"
-        ]
-        == 0
-    )
+    assert_stored_once_and_acknowledged(redis_client, settings, 3_000)
