@@ -1,15 +1,24 @@
 from __future__ import annotations
 
+from typing import Any
+
 import django_filters
 from django import forms
 from django.db.models import QuerySet
 
 from events.models import MODEL_COLUMN_LENGTH, Event
 from events.schemas import EVENT_TYPES
+from mlxserve.validation import INT64_MAX
 
 
 class EpochMsFilter(django_filters.NumberFilter):
     field_class = forms.IntegerField
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Out of the column's range is a bad parameter (400), never a query that fails.
+        kwargs.setdefault("min_value", 0)
+        kwargs.setdefault("max_value", INT64_MAX)
+        super().__init__(*args, **kwargs)
 
 
 class EventFilter(django_filters.FilterSet):

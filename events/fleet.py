@@ -74,7 +74,14 @@ def _labels(**labels: str) -> str:
     return msgspec.json.encode(cut).decode()
 
 
+# An observation counts at most this much (seconds, about 31 years) towards a histogram's
+# sum: a producer's absurd duration (the contract allows any finite number) must not
+# overflow the running sum, which the database would then refuse for every later event.
+OBSERVATION_MAX_SECONDS = 1e9
+
+
 def _observe(deltas: Deltas, name: str, buckets: Sequence[float], value: float, **labels: str) -> None:
+    value = min(value, OBSERVATION_MAX_SECONDS)
     for bound in (*buckets, float("inf")):
         if value <= bound:
             deltas[(f"{name}_bucket", _labels(**labels, le=bucket_label(bound)))] += 1

@@ -101,8 +101,9 @@ class Worker(models.Model):
 
     source = models.CharField(max_length=200, unique=True)
     status = models.CharField(max_length=16, blank=True)
-    models_loaded = models.PositiveIntegerField(default=0)
-    active_tasks = models.PositiveIntegerField(default=0)
+    # 64-bit, as the contract's integers: whatever a runtimeStatus may say, the row holds it.
+    models_loaded = models.PositiveBigIntegerField(default=0)
+    active_tasks = models.PositiveBigIntegerField(default=0)
     last_status_at = models.BigIntegerField(default=0, help_text="Epoch ms of its last runtimeStatus.")
     last_heard_at = models.BigIntegerField(default=0, help_text="Epoch ms of its last event of any type.")
     first_seen_at = models.DateTimeField(auto_now_add=True)
@@ -167,7 +168,9 @@ class FleetCounter(models.Model):
     """
 
     name = models.CharField(max_length=100)
-    labels = models.CharField(max_length=600, help_text="Sorted label pairs as JSON.")
+    # Text, not a bounded varchar: label values are cut to a number of characters, and
+    # their JSON escapes can make the text several times longer than that.
+    labels = models.TextField(help_text="Sorted label pairs as JSON.")
     value = models.FloatField(default=0)
 
     class Meta:

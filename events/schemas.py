@@ -9,6 +9,7 @@ module imports nothing from Django: workers load it without a database.
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -18,11 +19,13 @@ from msgspec import UNSET, Meta, UnsetType
 
 from mlxserve.validation import (
     INT64_MAX,
+    MAX_JSON_DEPTH,
     Issue,
     ValidationFailed,
     collect_issues,
     failure_for,
     is_plain_json,
+    json_failure,
     json_value_issues,
     messages,
 )
@@ -44,6 +47,16 @@ RuntimeState = Annotated[
 Metadata = dict[str, Any]
 Prompt = str | dict[str, Any]
 Source = Annotated[str, Meta(min_length=1, max_length=200)]
+
+# Timestamps are epoch milliseconds. Anything before 2000-01-01 is almost surely seconds
+# (or a clock that was never set): stored, retention would delete it within the hour.
+TIMESTAMP_MIN_MS = 946_684_800_000
+TIMESTAMP_MIN_MESSAGE = "Timestamp must be epoch milliseconds (2000-01-01 or later)"
+# Ahead of the receiving clock by more than this is refused: a far-future event would
+# sit on top of the newest-first history and keep its worker from ever counting as stale.
+TIMESTAMP_MAX_AHEAD_MS = 10 * 60 * 1000
+TIMESTAMP_FUTURE_MESSAGE = "Timestamp is in the future (more than 10 minutes ahead of the receiving clock)"
+Timestamp = Annotated[int, Meta(ge=TIMESTAMP_MIN_MS, le=INT64_MAX, extra=messages(ge=TIMESTAMP_MIN_MESSAGE))]
 
 
 # gc=False: events hold no reference cycles, so the cyclic GC need not track the
@@ -110,7 +123,7 @@ class EnvelopeBase(
     msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True, tag_field="type", gc=False
 ):
     id: uuid.UUID
-    timestamp: PositiveInt
+    timestamp: Timestamp
     source: Source
     seq: NonNegativeInt
 
@@ -217,7 +230,25 @@ def envelope_issues(obj: Any) -> list[Issue]:
             else Issue(["type"], TYPE_MESSAGE, "invalid_enum")
         )
         issues = [issue, *collect_issues(obj, _AnyTypeEnvelope)]
+    timestamp = obj.get("timestamp")
+    if type(timestamp) is int and timestamp > _now_ms() + TIMESTAMP_MAX_AHEAD_MS:
+        issues.append(_future_issue())
     return issues
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _future_issue() -> Issue:
+    return Issue(["timestamp"], TIMESTAMP_FUTURE_MESSAGE, "in_future")
+
+
+def _checked(envelope: Envelope) -> Envelope:
+    """The rule no static declaration can hold: not too far ahead of this clock."""
+    if envelope.timestamp > _now_ms() + TIMESTAMP_MAX_AHEAD_MS:
+        raise ValidationFailed([_future_issue()])
+    return envelope
 
 
 def envelope_validate(obj: Any) -> Envelope:
@@ -240,27 +271,38 @@ def envelope_validate(obj: Any) -> Envelope:
             json_value_issues(value, ["payload", wire_name], issues)
             if issues:
                 raise ValidationFailed(issues)
-    return envelope
+    return _checked(envelope)
 
 
 def envelope_decode(raw: bytes | str) -> Envelope:
-    """Bytes off the stream or the wire to a typed envelope, or ``ValidationFailed``."""
+    """Bytes off the stream or the wire to a typed envelope, or ``ValidationFailed``.
+
+    Whatever ``raw`` holds (not UTF-8, nested 100,000 deep, not JSON at all), the
+    answer is an envelope or ``ValidationFailed``: never another exception.
+    """
     try:
         envelope: Envelope = _DECODER.decode(raw)
-        return envelope
     except msgspec.ValidationError as exc:
         # The typed decoder can stop at a wrong type before it reaches broken JSON further on.
         try:
             obj = msgspec.json.decode(raw)
-        except msgspec.DecodeError as json_exc:
-            raise _invalid_json(json_exc) from None
+        except Exception as json_exc:
+            raise json_failure(json_exc) from None
         raise _failure(obj, exc) from None
-    except msgspec.DecodeError as exc:
-        raise _invalid_json(exc) from None
-
-
-def _invalid_json(exc: msgspec.DecodeError) -> ValidationFailed:
-    return ValidationFailed([Issue([], f"Invalid JSON: {exc}", "invalid_json")])
+    except Exception as exc:
+        raise json_failure(exc) from None
+    # Free-form objects decode as any JSON: bound their depth. Counting brackets (in C)
+    # is an upper bound of the depth, so the walk runs only on bodies that might be deep.
+    text = raw.encode(errors="replace") if isinstance(raw, str) else raw
+    if text.count(b"{") + text.count(b"[") > MAX_JSON_DEPTH:
+        for name, wire_name in _FREE_FORM_FIELDS[type(envelope.payload)]:
+            value = getattr(envelope.payload, name)
+            if isinstance(value, dict):
+                issues: list[Issue] = []
+                json_value_issues(value, ["payload", wire_name], issues)
+                if issues:
+                    raise ValidationFailed(issues)
+    return _checked(envelope)
 
 
 def envelope_encode(envelope: EnvelopeBase) -> bytes:

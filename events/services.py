@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 
 import msgspec
 import redis
-from django.db import DataError, connection, transaction
+from django.db import DatabaseError, DataError, IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from events.fleet import fleet_counters_add
@@ -20,6 +21,7 @@ from events.models import (
     MODEL_COLUMN_LENGTH,
     DeadLetter,
     Event,
+    FleetCounter,
     Generation,
     PromptPolicy,
     RegisteredModel,
@@ -35,7 +37,13 @@ from events.schemas import (
     envelope_encode,
     envelope_validate,
 )
-from events.stream import entry_envelopes, stream_append, stream_append_batch, stream_ensure_group
+from events.stream import (
+    EntryContents,
+    entry_envelopes,
+    stream_append,
+    stream_append_batch,
+    stream_ensure_group,
+)
 from mlxserve.validation import Issue, ValidationFailed, validate
 
 logger = logging.getLogger(__name__)
@@ -194,16 +202,23 @@ def _insert_events(rows: list[tuple[Any, ...]]) -> int:
     return _insert_generic(rows)
 
 
-def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
+def events_store(
+    entries: Sequence[tuple[str, bytes]], *, refused: Sequence[tuple[str, bytes, dict[str, Any]]] = ()
+) -> StoreOutcome:
     """Store stream entries ``(entry_id, body)`` in one transaction.
 
     Valid envelopes become events, idempotent on ``id`` (a repeat is skipped
-    by the database, not by a read first). Invalid ones become dead letters
-    with their error, so they never hold up the entries behind them.
+    by the database, not by a read first). Invalid ones, and ``refused`` items
+    (what an entry held besides envelopes), become dead letters with their
+    error, so they never hold up the entries behind them. Everything stored for
+    an event (its row, its worker, the fleet counters) is refused or kept
+    together: an event the database will not take becomes a dead letter with
+    the database's reason, and the rest of the batch is stored. Only a database
+    that cannot be reached raises (the caller waits for it and tries again).
     """
     now = timezone.now()
     pending: dict[Any, tuple[Envelope, str, bytes]] = {}
-    dead: list[DeadLetter] = []
+    dead: list[DeadLetter] = [_dead_letter(label, body, error) for label, body, error in refused]
     policy: PromptPolicy | None = None
     for entry_id, body in entries:
         try:
@@ -215,27 +230,83 @@ def events_store(entries: Sequence[tuple[str, bytes]]) -> StoreOutcome:
             policy = policy or prompt_policy_get()
             envelope = _prompt_redacted(envelope, policy)
         pending.setdefault(envelope.id, (envelope, entry_id, body))
-    kept = [envelope for envelope, _, _ in pending.values()]
     with transaction.atomic():
-        try:
-            with transaction.atomic():
-                stored = _insert_events([_event_values(e, now) for e in kept])
-        except DataError:
-            # One row the database will not take must not hold up the rest: go row
-            # by row, and keep the ones it refuses as dead letters with its reason.
-            stored, kept = 0, []
-            for envelope, entry_id, body in pending.values():
-                try:
-                    with transaction.atomic():
-                        stored += _insert_events([_event_values(envelope, now)])
-                    kept.append(envelope)
-                except DataError as exc:
-                    dead.append(_dead_letter(entry_id, body, _storage_error(exc)))
+        stored = _store_refusing(list(pending.values()), now, dead)
         DeadLetter.objects.bulk_create(dead)
-        workers_note(kept)
-        # Only events stored for the first time count: a redelivered entry adds nothing.
-        fleet_counters_add(_stored_now(kept, stored, now))
-    return StoreOutcome(stored=stored, duplicates=len(entries) - len(dead) - stored, dead=len(dead))
+    return StoreOutcome(
+        stored=stored, duplicates=len(entries) - len(dead) + len(refused) - stored, dead=len(dead)
+    )
+
+
+def _store_together(envelopes: list[Envelope], now: Any) -> int:
+    """Everything one batch writes: event rows, workers, fleet counters."""
+    stored = _insert_events([_event_values(e, now) for e in envelopes])
+    workers_note(envelopes)
+    # Only events stored for the first time count: a redelivered entry adds nothing.
+    fleet_counters_add(_stored_now(envelopes, stored, now))
+    return stored
+
+
+def _store_refusing(items: list[tuple[Envelope, str, bytes]], now: Any, dead: list[DeadLetter]) -> int:
+    """Store ``items`` together; if the database refuses one of them, halve the batch until
+    the events it refuses stand alone, and keep those as dead letters (log2(n) tries for
+    each bad one). A failure that is not an event's fault (a database gone, a table
+    missing, a deadlock) is raised as it is: the batch waits and is tried again."""
+    if not items:
+        return 0
+    try:
+        with transaction.atomic():
+            return _store_together([envelope for envelope, _, _ in items], now)
+    except Exception as exc:
+        if not (refuses_the_event(exc) and storage_ready()):
+            raise
+        if len(items) == 1:
+            _, entry_id, body = items[0]
+            logger.warning("Event in %s refused by the database: %s", entry_id, exc)
+            dead.append(_dead_letter(entry_id, body, _storage_error(exc)))
+            return 0
+    middle = len(items) // 2
+    return _store_refusing(items[:middle], now, dead) + _store_refusing(items[middle:], now, dead)
+
+
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (DatabaseError, sqlite3.Error)
+try:
+    import psycopg
+
+    _DRIVER_ERRORS += (psycopg.Error,)
+except ImportError:  # pragma: no cover - SQLite-only installs
+    pass
+
+# SQLSTATE classes that describe the data, not the database: data exceptions (22: out of
+# range, too long, bad encoding), integrity violations (23) and program limits (54: an
+# index row too large, a value too deep to parse).
+_EVENT_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
+
+
+def refuses_the_event(exc: BaseException) -> bool:
+    """Whether a failure to store an event is that event's own fault."""
+    if not isinstance(exc, _DRIVER_ERRORS):
+        return True  # raised by our own code on this event's values (a bug shows up here too)
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(exc.__cause__, "sqlstate", None)
+    if sqlstate:
+        return str(sqlstate)[:2] in _EVENT_SQLSTATE_CLASSES
+    return isinstance(exc, DataError | IntegrityError | sqlite3.DataError | sqlite3.IntegrityError)
+
+
+def storage_ready() -> bool:
+    """Whether the database answers and has every table the ingester writes.
+
+    Checked before a batch that failed is read again: until then the failure is the
+    database's (down, restarting, a migration under way), and its events wait for it.
+    """
+    tables = [m._meta.db_table for m in (Event, Worker, FleetCounter, DeadLetter)]
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            for table in tables:
+                cursor.execute(f"SELECT 1 FROM {table} WHERE 1 = 0")
+    except Exception:
+        return False
+    return True
 
 
 # PostgreSQL cannot hold U+0000 in text or jsonb. An escaped NUL in the JSON
@@ -277,7 +348,10 @@ def storable_body(body: bytes) -> bytes:
 
 def _dead_letter(entry_id: str, body: bytes, error: dict[str, Any]) -> DeadLetter:
     text = body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
-    return DeadLetter(stream_id=entry_id, body=text, error=error)
+    # The error quotes what was sent (an unknown field's name, the database's message):
+    # stored as the body is, with NUL (which PostgreSQL cannot hold) made U+FFFD.
+    storable_error = msgspec.json.decode(storable_body(msgspec.json.encode(error)))
+    return DeadLetter(stream_id=entry_id, body=text, error=storable_error)
 
 
 def _storage_error(exc: Exception) -> dict[str, Any]:
@@ -341,6 +415,11 @@ class EventIngester:
     # consumer may have stored them and died before acknowledging.
     claim_every_s: float = 30.0
     _read_pending: bool = True
+    # An entry delivered this many times without being stored (the ingester failed on it,
+    # or died with it, every time) is kept as a dead letter instead of tried again.
+    max_deliveries: int = 5
+    _redelivered: bool = False
+    _verify_database: bool = False
     _group_ready: bool = False
     _entries_per_read: int = 10
     _next_claim: float = 0.0
@@ -349,23 +428,57 @@ class EventIngester:
         if not self._group_ready:
             stream_ensure_group(self.client, self.stream, self.group)
             self._group_ready = True
+        if self._verify_database:
+            # Reading pending entries again counts as one more delivery of each: do it only
+            # once the database answers, so an outage never makes good entries look poisoned.
+            if not storage_ready():
+                raise OperationalError("The database is unreachable or incomplete; pending entries wait")
+            self._verify_database = False
         entries = self._read()
         if not entries:
             return StoreOutcome()
-        bodies = [e for entry_id, fields in entries for e in entry_envelopes(entry_id, fields)]
-        per_entry = max(1, len(bodies) // len(entries))
+        contents = EntryContents()
+        poisoned = self._poisoned(entries) if self._redelivered else {}
+        for entry_id, fields in entries:
+            if entry_id in poisoned:
+                _deliveries_refuse(entry_id, fields, poisoned[entry_id], contents)
+            else:
+                entry_envelopes(entry_id, fields, contents)
+        per_entry = max(1, (len(contents.bodies) + len(contents.refused)) // len(entries))
         self._entries_per_read = max(1, min(1000, self.batch_size // per_entry))
         try:
-            outcome = events_store(bodies)
+            outcome = events_store(contents.bodies, refused=contents.refused)
             self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
         except Exception:
             # Not stored, or stored and not acknowledged (Redis went away between
             # the two): read our pending entries again next turn; the insert skips repeats.
             self._read_pending = True
+            self._verify_database = True
             raise
         return outcome
 
+    def _poisoned(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> dict[str, int]:
+        """Entries delivered more than ``max_deliveries`` times, with their counts: every
+        delivery before failed or took the ingester down with it."""
+        ids = [entry_id for entry_id, _ in entries]
+        rows: Any = self.client.xpending_range(
+            self.stream,
+            self.group,
+            min=min(ids, key=_id_tuple),
+            max=max(ids, key=_id_tuple),
+            count=max(len(ids), 1000),
+            consumername=self.consumer,
+        )
+        wanted = set(ids)
+        return {
+            key: int(row["times_delivered"])
+            for row in rows
+            if (key := _text(row["message_id"])) in wanted
+            and int(row["times_delivered"]) > self.max_deliveries
+        }
+
     def _read(self) -> list[tuple[str, dict[bytes, bytes]]]:
+        self._redelivered = True
         if self._read_pending:
             pending = self._xread("0", block=None)
             if pending:
@@ -378,6 +491,7 @@ class EventIngester:
             claimed = self._claim()
             if claimed:
                 return claimed
+        self._redelivered = False
         return self._xread(">", block=self.block_ms)
 
     def trim(self) -> int:
@@ -424,6 +538,24 @@ class EventIngester:
                 continue
             entries.append((key, fields))
         return entries
+
+
+def _deliveries_refuse(
+    entry_id: str, fields: dict[bytes, bytes], deliveries: int, into: EntryContents
+) -> None:
+    """Keep a poisoned entry's envelopes as dead letters without decoding them again."""
+    held = entry_envelopes(entry_id, fields)
+    message = (
+        f"Not stored after {deliveries} deliveries: the ingester failed on this entry every time; "
+        "kept for replay"
+    )
+    error = {
+        "code": "DeliveryFailed",
+        "message": message,
+        "details": {"field": "root", "issues": [{"path": [], "message": message, "code": "delivery_failed"}]},
+    }
+    into.refused.extend((label, body, error) for label, body in held.bodies)
+    into.refused.extend(held.refused)
 
 
 def _id_ms(entry_id: Any) -> int:

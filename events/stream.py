@@ -4,15 +4,21 @@ Redis alone, no Django: the API and the workers both append through here.
 An entry holds either one envelope, JSON-encoded, in the field ``e``, or a
 batch of them, a JSON array, in the field ``b``. Workers send batches: one
 entry per batch costs Redis and the worker a tenth of one entry per event.
+Other programs may write the stream too, so reading an entry trusts nothing:
+whatever else an entry holds comes back as a refused item with its error.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import redis
+
+from mlxserve.validation import Issue, ValidationFailed
 
 ENTRY_FIELD = b"e"
 BATCH_FIELD = b"b"
@@ -54,30 +60,107 @@ def stream_append_batch(client: redis.Redis, stream: str, bodies: Sequence[bytes
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
-def entry_envelopes(entry_id: str, fields: dict[bytes, bytes]) -> list[tuple[str, bytes]]:
-    """The envelopes an entry holds, each labelled for a dead letter: ``id`` or ``id#index``."""
-    body = fields.get(ENTRY_FIELD)
-    if body is not None:
-        return [(entry_id, body)]
-    batch = fields.get(BATCH_FIELD)
-    if batch is not None:
-        try:
-            items = _BATCH_DECODER.decode(batch)
-        except msgspec.DecodeError:
-            return [(entry_id, batch)]  # stored as a dead letter with the JSON error
-        return [(f"{entry_id}#{index}", bytes(item)) for index, item in enumerate(items)]
-    # A foreign producer wrote something else: keep all of it for the dead letter.
-    return [(entry_id, repr(fields).encode())]
+@dataclass
+class EntryContents:
+    """What stream entries hold: envelope bodies to validate, each labelled ``id`` or
+    ``id#index`` (for its dead letter), and what is not an envelope at all, with why."""
+
+    bodies: list[tuple[str, bytes]] = field(default_factory=list)
+    refused: list[tuple[str, bytes, dict[str, Any]]] = field(default_factory=list)
+
+    def refuse(self, label: str, body: bytes, message: str, code: str) -> None:
+        self.refused.append((label, body, ValidationFailed([Issue([], message, code)]).as_error()))
+
+
+ENTRY_FORMAT = "an entry holds one envelope in field 'e' or a JSON array of envelopes in field 'b'"
+
+
+def entry_envelopes(
+    entry_id: str, fields: dict[bytes, bytes], into: EntryContents | None = None
+) -> EntryContents:
+    """Sort what one entry holds into envelope bodies and refused items (never raises)."""
+    contents = into if into is not None else EntryContents()
+    for name, value in fields.items():
+        if name == ENTRY_FIELD:
+            contents.bodies.append((entry_id, value))
+        elif name == BATCH_FIELD:
+            _batch_items(entry_id, value, contents)
+        else:
+            shown = name.decode("utf-8", errors="replace")[:100]
+            contents.refuse(
+                entry_id, value, f"Unknown stream entry field '{shown}': {ENTRY_FORMAT}", "unknown_field"
+            )
+    if not fields:
+        contents.refuse(entry_id, b"", f"Empty stream entry: {ENTRY_FORMAT}", "required")
+    return contents
+
+
+def _batch_items(entry_id: str, batch: bytes, contents: EntryContents) -> None:
+    try:
+        items = [bytes(item) for item in _BATCH_DECODER.decode(batch)]
+    except Exception:
+        # Not a JSON array as a whole (an item nested too deep, bytes that are not UTF-8,
+        # not an array at all): split it at its top-level commas, so the good items of a
+        # batch are stored whatever one of them holds.
+        split = batch_split(batch)
+        if split is None:
+            contents.refuse(
+                entry_id,
+                batch,
+                f"Field 'b' must hold a JSON array of envelopes: {ENTRY_FORMAT}",
+                "invalid_batch",
+            )
+            return
+        items = split
+    contents.bodies.extend((f"{entry_id}#{index}", item) for index, item in enumerate(items))
 
 
 _BATCH_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
+_JSON_TOKENS = re.compile(rb'["\\\[\]{},]')
+
+
+def batch_split(batch: bytes) -> list[bytes] | None:
+    """The items of a JSON array as bytes, found without parsing them (no recursion, so
+    any depth); ``None`` when ``batch`` is not an array. Items are not checked here."""
+    text = batch.strip()
+    if not (text.startswith(b"[") and text.endswith(b"]")):
+        return None
+    items: list[bytes] = []
+    depth, in_string, escaped_at, start = 0, False, -1, 1
+    for match in _JSON_TOKENS.finditer(text):
+        position, token = match.start(), match.group()
+        if in_string:
+            if position == escaped_at:
+                continue
+            if token == b"\\":
+                escaped_at = position + 1
+            elif token == b'"':
+                in_string = False
+        elif token == b'"':
+            in_string = True
+        elif token in (b"[", b"{"):
+            depth += 1
+        elif token in (b"]", b"}"):
+            depth -= 1
+            if depth == 0 and position == len(text) - 1:
+                break
+            if depth <= 0:
+                return None
+        elif depth == 1:  # a comma between two items
+            items.append(text[start:position].strip())
+            start = position + 1
+    else:
+        return None
+    last = text[start:-1].strip()
+    if last or items:
+        items.append(last)
+    return items
 
 
 def stream_envelope_bodies(client: redis.Redis, stream: str) -> list[bytes]:
     """Every envelope body on the stream, in order (for tools and tests; reads it all)."""
     entries: Any = client.xrange(stream)
-    return [
-        body
-        for entry_id, fields in entries
-        for _, body in entry_envelopes(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields)
-    ]
+    contents = EntryContents()
+    for entry_id, fields in entries:
+        entry_envelopes(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields, contents)
+    return [body for _, body in contents.bodies]

@@ -59,11 +59,27 @@ class EventCursorPagination(CursorPagination):
     max_page_size = 1000
 
     def decode_cursor(self, request: Request) -> Any:
-        # DRF answers a malformed cursor with 404; it is a bad parameter: 400.
+        # DRF answers a malformed cursor with 404; it is a bad parameter: 400. DRF does not
+        # look at the position at all: a tampered one must not reach the query as text.
         try:
-            return super().decode_cursor(request)
+            cursor = super().decode_cursor(request)
         except NotFound:
-            raise ValidationFailed([Issue(["cursor"], "Invalid cursor", "invalid_cursor")]) from None
+            cursor = _INVALID
+        if cursor is _INVALID or (cursor is not None and not _is_int64(cursor.position)):
+            raise ValidationFailed([Issue(["cursor"], "Invalid cursor", "invalid_cursor")])
+        return cursor
+
+
+_INVALID: Any = object()
+
+
+def _is_int64(text: Any) -> bool:
+    """A cursor position: the timestamp of the row it starts after (as DRF encodes it)."""
+    if text is None:
+        return True
+    if not (text.isascii() and text.lstrip("-").isdigit() and len(text) <= 20):
+        return False
+    return -(2**63) <= int(text) < 2**63
 
 
 class EventListCreateView(generics.ListAPIView[Event]):

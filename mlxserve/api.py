@@ -27,7 +27,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import UserRateThrottle
 
 from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP
-from mlxserve.validation import Issue, ValidationFailed
+from mlxserve.validation import Issue, ValidationFailed, json_parse
 
 if TYPE_CHECKING:
     # Not at run time: DRF imports this module (its settings name our parser and
@@ -73,10 +73,8 @@ class StrictJSONParser(BaseParser):
         parser_context: Mapping[str, Any] | None = None,
     ) -> Any:
         body = stream.read() if stream is not None else b""
-        try:
-            return msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise ValidationFailed([Issue([], f"Invalid JSON: {exc}", "invalid_json")]) from None
+        # A UTF-8 byte order mark may precede JSON text (RFC 8259 lets a parser ignore it).
+        return json_parse(body.removeprefix(b"\xef\xbb\xbf"))
 
 
 class FastJSONRenderer(JSONRenderer):

@@ -32,6 +32,10 @@ PathItem = str | int
 StructT = TypeVar("StructT", bound=msgspec.Struct)
 
 INT64_MAX = 2**63 - 1
+# How deep a free-form JSON object (metadata, a structured prompt) may nest. Deeper
+# values are refused as input: Python's recursion, PostgreSQL's jsonb parser and every
+# reader after them have limits of their own, and nothing a producer sends may reach them.
+MAX_JSON_DEPTH = 64
 
 
 class Issue(msgspec.Struct, frozen=True):
@@ -97,6 +101,31 @@ def failure_for(
     if not issues:
         issues = [Issue(list(path), str(exc), "invalid")]
     return ValidationFailed(issues)
+
+
+def json_parse(raw: bytes | str) -> Any:
+    """JSON text to Python values; anything that is not JSON is a ``ValidationFailed``.
+
+    msgspec raises several kinds of error besides ``DecodeError`` on hostile input:
+    ``RecursionError`` for deep nesting, ``UnicodeDecodeError`` for bytes that are not
+    UTF-8, ``ValidationError`` for an integer beyond 64 bits. All of them are bad input.
+    """
+    try:
+        return msgspec.json.decode(raw)
+    except Exception as exc:
+        raise json_failure(exc) from None
+
+
+def json_failure(exc: BaseException) -> ValidationFailed:
+    """The error object for JSON text that could not be decoded (see ``json_parse``)."""
+    if isinstance(exc, RecursionError):
+        return ValidationFailed([Issue([], "Nested too deeply", "too_deep")])
+    if isinstance(exc, UnicodeDecodeError):
+        return ValidationFailed([Issue([], "Invalid JSON: not UTF-8 text", "invalid_encoding")])
+    if isinstance(exc, msgspec.ValidationError):
+        # The only schema-free check msgspec makes: an integer that does not fit 64 bits.
+        return ValidationFailed([Issue([], "Number out of range (integers are at most 64 bits)", "too_big")])
+    return ValidationFailed([Issue([], f"Invalid JSON: {exc}", "invalid_json")])
 
 
 # -- the thorough walk ---------------------------------------------------------
@@ -348,8 +377,8 @@ _CHECKERS: dict[type, Any] = {
 _JSON_SCALARS = frozenset({str, int, bool, type(None)})
 
 
-def is_plain_json(value: Any) -> bool:
-    """A quick yes for the common case: plain JSON types, finite floats.
+def is_plain_json(value: Any, depth: int = 0) -> bool:
+    """A quick yes for the common case: plain JSON types, finite floats, shallow nesting.
 
     ``False`` means "look closer" with ``json_value_issues`` (which also
     accepts subclasses such as OrderedDict), not necessarily "invalid".
@@ -359,15 +388,17 @@ def is_plain_json(value: Any) -> bool:
         return True
     if kind is float:
         return value - value == 0  # NaN and +/-Infinity give NaN
+    if depth >= MAX_JSON_DEPTH:
+        return False
     if kind is dict:
         # Plain loops: cheaper than all() over a generator for the small objects seen here.
-        for key, item in value.items():  # noqa: SIM110
-            if type(key) is not str or not is_plain_json(item):
+        for key, item in value.items():
+            if type(key) is not str or not is_plain_json(item, depth + 1):
                 return False
         return True
     if kind is list:
         for item in value:  # noqa: SIM110
-            if not is_plain_json(item):
+            if not is_plain_json(item, depth + 1):
                 return False
         return True
     return False
@@ -380,10 +411,10 @@ def json_value_issues(value: Any, path: list[PathItem], out: list[Issue], depth:
     where a ``float('nan')`` or a ``datetime`` could otherwise slip into an
     event and be written as ``null`` or fail at encode time.
     """
-    if depth > 64:
-        out.append(Issue(path, "Nested too deeply", "too_deep"))
-    elif value is None or isinstance(value, str | bool | int):
+    if value is None or isinstance(value, str | bool | int):
         return
+    elif depth >= MAX_JSON_DEPTH and isinstance(value, dict | list | tuple):
+        out.append(Issue(path, "Nested too deeply", "too_deep"))
     elif isinstance(value, float):
         if not math.isfinite(value):
             out.append(Issue(path, "Must be a finite number", "not_finite"))

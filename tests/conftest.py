@@ -65,6 +65,10 @@ def stream_envelopes(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
     return [json.loads(body) for body in stream_envelope_bodies(client, stream)]
 
 
+# A fixed moment for events (2025-11-26, epoch ms): timestamps must be epoch milliseconds.
+T0 = 1_764_115_200_000
+
+
 def make_envelope(event_type: str = "tokenGenerated", **overrides: Any) -> dict[str, Any]:
     """A valid envelope of ``event_type``; ``overrides`` replace envelope fields."""
     payloads: dict[str, dict[str, Any]] = {
@@ -91,7 +95,7 @@ def make_envelope(event_type: str = "tokenGenerated", **overrides: Any) -> dict[
     envelope: dict[str, Any] = {
         "id": str(uuid.uuid4()),
         "type": event_type,
-        "timestamp": 1764115200000,
+        "timestamp": T0,
         "source": "mac-studio-3/worker-1",
         "generationId": str(uuid.uuid4()),
         "seq": 0,

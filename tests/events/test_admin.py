@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from events.models import PromptPolicy, Worker
 from events.services import events_store
 from mlxserve.roles import ADMIN_GROUP
-from tests.conftest import make_envelope, role_user
+from tests.conftest import T0, make_envelope, role_user
 
 pytestmark = pytest.mark.django_db
 
@@ -40,8 +40,8 @@ def action_names(client: Client, url: str) -> list[str]:
 
 def test_the_event_list_filters_on_indexed_columns_without_scanning_for_choices() -> None:
     store(
-        [make_envelope("tokenGenerated", source=f"host-{i % 3}", timestamp=1_000 + i) for i in range(30)]
-        + [make_envelope("error", source="host-9", timestamp=5_000)]
+        [make_envelope("tokenGenerated", source=f"host-{i % 3}", timestamp=T0 + 1_000 + i) for i in range(30)]
+        + [make_envelope("error", source="host-9", timestamp=T0 + 5_000)]
     )
     client = browser("boss", ADMIN_GROUP)
     with CaptureQueriesContext(connection) as queries:
@@ -59,7 +59,7 @@ def test_the_event_list_filters_on_indexed_columns_without_scanning_for_choices(
 def test_the_event_list_never_counts_past_the_cap(settings: Any) -> None:
     from events.admin import CappedCountPaginator
 
-    store([make_envelope("tokenGenerated", timestamp=1_000 + i) for i in range(120)])
+    store([make_envelope("tokenGenerated", timestamp=T0 + 1_000 + i) for i in range(120)])
     CappedCountPaginator.CAP, cap = 105, CappedCountPaginator.CAP
     try:
         page = browser("boss", ADMIN_GROUP).get(EVENTS_URL)

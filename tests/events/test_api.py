@@ -10,7 +10,7 @@ import redis
 from rest_framework.test import APIClient
 
 from events.services import events_store
-from tests.conftest import make_envelope, stream_envelopes
+from tests.conftest import T0, make_envelope, stream_envelopes
 
 pytestmark = pytest.mark.django_db
 
@@ -162,16 +162,18 @@ def test_an_event_reads_back_once_stored(reader_client: APIClient) -> None:
 def test_the_list_is_newest_first_and_filters_combine(reader_client: APIClient) -> None:
     generation = str(uuid.uuid4())
     events = [
-        make_envelope("generationStarted", timestamp=1000, generationId=generation, source="host-a/w1"),
-        make_envelope("tokenGenerated", timestamp=2000, generationId=generation, seq=1, source="host-a/w1"),
+        make_envelope("generationStarted", timestamp=T0 + 1000, generationId=generation, source="host-a/w1"),
+        make_envelope(
+            "tokenGenerated", timestamp=T0 + 2000, generationId=generation, seq=1, source="host-a/w1"
+        ),
         make_envelope(
             "tokenGenerated",
-            timestamp=3000,
+            timestamp=T0 + 3000,
             seq=1,
             source="host-b/w1",
             payload={"model": "qwen", "token": "x"},
         ),
-        make_envelope("error", timestamp=4000, source="host-b/w1"),
+        make_envelope("error", timestamp=T0 + 4000, source="host-b/w1"),
     ]
     store(*events)
 
@@ -186,9 +188,9 @@ def test_the_list_is_newest_first_and_filters_combine(reader_client: APIClient) 
     assert ids("?model=llama-3-8b&type=tokenGenerated") == [events[1]["id"]]
     assert ids("?source=host-b/w1") == [events[3]["id"], events[2]["id"]]
     assert ids(f"?generationId={generation}") == [events[1]["id"], events[0]["id"]]
-    assert ids("?since=2000&until=3000") == [events[2]["id"], events[1]["id"]]
-    assert ids("?since=2001") == [events[3]["id"], events[2]["id"]]
-    assert ids("?until=999") == []
+    assert ids(f"?since={T0 + 2000}&until={T0 + 3000}") == [events[2]["id"], events[1]["id"]]
+    assert ids(f"?since={T0 + 2001}") == [events[3]["id"], events[2]["id"]]
+    assert ids(f"?until={T0 + 999}") == []
 
 
 @pytest.mark.parametrize("query", ["?type=nope", "?since=abc", "?until=1.5", "?generationId=xyz"])
@@ -199,14 +201,14 @@ def test_bad_filters_get_400_with_the_error_object(reader_client: APIClient, que
 
 
 def test_cursor_pages_stay_stable_while_events_arrive(reader_client: APIClient) -> None:
-    store(*[make_envelope("runtimeStatus", timestamp=1000 + i) for i in range(5)])
+    store(*[make_envelope("runtimeStatus", timestamp=T0 + 1000 + i) for i in range(5)])
     first = reader_client.get(URL + "?limit=2").json()
-    assert [e["timestamp"] for e in first["results"]] == [1004, 1003]
-    store(make_envelope("runtimeStatus", timestamp=5000))  # a newer event arrives meanwhile
+    assert [e["timestamp"] for e in first["results"]] == [T0 + 1004, T0 + 1003]
+    store(make_envelope("runtimeStatus", timestamp=T0 + 5000))  # a newer event arrives meanwhile
     second = reader_client.get(first["next"]).json()
-    assert [e["timestamp"] for e in second["results"]] == [1002, 1001]
+    assert [e["timestamp"] for e in second["results"]] == [T0 + 1002, T0 + 1001]
     third = reader_client.get(second["next"]).json()
-    assert [e["timestamp"] for e in third["results"]] == [1000]
+    assert [e["timestamp"] for e in third["results"]] == [T0 + 1000]
     assert third["next"] is None
 
 
@@ -257,7 +259,7 @@ def test_attempts_sharing_a_millisecond_are_told_apart_by_seq(reader_client: API
         base: dict[str, Any] = {"model": "m", **payload}
         if attempt is not None:
             base["metadata"] = {"attempt": attempt}
-        return make_envelope(event_type, generationId=generation, seq=seq, timestamp=ts, payload=base)
+        return make_envelope(event_type, generationId=generation, seq=seq, timestamp=T0 + ts, payload=base)
 
     store(
         event("generationStarted", 0, 1000, attempt=1, prompt="p"),

@@ -13,11 +13,9 @@ from rest_framework.test import APIClient
 from events.models import Event, Generation, PromptPolicy
 from events.privacy import HASH_PREFIX, prompt_redact
 from events.services import events_store
-from tests.conftest import make_envelope
+from tests.conftest import T0, make_envelope
 
 pytestmark = pytest.mark.django_db
-
-T0 = 1_764_115_200_000
 
 
 def generation(

@@ -13,7 +13,7 @@ from events.models import DeadLetter, Event
 from events.services import EventIngester, stream_lag
 from events.stream import BATCH_FIELD, ENTRY_FIELD, stream_append, stream_append_batch
 from telemetry.broadcast import telemetry_config_read
-from tests.conftest import make_envelope
+from tests.conftest import T0, make_envelope
 
 
 def ingester(redis_client: redis.Redis, settings: Any, consumer: str = "c1", **kwargs: Any) -> EventIngester:
@@ -158,7 +158,7 @@ def test_a_batch_entry_is_stored_event_by_event_with_bad_ones_dead_lettered(
     letters = {d.stream_id: d for d in DeadLetter.objects.all()}
     assert letters[f"{entry_id}#1"].error["details"]["field"] == "seq"
     assert [d.error["details"]["issues"][0]["code"] for k, d in letters.items() if "#" not in k] == [
-        "invalid_json"
+        "invalid_batch"
     ]
     assert pending(redis_client, settings) == 0
 
@@ -173,21 +173,21 @@ def test_workers_are_kept_up_to_date_from_their_events(redis_client: redis.Redis
         make_envelope(
             "runtimeStatus",
             source="a/w",
-            timestamp=2000,
+            timestamp=T0 + 2000,
             payload={"status": "busy", "modelsLoaded": 1, "activeTasks": 1},
         ),
         make_envelope(
             "runtimeStatus",
             source="a/w",
-            timestamp=1000,
+            timestamp=T0 + 1000,
             payload={"status": "ready", "modelsLoaded": 0, "activeTasks": 0},
         ),  # older: ignored
-        make_envelope("tokenGenerated", source="a/w", timestamp=3000),
+        make_envelope("tokenGenerated", source="a/w", timestamp=T0 + 3000),
     )
     ingester(redis_client, settings).step()
     worker = Worker.objects.get(source="a/w")
     assert (worker.status, worker.models_loaded, worker.active_tasks) == ("busy", 1, 1)
-    assert (worker.last_status_at, worker.last_heard_at) == (2000, 3000)
+    assert (worker.last_status_at, worker.last_heard_at) == (T0 + 2000, T0 + 3000)
 
 
 @pytest.mark.django_db
@@ -263,7 +263,7 @@ def test_retention_removes_exactly_what_is_past_its_period(settings: Any) -> Non
     from events.services import events_retention_apply, events_store
 
     day = 86_400_000
-    now = 1_800_000_000_000
+    now = T0
     assert RetentionPolicy.objects.get(event_type="tokenGenerated").keep_days == 7  # the shipped default
     RetentionPolicy.objects.filter(event_type="modelLoaded").delete()  # no policy: kept for good
     ages: dict[str, list[float]] = {

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -163,7 +164,9 @@ ENVELOPE_REJECTED = [
     ("id", "not-a-uuid", "Must be a UUID"),
     ("id", None, "Must be a UUID"),
     ("id", DROP, "Required"),
-    ("timestamp", 0, "Must be a positive integer"),
+    ("timestamp", 0, "Timestamp must be epoch milliseconds (2000-01-01 or later)"),
+    ("timestamp", 946_684_799_999, "Timestamp must be epoch milliseconds (2000-01-01 or later)"),
+    ("timestamp", 1_764_115_200, "Timestamp must be epoch milliseconds (2000-01-01 or later)"),  # seconds
     ("timestamp", 1764115200000.5, "Must be an integer"),
     ("timestamp", "1764115200000", "Must be an integer"),
     ("source", "", "Cannot be empty"),
@@ -189,7 +192,8 @@ def test_envelope_rules_reject_with_the_exact_message(field: str, value: Any, me
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("source", "s"), ("source", "s" * 200), ("seq", 0), ("timestamp", 1)]
+    ("field", "value"),
+    [("source", "s"), ("source", "s" * 200), ("seq", 0), ("timestamp", 946_684_800_000)],
 )
 def test_envelope_accepts_the_edges(field: str, value: Any) -> None:
     envelope_validate(make_envelope("runtimeStatus", **{field: value}))
@@ -347,3 +351,37 @@ def test_decoding_a_wrong_type_ahead_of_broken_json_reports_the_json() -> None:
     with pytest.raises(ValidationFailed) as info:
         envelope_decode(b"[not json")
     assert info.value.issues[0].code == "invalid_json"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def test_a_timestamp_up_to_ten_minutes_ahead_is_accepted_for_clock_skew() -> None:
+    envelope = make_envelope("runtimeStatus", timestamp=now_ms() + 9 * 60_000)
+    assert envelope_validate(envelope).timestamp == envelope["timestamp"]
+    assert envelope_decode(msgspec.json.encode(envelope)).timestamp == envelope["timestamp"]
+
+
+@pytest.mark.parametrize("timestamp", ["in 10 minutes and 5 seconds", "in a century", "at the end of int64"])
+def test_a_timestamp_in_the_future_is_refused_on_every_path(timestamp: str) -> None:
+    moments = {
+        "in 10 minutes and 5 seconds": now_ms() + 605_000,
+        "in a century": now_ms() + 100 * 365 * 86_400_000,
+        "at the end of int64": 2**63 - 1,
+    }
+    envelope = make_envelope("runtimeStatus", timestamp=moments[timestamp])
+    future = "Timestamp is in the future (more than 10 minutes ahead of the receiving clock)"
+    for validate_one in (envelope_validate, lambda e: envelope_decode(msgspec.json.encode(e))):
+        with pytest.raises(ValidationFailed) as caught:
+            validate_one(envelope)
+        assert caught.value.as_error()["details"]["issues"] == [
+            {"path": ["timestamp"], "message": future, "code": "in_future"}
+        ]
+
+
+def test_a_future_timestamp_is_listed_beside_the_other_problems() -> None:
+    envelope = make_envelope("runtimeStatus", timestamp=now_ms() + 3_600_000, seq=-1)
+    with pytest.raises(ValidationFailed) as caught:
+        envelope_validate(envelope)
+    assert [i.path for i in caught.value.issues] == [["seq"], ["timestamp"]]
