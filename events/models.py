@@ -42,7 +42,12 @@ class Event(models.Model):
 class DeadLetter(models.Model):
     """A stream entry the ingester could not store as an event, kept with its error."""
 
-    stream_id = models.CharField(max_length=64, help_text="The Redis stream entry id.")
+    stream_id = models.CharField(
+        max_length=64, help_text="The Redis stream entry id (#n: the n-th envelope of a batch entry)."
+    )
+    event_id = models.UUIDField(
+        null=True, blank=True, db_index=True, help_text="The envelope's id, where one could be read."
+    )
     body = models.TextField(help_text="The entry as it was on the stream (UTF-8, bad bytes replaced).")
     error = models.JSONField(help_text="The error object (SPEC 3.3).")
     received_at = models.DateTimeField(auto_now_add=True, db_index=True)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from events.models import Event
+from events.models import DeadLetter, Event
 
 
 class EventSerializer(serializers.ModelSerializer[Event]):
@@ -14,4 +14,18 @@ class EventSerializer(serializers.ModelSerializer[Event]):
     class Meta:
         model = Event
         fields = ["id", "type", "timestamp", "source", "generationId", "seq", "payload", "ingestedAt"]
+        read_only_fields = fields
+
+
+class DeadLetterSerializer(serializers.ModelSerializer[DeadLetter]):
+    """What the ingester could not store, and why; the body stays in the admin."""
+
+    streamId = serializers.CharField(source="stream_id")
+    eventId = serializers.UUIDField(source="event_id", allow_null=True)
+    receivedAt = serializers.DateTimeField(source="received_at")
+    replayedAt = serializers.DateTimeField(source="replayed_at", allow_null=True)
+
+    class Meta:
+        model = DeadLetter
+        fields = ["id", "streamId", "eventId", "error", "receivedAt", "replayedAt"]
         read_only_fields = fields

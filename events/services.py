@@ -88,6 +88,7 @@ class StoreOutcome:
     stored: int = 0
     duplicates: int = 0
     dead: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
 _EVENT_COLUMNS = (
@@ -233,8 +234,9 @@ def events_store(
     with transaction.atomic():
         stored = _store_refusing(list(pending.values()), now, dead)
         DeadLetter.objects.bulk_create(dead)
+    invalid = len(dead) - len(refused)
     return StoreOutcome(
-        stored=stored, duplicates=len(entries) - len(dead) + len(refused) - stored, dead=len(dead)
+        stored=stored, duplicates=len(entries) - invalid - stored, dead=len(dead), dead_letters=dead
     )
 
 
@@ -351,7 +353,21 @@ def _dead_letter(entry_id: str, body: bytes, error: dict[str, Any]) -> DeadLette
     # The error quotes what was sent (an unknown field's name, the database's message):
     # stored as the body is, with NUL (which PostgreSQL cannot hold) made U+FFFD.
     storable_error = msgspec.json.decode(storable_body(msgspec.json.encode(error)))
-    return DeadLetter(stream_id=entry_id, body=text, error=storable_error)
+    return DeadLetter(
+        stream_id=entry_id, event_id=dead_letter_event_id(body), body=text, error=storable_error
+    )
+
+
+class _EnvelopeId(msgspec.Struct):
+    id: uuid.UUID | None = None
+
+
+def dead_letter_event_id(body: bytes) -> uuid.UUID | None:
+    """The id of the envelope in ``body`` if one can be read, whatever else is wrong with it."""
+    try:
+        return msgspec.json.decode(body, type=_EnvelopeId).id
+    except Exception:
+        return None
 
 
 def _storage_error(exc: Exception) -> dict[str, Any]:
@@ -682,27 +698,47 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
 # -- dead letters and retention --------------------------------------------------------
 
 
+class ReplayRefused(Exception):
+    """A dead letter that still cannot be stored; ``error`` is why (also saved on it)."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error["message"])
+        self.error = error
+
+
+def dead_letter_replay(letter: DeadLetter) -> None:
+    """Validate a dead letter again and store it as an event (say, after a producer or
+    contract fix, or once its timestamp is no longer ahead of the clock).
+
+    Raises ``ReplayRefused`` with the current error when it still cannot be stored:
+    nothing is stored then, and the letter keeps that error.
+    """
+    body = letter.body.encode()
+    try:
+        with transaction.atomic():
+            outcome = events_store([(letter.stream_id, body)])
+            if outcome.dead_letters:
+                raise ReplayRefused(outcome.dead_letters[0].error)  # rolls the new dead letter back
+            letter.replayed_at = timezone.now()
+            letter.save(update_fields=["replayed_at"])
+    except ReplayRefused as refused:
+        letter.error = refused.error
+        letter.save(update_fields=["error"])
+        raise
+
+
 def dead_letters_replay(letters: Iterable[DeadLetter]) -> tuple[int, int]:
-    """Validate each dead letter again and store the ones now valid (say, after a producer or
-    contract fix). Returns (stored, still invalid); the latter keep their updated error."""
-    stored = invalid = 0
+    """Replay each dead letter not yet replayed. Returns (stored, still refused)."""
+    stored = refused = 0
     for letter in letters:
         if letter.replayed_at is not None:
             continue
-        body = letter.body.encode()
         try:
-            envelope_decode(storable_body(body))
-        except ValidationFailed as exc:
-            letter.error = exc.as_error()
-            letter.save(update_fields=["error"])
-            invalid += 1
-            continue
-        with transaction.atomic():
-            events_store([(letter.stream_id, body)])
-            letter.replayed_at = timezone.now()
-            letter.save(update_fields=["replayed_at"])
-        stored += 1
-    return stored, invalid
+            dead_letter_replay(letter)
+            stored += 1
+        except ReplayRefused:
+            refused += 1
+    return stored, refused
 
 
 def events_retention_apply(

@@ -10,5 +10,7 @@ urlpatterns = [
     path("generations/<uuid:generation_id>/", views.GenerationDetailView.as_view(), name="generation-detail"),
     path("stats/", views.StatsView.as_view(), name="stats"),
     path("workers/", views.WorkerListView.as_view(), name="worker-list"),
+    path("dead-letters/", views.DeadLetterListView.as_view(), name="dead-letter-list"),
+    path("dead-letters/<int:pk>/replay/", views.DeadLetterReplayView.as_view(), name="dead-letter-replay"),
     path("workers/unload/", views.WorkerUnloadView.as_view(), name="worker-unload"),
 ]

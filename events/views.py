@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import base64
 import builtins
 import time
 import uuid
 from typing import Any
+from urllib import parse
 
 import msgspec
 import redis
 from django.conf import settings
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -22,7 +25,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from events.filters import EpochMsFilter, EventFilter
-from events.models import Event
+from events.models import DeadLetter, Event
 from events.schemas import Envelope, GenerationOrder
 from events.selectors import (
     event_row,
@@ -32,9 +35,22 @@ from events.selectors import (
     generation_detail,
     workers_list,
 )
-from events.serializers import EventSerializer
-from events.services import event_submit, event_submit_batch, generation_queue
-from mlxserve.api import CanOperate, CanPostEvents, CanRead
+from events.serializers import DeadLetterSerializer, EventSerializer
+from events.services import (
+    ReplayRefused,
+    dead_letter_replay,
+    event_submit,
+    event_submit_batch,
+    generation_queue,
+)
+from mlxserve.api import (
+    CanOperate,
+    CanPostEvents,
+    CanRead,
+    CanReplayDeadLetters,
+    CanSeeDeadLetters,
+    error_body,
+)
 from mlxserve.engine.runtime import ControlCommand, control_command_publish
 from mlxserve.openapi import (
     ERROR_RESPONSES,
@@ -50,27 +66,46 @@ from mlxserve.validation import Issue, ValidationFailed, validate
 ENVELOPE_SCHEMA = struct_schema(Envelope)
 
 
-class EventCursorPagination(CursorPagination):
-    # Newest first. A cursor is a position, not an offset: pages stay stable
-    # while new events arrive.
-    ordering = ("-timestamp", "-seq")
+class IntegerCursorPagination(CursorPagination):
+    """Cursor pages over an integer column: a cursor is a position, not an offset, so pages
+    stay stable while new rows arrive. ``?limit=`` sets the page size."""
+
     page_size = 100
     page_size_query_param = "limit"
     max_page_size = 1000
 
     def decode_cursor(self, request: Request) -> Any:
-        # DRF answers a malformed cursor with 404; it is a bad parameter: 400. DRF does not
-        # look at the position at all: a tampered one must not reach the query as text.
+        # DRF answers a malformed cursor with 404 and reads any base64 it can as the first
+        # page; its position reaches the query unchecked. A cursor is only ever one this
+        # API wrote: anything else is a bad parameter, 400.
+        encoded = request.query_params.get(self.cursor_query_param)
+        if encoded is None or encoded == "":
+            return None
         try:
-            cursor = super().decode_cursor(request)
+            cursor = super().decode_cursor(request) if _is_our_cursor(encoded) else None
         except NotFound:
-            cursor = _INVALID
-        if cursor is _INVALID or (cursor is not None and not _is_int64(cursor.position)):
+            cursor = None
+        if cursor is None or not _is_int64(cursor.position):
             raise ValidationFailed([Issue(["cursor"], "Invalid cursor", "invalid_cursor")])
         return cursor
 
 
-_INVALID: Any = object()
+def _is_our_cursor(encoded: str) -> bool:
+    """Strict base64 of an ASCII query string of DRF's keys (offset, reverse, position)."""
+    try:
+        text = base64.b64decode(encoded.encode("ascii"), validate=True).decode("ascii")
+    except ValueError:
+        return False
+    keys = [key for key, _ in parse.parse_qsl(text, keep_blank_values=True)]
+    return bool(keys) and set(keys) <= {"o", "r", "p"} and len(keys) == len(set(keys))
+
+
+class EventCursorPagination(IntegerCursorPagination):
+    ordering = ("-timestamp", "-seq")  # newest first
+
+
+class DeadLetterCursorPagination(IntegerCursorPagination):
+    ordering = ("-id",)  # newest first: ids grow as letters are received
 
 
 def _is_int64(text: Any) -> bool:
@@ -341,3 +376,47 @@ class EventExportView(generics.GenericAPIView[Event]):
         response = StreamingHttpResponse(events_export(queryset), content_type="application/x-ndjson")
         response["Content-Disposition"] = 'attachment; filename="events.ndjson"'
         return response
+
+
+class DeadLetterListView(generics.ListAPIView[DeadLetter]):
+    """What the ingester could not store, newest first (operators and admins)."""
+
+    serializer_class = DeadLetterSerializer
+    pagination_class = DeadLetterCursorPagination
+    permission_classes = [CanSeeDeadLetters]
+    filter_backends: list[type] = []
+
+    def get_queryset(self) -> QuerySet[DeadLetter]:
+        return DeadLetter.objects.defer("body")
+
+
+class DeadLetterReplayView(APIView):
+    """Validate a dead letter again and store it as an event (the admin's Replay permission)."""
+
+    permission_classes = [CanReplayDeadLetters]
+
+    @extend_schema(
+        request=None,
+        responses={
+            200: DeadLetterSerializer,
+            400: OpenApiResponse(response=ERROR_SCHEMA, description="Still not storable: why (kept on it)"),
+            404: error("No such dead letter"),
+            409: error("Already replayed"),
+            **{code: r for code, r in WRITE_ERROR_RESPONSES.items() if code not in (400, 404)},
+        },
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        with transaction.atomic():
+            letter = DeadLetter.objects.select_for_update().filter(pk=pk).first()
+            if letter is None:
+                raise NotFound("No such dead letter")
+            if letter.replayed_at is not None:
+                return Response(
+                    error_body("Conflict", f"Already replayed at {letter.replayed_at.isoformat()}"),
+                    status=status.HTTP_409_CONFLICT,
+                )
+            try:
+                dead_letter_replay(letter)
+            except ReplayRefused as refused:
+                return Response(refused.error, status=status.HTTP_400_BAD_REQUEST)
+        return Response(DeadLetterSerializer(letter).data)

@@ -154,7 +154,13 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
 
 
 class RequestSizeLimitMiddleware:
-    """413 for a body over ``MAX_REQUEST_BYTES``, decided from Content-Length before reading it."""
+    """413 for a body over ``MAX_REQUEST_BYTES``, decided from Content-Length; nothing is parsed.
+
+    The body is still read (and thrown away) up to ``REQUEST_DRAIN_BYTES`` before the
+    answer goes out: a server that closes a connection with unread data on it makes the
+    kernel send a reset, and the client sees "connection reset" instead of the 413 (what
+    nginx's lingering close is for). Past that bound the connection is closed unread.
+    """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -163,10 +169,33 @@ class RequestSizeLimitMiddleware:
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
+            length = -1
+        if length < 0:
             return JsonResponse(error_body("BadRequest", "Invalid Content-Length header"), status=400)
         if length > settings.MAX_REQUEST_BYTES:
-            return JsonResponse(_too_large_body(), status=413)
+            response = JsonResponse(_too_large_body(), status=413)
+            if not _body_drained(request, length):
+                response["Connection"] = "close"
+            return response
         return self.get_response(request)
+
+
+def _body_drained(request: HttpRequest, length: int) -> bool:
+    if length > settings.REQUEST_DRAIN_BYTES:
+        return False
+    stream = request.META.get("wsgi.input")
+    if stream is None:
+        return False
+    left = length
+    try:
+        while left > 0:
+            chunk = stream.read(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except OSError:  # the client went away: nothing to answer
+        return False
+    return True
 
 
 # -- access ----------------------------------------------------------------------
@@ -224,6 +253,28 @@ class CanOperate(BasePermission):
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         return _staff_or_member(request, OPERATOR_GROUP)
+
+
+class CanSeeDeadLetters(BasePermission):
+    """Dead letters: operators, and anyone who may see them in the admin (admins)."""
+
+    message = "Dead letters need an operator account or an admin"
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        user = request.user
+        if not (user and user.is_authenticated):
+            return False
+        return bool(user.has_perm("events.view_deadletter")) or _staff_or_member(request, OPERATOR_GROUP)
+
+
+class CanReplayDeadLetters(BasePermission):
+    """The admin's Replay action needs the change permission on dead letters: so does this."""
+
+    message = "Replaying dead letters needs the permission to change them (admins)"
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        user = request.user
+        return bool(user and user.is_authenticated and user.has_perm("events.change_deadletter"))
 
 
 class PostRateThrottle(UserRateThrottle):

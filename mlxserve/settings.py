@@ -163,9 +163,12 @@ WHITENOISE_USE_FINDERS = True
 
 # -- the API --------------------------------------------------------------------
 
-# Requests over this size get 413 before their body is read (SPEC section 4).
+# Requests over this size get 413, their body never parsed.
 MAX_REQUEST_BYTES = env_int("MLXSERVE_MAX_REQUEST_BYTES", 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+# A body over the limit is still read (up to this many bytes) and thrown away before the
+# 413 goes out, so the client gets the answer rather than a connection reset.
+REQUEST_DRAIN_BYTES = env_int("MLXSERVE_REQUEST_DRAIN_BYTES", 16 * 1024 * 1024)
 
 REST_FRAMEWORK = {
     # Token first: its WWW-Authenticate header is what turns "not logged in"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 from django.conf import settings as django_settings
@@ -19,6 +20,8 @@ from django.contrib.auth.models import Group, User
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from events.services import EventIngester, stream_lag
+from events.stream import stream_append
 from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.redis_conn import redis_for_url
 from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
@@ -276,3 +279,27 @@ def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subproce
         process.terminate()
         process.wait(30)
     assert b"Worker runtime test-host/celery-worker stopped" in log.read_bytes()
+
+
+# -- the ingester, on the test stream --------------------------------------------
+
+
+def ingester(redis_client: redis.Redis, settings: Any, consumer: str = "c1", **kwargs: Any) -> EventIngester:
+    return EventIngester(
+        client=redis_client,
+        stream=settings.EVENTS_STREAM,
+        group=settings.EVENTS_CONSUMER_GROUP,
+        consumer=consumer,
+        block_ms=10,
+        **kwargs,
+    )
+
+
+def append(redis_client: redis.Redis, settings: Any, *envelopes: dict[str, Any]) -> None:
+    stream_append(redis_client, settings.EVENTS_STREAM, [msgspec.json.encode(e) for e in envelopes])
+
+
+def pending(redis_client: redis.Redis, settings: Any) -> int:
+    return stream_lag(
+        client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP
+    )["pending"]

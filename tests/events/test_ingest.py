@@ -10,31 +10,10 @@ from django.core.management import call_command
 from django.db import DatabaseError, connection
 
 from events.models import DeadLetter, Event
-from events.services import EventIngester, stream_lag
-from events.stream import BATCH_FIELD, ENTRY_FIELD, stream_append, stream_append_batch
+from events.services import stream_lag
+from events.stream import BATCH_FIELD, ENTRY_FIELD, stream_append_batch
 from telemetry.broadcast import telemetry_config_read
-from tests.conftest import T0, make_envelope
-
-
-def ingester(redis_client: redis.Redis, settings: Any, consumer: str = "c1", **kwargs: Any) -> EventIngester:
-    return EventIngester(
-        client=redis_client,
-        stream=settings.EVENTS_STREAM,
-        group=settings.EVENTS_CONSUMER_GROUP,
-        consumer=consumer,
-        block_ms=10,
-        **kwargs,
-    )
-
-
-def append(redis_client: redis.Redis, settings: Any, *envelopes: dict[str, Any]) -> None:
-    stream_append(redis_client, settings.EVENTS_STREAM, [msgspec.json.encode(e) for e in envelopes])
-
-
-def pending(redis_client: redis.Redis, settings: Any) -> int:
-    return stream_lag(
-        client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP
-    )["pending"]
+from tests.conftest import T0, append, ingester, make_envelope, pending
 
 
 @pytest.mark.django_db

@@ -1,0 +1,415 @@
+"""What a buggy or hostile producer can send, through the API and straight into the stream.
+
+Each poison is followed by a good event, which must be stored with nothing left pending:
+no input stops ingestion, every accepted event is stored or kept as a dead letter.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import pytest
+import redis
+from django.db import connection
+from rest_framework.test import APIClient
+
+from events.models import DeadLetter, Event, FleetCounter, Worker
+from events.services import EventIngester
+from events.stream import BATCH_FIELD, ENTRY_FIELD
+from mlxserve.roles import ADMIN_GROUP
+from tests.conftest import _token_client, append, ingester, make_envelope, pending, role_user
+
+pytestmark = pytest.mark.django_db
+
+FUTURE = "Timestamp is in the future (more than 10 minutes ahead of the receiving clock)"
+SECONDS = "Timestamp must be epoch milliseconds (2000-01-01 or later)"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+def drain(worker: EventIngester, turns: int = 5) -> None:
+    for _ in range(turns):
+        worker.step()
+
+
+def assert_a_good_event_still_goes_through(redis_client: redis.Redis, settings: Any) -> None:
+    good = make_envelope("error", timestamp=now_ms())
+    append(redis_client, settings, good)
+    drain(ingester(redis_client, settings))
+    assert Event.objects.filter(pk=good["id"]).exists()
+    assert pending(redis_client, settings) == 0
+
+
+def xadd(redis_client: redis.Redis, settings: Any, fields: dict[bytes, bytes]) -> str:
+    entry_id = redis_client.xadd(settings.EVENTS_STREAM, fields)  # type: ignore[arg-type]
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+@pytest.fixture
+def admin_client() -> APIClient:
+    return _token_client(role_user("boss", ADMIN_GROUP, is_staff=True))
+
+
+# -- numbers that the schema accepts fit the columns ------------------------------------
+
+
+def test_the_largest_counts_a_runtime_status_may_carry_are_stored(
+    redis_client: redis.Redis, settings: Any, admin_client: APIClient
+) -> None:
+    status = make_envelope(
+        "runtimeStatus",
+        source="mac-1/w1",
+        timestamp=now_ms(),
+        payload={"status": "busy", "modelsLoaded": 1_099_511_627_776, "activeTasks": 2**63 - 1},
+    )
+    assert admin_client.post("/api/events/", status, format="json").status_code == 202
+    drain(ingester(redis_client, settings))
+    worker = Worker.objects.get(source="mac-1/w1")
+    assert (worker.models_loaded, worker.active_tasks) == (1_099_511_627_776, 2**63 - 1)
+    assert not DeadLetter.objects.exists()
+    assert_a_good_event_still_goes_through(redis_client, settings)
+
+
+def test_an_absurd_duration_does_not_overflow_the_fleet_histogram_for_everyone_after(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    def completed(duration_ms: float) -> dict[str, Any]:
+        return make_envelope(
+            "generationCompleted",
+            timestamp=now_ms(),
+            payload={"model": "m", "tokensGenerated": 1, "durationMs": duration_ms},
+        )
+
+    append(redis_client, settings, completed(1.7e308), completed(1.7e308), completed(1000))
+    drain(ingester(redis_client, settings))
+    assert Event.objects.filter(type="generationCompleted").count() == 3
+    count = FleetCounter.objects.get(name="mlxserve_fleet_generation_duration_seconds_count")
+    assert count.value == 3
+    assert_a_good_event_still_goes_through(redis_client, settings)
+
+
+def test_a_row_the_database_refuses_becomes_a_dead_letter_and_the_rest_of_the_batch_is_stored(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    # A real refusal from the database, on a table besides the events' own (the worker
+    # rows): the kind a column bound or a constraint added by an operator would give.
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("ALTER TABLE events_worker ADD CONSTRAINT no_poison CHECK (source <> 'poison/w')")
+        else:
+            cursor.execute(
+                "CREATE TRIGGER no_poison BEFORE INSERT ON events_worker WHEN NEW.source = 'poison/w' "
+                "BEGIN SELECT RAISE(ABORT, 'no_poison'); END"
+            )
+    batch = [make_envelope("error", source=f"host-{i}/w", timestamp=now_ms()) for i in range(7)]
+    batch[4] = make_envelope("error", source="poison/w", timestamp=now_ms())
+    redis_client.xadd(settings.EVENTS_STREAM, {BATCH_FIELD: msgspec.json.encode(batch)})
+    outcome = ingester(redis_client, settings).step()
+    assert (outcome.stored, outcome.dead) == (6, 1)
+    assert set(map(str, Event.objects.values_list("id", flat=True))) == {
+        e["id"] for i, e in enumerate(batch) if i != 4
+    }
+    assert not Worker.objects.filter(source="poison/w").exists()
+    letter = DeadLetter.objects.get()
+    assert str(letter.event_id) == batch[4]["id"]
+    assert letter.error["code"] == "StorageFailed"
+    assert "no_poison" in letter.error["message"]
+    # What the batch wrote besides the rows counts the six stored events, not the refused one.
+    ingested = FleetCounter.objects.get(name="mlxserve_events_ingested_total")
+    assert ingested.value == 6
+    assert_a_good_event_still_goes_through(redis_client, settings)
+
+
+# -- garbage in the stream -----------------------------------------------------------------
+
+
+def test_garbage_written_straight_into_the_stream_is_dead_lettered_and_the_good_events_stored(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    good = [make_envelope("tokenGenerated", seq=i, timestamp=now_ms()) for i in range(3)]
+    far_future = make_envelope("error", timestamp=now_ms() + 86_400_000)
+    in_seconds = make_envelope("error", timestamp=now_ms() // 1000)
+    deep_metadata = make_envelope("error", timestamp=now_ms())
+    deep_body = msgspec.json.encode(deep_metadata).replace(
+        b'"payload":{', b'"payload":{"metadata":{"a":' + deep(100_000) + b"},", 1
+    )
+    nested_100 = msgspec.json.encode(deep_metadata).replace(
+        b'"payload":{', b'"payload":{"metadata":{"a":' + deep(100) + b"},", 1
+    )
+    garbage = {
+        "not UTF-8": {ENTRY_FIELD: b'{"id": "\xff\xfe"}'},
+        "nested 100,000 deep": {ENTRY_FIELD: deep(100_000)},
+        "metadata nested 100,000 deep": {ENTRY_FIELD: deep_body},
+        "metadata nested 100 deep": {ENTRY_FIELD: nested_100},
+        "a field the format does not have": {b"x": b"hello"},
+        "a batch that is an object": {BATCH_FIELD: b'{"a": 1}'},
+        "a batch that is not JSON": {BATCH_FIELD: b"[{"},
+        "a future event": {ENTRY_FIELD: msgspec.json.encode(far_future)},
+        "an event in seconds": {ENTRY_FIELD: msgspec.json.encode(in_seconds)},
+        "an integer of 5,000 digits": {ENTRY_FIELD: b"1" * 5000},
+        "a BOM": {ENTRY_FIELD: b"\xef\xbb\xbf" + msgspec.json.encode(make_envelope("error"))},
+    }
+    for fields in garbage.values():
+        xadd(redis_client, settings, fields)  # type: ignore[arg-type]
+    mixed = (
+        b"["
+        + b",".join(
+            [
+                msgspec.json.encode(good[0]),
+                b"42",
+                b'"text"',
+                b"null",
+                msgspec.json.encode({**good[1], "type": "nope"}),
+                deep(100_000),
+                b'"\xff"',
+                msgspec.json.encode(good[1]),
+                msgspec.json.encode(good[2]),
+            ]
+        )
+        + b"]"
+    )
+    mixed_id = xadd(redis_client, settings, {BATCH_FIELD: mixed})
+
+    drain(ingester(redis_client, settings))
+    assert pending(redis_client, settings) == 0
+    assert set(map(str, Event.objects.values_list("id", flat=True))) == {e["id"] for e in good}
+    # Every entry of garbage is a dead letter, and each bad item of the mixed batch one of its own.
+    assert DeadLetter.objects.count() == len(garbage) + 6
+    mixed_letters = DeadLetter.objects.filter(stream_id__startswith=f"{mixed_id}#")
+    assert sorted(int(d.stream_id.split("#")[1]) for d in mixed_letters) == [1, 2, 3, 4, 5, 6]
+    messages = {d.error["details"]["issues"][0]["message"] for d in DeadLetter.objects.all()}
+    assert {FUTURE, SECONDS, "Nested too deeply", "Invalid JSON: not UTF-8 text"} <= messages
+    future_letter = DeadLetter.objects.get(event_id=far_future["id"])
+    assert future_letter.error["details"]["field"] == "timestamp"
+    assert_a_good_event_still_goes_through(redis_client, settings)
+
+
+def test_an_entry_that_keeps_failing_is_dead_lettered_after_a_few_deliveries(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    # An entry on which ingesters died again and again (read, never acknowledged): each
+    # read of a pending entry counts one more delivery in the consumer group.
+    poison = make_envelope("error", timestamp=now_ms())
+    append(redis_client, settings, poison)
+    worker = ingester(redis_client, settings, consumer="c1")
+    redis_client.xgroup_create(settings.EVENTS_STREAM, settings.EVENTS_CONSUMER_GROUP, id="0")
+    redis_client.xreadgroup(settings.EVENTS_CONSUMER_GROUP, "c1", {settings.EVENTS_STREAM: ">"})
+    for _ in range(worker.max_deliveries):
+        redis_client.xreadgroup(settings.EVENTS_CONSUMER_GROUP, "c1", {settings.EVENTS_STREAM: "0"})
+    outcome = worker.step()
+    assert (outcome.stored, outcome.dead) == (0, 1)
+    letter = DeadLetter.objects.get()
+    assert str(letter.event_id) == poison["id"]
+    assert letter.error["code"] == "DeliveryFailed"
+    assert "deliveries" in letter.error["message"]
+    assert pending(redis_client, settings) == 0
+    # Kept for replay: it was never the event's fault here, so a replay stores it.
+    from events.services import dead_letter_replay
+
+    dead_letter_replay(letter)
+    assert Event.objects.filter(pk=poison["id"]).exists()
+    assert_a_good_event_still_goes_through(redis_client, settings)
+
+
+def test_a_database_that_is_unusable_is_waited_for_and_never_dead_letters(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    from django.db import DatabaseError
+
+    events = [make_envelope("error", timestamp=now_ms()) for _ in range(3)]
+    append(redis_client, settings, *events)
+    worker = ingester(redis_client, settings)
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE events_event RENAME TO events_event_away")
+    try:
+        for _ in range(3 * worker.max_deliveries):
+            with pytest.raises(DatabaseError):
+                worker.step()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE events_event_away RENAME TO events_event")
+    # While it could not store, the ingester did not read the entries again: no delivery counted.
+    rows = redis_client.xpending_range(settings.EVENTS_STREAM, settings.EVENTS_CONSUMER_GROUP, "-", "+", 10)
+    assert [row["times_delivered"] for row in rows] == [1, 1, 1]
+    drain(worker)
+    assert Event.objects.count() == 3
+    assert not DeadLetter.objects.exists()
+    assert pending(redis_client, settings) == 0
+
+
+# -- the API ---------------------------------------------------------------------------------
+
+
+def test_timestamps_in_seconds_or_the_future_are_refused_with_a_message_that_says_so(
+    admin_client: APIClient,
+) -> None:
+    for timestamp, message in ((now_ms() // 1000, SECONDS), (now_ms() + 3_600_000, FUTURE)):
+        response = admin_client.post("/api/events/", make_envelope(timestamp=timestamp), format="json")
+        assert response.status_code == 400
+        assert response.json()["details"]["issues"] == [
+            {
+                "path": ["timestamp"],
+                "message": message,
+                "code": response.json()["details"]["issues"][0]["code"],
+            }
+        ]
+        assert response.json()["message"] == f"Validation error on field 'timestamp': {message}"
+
+
+WRITES = [
+    ("post", "/api/events/"),
+    ("post", "/api/generations/"),
+    ("post", "/api/workers/unload/"),
+    ("put", "/api/telemetry/config/"),
+    ("patch", "/api/telemetry/config/"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), WRITES)
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (deep(3_000), "Nested too deeply"),
+        (deep(100_000), "Nested too deeply"),
+        (b'{"a": ' + deep(5_000) + b"}", "Nested too deeply"),
+        (b"1" * 5_000, "Number out of range (integers are at most 64 bits)"),
+        (b'{"enabled": ' + b"9" * 5_000 + b"}", "Number out of range (integers are at most 64 bits)"),
+        (b'{"a": "\xff\xfe"}', "Invalid JSON: not UTF-8 text"),
+        (b"\xef\xbb\xbf[", "Invalid JSON: Input data was truncated"),
+    ],
+    ids=[
+        "deep-3000",
+        "deep-100000",
+        "deep-in-object",
+        "huge-int",
+        "huge-int-field",
+        "not-utf8",
+        "bom-then-junk",
+    ],
+)
+def test_bodies_no_parser_should_take_get_400_with_the_error_object_on_every_write(
+    admin_client: APIClient,
+    redis_client: redis.Redis,
+    settings: Any,
+    method: str,
+    path: str,
+    body: bytes,
+    message: str,
+) -> None:
+    response = getattr(admin_client, method)(path, data=body, content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "InvalidParams"
+    assert response.json()["details"]["issues"][0]["message"] == message
+    assert redis_client.xlen(settings.EVENTS_STREAM) == 0
+
+
+def test_metadata_nested_past_the_limit_is_refused_on_the_api_and_the_rest_of_a_batch_kept(
+    admin_client: APIClient,
+) -> None:
+    nested: Any = {}
+    for _ in range(200):
+        nested = {"a": nested}
+    bad = make_envelope("error", timestamp=now_ms(), payload={"error": "x", "metadata": nested})
+    good = make_envelope("error", timestamp=now_ms())
+    response = admin_client.post("/api/events/", [bad, good], format="json")
+    assert response.status_code == 207
+    assert response.json()["accepted"] == [good["id"]]
+    issue = response.json()["rejected"][0]["error"]["details"]["issues"][0]
+    assert (issue["message"], issue["code"], len(issue["path"])) == ("Nested too deeply", "too_deep", 2 + 64)
+
+
+def test_a_json_body_after_a_byte_order_mark_is_accepted(admin_client: APIClient) -> None:
+    envelope = make_envelope(timestamp=now_ms())
+    response = admin_client.post(
+        "/api/events/", data=b"\xef\xbb\xbf" + msgspec.json.encode(envelope), content_type="application/json"
+    )
+    assert response.status_code == 202
+    assert response.json() == {"id": envelope["id"]}
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "multipart/form-data; boundary=x"])
+def test_a_wrong_content_type_gets_415_with_the_error_object(
+    admin_client: APIClient, content_type: str
+) -> None:
+    response = admin_client.post("/api/events/", data=b"{}", content_type=content_type)
+    assert response.status_code == 415
+    assert response.json()["code"] == "UnsupportedMediaType"
+
+
+def _cursor(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        _cursor("p=abc"),
+        _cursor("p=1e5"),
+        _cursor("p=" + "9" * 30),
+        _cursor("p=-" + "9" * 19),
+        _cursor("p=12%00"),
+        _cursor("o=-1&p=5"),
+        _cursor("o=abc"),
+        _cursor("r=x"),
+        _cursor("p=" + "1" * 5000),
+        "not base64!",
+        "w6k=",  # base64 of non-ASCII bytes
+        "%FF%FE",
+        "é",
+        "",
+    ],
+)
+@pytest.mark.parametrize("path", ["/api/events/", "/api/dead-letters/"])
+def test_every_malformed_cursor_gets_400(admin_client: APIClient, cursor: str, path: str) -> None:
+    response = admin_client.get(path, {"cursor": cursor})
+    if cursor == "":
+        assert response.status_code == 200  # no cursor: the first page
+        return
+    assert response.status_code == 400, response.content
+    assert response.json()["details"]["issues"][0]["path"] == ["cursor"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "since=-1",
+        "until=-5",
+        "since=" + "9" * 30,
+        "since=" + "9" * 5000,
+        "until=1e400",
+        "since=NaN",
+        "generationId=" + "x" * 5000,
+        "type=" + "é" * 100,
+        "source=a%00b",
+        "model=a%00b",
+    ],
+)
+def test_query_parameters_out_of_range_or_of_the_wrong_kind_get_400(
+    admin_client: APIClient, query: str
+) -> None:
+    response = admin_client.get("/api/events/?" + query)
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "InvalidParams"
+
+
+@pytest.mark.parametrize("query", ["limit=-1", "limit=" + "9" * 40, "limit=abc", "source=" + "s" * 5000])
+def test_harmless_odd_parameters_get_a_page(admin_client: APIClient, query: str) -> None:
+    assert admin_client.get("/api/events/?" + query).status_code == 200
+
+
+def test_huge_ids_in_paths_are_404_not_500(admin_client: APIClient) -> None:
+    for path in (f"/api/dead-letters/{'9' * 40}/replay/", f"/api/events/{uuid.uuid4()}/"):
+        response = admin_client.post(path) if "replay" in path else admin_client.get(path)
+        assert response.status_code == 404
+        assert response.json()["code"] == "NotFound"
