@@ -264,7 +264,9 @@ class CanSeeDeadLetters(BasePermission):
         user = request.user
         if not (user and user.is_authenticated):
             return False
-        return bool(user.has_perm("events.view_deadletter")) or _staff_or_member(request, OPERATOR_GROUP)
+        return (
+            bool(user.has_perm("events.view_deadletter")) or user.groups.filter(name=OPERATOR_GROUP).exists()
+        )
 
 
 class CanReplayDeadLetters(BasePermission):

@@ -53,6 +53,9 @@ POST_EVENTS = {
     "staff": 202,
 }
 OPERATE = {**READ, "plain": 403, "viewer": 403, "operator": 202, "admin": 202, "staff": 202}
+# Dead letters: operators and admins see them; replaying takes the admin's Replay permission.
+DEAD_LETTERS = {**READ, "plain": 403, "viewer": 403, "staff": 403}
+REPLAY = {**DEAD_LETTERS, "operator": 403, "admin": 404}  # 404: allowed, but there is no letter 999
 
 ENDPOINTS: list[tuple[str, str, Any, dict[str, int]]] = [
     ("get", "/api/telemetry/config/", None, READ),
@@ -68,6 +71,8 @@ ENDPOINTS: list[tuple[str, str, Any, dict[str, int]]] = [
     ("post", "/api/workers/unload/", {"model": "demo"}, OPERATE),
     ("post", "/api/generations/", {"model": "demo", "prompt": "hi", "maxTokens": 4}, OPERATE),
     ("get", f"/api/generations/{uuid.uuid4()}/", None, MISSING),
+    ("get", "/api/dead-letters/", None, DEAD_LETTERS),
+    ("post", "/api/dead-letters/999/replay/", None, REPLAY),
 ]
 
 

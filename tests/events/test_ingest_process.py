@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 from django.conf import settings as django_settings
@@ -147,3 +148,51 @@ def test_a_database_outage_acknowledges_nothing_and_the_ingester_recovers(
         output, _ = process.communicate(timeout=30)
     assert b"Ingest paused (" in output
     assert_stored_once_and_acknowledged(redis_client, settings, 3_000)
+
+
+def test_a_running_ingester_stores_the_next_good_event_within_seconds_of_each_poison(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    from events.models import DeadLetter
+    from events.stream import BATCH_FIELD, ENTRY_FIELD
+    from tests.conftest import make_envelope
+
+    def now_ms() -> int:
+        return time.time_ns() // 1_000_000
+
+    nested = b"[" * 100_000 + b"]" * 100_000
+    poisons: list[dict[bytes, bytes]] = [
+        {ENTRY_FIELD: b"\xff\xfe\xfd"},
+        {ENTRY_FIELD: nested},
+        {BATCH_FIELD: b"[" + nested + b", 7]"},
+        {b"unknown": b"field"},
+        {ENTRY_FIELD: msgspec.json.encode(make_envelope("error", timestamp=now_ms() + 86_400_000))},
+        {
+            ENTRY_FIELD: msgspec.json.encode(
+                make_envelope(
+                    "runtimeStatus",
+                    timestamp=now_ms(),
+                    payload={"status": "ready", "modelsLoaded": 2**63 - 1, "activeTasks": 2**40},
+                )
+            )
+        },
+    ]
+    process = start_ingester(settings, TEST_REDIS_URL)
+    try:
+        for poison in poisons:
+            redis_client.xadd(settings.EVENTS_STREAM, poison)  # type: ignore[arg-type]
+            good = make_envelope("error", timestamp=now_ms())
+            redis_client.xadd(settings.EVENTS_STREAM, {ENTRY_FIELD: msgspec.json.encode(good)})
+            deadline = time.monotonic() + 10
+            while not Event.objects.filter(pk=good["id"]).exists():
+                assert process.poll() is None, process.communicate()[0].decode()[-2000:]
+                assert time.monotonic() < deadline, f"the good event after {poison!r:.60} was not stored"
+                time.sleep(0.05)
+        wait_until_nothing_pending(redis_client, settings)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output.decode()[-2000:]
+    assert b"Ingest paused" not in output
+    assert DeadLetter.objects.count() == 6  # five poisons, and the second item of the batch
+    assert Event.objects.count() == len(poisons) + 1  # the goods and the runtime status
