@@ -3,8 +3,10 @@ arbitrary JSON at POST /api/events/. No 500, no response outside the schema, no 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -129,3 +131,75 @@ def test_posting_events_never_500s_and_never_writes_partly(
 def test_raw_bytes_never_500(raw: bytes, producer_client: APIClient, redis_client: redis.Redis) -> None:
     response = producer_client.post("/api/events/", data=raw, content_type="application/json")
     assert response.status_code in (202, 207, 400, 429)
+
+
+# Deep nesting wherever JSON may nest: at the top, in a payload, in metadata, in a batch item.
+@st.composite
+def deeply_nested_bodies(draw: Any) -> bytes:
+    levels = draw(st.sampled_from([63, 64, 65, 100, 999, 1_000, 3_000, 100_000]))
+    opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+    nested = opener * levels + "0" + closer * levels
+    envelope = json.dumps(make_envelope("error"))
+    where = draw(st.sampled_from(["top", "payload", "metadata", "batch"]))
+    if where == "top":
+        text = nested
+    elif where == "payload":
+        text = envelope.replace('"payload": {', f'"payload": {{"x": {nested}, ', 1)
+    elif where == "metadata":
+        text = envelope.replace('"payload": {', f'"payload": {{"metadata": {{"m": {nested}}}, ', 1)
+    else:
+        text = f"[{envelope.replace(make_envelope('error')['id'], '')}, {nested}]"
+    return text.encode()
+
+
+@FUZZ
+@given(body=deeply_nested_bodies())
+def test_deep_nesting_anywhere_never_500s(
+    body: bytes, staff_client: APIClient, redis_client: redis.Redis, settings: Any
+) -> None:
+    settings.API_POST_RATE = ""
+    for method, path in (
+        ("post", "/api/events/"),
+        ("put", "/api/telemetry/config/"),
+        ("post", "/api/generations/"),
+    ):
+        response = getattr(staff_client, method)(path, data=body, content_type="application/json")
+        assert response.status_code in (202, 207, 400), response.content
+        if response.status_code == 400:
+            assert {"code", "message", "details"} <= set(response.json())
+
+
+cursor_texts = st.one_of(
+    st.text(max_size=40),
+    st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),
+    st.lists(
+        st.tuples(st.sampled_from(["o", "r", "p", "x", ""]), st.text(max_size=25)), min_size=1, max_size=4
+    ).map(lambda pairs: base64.b64encode(urllib.parse.urlencode(pairs).encode()).decode()),
+)
+
+
+@FUZZ
+@given(cursor=cursor_texts, path=st.sampled_from(["/api/events/", "/api/dead-letters/"]))
+def test_any_cursor_gets_a_page_or_400(cursor: str, path: str, staff_client: APIClient) -> None:
+    response = staff_client.get(path, {"cursor": cursor})
+    assert response.status_code in (200, 400), response.content
+    if response.status_code == 400:
+        assert response.json()["details"]["issues"][0]["path"] == ["cursor"]
+
+
+@FUZZ
+@given(
+    params=st.dictionaries(
+        st.sampled_from(["since", "until", "limit", "type", "model", "source", "generationId"]),
+        st.one_of(st.text(max_size=30), st.integers().map(str), st.just("9" * 5000)),
+        max_size=4,
+    ),
+    path=st.sampled_from(["/api/events/", "/api/stats/", "/api/events/export/"]),
+)
+def test_any_query_parameters_get_an_answer_or_400(
+    params: dict[str, str], path: str, staff_client: APIClient
+) -> None:
+    response = staff_client.get(path, params)
+    assert response.status_code in (200, 400), response.content
+    if response.status_code == 400:
+        assert response.json()["code"] == "InvalidParams"
