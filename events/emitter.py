@@ -7,10 +7,12 @@ publisher. No Django, no database: this runs inside workers.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis
@@ -19,6 +21,8 @@ from msgspec import UNSET
 from events.schemas import Envelope, envelope_encode, envelope_validate
 from events.stream import stream_append
 from mlxserve.validation import Issue, ValidationFailed
+
+logger = logging.getLogger(__name__)
 
 
 class EventPublisher(Protocol):
@@ -56,9 +60,19 @@ def _given(**fields: Any) -> dict[str, Any]:
 
 
 class EngineEventEmitter:
-    def __init__(self, *, source: str, publisher: EventPublisher) -> None:
+    """``on_refused`` is told of every event this emitter refuses (a worker counts them):
+    a refusal is also logged, so a worker whose clock is off says so in its log."""
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        publisher: EventPublisher,
+        on_refused: Callable[[ValidationFailed], None] | None = None,
+    ) -> None:
         self.source = source
         self.publisher = publisher
+        self.on_refused = on_refused
         # Random UUIDs (version 4) from a CSPRNG-seeded generator: no system call
         # per token, and ids stay unique across processes and hosts.
         self._random = random.Random(os.urandom(32))
@@ -74,25 +88,35 @@ class EngineEventEmitter:
         generation_id: uuid.UUID | str | None = None,
         seq: int = 0,
     ) -> Envelope:
-        envelope = envelope_validate(
-            {
-                "id": self._new_id(),
-                "type": event_type,
-                "timestamp": time.time_ns() // 1_000_000,
-                "source": self.source,
-                "generationId": generation_id,
-                "seq": seq,
-                "payload": payload,
-            }
-        )
-        # Encode here, not in the publisher's thread: a string that cannot be
-        # UTF-8 (a lone surrogate) is refused to the caller like any bad input.
         try:
-            body = envelope_encode(envelope)
-        except UnicodeEncodeError:
-            raise ValidationFailed(
-                [Issue([], "Strings must be valid Unicode (a lone surrogate was found)", "invalid_string")]
-            ) from None
+            envelope = envelope_validate(
+                {
+                    "id": self._new_id(),
+                    "type": event_type,
+                    "timestamp": time.time_ns() // 1_000_000,
+                    "source": self.source,
+                    "generationId": generation_id,
+                    "seq": seq,
+                    "payload": payload,
+                }
+            )
+            # Encode here, not in the publisher's thread: a string that cannot be
+            # UTF-8 (a lone surrogate) is refused to the caller like any bad input.
+            try:
+                body = envelope_encode(envelope)
+            except UnicodeEncodeError:
+                raise ValidationFailed(
+                    [
+                        Issue(
+                            [], "Strings must be valid Unicode (a lone surrogate was found)", "invalid_string"
+                        )
+                    ]
+                ) from None
+        except ValidationFailed as exc:
+            logger.error("%s event refused: %s", event_type, exc.message)
+            if self.on_refused is not None:
+                self.on_refused(exc)
+            raise
         self.publisher.publish(envelope, body)
         return envelope
 

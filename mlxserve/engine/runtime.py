@@ -74,7 +74,12 @@ class WorkerRuntime:
             metrics=self.metrics,
             linger=settings.publish_linger_seconds,
         )
-        self.emitter = EngineEventEmitter(source=settings.source, publisher=self.publisher)
+        self.emitter = EngineEventEmitter(
+            source=settings.source,
+            publisher=self.publisher,
+            # Counted as errors of their own code: a clock far off, a bug in what we emit.
+            on_refused=lambda exc: self.metrics.errors.labels(code="EventRefused").inc(),
+        )
         self.engine = Engine(
             emitter=self.emitter,
             metrics=self.metrics,

@@ -92,3 +92,23 @@ def test_a_lone_surrogate_is_refused_before_it_reaches_the_publisher(
         emitter.token_generated(generation_id=uuid.uuid4(), seq=1, model="m", token="\ud800")
     assert info.value.issues[0].code == "invalid_string"
     assert publisher.envelopes == []
+
+
+def test_a_worker_whose_clock_was_never_set_logs_and_counts_each_refused_event(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from events import emitter as emitter_module
+
+    refused: list[ValidationFailed] = []
+    publisher = CollectingPublisher()
+    emitter = EngineEventEmitter(source="mac-1/w1", publisher=publisher, on_refused=refused.append)
+    # A Mac whose clock reads 1970 (a dead RTC battery, no network time yet).
+    monkeypatch.setattr(emitter_module.time, "time_ns", lambda: 86_400 * 10**9)
+    with caplog.at_level("ERROR", logger="events.emitter"), pytest.raises(ValidationFailed):
+        emitter.runtime_status(status="ready", models_loaded=0)
+    assert publisher.envelopes == []
+    assert [exc.field for exc in refused] == ["timestamp"]
+    assert (
+        "runtimeStatus event refused: Validation error on field 'timestamp': Timestamp must be epoch"
+        in caplog.text
+    )
