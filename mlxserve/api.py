@@ -16,7 +16,7 @@ import redis
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.utils.functional import Promise
 from rest_framework import exceptions, status
 from rest_framework.parsers import BaseParser
@@ -177,6 +177,28 @@ class RequestSizeLimitMiddleware:
             if not _body_drained(request, length):
                 response["Connection"] = "close"
             return response
+        return self.get_response(request)
+
+
+class NulParameterMiddleware:
+    """400 for a query parameter holding a NUL character, on every page (the admin's filters included).
+
+    No stored value can hold one (PostgreSQL refuses NUL in text), so such a parameter can only
+    be a probe; passed on, it would make the database driver raise instead of finding nothing.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        for key, values in request.GET.lists():
+            if "\x00" in key or any("\x00" in value for value in values):
+                issue = Issue(
+                    [key.replace("\x00", "\ufffd")], "Cannot contain NUL characters", "invalid_string"
+                )
+                if request.path.startswith("/api/"):
+                    return JsonResponse(ValidationFailed([issue]).as_error(), status=400)
+                return HttpResponseBadRequest("Query parameters cannot contain NUL characters")
         return self.get_response(request)
 
 

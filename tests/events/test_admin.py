@@ -123,3 +123,35 @@ def test_the_prompt_policy_is_one_row_an_admin_edits() -> None:
     refused = helper.post("/admin/events/promptpolicy/1/change/", {"mode": "keep", "truncate_chars": "40"})
     assert refused.status_code == 403  # staff without the admin group's permissions
     assert PromptPolicy.objects.get(pk=1).mode == "truncate"
+
+
+ADMIN_LISTS = [
+    "/admin/events/event/",
+    "/admin/events/deadletter/",
+    "/admin/events/generation/",
+    "/admin/events/worker/",
+    "/admin/telemetry/telemetryconfigchange/",
+]
+
+
+@pytest.mark.parametrize("path", ADMIN_LISTS)
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"q": "a\x00b"},
+        {"q": "not-a-uuid " + "x" * 3000},
+        {"source": "a\x00b"},
+        {"model": "\x00"},
+        {"type__exact": "nope"},
+        {"p": "9" * 30},
+        {"o": "99"},
+        {"timestamp__gte": "abc"},
+        {"replayed_at__isempty": "maybe"},
+        {"status__exact": "\x00"},
+    ],
+    ids=lambda q: next(iter(q)),
+)
+def test_hostile_admin_list_parameters_never_500(path: str, query: dict[str, str]) -> None:
+    client = browser("boss", ADMIN_GROUP)
+    response = client.get(path, query)
+    assert response.status_code < 500
