@@ -88,17 +88,19 @@ class EngineEventEmitter:
         generation_id: uuid.UUID | str | None = None,
         seq: int = 0,
     ) -> Envelope:
+        now_ms = time.time_ns() // 1_000_000
         try:
             envelope = envelope_validate(
                 {
                     "id": self._new_id(),
                     "type": event_type,
-                    "timestamp": time.time_ns() // 1_000_000,
+                    "timestamp": now_ms,
                     "source": self.source,
                     "generationId": generation_id,
                     "seq": seq,
                     "payload": payload,
-                }
+                },
+                now_ms=now_ms,
             )
             # Encode here, not in the publisher's thread: a string that cannot be
             # UTF-8 (a lone surrogate) is refused to the caller like any bad input.

@@ -65,13 +65,22 @@ def event_submit(*, client: redis.Redis, stream: str, data: Any) -> str:
     return str(envelope.id)
 
 
+# Envelopes one POST may carry. A 1 MiB body holds about 5,000 real envelopes; without a cap
+# it could hold 500,000 one-byte items, each answered with an error object (100 MB out).
+MAX_BATCH_ITEMS = 5000
+
+
 def event_submit_batch(*, client: redis.Redis, stream: str, items: Sequence[Any]) -> BatchOutcome:
     """An array of envelopes: the valid ones go to the stream whatever the others hold."""
+    if len(items) > MAX_BATCH_ITEMS:
+        message = f"Too many envelopes in one request ({len(items)}; at most {MAX_BATCH_ITEMS})"
+        raise ValidationFailed([Issue([], message, "too_big")])
     outcome = BatchOutcome()
     valid: list[Envelope] = []
+    now_ms = time.time_ns() // 1_000_000
     for index, item in enumerate(items):
         try:
-            valid.append(envelope_validate(item))
+            valid.append(envelope_validate(item, now_ms=now_ms))
         except ValidationFailed as exc:
             outcome.rejected.append({"index": index, "error": exc.as_error()})
     # One stream entry for the whole batch, as workers send theirs.
@@ -218,12 +227,13 @@ def events_store(
     that cannot be reached raises (the caller waits for it and tries again).
     """
     now = timezone.now()
+    now_ms = int(now.timestamp() * 1000)
     pending: dict[Any, tuple[Envelope, str, bytes]] = {}
     dead: list[DeadLetter] = [_dead_letter(label, body, error) for label, body, error in refused]
     policy: PromptPolicy | None = None
     for entry_id, body in entries:
         try:
-            envelope = envelope_decode(storable_body(body))
+            envelope = envelope_decode(storable_body(body), now_ms=now_ms)
         except ValidationFailed as exc:
             dead.append(_dead_letter(entry_id, body, exc.as_error()))
             continue

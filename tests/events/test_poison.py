@@ -413,3 +413,22 @@ def test_huge_ids_in_paths_are_404_not_500(admin_client: APIClient) -> None:
         response = admin_client.post(path) if "replay" in path else admin_client.get(path)
         assert response.status_code == 404
         assert response.json()["code"] == "NotFound"
+
+
+def test_a_batch_of_more_envelopes_than_allowed_is_refused_whole(
+    admin_client: APIClient, redis_client: redis.Redis, settings: Any
+) -> None:
+    response = admin_client.post(
+        "/api/events/", data=b"[" + b",".join([b"1"] * 5001) + b"]", content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert (
+        response.json()["message"]
+        == "Validation error on field 'root': Too many envelopes in one request (5001; at most 5000)"
+    )
+    assert redis_client.xlen(settings.EVENTS_STREAM) == 0
+    fine = admin_client.post(
+        "/api/events/", data=b"[" + b",".join([b"1"] * 5000) + b"]", content_type="application/json"
+    )
+    assert fine.status_code == 207
+    assert len(fine.json()["rejected"]) == 5000
