@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -259,17 +260,7 @@ def envelope_validate(obj: Any, *, now_ms: int | None = None) -> Envelope:
         raise _failure(obj, exc) from None
     # JSON text cannot hold NaN or a datetime, but a Python caller's free-form
     # objects (metadata, a structured prompt) can: msgspec takes them as Any.
-    for name, wire_name in _FREE_FORM_FIELDS[type(envelope.payload)]:
-        value = getattr(envelope.payload, name)
-        if type(value) is dict and not is_plain_json(value):
-            issues: list[Issue] = []
-            json_value_issues(value, ["payload", wire_name], issues)
-            if issues:
-                raise ValidationFailed(issues)
-    # The rule no static declaration can hold: not too far ahead of the receiving clock.
-    if envelope.timestamp > (_now_ms() if now_ms is None else now_ms) + TIMESTAMP_MAX_AHEAD_MS:
-        raise ValidationFailed([_future_issue()])
-    return envelope
+    return _undeclared_rules_checked(envelope, now_ms, is_plain_json)
 
 
 def envelope_decode(raw: bytes | str, *, now_ms: int | None = None) -> Envelope:
@@ -289,16 +280,24 @@ def envelope_decode(raw: bytes | str, *, now_ms: int | None = None) -> Envelope:
         raise _failure(obj, exc) from None
     except Exception as exc:
         raise json_failure(exc) from None
-    # Free-form objects decode as any JSON: bound their depth. Most are flat (a few numbers
+    # Decoded free-form objects are JSON, but of any depth. Most are flat (a few numbers
     # and strings), which one loop over the values tells; only the others are walked.
+    return _undeclared_rules_checked(envelope, now_ms, _flat)
+
+
+def _undeclared_rules_checked(
+    envelope: Envelope, now_ms: int | None, looks_fine: Callable[[dict[str, Any]], bool]
+) -> Envelope:
+    """The rules no static declaration holds: free-form objects hold finite JSON values
+    nested at most 64 deep (walked only where ``looks_fine`` cannot tell), and the
+    timestamp is not too far ahead of the receiving clock."""
     for name, wire_name in _FREE_FORM_FIELDS[type(envelope.payload)]:
         value = getattr(envelope.payload, name)
-        if type(value) is dict and not _flat(value):
+        if type(value) is dict and not looks_fine(value):
             issues: list[Issue] = []
             json_value_issues(value, ["payload", wire_name], issues)
             if issues:
                 raise ValidationFailed(issues)
-    # The rule no static declaration can hold: not too far ahead of the receiving clock.
     if envelope.timestamp > (_now_ms() if now_ms is None else now_ms) + TIMESTAMP_MAX_AHEAD_MS:
         raise ValidationFailed([_future_issue()])
     return envelope
