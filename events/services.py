@@ -281,11 +281,12 @@ def _store_refusing(items: list[tuple[Envelope, str, bytes]], now: Any, dead: li
     return _store_refusing(items[:middle], now, dead) + _store_refusing(items[middle:], now, dead)
 
 
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (DatabaseError, sqlite3.Error)
+# What the database (through Django, or a driver cursor used directly, as COPY is) may raise.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (DatabaseError, sqlite3.Error)
 try:
     import psycopg
 
-    _DRIVER_ERRORS += (psycopg.Error,)
+    DATABASE_ERRORS += (psycopg.Error,)
 except ImportError:  # pragma: no cover - SQLite-only installs
     pass
 
@@ -297,7 +298,7 @@ _EVENT_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
 
 def refuses_the_event(exc: BaseException) -> bool:
     """Whether a failure to store an event is that event's own fault."""
-    if not isinstance(exc, _DRIVER_ERRORS):
+    if not isinstance(exc, DATABASE_ERRORS):
         return True  # raised by our own code on this event's values (a bug shows up here too)
     sqlstate = getattr(exc, "sqlstate", None) or getattr(exc.__cause__, "sqlstate", None)
     if sqlstate:

@@ -9,13 +9,16 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand
-from django.db import DatabaseError, close_old_connections
+from django.db import close_old_connections
 
-from events.services import EventIngester, events_retention_apply, stream_lag
+from events.services import DATABASE_ERRORS, EventIngester, events_retention_apply, stream_lag
 from mlxserve.redis_conn import redis_client
 from telemetry.services import telemetry_config_sync
 
 logger = logging.getLogger("mlxserve.ingest")
+
+# Redis or the database unreachable (or refusing for reasons no event caused): wait, retry.
+PAUSING_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *DATABASE_ERRORS)
 
 
 class Command(BaseCommand):
@@ -94,7 +97,7 @@ class Command(BaseCommand):
                 backoff = 0.5
                 if options["exit_when_idle"] and outcome.stored + outcome.duplicates + outcome.dead == 0:
                     break
-            except (redis.RedisError, DatabaseError) as exc:
+            except PAUSING_ERRORS as exc:
                 logger.error("Ingest paused (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
                 close_old_connections()
                 time.sleep(backoff)
