@@ -34,14 +34,10 @@ from events.schemas import (
     GenerationStartedEnvelope,
     RuntimeStatusEnvelope,
     envelope_decode,
-    envelope_encode,
-    envelope_validate,
 )
 from events.stream import (
     EntryContents,
     entry_envelopes,
-    stream_append,
-    stream_append_batch,
     stream_ensure_group,
 )
 from mlxserve.validation import Issue, ValidationFailed, validate
@@ -50,43 +46,6 @@ logger = logging.getLogger(__name__)
 
 
 # -- intake (the API) --------------------------------------------------------------
-
-
-@dataclass
-class BatchOutcome:
-    accepted: list[str] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-
-
-def event_submit(*, client: redis.Redis, stream: str, data: Any) -> str:
-    """One envelope: validate it and append it to the stream. Returns its id."""
-    envelope = envelope_validate(data)
-    stream_append(client, stream, [envelope_encode(envelope)])
-    return str(envelope.id)
-
-
-# Envelopes one POST may carry. A 1 MiB body holds about 5,000 real envelopes; without a cap
-# it could hold 500,000 one-byte items, each answered with an error object (100 MB out).
-MAX_BATCH_ITEMS = 5000
-
-
-def event_submit_batch(*, client: redis.Redis, stream: str, items: Sequence[Any]) -> BatchOutcome:
-    """An array of envelopes: the valid ones go to the stream whatever the others hold."""
-    if len(items) > MAX_BATCH_ITEMS:
-        message = f"Too many envelopes in one request ({len(items)}; at most {MAX_BATCH_ITEMS})"
-        raise ValidationFailed([Issue([], message, "too_big")])
-    outcome = BatchOutcome()
-    valid: list[Envelope] = []
-    now_ms = time.time_ns() // 1_000_000
-    for index, item in enumerate(items):
-        try:
-            valid.append(envelope_validate(item, now_ms=now_ms))
-        except ValidationFailed as exc:
-            outcome.rejected.append({"index": index, "error": exc.as_error()})
-    # One stream entry for the whole batch, as workers send theirs.
-    stream_append_batch(client, stream, [envelope_encode(e) for e in valid])
-    outcome.accepted = [str(e.id) for e in valid]
-    return outcome
 
 
 # -- storage (the ingester) ----------------------------------------------------------

@@ -25,6 +25,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from events.filters import EpochMsFilter, EventFilter
+from events.intake import IntakeRefused, event_submit, event_submit_batch
 from events.models import DeadLetter, Event
 from events.schemas import Envelope, GenerationOrder
 from events.selectors import (
@@ -36,13 +37,7 @@ from events.selectors import (
     workers_list,
 )
 from events.serializers import DeadLetterSerializer, EventSerializer
-from events.services import (
-    ReplayRefused,
-    dead_letter_replay,
-    event_submit,
-    event_submit_batch,
-    generation_queue,
-)
+from events.services import ReplayRefused, dead_letter_replay, generation_queue
 from mlxserve.api import (
     CanOperate,
     CanPostEvents,
@@ -163,23 +158,40 @@ class EventListCreateView(generics.ListAPIView[Event]):
                 description="An array: the valid envelopes are accepted whatever the others hold.",
             ),
             **WRITE_ERROR_RESPONSES,
-            503: OpenApiResponse(response=ERROR_SCHEMA, description="Redis unreachable; nothing stored"),
+            403: error("Not allowed to post events, or (one envelope) a source not the producer's own"),
+            429: error("Too many writes, or the account's event budget used up; see Retry-After"),
+            503: OpenApiResponse(
+                response=ERROR_SCHEMA,
+                description="Redis unreachable, or the stream's backlog past its limit; nothing stored",
+            ),
         },
     )
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         data = request.data
         client, stream = redis_client(), settings.EVENTS_STREAM
-        if isinstance(data, list):
-            outcome = event_submit_batch(client=client, stream=stream, items=data)
-            return Response(
-                {"accepted": outcome.accepted, "rejected": outcome.rejected},
-                status=status.HTTP_207_MULTI_STATUS,
+        user = request.user
+        account = user.get_username()
+        # A producer account posts as its own name; staff may post any source.
+        producer = None if user.is_staff else account
+        try:
+            if isinstance(data, list):
+                outcome = event_submit_batch(
+                    client=client, stream=stream, items=data, account=account, producer=producer
+                )
+                return Response(
+                    {"accepted": outcome.accepted, "rejected": outcome.rejected},
+                    status=status.HTTP_207_MULTI_STATUS,
+                )
+            if not isinstance(data, dict):
+                raise ValidationFailed(
+                    [Issue([], "Must be an envelope object or an array of them", "invalid_type")]
+                )
+            event_id = event_submit(
+                client=client, stream=stream, data=data, account=account, producer=producer
             )
-        if not isinstance(data, dict):
-            raise ValidationFailed(
-                [Issue([], "Must be an envelope object or an array of them", "invalid_type")]
-            )
-        event_id = event_submit(client=client, stream=stream, data=data)
+        except IntakeRefused as refused:
+            headers = {"Retry-After": str(refused.retry_after)} if refused.retry_after else None
+            return Response(refused.as_error(), status=refused.status, headers=headers)
         return Response({"id": event_id}, status=status.HTTP_202_ACCEPTED)
 
 

@@ -8,6 +8,7 @@ environment variables; every one is listed in the README.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -199,6 +200,14 @@ PROMETHEUS_EXPORT_MIGRATIONS = False
 # Writes (POST/PUT/PATCH) per account; one request may carry a batch of events.
 # Empty turns throttling off.
 API_POST_RATE = env_str("MLXSERVE_API_POST_RATE", "1200/min")
+# Events each account may post over the API, across every web process ("" turns it off).
+PRODUCER_EVENT_RATE = env_str("MLXSERVE_PRODUCER_EVENT_RATE", "60000/min")
+if PRODUCER_EVENT_RATE and not re.fullmatch(r"\d+/(s|sec|m|min|h|hour|d|day)", PRODUCER_EVENT_RATE):
+    raise ImproperlyConfigured(
+        f"MLXSERVE_PRODUCER_EVENT_RATE must be N/s, N/min, N/hour or N/day, got {PRODUCER_EVENT_RATE!r}"
+    )
+# Past this many stream entries not yet stored, posts get 503 instead of filling Redis (0: no limit).
+STREAM_BACKLOG_LIMIT = env_int("MLXSERVE_STREAM_BACKLOG_LIMIT", 100_000)
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "mlxserve",

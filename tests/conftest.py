@@ -137,7 +137,8 @@ def reader_client(db: Any) -> APIClient:
 
 @pytest.fixture
 def producer_client(db: Any) -> APIClient:
-    user = User.objects.create_user("producer")
+    # Named after the host its events come from: make_envelope's source is mac-studio-3/worker-1.
+    user = User.objects.create_user("mac-studio-3")
     user.groups.add(Group.objects.get_or_create(name=PRODUCER_GROUP)[0])
     return _token_client(user)
 

@@ -31,7 +31,9 @@ def client_for(role: str) -> APIClient:
         "operator": OPERATOR_GROUP,
         "admin": ADMIN_GROUP,
     }[role]
-    return _token_client(role_user(role, group, is_staff=role == "admin"))
+    # A producer posts as its own name: make_envelope's source is mac-studio-3/worker-1.
+    username = "mac-studio-3" if role == "producer" else role
+    return _token_client(role_user(username, group, is_staff=role == "admin"))
 
 
 def call(client: APIClient, method: str, path: str, body: Any = None) -> Any:

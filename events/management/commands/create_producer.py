@@ -11,7 +11,10 @@ from mlxserve.roles import PRODUCER_GROUP
 
 
 class Command(BaseCommand):
-    help = "Create (or reuse) an account that can only post events, and print its API token."
+    help = (
+        "Create (or reuse) an account that can only post events, and print its API token. Name it after the "
+        "host: account NAME may post only events whose source is NAME or starts with NAME/."
+    )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("username")

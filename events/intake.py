@@ -1,0 +1,170 @@
+"""Events posted over the API: validated, bound to their producer, within budget, onto the stream.
+
+A producer account named ``N`` may post only events whose ``source`` is ``N`` or starts
+with ``N/``; staff may post any source. Every account has an event budget (events, not
+requests, per period, shared by every web process through Redis), and while the stream's
+backlog of entries not yet stored is past its limit, posts are refused with 503 so that
+one producer cannot fill the Redis that Celery and everyone else rely on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from django.conf import settings
+
+from events.schemas import Envelope, envelope_encode, envelope_validate
+from events.stream import stream_append, stream_append_batch
+from mlxserve.validation import Issue, ValidationFailed
+
+# Envelopes one POST may carry. A 1 MiB body holds about 5,000 real envelopes; without a cap
+# it could hold 500,000 one-byte items, each answered with an error object (100 MB out).
+MAX_BATCH_ITEMS = 5000
+
+
+class IntakeRefused(Exception):
+    """A post refused whole: ``status`` and the error object (``code``, ``message``)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+    def as_error(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass
+class BatchOutcome:
+    accepted: list[str] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def source_refusal(producer: str | None, source: str) -> IntakeRefused | None:
+    """Why ``producer`` may not post as ``source`` (None: it may). ``producer`` None is staff."""
+    if producer is None or source == producer or source.startswith(producer + "/"):
+        return None
+    return IntakeRefused(
+        403,
+        "Forbidden",
+        f"Producer '{producer}' may only post events whose source is '{producer}' or starts with "
+        f"'{producer}/'; this one's is '{source[:200]}'",
+    )
+
+
+def event_submit(*, client: redis.Redis, stream: str, data: Any, account: str, producer: str | None) -> str:
+    """One envelope: validate it, check its source and the budget, append it. Returns its id."""
+    envelope = envelope_validate(data)
+    refusal = source_refusal(producer, envelope.source)
+    if refusal is not None:
+        raise refusal
+    _admit(client, stream, account, 1)
+    stream_append(client, stream, [envelope_encode(envelope)])
+    return str(envelope.id)
+
+
+def event_submit_batch(
+    *, client: redis.Redis, stream: str, items: Sequence[Any], account: str, producer: str | None
+) -> BatchOutcome:
+    """An array of envelopes: the valid ones of this producer go to the stream whatever the others hold."""
+    if len(items) > MAX_BATCH_ITEMS:
+        message = f"Too many envelopes in one request ({len(items)}; at most {MAX_BATCH_ITEMS})"
+        raise ValidationFailed([Issue([], message, "too_big")])
+    outcome = BatchOutcome()
+    valid: list[Envelope] = []
+    now_ms = time.time_ns() // 1_000_000
+    for index, item in enumerate(items):
+        try:
+            envelope = envelope_validate(item, now_ms=now_ms)
+        except ValidationFailed as exc:
+            outcome.rejected.append({"index": index, "error": exc.as_error()})
+            continue
+        refusal = source_refusal(producer, envelope.source)
+        if refusal is not None:
+            outcome.rejected.append({"index": index, "error": refusal.as_error()})
+            continue
+        valid.append(envelope)
+    if valid:
+        _admit(client, stream, account, len(valid))
+    # One stream entry for the whole batch, as workers send theirs.
+    stream_append_batch(client, stream, [envelope_encode(e) for e in valid])
+    outcome.accepted = [str(e.id) for e in valid]
+    return outcome
+
+
+def _admit(client: redis.Redis, stream: str, account: str, events: int) -> None:
+    """Refuse the post (nothing kept) when the backlog is past its limit or the budget would be."""
+    backlog = stream_backlog(client=client, stream=stream, group=settings.EVENTS_CONSUMER_GROUP)
+    if settings.STREAM_BACKLOG_LIMIT and backlog >= settings.STREAM_BACKLOG_LIMIT:
+        raise IntakeRefused(
+            503,
+            "Unavailable",
+            f"The event stream holds {backlog} entries not yet stored (limit "
+            f"{settings.STREAM_BACKLOG_LIMIT}); nothing was accepted, retry later",
+            retry_after=5,
+        )
+    if settings.PRODUCER_EVENT_RATE:
+        budget_spend(client=client, account=account, events=events, rate=settings.PRODUCER_EVENT_RATE)
+
+
+def stream_backlog(*, client: redis.Redis, stream: str, group: str) -> int:
+    """Entries not yet stored: read and pending, plus not yet read (the whole stream if no
+    ingester has made the group yet, or if this Redis does not report the group's lag)."""
+    try:
+        groups: Any = client.xinfo_groups(stream)
+    except redis.ResponseError:  # no stream yet
+        return 0
+    for info in groups:
+        name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+        if name == group and info.get("lag") is not None:
+            return int(info["pending"]) + int(info["lag"])
+    return int(client.xlen(stream))
+
+
+_PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+# Add ``events`` to this window's count unless that would pass the limit; one round trip,
+# atomic, so concurrent posts in every web process share one count.
+_SPEND = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local events, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+if used + events > limit then
+  return -1
+end
+redis.call('INCRBY', KEYS[1], events)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return used + events
+"""
+
+
+def parse_rate(rate: str) -> tuple[int, int]:
+    """DRF's rate form, ``N/period`` (``60000/min``, ``100/s``): (events, seconds)."""
+    number, _, period = rate.partition("/")
+    try:
+        count, seconds = int(number), _PERIODS[period[:1]]
+    except (ValueError, KeyError):
+        raise ValueError(f"A rate is N/s, N/min, N/hour or N/day, not {rate!r}") from None
+    return count, seconds
+
+
+def budget_spend(*, client: redis.Redis, account: str, events: int, rate: str) -> None:
+    """Count ``events`` against ``account``'s budget, or raise 429 (``IntakeRefused``) counting nothing.
+
+    Fixed windows of the rate's period: simple and shared by every process; a producer can
+    at most send twice its rate across the boundary of two windows.
+    """
+    limit, seconds = parse_rate(rate)
+    window = int(time.time()) // seconds
+    key = f"mlxserve:event-budget:{account}:{window}"
+    if events > limit or client.eval(_SPEND, 1, key, events, limit, seconds * 2) == -1:  # type: ignore[no-untyped-call]
+        retry_after = max(1, (window + 1) * seconds - int(time.time()))
+        raise IntakeRefused(
+            429,
+            "Throttled",
+            f"Event budget of {rate} used up for this account ({events} more would pass it); "
+            f"nothing was accepted, retry in {retry_after} s",
+            retry_after=retry_after,
+        )
