@@ -18,7 +18,7 @@ import redis
 from django.conf import settings
 
 from events.schemas import Envelope, envelope_encode, envelope_validate
-from events.stream import stream_append, stream_append_batch
+from events.stream import stream_append, stream_append_batch, stream_backlog
 from mlxserve.validation import Issue, ValidationFailed
 
 # Envelopes one POST may carry. A 1 MiB body holds about 5,000 real envelopes; without a cap
@@ -108,20 +108,6 @@ def _admit(client: redis.Redis, stream: str, account: str, events: int) -> None:
         )
     if settings.PRODUCER_EVENT_RATE:
         budget_spend(client=client, account=account, events=events, rate=settings.PRODUCER_EVENT_RATE)
-
-
-def stream_backlog(*, client: redis.Redis, stream: str, group: str) -> int:
-    """Entries not yet stored: read and pending, plus not yet read (the whole stream if no
-    ingester has made the group yet, or if this Redis does not report the group's lag)."""
-    try:
-        groups: Any = client.xinfo_groups(stream)
-    except redis.ResponseError:  # no stream yet
-        return 0
-    for info in groups:
-        name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-        if name == group and info.get("lag") is not None:
-            return int(info["pending"]) + int(info["lag"])
-    return int(client.xlen(stream))
 
 
 _PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

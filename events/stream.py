@@ -38,6 +38,20 @@ def stream_append(client: redis.Redis, stream: str, bodies: Sequence[bytes]) -> 
     return [i.decode() if isinstance(i, bytes) else str(i) for i in pipe.execute()]
 
 
+def stream_backlog(*, client: redis.Redis, stream: str, group: str) -> int:
+    """Entries not yet stored: read and pending, plus not yet read (the whole stream if no
+    ingester has made the group yet, or if this Redis does not report the group's lag)."""
+    try:
+        groups: Any = client.xinfo_groups(stream)
+    except redis.ResponseError:  # no stream yet
+        return 0
+    for info in groups:
+        name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+        if name == group and info.get("lag") is not None:
+            return int(info["pending"]) + int(info["lag"])
+    return int(client.xlen(stream))
+
+
 def stream_ensure_group(client: redis.Redis, stream: str, group: str) -> None:
     """Create the consumer group (and the stream) if missing; from the start of the stream."""
     try:

@@ -24,7 +24,7 @@ from typing import IO
 import redis
 
 from events.schemas import EnvelopeBase
-from events.stream import stream_append_batch
+from events.stream import stream_append_batch, stream_backlog
 from mlxserve.engine.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,10 @@ class _Spool:
         self.lock.close()
 
 
+class BacklogFull(redis.RedisError):
+    """The stream's backlog is past its limit: kept and sent later, as when Redis is away."""
+
+
 class BufferedPublisher:
     def __init__(
         self,
@@ -148,9 +152,16 @@ class BufferedPublisher:
         batch_size: int = 500,
         linger: float = 0.25,
         breaker: CircuitBreaker | None = None,
+        backlog_limit: int = 0,
+        group: str = "",
     ) -> None:
         self.client = client
         self.stream = stream
+        # Past this many entries the ingesters have not stored (0: no limit), hold events back
+        # (memory, then the spool) as when Redis is unreachable, rather than fill the Redis
+        # that Celery and every other worker share.
+        self.backlog_limit = backlog_limit
+        self.group = group
         self.metrics = metrics
         self.max_memory = max_memory
         self.batch_size = batch_size
@@ -274,6 +285,12 @@ class BufferedPublisher:
         m.ipc_requests_in_flight.inc()
         started = time.perf_counter()
         try:
+            if self.backlog_limit:
+                backlog = stream_backlog(client=self.client, stream=self.stream, group=self.group)
+                if backlog >= self.backlog_limit:
+                    raise BacklogFull(
+                        f"the stream holds {backlog} entries not yet stored (limit {self.backlog_limit})"
+                    )
             stream_append_batch(self.client, self.stream, bodies)
         finally:
             m.ipc_requests_in_flight.dec()

@@ -55,6 +55,9 @@ class RuntimeSettings:
     max_model_bytes: int = 0
     metrics_host: str = "0.0.0.0"
     publish_linger_seconds: float = 0.25
+    # Hold events back past this many stream entries not yet stored by the group (0: never).
+    stream_backlog_limit: int = 0
+    consumer_group: str = ""
 
 
 class WorkerRuntime:
@@ -73,6 +76,8 @@ class WorkerRuntime:
             spool_dir=settings.spool_dir,
             metrics=self.metrics,
             linger=settings.publish_linger_seconds,
+            backlog_limit=settings.stream_backlog_limit,
+            group=settings.consumer_group,
         )
         self.emitter = EngineEventEmitter(
             source=settings.source,
@@ -145,6 +150,8 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
         "max_model_bytes": settings.WORKER_MAX_MODEL_BYTES,
         "metrics_host": settings.WORKER_METRICS_HOST,
         "publish_linger_seconds": settings.WORKER_PUBLISH_LINGER_MS / 1000,
+        "stream_backlog_limit": settings.STREAM_BACKLOG_LIMIT,
+        "consumer_group": settings.EVENTS_CONSUMER_GROUP,
     }
     values.update(overrides)
     return RuntimeSettings(**values)

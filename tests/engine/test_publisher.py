@@ -140,3 +140,28 @@ def test_the_circuit_breaker_opens_then_tries_again() -> None:
     assert breaker.allow()
     breaker.success()
     assert changes == ["open", "half_open", "open", "half_open", "closed"]
+
+
+def test_past_the_stream_backlog_limit_events_wait_locally_until_the_ingester_catches_up(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(own_redis.url)
+    client.xgroup_create(STREAM, "ingest", id="0", mkstream=True)
+    for i in range(5):  # the ingester is behind: five entries nobody has stored
+        client.xadd(STREAM, {"e": f'{{"filler": {i}}}'.encode()})
+    spool = tmp_path / "spool"
+    publisher = publisher_for(own_redis, spool, max_memory=10, backlog_limit=5, group="ingest", linger=0.05)
+    emitter = EngineEventEmitter(source="h/w", publisher=publisher)
+    ids = emit_runtime_statuses(emitter, 30)
+    time.sleep(1.0)
+    assert client.xlen(STREAM) == 5, "nothing added while the backlog is at its limit"
+    assert publisher.pending() == 30
+    assert sum(len(p.read_bytes().splitlines()) for p in spool.glob("*.jsonl")) == 20  # past memory: on disk
+    # The ingester stores and acknowledges the backlog; the held events follow, in order.
+    read: Any = client.xreadgroup("ingest", "i1", {STREAM: ">"})
+    for _stream, entries in read:
+        client.xack(STREAM, "ingest", *[entry_id for entry_id, _ in entries])
+    assert publisher.flush(timeout=20)
+    publisher.close()
+    sent = [e["id"] for e in stream_events(client) if "id" in e]
+    assert list(dict.fromkeys(sent)) == ids
