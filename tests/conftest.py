@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -235,21 +236,23 @@ def module_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return create_demo_model(tmp_path_factory.mktemp("models") / "demo")
 
 
-@pytest.fixture(scope="module")
-def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
-    """``celery -A mlxserve worker --pool=solo``, as the README runs it, on the test Redis."""
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {
+@contextlib.contextmanager
+def celery_worker_running(log_dir: Path, source: str, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``celery -A mlxserve worker --pool=solo``, as the README runs it, on the test Redis
+    (``env`` adds to or overrides the worker's environment)."""
+    log = log_dir / "worker.log"
+    worker_env = {
         **os.environ,
         "REDIS_URL": TEST_REDIS_URL,
         "MLXSERVE_EVENTS_STREAM": STREAM,
         "MLXSERVE_CONFIG_KEY": CONFIG_KEY,
         "MLXSERVE_CONTROL_CHANNEL": CONTROL,
-        "MLXSERVE_WORKER_SOURCE": "test-host/celery-worker",
-        "MLXSERVE_SPOOL_DIR": str(log.parent / "spool"),
+        "MLXSERVE_WORKER_SOURCE": source,
+        "MLXSERVE_SPOOL_DIR": str(log_dir / "spool"),
         "MLXSERVE_METRICS_HOST": "127.0.0.1",
+        **env,
     }
-    env.pop("DATABASE_URL", None)  # a worker needs no database
+    worker_env.pop("DATABASE_URL", None)  # a worker needs no database
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [
@@ -266,7 +269,7 @@ def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subproce
                 "--without-mingle",
                 "--without-heartbeat",
             ],
-            env=env,
+            env=worker_env,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=Path(django_settings.BASE_DIR),
@@ -279,7 +282,13 @@ def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subproce
         yield process
         process.terminate()
         process.wait(30)
-    assert b"Worker runtime test-host/celery-worker stopped" in log.read_bytes()
+    assert f"Worker runtime {source} stopped".encode() in log.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+    with celery_worker_running(tmp_path_factory.mktemp("worker"), "test-host/celery-worker") as process:
+        yield process
 
 
 # -- the ingester, on the test stream --------------------------------------------
