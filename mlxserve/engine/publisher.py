@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import msgspec
 import redis
 
 from events.schemas import EnvelopeBase
@@ -79,15 +80,32 @@ class CircuitBreaker:
             self._set("open")
 
 
+def _private_open(path: Path, mode: str) -> IO[bytes]:
+    """Open (creating with mode 0600) a file only its owner may read."""
+    flags = os.O_RDWR | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    descriptor = os.open(path, flags, 0o600)
+    os.fchmod(descriptor, 0o600)  # an older file made with looser rights
+    return os.fdopen(descriptor, mode)
+
+
+def _is_json_object(line: bytes) -> bool:
+    try:
+        return isinstance(msgspec.json.decode(line), dict)
+    except Exception:
+        return False
+
+
 class _Spool:
     """Events that did not fit in memory, on disk, oldest first; read from ``offset`` on."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, on_skipped: Callable[[str, int], None] | None = None) -> None:
         self.path = path
-        self.lock: IO[bytes] = open(path.with_suffix(".lock"), "wb")  # noqa: SIM115 - held for life
+        # Spooled events hold prompts: readable by the worker's user alone.
+        self.lock: IO[bytes] = _private_open(path.with_suffix(".lock"), "wb")
         fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self.file: IO[bytes] = open(path, "ab+")  # noqa: SIM115 - held for life
+        self.file: IO[bytes] = _private_open(path, "ab+")
         self.read_offset = 0
+        self.on_skipped = on_skipped or (lambda reason, count: None)
         with open(path, "rb") as existing:
             self.count = sum(1 for line in existing if line.endswith(b"\n"))
 
@@ -116,6 +134,15 @@ class _Spool:
             line = self.file.readline()
             if not line.endswith(b"\n"):
                 break  # nothing more (or a torn last line from a crash mid-write)
+            if not _is_json_object(line):
+                if bodies:
+                    break  # sent first; the next read starts at the damaged record
+                # A damaged record (disk, a hand edit) at the head: skipped for good, once.
+                offset += len(line)
+                self.read_offset = offset
+                self.count -= 1
+                self.on_skipped("SpoolCorrupt", 1)
+                continue
             offset += len(line)
             bodies.append(line[:-1])
         return bodies, offset
@@ -176,9 +203,10 @@ class BufferedPublisher:
         self._idle.set()
         self._stop = False
         self.spool_dir = Path(spool_dir)
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.spool_dir.chmod(0o700)
         self._orphans = self._adopt_orphan_spools()
-        self._spool = _Spool(self.spool_dir / f"events-{os.getpid()}-{time.time_ns()}.jsonl")
+        self._spool = self._open_spool(self.spool_dir / f"events-{os.getpid()}-{time.time_ns()}.jsonl")
         self._thread = threading.Thread(target=self._run, name="event-publisher", daemon=True)
         self._thread.start()
 
@@ -225,12 +253,19 @@ class BufferedPublisher:
 
     # -- the background thread ---------------------------------------------------------
 
+    def _open_spool(self, path: Path) -> _Spool:
+        return _Spool(path, on_skipped=self._spool_skipped)
+
+    def _spool_skipped(self, reason: str, count: int) -> None:
+        self.metrics.errors.labels(code=reason).inc(count)
+        logger.error("%d spooled records skipped (%s): not an event", count, reason)
+
     def _adopt_orphan_spools(self) -> list[_Spool]:
         """Spool files of publishers that died before delivering them, oldest first."""
         orphans = []
         for path in sorted(self.spool_dir.glob("events-*.jsonl"), key=lambda p: p.stat().st_mtime):
             try:
-                spool = _Spool(path)
+                spool = self._open_spool(path)
             except BlockingIOError:
                 continue  # a live publisher owns it
             if spool.count:

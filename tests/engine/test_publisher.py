@@ -165,3 +165,38 @@ def test_past_the_stream_backlog_limit_events_wait_locally_until_the_ingester_ca
     publisher.close()
     sent = [e["id"] for e in stream_events(client) if "id" in e]
     assert list(dict.fromkeys(sent)) == ids
+
+
+def test_spooled_events_are_readable_by_the_worker_alone(own_redis: RedisServer, tmp_path: Path) -> None:
+    own_redis.stop()
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o755)  # made earlier with looser rights
+    publisher = publisher_for(own_redis, spool, max_memory=1)
+    emit_runtime_statuses(EngineEventEmitter(source="h/w", publisher=publisher), 5)
+    publisher.close(timeout=0.2)
+    files = list(spool.iterdir())
+    assert any(p.suffix == ".jsonl" for p in files)
+    assert spool.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o600}
+
+
+def test_a_damaged_spool_record_is_skipped_and_counted_and_the_rest_delivered_in_order(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    own_redis.stop()
+    spool = tmp_path / "spool"
+    first = publisher_for(own_redis, spool, max_memory=1)
+    ids = emit_runtime_statuses(EngineEventEmitter(source="h/w", publisher=first), 4)
+    first.close(timeout=0.2)
+    [left] = spool.glob("*.jsonl")
+    lines = left.read_bytes().splitlines(keepends=True)
+    # A disk error garbles the second record and the fourth; the others are intact.
+    left.write_bytes(lines[0] + b"\x00\xff garbage\n" + lines[2] + b'{"cut off\n' + lines[3])
+    own_redis.start()
+    metrics = WorkerMetrics()
+    second = publisher_for(own_redis, spool, metrics)
+    assert second.flush(timeout=20)
+    second.close()
+    delivered = [e["id"] for e in stream_events(redis.Redis.from_url(own_redis.url))]
+    assert delivered == [ids[0], ids[2], ids[3]]
+    assert metrics.registry.get_sample_value("kr_serve_errors_total", {"code": "SpoolCorrupt"}) == 2
