@@ -240,6 +240,8 @@ TELEMETRY_CONFIG_KEY = env_str("MLXSERVE_CONFIG_KEY", "mlxserve:telemetry:config
 WORKER_CONTROL_CHANNEL = env_str("MLXSERVE_CONTROL_CHANNEL", "mlxserve:control")
 WORKER_SOURCE = env_str("MLXSERVE_WORKER_SOURCE", "")  # default: "<host>/<celery node name>"
 WORKER_SPOOL_DIR = env_str("MLXSERVE_SPOOL_DIR", str(VAR_DIR / "spool"))
+# A worker's spool past this size drops its oldest events (counted and logged); 0: no cap.
+WORKER_SPOOL_MAX_BYTES = env_int("MLXSERVE_SPOOL_MAX_BYTES", 1024**3)
 WORKER_MAX_MODELS = env_int("MLXSERVE_MAX_MODELS", 2)
 WORKER_MAX_MODEL_BYTES = env_int("MLXSERVE_MAX_MODEL_BYTES", 0)  # 0: no byte limit
 WORKER_METRICS_HOST = env_str("MLXSERVE_METRICS_HOST", "0.0.0.0")

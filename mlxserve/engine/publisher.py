@@ -115,6 +115,30 @@ class _Spool:
         self.file.flush()
         self.count += 1
 
+    def live_bytes(self) -> int:
+        return self.file.seek(0, os.SEEK_END) - self.read_offset
+
+    def drop_oldest(self, keep_bytes: int) -> int:
+        """Drop the oldest events until at most ``keep_bytes`` remain; returns how many went.
+
+        Only between batches (nothing read and not yet consumed), by the sending thread.
+        """
+        excess, freed, dropped = self.live_bytes() - keep_bytes, 0, 0
+        self.file.seek(self.read_offset)
+        while freed < excess:
+            line = self.file.readline()
+            if not line.endswith(b"\n"):
+                break
+            freed += len(line)
+            dropped += 1
+        rest = self.file.read()
+        self.file.truncate(0)
+        self.file.write(rest)  # appending: the file was emptied, so this is its start
+        self.file.flush()
+        self.read_offset = 0
+        self.count -= dropped
+        return dropped
+
     def prepend(self, bodies: list[bytes]) -> None:
         """Put older events in front of what is on disk (at shutdown, from memory)."""
         self.file.seek(self.read_offset)
@@ -181,8 +205,12 @@ class BufferedPublisher:
         breaker: CircuitBreaker | None = None,
         backlog_limit: int = 0,
         group: str = "",
+        spool_max_bytes: int = 0,
     ) -> None:
         self.client = client
+        # Past this size (0: no cap) the spool's oldest events are dropped, counted and logged:
+        # a Mac cut off from Redis for days must not fill its disk.
+        self.spool_max_bytes = spool_max_bytes
         self.stream = stream
         # Past this many entries the ingesters have not stored (0: no limit), hold events back
         # (memory, then the spool) as when Redis is unreachable, rather than fill the Redis
@@ -252,6 +280,22 @@ class BufferedPublisher:
             self._spool.close(remove=self._spool.count == 0)
 
     # -- the background thread ---------------------------------------------------------
+
+    def _spool_capped(self) -> None:
+        """Hold the spool under its cap, dropping down to 90% of it (so not on every event)."""
+        if not self.spool_max_bytes:
+            return
+        with self._lock:
+            if self._spool.live_bytes() <= self.spool_max_bytes:
+                return
+            dropped = self._spool.drop_oldest(int(self.spool_max_bytes * 0.9))
+        if dropped:
+            self.metrics.errors.labels(code="SpoolFull").inc(dropped)
+            logger.error(
+                "Spool over %d bytes: dropped its %d oldest events (Redis unreachable too long)",
+                self.spool_max_bytes,
+                dropped,
+            )
 
     def _open_spool(self, path: Path) -> _Spool:
         return _Spool(path, on_skipped=self._spool_skipped)
@@ -340,6 +384,7 @@ class BufferedPublisher:
             self._wake.wait(self.linger)
             self._wake.clear()
             while True:
+                self._spool_capped()
                 if not self.breaker.allow():
                     if self._stop:
                         return

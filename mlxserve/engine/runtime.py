@@ -58,6 +58,7 @@ class RuntimeSettings:
     # Hold events back past this many stream entries not yet stored by the group (0: never).
     stream_backlog_limit: int = 0
     consumer_group: str = ""
+    spool_max_bytes: int = 0
 
 
 class WorkerRuntime:
@@ -78,6 +79,7 @@ class WorkerRuntime:
             linger=settings.publish_linger_seconds,
             backlog_limit=settings.stream_backlog_limit,
             group=settings.consumer_group,
+            spool_max_bytes=settings.spool_max_bytes,
         )
         self.emitter = EngineEventEmitter(
             source=settings.source,
@@ -152,6 +154,7 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
         "publish_linger_seconds": settings.WORKER_PUBLISH_LINGER_MS / 1000,
         "stream_backlog_limit": settings.STREAM_BACKLOG_LIMIT,
         "consumer_group": settings.EVENTS_CONSUMER_GROUP,
+        "spool_max_bytes": settings.WORKER_SPOOL_MAX_BYTES,
     }
     values.update(overrides)
     return RuntimeSettings(**values)

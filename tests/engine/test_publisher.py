@@ -200,3 +200,29 @@ def test_a_damaged_spool_record_is_skipped_and_counted_and_the_rest_delivered_in
     delivered = [e["id"] for e in stream_events(redis.Redis.from_url(own_redis.url))]
     assert delivered == [ids[0], ids[2], ids[3]]
     assert metrics.registry.get_sample_value("kr_serve_errors_total", {"code": "SpoolCorrupt"}) == 2
+
+
+def test_past_its_size_cap_the_spool_drops_its_oldest_events_and_counts_them(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    own_redis.stop()
+    spool, metrics = tmp_path / "spool", WorkerMetrics()
+    one_event = 250  # bytes: a runtimeStatus line here is about 240
+    publisher = publisher_for(own_redis, spool, metrics, max_memory=1, spool_max_bytes=20 * one_event)
+    ids = emit_runtime_statuses(EngineEventEmitter(source="h/w", publisher=publisher), 100)
+    deadline = time.monotonic() + 10
+    while not metrics.registry.get_sample_value("kr_serve_errors_total", {"code": "SpoolFull"}):
+        assert time.monotonic() < deadline, "the cap was never enforced"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    [left] = spool.glob("*.jsonl")
+    assert left.stat().st_size <= 20 * one_event
+    dropped = int(metrics.registry.get_sample_value("kr_serve_errors_total", {"code": "SpoolFull"}) or 0)
+    own_redis.start()
+    assert publisher.flush(timeout=20)
+    publisher.close()
+    delivered = list(dict.fromkeys(e["id"] for e in stream_events(redis.Redis.from_url(own_redis.url))))
+    # The one event held in memory and the newest of the spool survive, in order; every event is
+    # either delivered or counted as dropped.
+    assert delivered == [ids[0], *ids[-(len(delivered) - 1) :]]
+    assert len(delivered) + dropped == 100
