@@ -1,0 +1,228 @@
+"""Redis over TLS with the shipped ACL users (deploy/redis/users.acl): a real TLS redis-server on a
+loopback port, a certificate authority made by the test, a real Celery worker as the `worker` user."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings as django_settings
+
+from events.models import Event
+from events.services import EventIngester
+from tests.conftest import celery_worker_running, free_port
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ACL = Path(django_settings.BASE_DIR) / "deploy" / "redis" / "users.acl"
+PASSWORDS = {
+    "CHANGE-ME-WEB": "web-secret",
+    "CHANGE-ME-INGESTER": "ingester-secret",
+    "CHANGE-ME-WORKER": "worker-secret",
+}
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """URLs of each user of the shipped ACL on a TLS-only Redis (and ``admin`` for the test)."""
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=mlxserve test CA",
+        cwd=tmp_path,
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+        cwd=tmp_path,
+    )
+    (tmp_path / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        cwd=tmp_path,
+    )
+    acl = ACL.read_text()
+    for placeholder, password in PASSWORDS.items():
+        acl = acl.replace(placeholder, password)
+    (tmp_path / "users.acl").write_text(acl + "user admin on >admin-secret ~* &* +@all\n")
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.crt",
+            "--tls-auth-clients",
+            "no",
+            "--aclfile",
+            str(tmp_path / "users.acl"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    query = f"ssl_cert_reqs=required&ssl_ca_certs={tmp_path / 'ca.crt'}"
+    users = {
+        "web": "web-secret",
+        "ingester": "ingester-secret",
+        "worker": "worker-secret",
+        "admin": "admin-secret",
+    }
+    urls = {
+        user: f"rediss://{user}:{password}@localhost:{port}/0?{query}" for user, password in users.items()
+    }
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(urls["admin"]).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the TLS redis-server did not start"
+                time.sleep(0.1)
+        yield urls
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_plain_text_and_anonymous_connections_are_refused(tls_redis: dict[str, str]) -> None:
+    port = tls_redis["admin"].split("@localhost:")[1].split("/")[0]
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(host="127.0.0.1", port=int(port), socket_timeout=2).ping()
+    anonymous = tls_redis["admin"].replace("admin:admin-secret@", "")
+    with pytest.raises((redis.AuthenticationError, redis.ResponseError)):
+        redis.Redis.from_url(anonymous).set("x", "1")
+
+
+def test_the_worker_user_may_do_what_a_worker_does_and_nothing_more(tls_redis: dict[str, str]) -> None:
+    worker = redis.Redis.from_url(tls_redis["worker"])
+    assert worker.xadd("mlxserve:events", {"e": b"{}"})
+    assert worker.xlen("mlxserve:events") == 1
+    assert worker.get("mlxserve:telemetry:config") is None
+    for refused in (
+        lambda: worker.flushdb(),
+        lambda: worker.delete("mlxserve:events"),
+        lambda: worker.xtrim("mlxserve:events", maxlen=0),
+        lambda: worker.set("mlxserve:telemetry:config", "{}"),
+        lambda: worker.xreadgroup("g", "c", {"mlxserve:events": ">"}),
+        lambda: worker.config_get("*"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()
+    assert redis.Redis.from_url(tls_redis["admin"]).xlen("mlxserve:events") == 1
+
+
+def test_a_generation_runs_end_to_end_over_tls_with_each_component_as_its_own_user(
+    tls_redis: dict[str, str], module_demo_model: Path, tmp_path: Path, settings: Any
+) -> None:
+    from kombu import Connection
+
+    from events.tasks import generation_run
+
+    generation_id = str(uuid.uuid4())
+    worker_url = tls_redis["worker"]
+    env = {
+        "REDIS_URL": worker_url,
+        "CELERY_BROKER_URL": worker_url,
+        "MLXSERVE_EVENTS_STREAM": "mlxserve:events",
+    }
+    with celery_worker_running(tmp_path, "tls-host/w1", **env):
+        with Connection(tls_redis["web"]) as broker:  # the control plane queues it
+            generation_run.apply_async(
+                kwargs={
+                    "generation_id": generation_id,
+                    "model": str(module_demo_model),
+                    "model_path": None,
+                    "prompt": "Hi",
+                    "max_tokens": 4,
+                    "temperature": 0.0,
+                    "top_p": 0.0,
+                    "seed": None,
+                },
+                connection=broker,
+            )
+        ingester = EventIngester(
+            client=redis.Redis.from_url(tls_redis["ingester"]),
+            stream="mlxserve:events",
+            group="mlxserve-ingest",
+            consumer="i1",
+            block_ms=100,
+        )
+        deadline = time.monotonic() + 90
+        while not Event.objects.filter(generation_id=generation_id, type="generationCompleted").exists():
+            assert time.monotonic() < deadline, "no generationCompleted arrived"
+            ingester.step()
+        assert ingester.trim() >= 0  # the ingester user may trim what it has stored
+    assert Event.objects.filter(generation_id=generation_id, type="tokenGenerated").count() == 4
+    assert Event.objects.filter(source="tls-host/w1", type="runtimeStatus").exists()
+
+
+def test_the_api_posts_events_over_tls_as_the_web_user(
+    tls_redis: dict[str, str], settings: Any, producer_client: Any
+) -> None:
+    from tests.conftest import make_envelope
+
+    settings.REDIS_URL = tls_redis["web"]
+    settings.EVENTS_STREAM = "mlxserve:events"
+    envelope = make_envelope()
+    response = producer_client.post("/api/events/", envelope, format="json")
+    assert response.status_code == 202, response.content
+    assert redis.Redis.from_url(tls_redis["admin"]).xlen("mlxserve:events") == 1
