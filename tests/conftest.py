@@ -313,3 +313,28 @@ def pending(redis_client: redis.Redis, settings: Any) -> int:
     return stream_lag(
         client=redis_client, stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP
     )["pending"]
+
+
+def generation_queue_on(broker_url: str, model: Path, *, max_tokens: int = 4) -> str:
+    """Queue a generation task straight on the broker at ``broker_url``, as the control plane
+    does (with no Generation row); returns its id."""
+    from kombu import Connection
+
+    from events.tasks import generation_run
+
+    generation_id = str(uuid.uuid4())
+    with Connection(broker_url) as broker:
+        generation_run.apply_async(
+            kwargs={
+                "generation_id": generation_id,
+                "model": str(model),
+                "model_path": None,
+                "prompt": "Hi",
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "top_p": 0.0,
+                "seed": None,
+            },
+            connection=broker,
+        )
+    return generation_id

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from django.conf import settings as django_settings
 
 from events.models import Event
 from events.services import EventIngester
-from tests.conftest import celery_worker_running, free_port
+from tests.conftest import celery_worker_running, free_port, generation_queue_on
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -173,11 +172,6 @@ def test_the_worker_user_may_do_what_a_worker_does_and_nothing_more(tls_redis: d
 def test_a_generation_runs_end_to_end_over_tls_with_each_component_as_its_own_user(
     tls_redis: dict[str, str], module_demo_model: Path, tmp_path: Path, settings: Any
 ) -> None:
-    from kombu import Connection
-
-    from events.tasks import generation_run
-
-    generation_id = str(uuid.uuid4())
     worker_url = tls_redis["worker"]
     env = {
         "REDIS_URL": worker_url,
@@ -185,20 +179,9 @@ def test_a_generation_runs_end_to_end_over_tls_with_each_component_as_its_own_us
         "MLXSERVE_EVENTS_STREAM": "mlxserve:events",
     }
     with celery_worker_running(tmp_path, "tls-host/w1", **env):
-        with Connection(tls_redis["web"]) as broker:  # the control plane queues it
-            generation_run.apply_async(
-                kwargs={
-                    "generation_id": generation_id,
-                    "model": str(module_demo_model),
-                    "model_path": None,
-                    "prompt": "Hi",
-                    "max_tokens": 4,
-                    "temperature": 0.0,
-                    "top_p": 0.0,
-                    "seed": None,
-                },
-                connection=broker,
-            )
+        generation_id = generation_queue_on(
+            tls_redis["web"], module_demo_model
+        )  # the control plane queues it
         ingester = EventIngester(
             client=redis.Redis.from_url(tls_redis["ingester"]),
             stream="mlxserve:events",

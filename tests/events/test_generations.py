@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,15 @@ from rest_framework.test import APIClient
 from events.models import Event, RegisteredModel
 from events.services import EventIngester
 from mlxserve.roles import OPERATOR_GROUP
-from tests.conftest import CONFIG_KEY, CONTROL, STREAM, RedisServer, _token_client, celery_worker_running
+from tests.conftest import (
+    CONFIG_KEY,
+    CONTROL,
+    STREAM,
+    RedisServer,
+    _token_client,
+    celery_worker_running,
+    generation_queue_on,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -222,26 +229,8 @@ def test_the_celery_broker_may_be_another_redis_than_the_event_stream(
     own_redis: RedisServer, module_demo_model: Path, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     # CELERY_BROKER_URL apart from REDIS_URL: tasks come through one Redis, events go out through the other.
-    from kombu import Connection
-
-    from events.tasks import generation_run
-
-    generation_id = str(uuid.uuid4())
     with celery_worker_running(tmp_path, "test-host/broker-apart", CELERY_BROKER_URL=own_redis.url):
-        with Connection(own_redis.url) as broker:
-            generation_run.apply_async(
-                kwargs={
-                    "generation_id": generation_id,
-                    "model": str(module_demo_model),
-                    "model_path": None,
-                    "prompt": "Hi",
-                    "max_tokens": 4,
-                    "temperature": 0.0,
-                    "top_p": 0.0,
-                    "seed": None,
-                },
-                connection=broker,
-            )
+        generation_id = generation_queue_on(own_redis.url, module_demo_model)
         ingest_until(
             redis_client,
             lambda: Event.objects.filter(generation_id=generation_id, type="generationCompleted").exists(),
