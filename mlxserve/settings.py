@@ -70,6 +70,29 @@ DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 
+# Behind TLS (all off by default, so `make run` works over plain http on localhost).
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("MLXSERVE_SECURE_COOKIES", False)
+SECURE_SSL_REDIRECT = env_bool("MLXSERVE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("MLXSERVE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("MLXSERVE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("MLXSERVE_HSTS_PRELOAD", False)
+
+
+def _proxy_ssl_header(value: str) -> tuple[str, str] | None:
+    """``HTTP_X_FORWARDED_PROTO=https``: the header a TLS-terminating proxy sets, and its value."""
+    if not value:
+        return None
+    header, _, expected = value.partition("=")
+    if not header.startswith("HTTP_") or not expected:
+        raise ImproperlyConfigured(
+            f"MLXSERVE_PROXY_SSL_HEADER must look like HTTP_X_FORWARDED_PROTO=https, got {value!r}"
+        )
+    return header, expected
+
+
+# Only behind a proxy that sets (and strips from clients) this header.
+SECURE_PROXY_SSL_HEADER = _proxy_ssl_header(env_str("MLXSERVE_PROXY_SSL_HEADER", ""))
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
