@@ -40,7 +40,7 @@ from events.stream import (
     entry_envelopes,
     stream_ensure_group,
 )
-from mlxserve.validation import Issue, ValidationFailed, validate
+from mlxserve.validation import Issue, ValidationFailed, error_object, validate
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,11 @@ logger = logging.getLogger(__name__)
 class StoreOutcome:
     stored: int = 0
     duplicates: int = 0
-    dead: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    @property
+    def dead(self) -> int:
+        return len(self.dead_letters)
 
 
 _EVENT_COLUMNS = (
@@ -204,9 +207,7 @@ def events_store(
         stored = _store_refusing(list(pending.values()), now, dead)
         DeadLetter.objects.bulk_create(dead)
     invalid = len(dead) - len(refused)
-    return StoreOutcome(
-        stored=stored, duplicates=len(entries) - invalid - stored, dead=len(dead), dead_letters=dead
-    )
+    return StoreOutcome(stored=stored, duplicates=len(entries) - invalid - stored, dead_letters=dead)
 
 
 def _store_together(envelopes: list[Envelope], now: Any) -> int:
@@ -341,12 +342,7 @@ def dead_letter_event_id(body: bytes) -> uuid.UUID | None:
 
 
 def _storage_error(exc: Exception) -> dict[str, Any]:
-    message = f"The database refused the event: {exc}".strip()
-    return {
-        "code": "StorageFailed",
-        "message": message,
-        "details": {"field": "root", "issues": [{"path": [], "message": message, "code": "storage_failed"}]},
-    }
+    return error_object("StorageFailed", f"The database refused the event: {exc}".strip(), "storage_failed")
 
 
 def workers_note(events: Iterable[Envelope]) -> None:
@@ -404,7 +400,6 @@ class EventIngester:
     # An entry delivered this many times without being stored (the ingester failed on it,
     # or died with it, every time) is kept as a dead letter instead of tried again.
     max_deliveries: int = 5
-    _redelivered: bool = False
     _verify_database: bool = False
     _group_ready: bool = False
     _entries_per_read: int = 10
@@ -420,11 +415,11 @@ class EventIngester:
             if not storage_ready():
                 raise OperationalError("The database is unreachable or incomplete; pending entries wait")
             self._verify_database = False
-        entries = self._read()
+        entries, redelivered = self._read()
         if not entries:
             return StoreOutcome()
         contents = EntryContents()
-        poisoned = self._poisoned(entries) if self._redelivered else {}
+        poisoned = self._poisoned(entries) if redelivered else {}
         for entry_id, fields in entries:
             if entry_id in poisoned:
                 _deliveries_refuse(entry_id, fields, poisoned[entry_id], contents)
@@ -463,12 +458,12 @@ class EventIngester:
             and int(row["times_delivered"]) > self.max_deliveries
         }
 
-    def _read(self) -> list[tuple[str, dict[bytes, bytes]]]:
-        self._redelivered = True
+    def _read(self) -> tuple[list[tuple[str, dict[bytes, bytes]]], bool]:
+        """Entries to store, and whether they were delivered before (pending or claimed)."""
         if self._read_pending:
             pending = self._xread("0", block=None)
             if pending:
-                return pending
+                return pending, True
             self._read_pending = False
         now = time.monotonic()
         if now >= self._next_claim:
@@ -476,9 +471,8 @@ class EventIngester:
             self._next_claim = now + self.claim_every_s
             claimed = self._claim()
             if claimed:
-                return claimed
-        self._redelivered = False
-        return self._xread(">", block=self.block_ms)
+                return claimed, True
+        return self._xread(">", block=self.block_ms), False
 
     def trim(self) -> int:
         """Drop stream entries every consumer has acknowledged; returns how many went.
@@ -535,11 +529,7 @@ def _deliveries_refuse(
         f"Not stored after {deliveries} deliveries: the ingester failed on this entry every time; "
         "kept for replay"
     )
-    error = {
-        "code": "DeliveryFailed",
-        "message": message,
-        "details": {"field": "root", "issues": [{"path": [], "message": message, "code": "delivery_failed"}]},
-    }
+    error = error_object("DeliveryFailed", message, "delivery_failed")
     into.refused.extend((label, body, error) for label, body in held.bodies)
     into.refused.extend(held.refused)
 

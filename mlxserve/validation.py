@@ -75,6 +75,15 @@ class ValidationFailed(Exception):
         }
 
 
+def error_object(code: str, message: str, issue_code: str) -> dict[str, Any]:
+    """The error object for a failure that is not a field's (storage, delivery): one issue at the root."""
+    return {
+        "code": code,
+        "message": message,
+        "details": {"field": "root", "issues": [{"path": [], "message": message, "code": issue_code}]},
+    }
+
+
 def messages(**by_constraint: str) -> dict[str, Any]:
     """``Meta(extra=messages(ge="..."))``: the field's own error messages."""
     return {"messages": by_constraint}
