@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 
 import msgspec
-from django.db import connection
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Max
+from django.utils import timezone
 
-from events.models import Event, FleetCounter
+from events.models import Event, FleetCounter, FleetLabelValue, RegisteredModel, RetentionPolicy
 from events.schemas import (
     Envelope,
     ErrorEnvelope,
@@ -26,6 +30,7 @@ from events.schemas import (
     ModelUnloadedEnvelope,
     TokenGeneratedEnvelope,
 )
+from telemetry.schemas import OVERFLOW_LABEL_VALUE
 
 # Label values are cut to this length: a model path or error code must not make a huge series name.
 LABEL_VALUE_LENGTH = 120
@@ -61,17 +66,22 @@ HISTOGRAM_BUCKETS = {
 }
 
 
+# Labels whose values come from producers' payloads: each has a bounded number of series.
+# (``type`` is one of the eight event types, ``le`` a bucket bound.)
+BOUNDED_LABELS = frozenset({"model", "code", "reason", "quantization"})
+
+
 def bucket_label(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-Key = tuple[str, str]  # (series name, labels as sorted JSON)
+Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs, values cut
+Key = tuple[str, str, Labels]  # (metric family, series name, labels)
 Deltas = defaultdict[Key, float]  # histogram sums are not whole numbers
 
 
-def _labels(**labels: str) -> str:
-    cut = {k: v[:LABEL_VALUE_LENGTH] for k, v in sorted(labels.items())}
-    return msgspec.json.encode(cut).decode()
+def _key(family: str, series: str, **labels: str) -> Key:
+    return family, series, tuple(sorted((k, v[:LABEL_VALUE_LENGTH]) for k, v in labels.items()))
 
 
 # An observation counts at most this much (seconds, about 31 years) towards a histogram's
@@ -84,9 +94,9 @@ def _observe(deltas: Deltas, name: str, buckets: Sequence[float], value: float, 
     value = min(value, OBSERVATION_MAX_SECONDS)
     for bound in (*buckets, float("inf")):
         if value <= bound:
-            deltas[(f"{name}_bucket", _labels(**labels, le=bucket_label(bound)))] += 1
-    deltas[(f"{name}_sum", _labels(**labels))] += value
-    deltas[(f"{name}_count", _labels(**labels))] += 1
+            deltas[_key(name, f"{name}_bucket", **labels, le=bucket_label(bound))] += 1
+    deltas[_key(name, f"{name}_sum", **labels)] += value
+    deltas[_key(name, f"{name}_count", **labels)] += 1
 
 
 def _starts_before(tokens: list[TokenGeneratedEnvelope], batch: Sequence[Envelope]) -> dict[Key, int]:
@@ -111,10 +121,11 @@ def _text(value: object) -> str:
 
 
 def fleet_deltas(envelopes: Sequence[Envelope]) -> Deltas:
-    """What these newly stored events add to each series.
+    """What these newly stored events add to each series, under the label values the
+    events carry (``fleet_counters_add`` bounds them).
 
     Per event only a tuple is counted (this runs for every event the ingester stores);
-    label JSON is made once per distinct series at the end.
+    series keys are made once per distinct series at the end.
     """
     counts: Counter[tuple[str, tuple[str, ...]]] = Counter()
     by_type: Counter[type[Envelope]] = Counter()
@@ -170,26 +181,37 @@ def fleet_deltas(envelopes: Sequence[Envelope]) -> Deltas:
                 )
 
     deltas: Deltas = defaultdict(float)
+    ingested = "mlxserve_events_ingested_total"
     for kind, count in by_type.items():
-        deltas[("mlxserve_events_ingested_total", _labels(type=str(kind.__struct_config__.tag)))] += count
+        deltas[_key(ingested, ingested, type=str(kind.__struct_config__.tag))] += count
     for (name, values), count in counts.items():
         names = FLEET_METRICS[name][2]
-        deltas[(name, _labels(**dict(zip(names, values, strict=True))))] += count
+        deltas[_key(name, name, **dict(zip(names, values, strict=True)))] += count
     for name, buckets, value, model in observations:
         _observe(deltas, name, buckets, value, model=model)
     return deltas
 
 
 def fleet_counters_add(envelopes: Sequence[Envelope]) -> None:
-    """Add what these newly stored events say to the running totals (one upsert).
+    """Add what these newly stored events say to the running totals (one upsert), each
+    label value under its own series or, past the label limit, the overflow value.
 
     Rows are written in key order, so two ingesters never wait on each other in a cycle.
     """
     deltas = fleet_deltas(envelopes)
     if not deltas:
         return
+    wanted = {(family, name, value) for family, _, labels in deltas for name, value in labels}
+    admitted = label_values_admit({w for w in wanted if w[1] in BOUNDED_LABELS and w[2]})
+    rows: defaultdict[tuple[str, str], float] = defaultdict(float)
+    for (family, series, labels), value in deltas.items():
+        bounded = {name: admitted.get((family, name, v), v) for name, v in labels}
+        rows[(series, msgspec.json.encode(bounded).decode())] += value
+    _upsert(sorted(rows.items()))
+
+
+def _upsert(items: list[tuple[tuple[str, str], float]]) -> None:
     table = FleetCounter._meta.db_table
-    items = sorted(deltas.items())
     with connection.cursor() as cursor:
         for start in range(0, len(items), 300):
             chunk = items[start : start + 300]
@@ -199,6 +221,153 @@ def fleet_counters_add(envelopes: Sequence[Envelope]) -> None:
                 + f" ON CONFLICT (name, labels) DO UPDATE SET value = {table}.value + excluded.value",
                 [v for (name, labels), value in chunk for v in (name, labels, float(value))],
             )
+
+
+# -- bounded label values ----------------------------------------------------------------
+
+# A value's last_seen is written at most this often: a fold needs days, not seconds.
+LAST_SEEN_EVERY = timedelta(hours=1)
+# Serialises admitting new values (and folding), so two ingesters cannot both take the last place.
+_ADMISSION_LOCK = 0x6D6C78_6C6162  # "mlx" "lab"
+
+LabelValue = tuple[str, str, str]  # (metric family, label, value)
+
+
+def _registered_names() -> set[str]:
+    return {name[:LABEL_VALUE_LENGTH] for name in RegisteredModel.objects.values_list("name", flat=True)}
+
+
+def _admission_lock() -> None:
+    if connection.vendor == "postgresql":  # SQLite has one writer at a time already
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADMISSION_LOCK])
+
+
+def label_values_admit(wanted: set[LabelValue], *, now: datetime | None = None) -> dict[LabelValue, str]:
+    """The value each of ``wanted`` is counted under: its own, or the overflow value.
+
+    A value admitted before keeps its series (and its last_seen is refreshed hourly).
+    A new one is admitted if it is a registered model name, or while its label of
+    that metric has fewer than ``MLXSERVE_METRIC_LABEL_LIMIT`` values that are not;
+    otherwise it is counted under ``OVERFLOW_LABEL_VALUE``. One query in the common
+    case (every value known); new values take a lock, so the limit is exact.
+    """
+    if not wanted:
+        return {}
+    now = now or timezone.now()
+    known = _known_values(wanted, now)
+    new = wanted - known
+    if not new:
+        return {}
+    _admission_lock()
+    known = _known_values(new, now)  # admitted by another ingester meanwhile
+    new = new - known
+    if not new:
+        return {}
+    limit = settings.METRIC_LABEL_LIMIT
+    registered = _registered_names()
+    taken: dict[tuple[str, str], int] = {}
+    admitted: list[FleetLabelValue] = []
+    overflow: dict[LabelValue, str] = {}
+    for family, label, value in sorted(new):
+        if label == "model" and value in registered:
+            admitted.append(FleetLabelValue(metric=family, label=label, value=value, last_seen=now))
+            continue
+        if (family, label) not in taken:
+            held = FleetLabelValue.objects.filter(metric=family, label=label)
+            if label == "model":
+                held = held.exclude(value__in=registered)
+            taken[(family, label)] = held.count()
+        if taken[(family, label)] < limit:
+            taken[(family, label)] += 1
+            admitted.append(FleetLabelValue(metric=family, label=label, value=value, last_seen=now))
+        else:
+            overflow[(family, label, value)] = OVERFLOW_LABEL_VALUE
+    FleetLabelValue.objects.bulk_create(admitted)
+    return overflow
+
+
+def _known_values(wanted: set[LabelValue], now: datetime) -> set[LabelValue]:
+    """Which of ``wanted`` are admitted, refreshing the last_seen of those not seen for an hour.
+
+    A value whose row a fold deletes meanwhile is not known: its refresh finds no row.
+    """
+    values = sorted({v for _, _, v in wanted})
+    rows = [
+        row
+        # In chunks: a batch may carry thousands of distinct values (SQLite takes 32766 parameters).
+        for start in range(0, len(values), 500)
+        for row in FleetLabelValue.objects.filter(value__in=values[start : start + 500]).values_list(
+            "pk", "metric", "label", "value", "last_seen"
+        )
+    ]
+    known: dict[int, LabelValue] = {}
+    stale: list[int] = []
+    for pk, metric, label, value, last_seen in rows:
+        if (metric, label, value) in wanted:
+            known[pk] = (metric, label, value)
+            if last_seen < now - LAST_SEEN_EVERY:
+                stale.append(pk)
+    for start in range(0, len(stale), 500):
+        chunk = stale[start : start + 500]
+        if FleetLabelValue.objects.filter(pk__in=chunk).update(last_seen=now) < len(chunk):
+            kept = set(FleetLabelValue.objects.filter(pk__in=chunk).values_list("pk", flat=True))
+            for pk in set(chunk) - kept:
+                del known[pk]
+    return set(known.values())
+
+
+def fleet_labels_fold(*, now: datetime | None = None, unseen_days: int | None = None) -> int:
+    """Fold the series of label values unseen for longer than the retention period (the
+    longest a retention policy keeps events) into the overflow value, freeing their places.
+
+    Counts move, none is lost: each folded row's value is added to the overflow row with
+    the same other labels. Registered model names are never folded. Returns how many
+    label values were folded.
+    """
+    now = now or timezone.now()
+    if unseen_days is None:
+        unseen_days = RetentionPolicy.objects.aggregate(days=Max("keep_days"))["days"]
+        if unseen_days is None:
+            return 0  # no retention: events, and their label values, are kept for ever
+    cutoff = now - timedelta(days=unseen_days)
+    with transaction.atomic():
+        _admission_lock()
+        registered = _registered_names()
+        # Locks the rows: a value an ingester refreshes meanwhile is read again and left alone.
+        stale = [
+            row
+            for row in FleetLabelValue.objects.select_for_update().filter(last_seen__lt=cutoff)
+            if not (row.label == "model" and row.value in registered)
+        ]
+        if not stale:
+            return 0
+        folded: dict[str, dict[str, set[str]]] = {}  # family -> label -> values
+        for row in stale:
+            folded.setdefault(row.metric, {}).setdefault(row.label, set()).add(row.value)
+        moved: defaultdict[tuple[str, str], float] = defaultdict(float)
+        gone: list[int] = []
+        for family, by_label in folded.items():
+            names = (
+                [family]
+                if family.endswith("_total")
+                else [f"{family}{s}" for s in ("_bucket", "_sum", "_count")]
+            )
+            for pk, name, text, value in FleetCounter.objects.filter(name__in=names).values_list(
+                "pk", "name", "labels", "value"
+            ):
+                labels = msgspec.json.decode(text)
+                if not any(labels.get(label) in values for label, values in by_label.items()):
+                    continue
+                for label, values in by_label.items():
+                    if labels.get(label) in values:
+                        labels[label] = OVERFLOW_LABEL_VALUE
+                moved[(name, msgspec.json.encode(dict(sorted(labels.items()))).decode())] += value
+                gone.append(pk)
+        FleetCounter.objects.filter(pk__in=gone).delete()
+        _upsert(sorted(moved.items()))
+        FleetLabelValue.objects.filter(pk__in=[row.pk for row in stale]).delete()
+    return len(stale)
 
 
 def fleet_counters_read() -> Iterable[tuple[str, dict[str, str], float]]:

@@ -183,3 +183,29 @@ class FleetCounter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}{self.labels} {self.value}"
+
+
+class FleetLabelValue(models.Model):
+    """A label value that has its own series in one fleet metric (issue 11).
+
+    Label values come from producers' payloads, so they are admitted: registered
+    model names always, others up to ``MLXSERVE_METRIC_LABEL_LIMIT`` per label of
+    a metric; later ones are counted under the overflow value instead. A value
+    unseen for longer than the retention period is folded into the overflow and
+    its row deleted, freeing its place.
+    """
+
+    metric = models.CharField(max_length=100, help_text="A metric family, e.g. mlxserve_fleet_tokens_total.")
+    label = models.CharField(max_length=32)
+    # Label values are cut to 120 characters before they get here.
+    value = models.CharField(max_length=200)
+    last_seen = models.DateTimeField(help_text="Refreshed at most hourly while events carry the value.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["metric", "label", "value"], name="fleet_label_value_key")
+        ]
+        indexes = [models.Index(fields=["last_seen"], name="fleet_label_last_seen")]
+
+    def __str__(self) -> str:
+        return f"{self.metric}{{{self.label}={self.value!r}}}"

@@ -232,6 +232,12 @@ if PRODUCER_EVENT_RATE and not re.fullmatch(r"\d+/(s|sec|m|min|h|hour|d|day)", P
 # Past this many stream entries not yet stored, posts get 503 instead of filling Redis (0: no limit).
 STREAM_BACKLOG_LIMIT = env_int("MLXSERVE_STREAM_BACKLOG_LIMIT", 100_000)
 
+# Distinct values of one label of one metric with their own series (fleet and worker metrics);
+# later ones are counted under "__overflow__". Registered model names always have their own.
+METRIC_LABEL_LIMIT = env_int("MLXSERVE_METRIC_LABEL_LIMIT", 100)
+if METRIC_LABEL_LIMIT < 0:
+    raise ImproperlyConfigured(f"MLXSERVE_METRIC_LABEL_LIMIT must be 0 or more, got {METRIC_LABEL_LIMIT}")
+
 SPECTACULAR_SETTINGS = {
     "TITLE": "mlxserve",
     "DESCRIPTION": "Telemetry and event control plane for LLM generation on mlx-lm.",

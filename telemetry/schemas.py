@@ -139,6 +139,12 @@ def metric_label_value(value: Any) -> str | None:
     return None
 
 
+# Past MLXSERVE_METRIC_LABEL_LIMIT values of a label of one metric, later values are counted
+# under this one (control plane and workers alike), so totals still add up.
+OVERFLOW_LABEL_VALUE = "__overflow__"
+DEFAULT_METRIC_LABEL_LIMIT = 100
+
+
 def metric_labels_validate(labels: Any) -> dict[str, str]:
     """Validate a metric label set (SPEC section 2) and return it with string values."""
     if not isinstance(labels, Mapping):

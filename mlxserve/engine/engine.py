@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from events.emitter import EngineEventEmitter
-from mlxserve.engine.metrics import WorkerMetrics
+from mlxserve.engine.metrics import LABEL_VALUE_LENGTH, WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class Engine:
             return True
         self.cache.pop(name)
         self.emitter.model_invalidated(model=name, reason="file-changed")
-        self.metrics.models_unloaded.labels(**self.metrics.labels(model=name, reason="file-changed")).inc()
+        self.metrics.series(self.metrics.models_unloaded, model=name, reason="file-changed").inc()
         logger.info("Model %s changed on disk: dropped, the next request reloads it", name)
         return False
 
@@ -288,9 +288,8 @@ class Engine:
             for victim in self.cache.victims_for(size_bytes):
                 self._unload(victim, "cache-eviction")
             self.cache.put(loaded)
-            labels = self.metrics.labels(model=model)
-            self.metrics.models_loaded.labels(**labels).inc()
-            self.metrics.model_load_duration.labels(**labels).observe(load_seconds)
+            self.metrics.series(self.metrics.models_loaded, model=model).inc()
+            self.metrics.series(self.metrics.model_load_duration, model=model).observe(load_seconds)
             self.emitter.model_loaded(
                 model=model,
                 model_path=str(path),
@@ -316,7 +315,7 @@ class Engine:
         if self.cache.pop(name) is None:
             return
         self.emitter.model_unloaded(model=name, reason=reason)
-        self.metrics.models_unloaded.labels(**self.metrics.labels(model=name, reason=reason)).inc()
+        self.metrics.series(self.metrics.models_unloaded, model=name, reason=reason).inc()
 
     def unload(self, name: str, reason: str = "manual") -> bool:
         """Drop ``name`` from memory (an unload command). False if it was not loaded."""
@@ -332,6 +331,8 @@ class Engine:
         self, request: GenerationRequest, on_token: Callable[[str], None] | None = None
     ) -> GenerationResult:
         """Run one generation, emitting its events; raises ``EngineError`` after emitting ``error``."""
+        if request.model_path is not None:  # the control plane resolved a registered name
+            self.metrics.label_budget.registered_models.add(request.model[:LABEL_VALUE_LENGTH])
         with self._lock:
             self.active_tasks += 1
             self._status("busy")
@@ -350,9 +351,8 @@ class Engine:
                 self._status("ready")
 
     def _failed(self, request: GenerationRequest, code: str, message: str, seq: int) -> None:
-        labels = self.metrics.labels(model=request.model, code=code)
-        self.metrics.generation_errors.labels(**labels).inc()
-        self.metrics.errors.labels(code=code).inc()
+        self.metrics.series(self.metrics.generation_errors, model=request.model, code=code).inc()
+        self.metrics.series(self.metrics.errors, code=code).inc()
         self.emitter.error(
             error=message,
             code=code,
@@ -391,9 +391,8 @@ class Engine:
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
-        labels = self.metrics.labels(model=model)
-        tokens_counter = self.metrics.tokens_generated.labels(**labels)
-        itl = self.metrics.inter_token_latency.labels(**labels)
+        tokens_counter = self.metrics.series(self.metrics.tokens_generated, model=model)
+        itl = self.metrics.series(self.metrics.inter_token_latency, model=model)
         pieces: list[str] = []
         seq = 0
         first_token_at: float | None = None
@@ -407,7 +406,7 @@ class Engine:
             progress.seq = seq
             if first_token_at is None:
                 first_token_at = now
-                self.metrics.time_to_first_token.labels(**labels).observe(now - started)
+                self.metrics.series(self.metrics.time_to_first_token, model=model).observe(now - started)
             else:
                 itl.observe(now - last_token_at)
             last_token_at = now
@@ -426,7 +425,7 @@ class Engine:
         duration = time.perf_counter() - started
         generating = (last_token_at - first_token_at) if first_token_at is not None else 0.0
         throughput = (seq - 1) / generating if seq > 1 and generating > 0 else 0.0
-        self.metrics.generation_duration.labels(**labels).observe(duration)
+        self.metrics.series(self.metrics.generation_duration, model=model).observe(duration)
         emitter.generation_completed(
             generation_id=gid,
             seq=seq + 1,

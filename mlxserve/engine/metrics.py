@@ -15,8 +15,9 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
-from telemetry.schemas import metric_labels_validate
+from telemetry.schemas import DEFAULT_METRIC_LABEL_LIMIT, OVERFLOW_LABEL_VALUE, metric_labels_validate
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,47 @@ IPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
+# Labels whose values come from requests and events (a model name, an error code, a reason).
+BOUNDED_LABELS = frozenset({"model", "code", "reason", "quantization"})
+LABEL_VALUE_LENGTH = 120
+
+
+class LabelBudget:
+    """Bounds the values of each label of each metric, as the control plane does (issue 11).
+
+    A value gets its own series if it has one already, if it is a registered model
+    name (the worker knows a name is registered when the task came with the path
+    it stands for), or while its label of that metric has fewer than ``limit``
+    values; after that it is counted under ``OVERFLOW_LABEL_VALUE``.
+    """
+
+    def __init__(self, limit: int = DEFAULT_METRIC_LABEL_LIMIT) -> None:
+        self.limit = limit
+        self.registered_models: set[str] = set()
+        self._admitted: dict[tuple[str, str], set[str]] = {}
+        self._lock = threading.Lock()
+
+    def value(self, metric: str, label: str, value: str) -> str:
+        value = value[:LABEL_VALUE_LENGTH]
+        if label not in BOUNDED_LABELS or value == "":
+            return value
+        with self._lock:
+            admitted = self._admitted.setdefault((metric, label), set())
+            if value in admitted:
+                return value
+            if label == "model" and value in self.registered_models:
+                admitted.add(value)
+                return value
+            if len(admitted - self.registered_models) < self.limit:
+                admitted.add(value)
+                return value
+        return OVERFLOW_LABEL_VALUE
+
 
 class WorkerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, *, label_limit: int = DEFAULT_METRIC_LABEL_LIMIT) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.label_budget = LabelBudget(label_limit)
         r = self.registry
         # Model lifecycle
         self.models_loaded = Counter(
@@ -126,6 +164,14 @@ class WorkerMetrics:
     def labels(self, **labels: Any) -> dict[str, str]:
         """Label sets go through the SPEC's metric label validation."""
         return metric_labels_validate(labels)
+
+    def series(self, metric: MetricWrapperBase, **labels: Any) -> Any:
+        """``metric``'s child for ``labels``: validated, and each value from a request or an
+        event within the label budget (past it, the overflow value)."""
+        name = metric._name
+        return metric.labels(
+            **{k: self.label_budget.value(name, k, v) for k, v in metric_labels_validate(labels).items()}
+        )
 
     def set_identity(self, *, service_name: str, source: str) -> None:
         self.target_info.clear()

@@ -22,7 +22,7 @@ from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
 from mlxserve.engine.publisher import BufferedPublisher
 from mlxserve.redis_conn import Subscription
 from telemetry.broadcast import TelemetryConfigWatcher
-from telemetry.schemas import TelemetryConfigSchema
+from telemetry.schemas import DEFAULT_METRIC_LABEL_LIMIT, TelemetryConfigSchema
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class RuntimeSettings:
     max_models: int = 2
     max_model_bytes: int = 0
     metrics_host: str = "0.0.0.0"
+    metric_label_limit: int = DEFAULT_METRIC_LABEL_LIMIT
     publish_linger_seconds: float = 0.25
     # Hold events back past this many stream entries not yet stored by the group (0: never).
     stream_backlog_limit: int = 0
@@ -67,7 +68,7 @@ class WorkerRuntime:
         self.client = client or redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=2, socket_timeout=5
         )
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(label_limit=settings.metric_label_limit)
         self.metrics.set_identity(
             service_name=TelemetryConfigSchema(enabled=False).service_name, source=settings.source
         )
@@ -151,6 +152,7 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
         "max_models": settings.WORKER_MAX_MODELS,
         "max_model_bytes": settings.WORKER_MAX_MODEL_BYTES,
         "metrics_host": settings.WORKER_METRICS_HOST,
+        "metric_label_limit": settings.METRIC_LABEL_LIMIT,
         "publish_linger_seconds": settings.WORKER_PUBLISH_LINGER_MS / 1000,
         "stream_backlog_limit": settings.STREAM_BACKLOG_LIMIT,
         "consumer_group": settings.EVENTS_CONSUMER_GROUP,

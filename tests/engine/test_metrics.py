@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import time
 import urllib.error
@@ -17,6 +18,7 @@ from events.services import EventIngester
 from mlxserve.engine.engine import EngineError, GenerationRequest
 from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
 from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime
+from telemetry.schemas import OVERFLOW_LABEL_VALUE
 from telemetry.services import telemetry_config_replace
 from tests.conftest import TEST_REDIS_URL, stream_envelopes
 from tests.engine.conftest import free_port
@@ -235,3 +237,57 @@ def test_exported_counters_agree_with_the_events_stored(
         stream_envelopes(redis_client, settings.EVENTS_STREAM)
     )
     assert value(families, "kr_serve_batch_operations_total") == redis_client.xlen(settings.EVENTS_STREAM)
+
+
+def samples_by_model(metrics: WorkerMetrics, name: str) -> dict[str, float]:
+    return {
+        s.labels["model"]: s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def test_a_worker_bounds_model_labels_and_keeps_every_count(demo_model: Path, tmp_path: Path) -> None:
+    """Past the label limit a worker counts new model names under the overflow series;
+    a registered name (the task came with its path) always has its own."""
+    from tests.engine.conftest import Recorder
+
+    rec = Recorder()
+    rec.metrics.label_budget.limit = 1
+    copy = Path(shutil.copytree(demo_model, tmp_path / "copy"))
+    for request in (
+        GenerationRequest(model=str(demo_model), prompt="a", max_tokens=3),
+        GenerationRequest(model=str(copy), prompt="a", max_tokens=4),
+        GenerationRequest(model="demo", model_path=str(demo_model), prompt="a", max_tokens=5),
+    ):
+        rec.engine.generate(request)
+    for i in range(4):
+        with pytest.raises(EngineError):
+            rec.engine.generate(GenerationRequest(model=f"typo-{i}", prompt="a", max_tokens=3))
+    rec.engine.shutdown()
+    assert samples_by_model(rec.metrics, "kr_serve_tokens_generated_total") == {
+        str(demo_model): 3,
+        OVERFLOW_LABEL_VALUE: 4,
+        "demo": 5,
+    }
+    assert sum(samples_by_model(rec.metrics, "kr_serve_tokens_generated_total").values()) == len(
+        rec.events("tokenGenerated")
+    )
+    # Another metric, its own budget: the first failing name has a place, the rest share one.
+    assert samples_by_model(rec.metrics, "kr_serve_generation_errors_total") == {
+        "typo-0": 1,
+        OVERFLOW_LABEL_VALUE: 3,
+    }
+    assert samples_by_model(rec.metrics, "kr_serve_models_loaded_total") == {
+        str(demo_model): 1,
+        OVERFLOW_LABEL_VALUE: 1,
+        "demo": 1,
+    }
+
+
+def test_the_worker_label_limit_comes_from_the_setting(settings: Any) -> None:
+    from mlxserve.engine.runtime import runtime_settings_from_django
+
+    settings.METRIC_LABEL_LIMIT = 7
+    assert runtime_settings_from_django(source="s").metric_label_limit == 7

@@ -4,11 +4,15 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
+from events.fleet import fleet_labels_fold
 from events.services import events_retention_apply
 
 
 class Command(BaseCommand):
-    help = "Delete events past their type's kept-for period now (ingest_events also does it every hour)."
+    help = (
+        "Delete events past their type's kept-for period, and fold metric label values unseen for as long"
+        " into the overflow series, now (ingest_events also does both every hour)."
+    )
 
     def handle(self, *args: Any, **options: Any) -> None:
         progress = {"rows": 0}
@@ -20,3 +24,7 @@ class Command(BaseCommand):
 
         for event_type, count in events_retention_apply(on_chunk=report).items():
             self.stdout.write(f"{event_type}: {count} deleted")
+        folded = fleet_labels_fold()
+        self.stdout.write(
+            f"{folded} metric label values unseen since the retention period folded into the overflow"
+        )

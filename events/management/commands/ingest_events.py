@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import close_old_connections
 
+from events.fleet import fleet_labels_fold
 from events.services import DATABASE_ERRORS, EventIngester, events_retention_apply, stream_lag
 from mlxserve.redis_conn import redis_client
 from telemetry.services import telemetry_config_sync
@@ -89,6 +90,10 @@ class Command(BaseCommand):
                 if time.monotonic() >= next_retention:
                     removed = events_retention_apply()
                     logger.info("Retention: deleted %s", {k: v for k, v in removed.items() if v} or "nothing")
+                    if folded := fleet_labels_fold():
+                        logger.info(
+                            "Retention: %d metric label values folded into the overflow series", folded
+                        )
                     next_retention = time.monotonic() + options["retention_every"]
                 outcome = ingester.step()
                 stored += outcome.stored
