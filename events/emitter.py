@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -55,6 +55,47 @@ class CollectingPublisher:
         self.envelopes.append(envelope)
 
 
+def _random_uuids() -> Callable[[], uuid.UUID]:
+    """Random (version 4) UUIDs straight from the operating system's CSPRNG.
+
+    Event ids are idempotency keys: an id that could be predicted from earlier ones
+    (a seeded PRNG's can, after a few hundred) would let anyone who reads the stream
+    store a fake event under the id of a real one to come, which is then dropped as
+    a duplicate. ``os.urandom`` is read 4 KiB at a time (one system call per 256 ids)
+    and the UUID is built as ``UUID.__init__`` builds it, minus its argument checks:
+    cheaper than the seeded generator it replaces (bench/validation.py). Thread-safe;
+    a forked child starts from a fresh pool, never its parent's.
+    """
+    pool_size = 4096
+    lock = threading.Lock()
+    pool, at = b"", pool_size  # the bytes, and where the next id starts in them
+    clear, version_4 = ~((0xF000 << 64) | (0xC000 << 48)), (4 << 76) | (0x8000 << 48)
+    urandom, from_bytes, new, set_slot = os.urandom, int.from_bytes, object.__new__, object.__setattr__
+    UUID, unknown = uuid.UUID, uuid.SafeUUID.unknown
+
+    def random_uuid() -> uuid.UUID:
+        nonlocal pool, at
+        with lock:
+            if at >= pool_size:
+                pool, at = urandom(pool_size), 0
+            n = from_bytes(pool[at : at + 16])
+            at += 16
+        made = new(UUID)
+        set_slot(made, "int", (n & clear) | version_4)
+        set_slot(made, "is_safe", unknown)
+        return made
+
+    def after_fork() -> None:
+        nonlocal pool, at
+        pool, at = b"", pool_size
+
+    os.register_at_fork(after_in_child=after_fork)
+    return random_uuid
+
+
+random_uuid = _random_uuids()
+
+
 def _given(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not UNSET}
 
@@ -73,12 +114,9 @@ class EngineEventEmitter:
         self.source = source
         self.publisher = publisher
         self.on_refused = on_refused
-        # Random UUIDs (version 4) from a CSPRNG-seeded generator: no system call
-        # per token, and ids stay unique across processes and hosts.
-        self._random = random.Random(os.urandom(32))
 
     def _new_id(self) -> uuid.UUID:
-        return uuid.UUID(int=self._random.getrandbits(128), version=4)
+        return random_uuid()
 
     def emit(
         self,

@@ -99,7 +99,9 @@ def _observe(deltas: Deltas, name: str, buckets: Sequence[float], value: float, 
     deltas[_key(name, f"{name}_count", **labels)] += 1
 
 
-def _starts_before(tokens: list[TokenGeneratedEnvelope], batch: Sequence[Envelope]) -> dict[Key, int]:
+def _starts_before(
+    tokens: list[TokenGeneratedEnvelope], batch: Sequence[Envelope]
+) -> dict[tuple[str, str], int]:
     """The ``generationStarted`` just before each token (same generation, ``seq`` one less):
     from the batch first, then one query for the rest. Keyed (generation id, seq)."""
     starts = {

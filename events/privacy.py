@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from django.conf import settings
 from django.utils.crypto import salted_hmac
 
 from events.models import PromptPolicy
@@ -28,7 +29,7 @@ def prompt_redact(prompt: str | dict[str, Any], policy: PromptPolicy) -> str | d
 
     - ``keep``: unchanged.
     - ``truncate``: the first ``truncate_chars`` characters (an object is cut as its JSON text).
-    - ``hash``: ``hmac-sha256:<hex>``, keyed with the deployment's SECRET_KEY, so equal
+    - ``hash``: ``hmac-sha256:<hex>``, keyed with ``MLXSERVE_PROMPT_HASH_KEY``, so equal
       prompts can be matched but short ones cannot be guessed by hashing candidates
       without the key.
     - ``drop``: an empty string.
@@ -41,5 +42,10 @@ def prompt_redact(prompt: str | dict[str, Any], policy: PromptPolicy) -> str | d
             return prompt
         return text[: policy.truncate_chars]
     if policy.mode == PromptPolicy.HASH:
-        return HASH_PREFIX + salted_hmac("mlxserve.prompt", text, algorithm="sha256").hexdigest()
+        return (
+            HASH_PREFIX
+            + salted_hmac(
+                "mlxserve.prompt", text, secret=settings.PROMPT_HASH_KEY, algorithm="sha256"
+            ).hexdigest()
+        )
     return ""

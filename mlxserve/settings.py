@@ -52,20 +52,29 @@ VAR_DIR = Path(env_str("MLXSERVE_VAR_DIR", str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 
-def _secret_key() -> str:
-    key = os.environ.get("SECRET_KEY")
+# Keys read from a file this host made, by environment variable: web server and ingester
+# refuse to start on them with DEBUG off (``mlxserve.production``).
+HOST_MADE_KEYS: dict[str, str] = {}
+
+
+def _key(name: str, file_name: str) -> str:
+    key = os.environ.get(name)
     if key:
         return key
-    # A checkout must run without set-up, and sessions must survive a restart:
-    # generate one key and keep it beside the SQLite database.
-    key_file = VAR_DIR / "secret-key"
+    # A checkout must run without set-up (`make run` exports these files' keys to the
+    # processes it starts), and sessions must survive a restart: one key, kept in var/.
+    key_file = VAR_DIR / file_name
     if not key_file.exists():
+        key_file.touch(mode=0o600)
         key_file.write_text(secrets.token_urlsafe(50))
-        key_file.chmod(0o600)
-    return key_file.read_text().strip()
+    HOST_MADE_KEYS[name] = key_file.read_text().strip()
+    return HOST_MADE_KEYS[name]
 
 
-SECRET_KEY = _secret_key()
+SECRET_KEY = _key("SECRET_KEY", "secret-key")
+# Keys the hmac-sha256 of prompts kept under the "hash" policy: its own key, so rotating
+# SECRET_KEY (sessions) does not change the hashes, and equal prompts match across hosts.
+PROMPT_HASH_KEY = _key("MLXSERVE_PROMPT_HASH_KEY", "prompt-hash-key")
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")

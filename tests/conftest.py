@@ -29,6 +29,11 @@ from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
 
 TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 
+# With DEBUG off, web server and ingester refuse keys their host made: those the tests
+# start get this process's keys from the environment (so prompt hashes match).
+os.environ.setdefault("SECRET_KEY", django_settings.SECRET_KEY)
+os.environ.setdefault("MLXSERVE_PROMPT_HASH_KEY", django_settings.PROMPT_HASH_KEY)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _celery_on_the_test_redis() -> None:
@@ -252,7 +257,8 @@ def celery_worker_running(log_dir: Path, source: str, **env: str) -> Iterator[su
         "MLXSERVE_METRICS_HOST": "127.0.0.1",
         **env,
     }
-    worker_env.pop("DATABASE_URL", None)  # a worker needs no database
+    for needless in ("DATABASE_URL", "SECRET_KEY", "MLXSERVE_PROMPT_HASH_KEY"):
+        worker_env.pop(needless, None)  # a worker needs only REDIS_URL (and its models)
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import uuid
 from typing import Any, cast
 
@@ -112,3 +114,52 @@ def test_a_worker_whose_clock_was_never_set_logs_and_counts_each_refused_event(
         "runtimeStatus event refused: Validation error on field 'timestamp': Timestamp must be epoch"
         in caplog.text
     )
+
+
+# -- event ids: idempotency keys nobody can guess (issue 11) -------------------------------
+
+
+def test_event_ids_are_version_4_uuids_from_the_operating_systems_generator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from events import emitter as emitter_module
+
+    ids = [emitter_module.random_uuid() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    for made in ids[:50]:
+        assert made.version == 4 and made.variant == uuid.RFC_4122
+        assert uuid.UUID(str(made)) == made and hash(made) == hash(uuid.UUID(str(made)))
+    # Where the bytes come from: a fresh emitter's pool is read from os.urandom.
+    monkeypatch.setattr(emitter_module.os, "urandom", lambda n: bytes(range(16)) * (n // 16))
+    fresh = emitter_module._random_uuids()
+    assert fresh() == uuid.UUID(bytes=bytes(range(16)), version=4)
+
+
+def test_event_ids_are_unique_across_threads_and_a_fork() -> None:
+    from events.emitter import random_uuid
+
+    seen: list[list[uuid.UUID]] = [[] for _ in range(8)]
+
+    def draw(into: list[uuid.UUID]) -> None:
+        into.extend(random_uuid() for _ in range(5000))
+
+    threads = [threading.Thread(target=draw, args=(bucket,)) for bucket in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({i for bucket in seen for i in bucket}) == 40_000
+
+    random_uuid()  # the pool is part-used when the worker forks
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.write(write, b"".join(random_uuid().bytes for _ in range(300)))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(child, 0)
+    in_child = {uuid.UUID(bytes=data[i : i + 16]) for i in range(0, len(data), 16)}
+    in_parent = {random_uuid() for _ in range(300)}
+    assert len(in_child) == 300 and not in_child & in_parent

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import uuid
 from typing import Any
@@ -172,6 +174,22 @@ def test_hashing_keeps_no_text_but_matches_equal_prompts() -> None:
     assert stored[first["id"]] == stored[second["id"]] != stored[other["id"]]
     assert stored[first["id"]].startswith(HASH_PREFIX) and "555" not in stored[first["id"]]
     assert stored[first["id"]] == prompt_redact("call me at 555-0100", current)
+
+
+def test_prompt_hashes_follow_their_own_key_not_the_secret_key(settings: Any) -> None:
+    """Rotating SECRET_KEY (sessions) leaves hashes alone; hosts sharing MLXSERVE_PROMPT_HASH_KEY agree."""
+    current = policy("hash")
+    settings.PROMPT_HASH_KEY = "fleet-wide-prompt-key"
+    settings.SECRET_KEY = "one-secret-key"
+    before = prompt_redact("call me at 555-0100", current)
+    settings.SECRET_KEY = "a-rotated-secret-key"
+    assert prompt_redact("call me at 555-0100", current) == before
+    settings.PROMPT_HASH_KEY = "another-deployment"
+    assert prompt_redact("call me at 555-0100", current) != before
+    # The hash is hmac-sha256 over the prompt, keyed from MLXSERVE_PROMPT_HASH_KEY (Django's salted_hmac).
+    key = hashlib.sha256(b"mlxserve.prompt" + b"another-deployment").digest()
+    expected = hmac.new(key, b"call me at 555-0100", hashlib.sha256).hexdigest()
+    assert prompt_redact("call me at 555-0100", current) == HASH_PREFIX + expected
 
 
 def test_the_default_policy_hashes(operator_client: APIClient) -> None:

@@ -7,9 +7,13 @@ import re
 import secrets
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings as django_settings
+
+from tests.conftest import TEST_REDIS_URL
 
 ROOT = Path(django_settings.BASE_DIR)
 
@@ -22,20 +26,30 @@ def readme_production_environment() -> dict[str, str]:
     return dict(line.split("=", 1) for line in block.strip().splitlines())
 
 
-def deploy_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def manage(
+    *args: str, env: Mapping[str, str | None], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``manage.py args`` with ``env`` over this environment (a value of None removes a variable)."""
+    merged = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
     return subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env={**os.environ, **env},
+        env=merged,
         capture_output=True,
         text=True,
+        timeout=timeout,
     )
+
+
+def deploy_check(env: Mapping[str, str | None]) -> subprocess.CompletedProcess[str]:
+    return manage("check", "--deploy", "--fail-level", "WARNING", env=env)
 
 
 def test_the_readme_production_settings_pass_the_deploy_checks() -> None:
     env = readme_production_environment()
-    assert env["SECRET_KEY"].startswith("<")  # a placeholder the operator fills in
-    env["SECRET_KEY"] = secrets.token_urlsafe(60)
+    for key in ("SECRET_KEY", "MLXSERVE_PROMPT_HASH_KEY"):
+        assert env[key].startswith("<")  # a placeholder the operator fills in
+        env[key] = secrets.token_urlsafe(60)
     result = deploy_check(env)
     assert result.returncode == 0, result.stderr
     assert "System check identified no issues" in result.stdout
@@ -55,3 +69,80 @@ def test_a_malformed_proxy_header_refuses_to_start() -> None:
     result = deploy_check({"MLXSERVE_PROXY_SSL_HEADER": "X-Forwarded-Proto"})
     assert result.returncode != 0
     assert "MLXSERVE_PROXY_SSL_HEADER must look like HTTP_X_FORWARDED_PROTO=https" in result.stderr
+
+
+# -- keys: made per host for `make run`, refused in production (issue 11) -------------------
+
+NO_KEYS: dict[str, Any] = {"DEBUG": "0", "SECRET_KEY": None, "MLXSERVE_PROMPT_HASH_KEY": None}
+
+
+def test_the_ingester_refuses_to_start_without_keys_saying_why(tmp_path: Path) -> None:
+    result = manage("ingest_events", "--exit-when-idle", env={**NO_KEYS, "MLXSERVE_VAR_DIR": str(tmp_path)})
+    assert result.returncode == 1
+    assert (
+        "The ingester will not start with DEBUG off and SECRET_KEY and MLXSERVE_PROMPT_HASH_KEY not set"
+        in result.stderr
+    )
+    assert "would differ between hosts and change on redeploy" in result.stderr
+
+    only_one = manage(
+        "ingest_events",
+        "--exit-when-idle",
+        env={**NO_KEYS, "SECRET_KEY": secrets.token_urlsafe(50), "MLXSERVE_VAR_DIR": str(tmp_path)},
+    )
+    assert only_one.returncode == 1
+    assert "DEBUG off and MLXSERVE_PROMPT_HASH_KEY not set: MLXSERVE_PROMPT_HASH_KEY keys the prompt" in (
+        only_one.stderr
+    )
+
+
+def test_the_ingester_starts_with_both_keys_or_in_debug(tmp_path: Path) -> None:
+    common = {
+        "MLXSERVE_VAR_DIR": str(tmp_path),
+        "REDIS_URL": TEST_REDIS_URL,
+        "MLXSERVE_EVENTS_STREAM": f"keys-test-{secrets.token_hex(4)}",
+        "DATABASE_URL": None,
+    }
+    manage("migrate", "-v0", env={**NO_KEYS, **common}).check_returncode()
+    keys = {"SECRET_KEY": secrets.token_urlsafe(50), "MLXSERVE_PROMPT_HASH_KEY": secrets.token_urlsafe(50)}
+    for env in ({**NO_KEYS, **keys}, {**NO_KEYS, "DEBUG": "1"}):
+        result = manage("ingest_events", "--exit-when-idle", "--block-ms=10", env={**env, **common})
+        assert result.returncode == 0, result.stderr
+        assert "will not start" not in result.stderr
+
+
+def test_the_web_server_refuses_to_start_without_keys(tmp_path: Path) -> None:
+    env = {k: v for k, v in {**os.environ, **NO_KEYS, "MLXSERVE_VAR_DIR": str(tmp_path)}.items() if v}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "gunicorn"), "mlxserve.wsgi:application", "--bind", "127.0.0.1:0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "The web server will not start with DEBUG off and SECRET_KEY and MLXSERVE_PROMPT_HASH_KEY" in (
+        result.stderr
+    )
+
+
+def test_the_deploy_check_names_a_key_this_host_made(tmp_path: Path) -> None:
+    result = deploy_check(
+        {
+            **readme_production_environment(),
+            "SECRET_KEY": secrets.token_urlsafe(60),
+            "MLXSERVE_PROMPT_HASH_KEY": None,
+            "MLXSERVE_VAR_DIR": str(tmp_path),
+        }
+    )
+    assert result.returncode != 0
+    assert "mlxserve.W001" in result.stderr
+    assert "MLXSERVE_PROMPT_HASH_KEY is read from a file this host made" in result.stderr
+
+
+def test_make_run_keys_are_private_to_their_owner(tmp_path: Path) -> None:
+    manage("check", env={**NO_KEYS, "MLXSERVE_VAR_DIR": str(tmp_path)}).check_returncode()
+    for name in ("secret-key", "prompt-hash-key"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+        assert len((tmp_path / name).read_text()) >= 50

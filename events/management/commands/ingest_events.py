@@ -8,11 +8,13 @@ from typing import Any
 
 import redis
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 
 from events.fleet import fleet_labels_fold
 from events.services import DATABASE_ERRORS, EventIngester, events_retention_apply, stream_lag
+from mlxserve.production import production_keys_require
 from mlxserve.redis_conn import redis_client
 from telemetry.services import telemetry_config_sync
 
@@ -52,6 +54,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            production_keys_require("ingester")
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
         self.stopping = False
 
         def stop(signum: int, frame: Any) -> None:
