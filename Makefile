@@ -22,13 +22,14 @@ test: $(VENV)/.installed lint typecheck pytest
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy .
 
 # The schema and validation modules must keep 90% coverage or more.
 pytest: pytest-sqlite pytest-postgres
-	$(VENV)/bin/coverage report --fail-under=90 --include='mlxserve/validation.py,events/schemas.py,telemetry/schemas.py'
+	$(VENV)/bin/coverage report --fail-under=90 --include='mlxserve/contract/*.py'
 	$(VENV)/bin/coverage report
 
 # Exit code 5 means "no tests collected" (say, a -k that matches nothing): not a failure.

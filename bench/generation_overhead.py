@@ -28,11 +28,11 @@ import redis
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from events.stream import stream_envelope_bodies
+from mlxserve.contract.stream import stream_envelope_bodies
+from mlxserve.contract.telemetry import TelemetryConfigSchema
 from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.engine.engine import GenerationRequest
 from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime
-from telemetry.schemas import TelemetryConfigSchema
 
 BAR = 0.98
 

@@ -91,9 +91,9 @@ def main() -> int:
     from django.db import connection
 
     from events.models import Event
-    from events.schemas import envelope_decode
     from events.services import _EVENT_COLUMNS, _event_values
-    from events.stream import stream_append_batch
+    from mlxserve.contract.events import envelope_decode
+    from mlxserve.contract.stream import stream_append_batch
 
     call_command("migrate", verbosity=0)
     client = redis.Redis.from_url(args.redis_url)

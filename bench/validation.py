@@ -1,6 +1,6 @@
 """Microseconds per validated event, for each event type (SPEC 7: at most 2 us).
 
-The project's hot-path validator (``events.schemas.envelope_validate``, a
+The project's hot-path validator (``mlxserve.contract.events.envelope_validate``, a
 Python mapping in, as the worker's emitter calls it) beside two baselines
 measured in the same run on the same envelopes: a DRF serializer and a
 pydantic v2 model, each declaring the same rules. Also shown: decoding and
@@ -36,8 +36,8 @@ import msgspec  # noqa: E402
 import pydantic  # noqa: E402
 from rest_framework import serializers  # noqa: E402
 
-from events.emitter import random_uuid  # noqa: E402
-from events.schemas import EVENT_TYPES, envelope_decode, envelope_validate  # noqa: E402
+from mlxserve.contract.events import EVENT_TYPES, envelope_decode, envelope_validate  # noqa: E402
+from mlxserve.engine.emitter import random_uuid  # noqa: E402
 from tests.conftest import make_envelope  # noqa: E402
 
 BAR_US = 2.0

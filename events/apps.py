@@ -9,6 +9,7 @@ class EventsConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
+        import mlxserve.celery
         import mlxserve.production  # noqa: F401  (registers its deploy check)
         from events.metrics import register
         from mlxserve.roles import roles_ensure

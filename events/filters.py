@@ -7,8 +7,8 @@ from django import forms
 from django.db.models import QuerySet
 
 from events.models import MODEL_COLUMN_LENGTH, Event
-from events.schemas import EVENT_TYPES
-from mlxserve.validation import INT64_MAX
+from mlxserve.contract.events import EVENT_TYPES
+from mlxserve.contract.validation import INT64_MAX
 
 
 class EpochMsFilter(django_filters.NumberFilter):

@@ -20,7 +20,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from events.models import Event, FleetCounter, FleetLabelValue, RegisteredModel, RetentionPolicy
-from events.schemas import (
+from mlxserve.contract.events import (
     Envelope,
     ErrorEnvelope,
     GenerationCompletedEnvelope,
@@ -30,7 +30,7 @@ from events.schemas import (
     ModelUnloadedEnvelope,
     TokenGeneratedEnvelope,
 )
-from telemetry.schemas import OVERFLOW_LABEL_VALUE
+from mlxserve.contract.telemetry import OVERFLOW_LABEL_VALUE
 
 # Label values are cut to this length: a model path or error code must not make a huge series name.
 LABEL_VALUE_LENGTH = 120

@@ -17,9 +17,9 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from events.schemas import Envelope, envelope_encode, envelope_validate
-from events.stream import stream_append, stream_append_batch, stream_backlog
-from mlxserve.validation import Issue, ValidationFailed
+from mlxserve.contract.events import Envelope, envelope_encode, envelope_validate
+from mlxserve.contract.stream import stream_append, stream_append_batch, stream_backlog
+from mlxserve.contract.validation import Issue, ValidationFailed
 
 # Envelopes one POST may carry. A 1 MiB body holds about 5,000 real envelopes; without a cap
 # it could hold 500,000 one-byte items, each answered with an error object (100 MB out).

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
-from events.schemas import EVENT_TYPES
+from mlxserve.contract.events import EVENT_TYPES
 
 MODEL_COLUMN_LENGTH = 200
 

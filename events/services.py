@@ -28,19 +28,19 @@ from events.models import (
     Worker,
 )
 from events.privacy import prompt_policy_get, prompt_redact
-from events.schemas import (
+from mlxserve.contract.events import (
     Envelope,
     GenerationOrder,
     GenerationStartedEnvelope,
     RuntimeStatusEnvelope,
     envelope_decode,
 )
-from events.stream import (
+from mlxserve.contract.stream import (
     EntryContents,
     entry_envelopes,
     stream_ensure_group,
 )
-from mlxserve.validation import Issue, ValidationFailed, error_object, validate
+from mlxserve.contract.validation import Issue, ValidationFailed, error_object, validate
 
 logger = logging.getLogger(__name__)
 

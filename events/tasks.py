@@ -4,7 +4,8 @@ from typing import Any
 
 from celery import shared_task
 
-from mlxserve.engine.engine import EngineError, GenerationRequest
+from mlxserve.contract.validation import EngineError
+from mlxserve.engine.engine import GenerationRequest
 from mlxserve.worker import worker_runtime
 
 ATTEMPTS_TTL_SECONDS = 7 * 24 * 3600

@@ -27,7 +27,6 @@ from rest_framework.views import APIView
 from events.filters import EpochMsFilter, EventFilter
 from events.intake import IntakeRefused, event_submit, event_submit_batch
 from events.models import DeadLetter, Event
-from events.schemas import Envelope, GenerationOrder
 from events.selectors import (
     event_row,
     event_values,
@@ -46,7 +45,9 @@ from mlxserve.api import (
     CanSeeDeadLetters,
     error_body,
 )
-from mlxserve.engine.runtime import ControlCommand, control_command_publish
+from mlxserve.contract.control import ControlCommand, control_command_publish
+from mlxserve.contract.events import Envelope, GenerationOrder
+from mlxserve.contract.validation import Issue, ValidationFailed, validate
 from mlxserve.openapi import (
     ERROR_RESPONSES,
     ERROR_SCHEMA,
@@ -56,7 +57,6 @@ from mlxserve.openapi import (
     struct_schema,
 )
 from mlxserve.redis_conn import redis_client
-from mlxserve.validation import Issue, ValidationFailed, validate
 
 ENVELOPE_SCHEMA = struct_schema(Envelope)
 

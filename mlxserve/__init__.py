@@ -1,4 +1,7 @@
-# Load the Celery app with Django, so @shared_task binds to it (cookiecutter-django).
-from mlxserve.celery import app as celery_app
+"""mlxserve: the project package.
 
-__all__ = ["celery_app"]
+``mlxserve.contract`` (the wire contract) and ``mlxserve.engine`` (the worker) load neither
+Django nor Celery; the rest of this package is the Django project (settings, urls, wsgi) and
+the Celery app (``mlxserve.celery``, found by ``celery -A mlxserve``, loaded with Django by
+the events app so tasks bind to it).
+"""

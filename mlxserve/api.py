@@ -26,8 +26,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import UserRateThrottle
 
+from mlxserve.contract.validation import Issue, ValidationFailed, json_parse
 from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP
-from mlxserve.validation import Issue, ValidationFailed, json_parse
 
 if TYPE_CHECKING:
     # Not at run time: DRF imports this module (its settings name our parser and

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
+from django.conf import settings
 
-from mlxserve.engine.runtime import WorkerRuntime, default_source, runtime_settings_from_django
+from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime, default_source
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,6 @@ def worker_runtime() -> WorkerRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            from django.conf import settings
-
             source = settings.WORKER_SOURCE or default_source(_nodename)
             _runtime = WorkerRuntime(runtime_settings_from_django(source=source)).start()
         return _runtime
@@ -49,3 +49,24 @@ def _on_worker_shutdown(**kwargs: Any) -> None:
         if _runtime is not None:
             _runtime.shutdown()
             _runtime = None
+
+
+def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
+    values: dict[str, Any] = {
+        "redis_url": settings.REDIS_URL,
+        "stream": settings.EVENTS_STREAM,
+        "config_key": settings.TELEMETRY_CONFIG_KEY,
+        "control_channel": settings.WORKER_CONTROL_CHANNEL,
+        "source": settings.WORKER_SOURCE or default_source(),
+        "spool_dir": Path(settings.WORKER_SPOOL_DIR),
+        "max_models": settings.WORKER_MAX_MODELS,
+        "max_model_bytes": settings.WORKER_MAX_MODEL_BYTES,
+        "metrics_host": settings.WORKER_METRICS_HOST,
+        "metric_label_limit": settings.METRIC_LABEL_LIMIT,
+        "publish_linger_seconds": settings.WORKER_PUBLISH_LINGER_MS / 1000,
+        "stream_backlog_limit": settings.STREAM_BACKLOG_LIMIT,
+        "consumer_group": settings.EVENTS_CONSUMER_GROUP,
+        "spool_max_bytes": settings.WORKER_SPOOL_MAX_BYTES,
+    }
+    values.update(overrides)
+    return RuntimeSettings(**values)

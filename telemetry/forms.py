@@ -5,9 +5,9 @@ from typing import Any
 
 from django import forms
 
-from mlxserve.validation import ValidationFailed
+from mlxserve.contract.telemetry import FIELD_TO_WIRE, NOT_AN_INTEGER, telemetry_config_validate
+from mlxserve.contract.validation import ValidationFailed
 from telemetry.models import TelemetryConfig
-from telemetry.schemas import FIELD_TO_WIRE, NOT_AN_INTEGER, telemetry_config_validate
 
 _INTEGER_TEXT = re.compile(r"\A-?[0-9]+\Z")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
-from telemetry.schemas import (
+from mlxserve.contract.telemetry import (
     DEFAULT_EXPORT_INTERVAL_MS,
     DEFAULT_PROMETHEUS_PORT,
     DEFAULT_SERVICE_NAME,
@@ -14,7 +14,7 @@ from telemetry.schemas import (
 class TelemetryConfig(models.Model):
     """The fleet's one telemetry config (a single row, pk 1).
 
-    Its rules live in ``telemetry.schemas``; writes go through
+    Its rules live in ``mlxserve.contract.telemetry``; writes go through
     ``telemetry.services`` so history and publishing never get skipped.
     """
 

@@ -11,10 +11,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from mlxserve.api import ReadOrStaffWrite
+from mlxserve.contract.telemetry import TelemetryConfigSchema
+from mlxserve.contract.validation import Issue, ValidationFailed
 from mlxserve.openapi import ERROR_RESPONSES, WRITE_ERROR_RESPONSES, json_request, struct_schema
-from mlxserve.validation import Issue, ValidationFailed
 from telemetry.models import TelemetryConfigChange
-from telemetry.schemas import TelemetryConfigSchema
 from telemetry.serializers import TelemetryConfigChangeSerializer
 from telemetry.services import (
     telemetry_config_get,

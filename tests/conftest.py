@@ -22,7 +22,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from events.services import EventIngester, stream_lag
-from events.stream import stream_append
+from mlxserve.contract.stream import stream_append
 from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.redis_conn import redis_for_url
 from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
@@ -69,7 +69,7 @@ def stream_envelopes(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
     """Every envelope on the stream, in order, single entries and batches alike."""
     import json
 
-    from events.stream import stream_envelope_bodies
+    from mlxserve.contract.stream import stream_envelope_bodies
 
     return [json.loads(body) for body in stream_envelope_bodies(client, stream)]
 

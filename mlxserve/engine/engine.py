@@ -18,21 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from events.emitter import EngineEventEmitter
+from mlxserve.contract.validation import EngineError
+from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.metrics import LABEL_VALUE_LENGTH, WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
 # Files whose change on disk means a loaded copy no longer matches the model.
 WATCHED_SUFFIXES = (".safetensors", ".json", ".model", ".tiktoken", ".jinja", ".txt")
-
-
-class EngineError(Exception):
-    """A failure with an error code of SPEC section 6 (ModelNotFound, ModelLoadFailed, ...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

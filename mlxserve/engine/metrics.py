@@ -17,7 +17,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
-from telemetry.schemas import DEFAULT_METRIC_LABEL_LIMIT, OVERFLOW_LABEL_VALUE, metric_labels_validate
+from mlxserve.contract.telemetry import (
+    DEFAULT_METRIC_LABEL_LIMIT,
+    OVERFLOW_LABEL_VALUE,
+    metric_labels_validate,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import IO
 import msgspec
 import redis
 
-from events.schemas import EnvelopeBase
-from events.stream import stream_append_batch, stream_backlog
+from mlxserve.contract.events import EnvelopeBase
+from mlxserve.contract.stream import stream_append_batch, stream_backlog
 from mlxserve.engine.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)

@@ -11,31 +11,20 @@ import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import redis
 
-from events.emitter import EngineEventEmitter
+from mlxserve.contract.control import ControlCommand
+from mlxserve.contract.telemetry import DEFAULT_METRIC_LABEL_LIMIT, TelemetryConfigSchema
+from mlxserve.engine.config_watcher import TelemetryConfigWatcher
+from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.engine import Engine, ModelCache
 from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
 from mlxserve.engine.publisher import BufferedPublisher
-from mlxserve.redis_conn import Subscription
-from telemetry.broadcast import TelemetryConfigWatcher
-from telemetry.schemas import DEFAULT_METRIC_LABEL_LIMIT, TelemetryConfigSchema
+from mlxserve.engine.subscription import Subscription
 
 logger = logging.getLogger(__name__)
-
-
-class ControlCommand(msgspec.Struct, forbid_unknown_fields=True):
-    command: str
-    model: str
-    source: str | None = None  # None: every worker
-
-
-def control_command_publish(*, client: redis.Redis, channel: str, command: ControlCommand) -> int:
-    """Send a command to the workers; returns how many were listening."""
-    return int(client.publish(channel, msgspec.json.encode(command)))  # type: ignore[arg-type]
 
 
 def default_source(nodename: str | None = None) -> str:
@@ -137,26 +126,3 @@ class WorkerRuntime:
         self.exporter.close()
         self.publisher.close(timeout)
         logger.info("Worker runtime %s stopped", self.settings.source)
-
-
-def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
-    from django.conf import settings
-
-    values: dict[str, Any] = {
-        "redis_url": settings.REDIS_URL,
-        "stream": settings.EVENTS_STREAM,
-        "config_key": settings.TELEMETRY_CONFIG_KEY,
-        "control_channel": settings.WORKER_CONTROL_CHANNEL,
-        "source": settings.WORKER_SOURCE or default_source(),
-        "spool_dir": Path(settings.WORKER_SPOOL_DIR),
-        "max_models": settings.WORKER_MAX_MODELS,
-        "max_model_bytes": settings.WORKER_MAX_MODEL_BYTES,
-        "metrics_host": settings.WORKER_METRICS_HOST,
-        "metric_label_limit": settings.METRIC_LABEL_LIMIT,
-        "publish_linger_seconds": settings.WORKER_PUBLISH_LINGER_MS / 1000,
-        "stream_backlog_limit": settings.STREAM_BACKLOG_LIMIT,
-        "consumer_group": settings.EVENTS_CONSUMER_GROUP,
-        "spool_max_bytes": settings.WORKER_SPOOL_MAX_BYTES,
-    }
-    values.update(overrides)
-    return RuntimeSettings(**values)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from events.emitter import CollectingPublisher, EngineEventEmitter
-from events.schemas import envelope_to_wire
+from mlxserve.contract.events import envelope_to_wire
 from mlxserve.engine.demo_model import create_demo_model
+from mlxserve.engine.emitter import CollectingPublisher, EngineEventEmitter
 from mlxserve.engine.engine import Engine, ModelCache
 from mlxserve.engine.metrics import WorkerMetrics
 from tests.conftest import RedisServer, free_port, own_redis  # noqa: F401  (shared fixtures)

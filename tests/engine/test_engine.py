@@ -9,7 +9,8 @@ from typing import Any
 import mlx_lm
 import pytest
 
-from mlxserve.engine.engine import EngineError, GenerationRequest, ModelCache, quantization_of
+from mlxserve.contract.validation import EngineError
+from mlxserve.engine.engine import GenerationRequest, ModelCache, quantization_of
 from tests.engine.conftest import Recorder
 
 

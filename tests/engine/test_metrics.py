@@ -15,10 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from events.models import Event
 from events.services import EventIngester
-from mlxserve.engine.engine import EngineError, GenerationRequest
+from mlxserve.contract.telemetry import OVERFLOW_LABEL_VALUE
+from mlxserve.contract.validation import EngineError
+from mlxserve.engine.engine import GenerationRequest
 from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
 from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime
-from telemetry.schemas import OVERFLOW_LABEL_VALUE
 from telemetry.services import telemetry_config_replace
 from tests.conftest import TEST_REDIS_URL, stream_envelopes
 from tests.engine.conftest import free_port
@@ -287,7 +288,7 @@ def test_a_worker_bounds_model_labels_and_keeps_every_count(demo_model: Path, tm
 
 
 def test_the_worker_label_limit_comes_from_the_setting(settings: Any) -> None:
-    from mlxserve.engine.runtime import runtime_settings_from_django
+    from mlxserve.worker import runtime_settings_from_django
 
     settings.METRIC_LABEL_LIMIT = 7
     assert runtime_settings_from_django(source="s").metric_label_limit == 7

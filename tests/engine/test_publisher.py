@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from events.emitter import EngineEventEmitter
+from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.engine import Engine, GenerationRequest
 from mlxserve.engine.metrics import WorkerMetrics
 from mlxserve.engine.publisher import BufferedPublisher, CircuitBreaker

@@ -11,7 +11,7 @@ import redis
 from rest_framework.test import APIClient
 
 from events.models import DeadLetter, Event
-from events.stream import ENTRY_FIELD
+from mlxserve.contract.stream import ENTRY_FIELD
 from mlxserve.roles import ADMIN_GROUP
 from tests.conftest import _token_client, ingester, make_envelope, role_user
 

@@ -9,10 +9,10 @@ from typing import Any, cast
 import pytest
 import redis
 
-from events.emitter import CollectingPublisher, EngineEventEmitter, RedisStreamPublisher
-from events.schemas import envelope_to_wire
-from events.stream import ENTRY_FIELD
-from mlxserve.validation import ValidationFailed
+from mlxserve.contract.events import envelope_to_wire
+from mlxserve.contract.stream import ENTRY_FIELD
+from mlxserve.contract.validation import ValidationFailed
+from mlxserve.engine.emitter import CollectingPublisher, EngineEventEmitter, RedisStreamPublisher
 
 
 @pytest.fixture
@@ -99,14 +99,14 @@ def test_a_lone_surrogate_is_refused_before_it_reaches_the_publisher(
 def test_a_worker_whose_clock_was_never_set_logs_and_counts_each_refused_event(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from events import emitter as emitter_module
+    from mlxserve.engine import emitter as emitter_module
 
     refused: list[ValidationFailed] = []
     publisher = CollectingPublisher()
     emitter = EngineEventEmitter(source="mac-1/w1", publisher=publisher, on_refused=refused.append)
     # A Mac whose clock reads 1970 (a dead RTC battery, no network time yet).
     monkeypatch.setattr(emitter_module.time, "time_ns", lambda: 86_400 * 10**9)
-    with caplog.at_level("ERROR", logger="events.emitter"), pytest.raises(ValidationFailed):
+    with caplog.at_level("ERROR", logger="mlxserve.engine.emitter"), pytest.raises(ValidationFailed):
         emitter.runtime_status(status="ready", models_loaded=0)
     assert publisher.envelopes == []
     assert [exc.field for exc in refused] == ["timestamp"]
@@ -122,7 +122,7 @@ def test_a_worker_whose_clock_was_never_set_logs_and_counts_each_refused_event(
 def test_event_ids_are_version_4_uuids_from_the_operating_systems_generator(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from events import emitter as emitter_module
+    from mlxserve.engine import emitter as emitter_module
 
     ids = [emitter_module.random_uuid() for _ in range(1000)]
     assert len(set(ids)) == 1000
@@ -136,7 +136,7 @@ def test_event_ids_are_version_4_uuids_from_the_operating_systems_generator(
 
 
 def test_event_ids_are_unique_across_threads_and_a_fork() -> None:
-    from events.emitter import random_uuid
+    from mlxserve.engine.emitter import random_uuid
 
     seen: list[list[uuid.UUID]] = [[] for _ in range(8)]
 

@@ -11,8 +11,8 @@ from django.db import DatabaseError, connection
 
 from events.models import DeadLetter, Event
 from events.services import stream_lag
-from events.stream import BATCH_FIELD, ENTRY_FIELD, stream_append_batch
-from telemetry.broadcast import telemetry_config_read
+from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD, stream_append_batch
+from mlxserve.contract.telemetry import telemetry_config_read
 from tests.conftest import T0, append, ingester, make_envelope, pending
 
 

@@ -19,7 +19,7 @@ from django.db import connection
 
 from events.models import Event
 from events.services import stream_lag
-from events.stream import stream_append, stream_append_batch
+from mlxserve.contract.stream import stream_append, stream_append_batch
 from tests.conftest import TEST_REDIS_URL
 
 pytestmark = pytest.mark.django_db(transaction=True)

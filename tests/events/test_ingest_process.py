@@ -16,7 +16,7 @@ from django.conf import settings as django_settings
 
 from events.models import Event
 from events.services import stream_lag
-from events.stream import stream_append_batch
+from mlxserve.contract.stream import stream_append_batch
 from tests.conftest import TEST_REDIS_URL, RedisServer
 from tests.events.test_ingest_crash import database_url, token_bodies
 
@@ -154,7 +154,7 @@ def test_a_running_ingester_stores_the_next_good_event_within_seconds_of_each_po
     redis_client: redis.Redis, settings: Any
 ) -> None:
     from events.models import DeadLetter
-    from events.stream import BATCH_FIELD, ENTRY_FIELD
+    from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD
     from tests.conftest import make_envelope
 
     def now_ms() -> int:

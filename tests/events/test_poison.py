@@ -18,7 +18,7 @@ from rest_framework.test import APIClient
 
 from events.models import DeadLetter, Event, FleetCounter, Worker
 from events.services import EventIngester
-from events.stream import BATCH_FIELD, ENTRY_FIELD
+from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD
 from mlxserve.roles import ADMIN_GROUP
 from tests.conftest import _token_client, append, ingester, make_envelope, pending, role_user
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events.schemas import (
+from mlxserve.contract.events import (
     EVENT_TYPES,
     envelope_decode,
     envelope_encode,
@@ -17,7 +17,7 @@ from events.schemas import (
     envelope_to_wire,
     envelope_validate,
 )
-from mlxserve.validation import ValidationFailed
+from mlxserve.contract.validation import ValidationFailed
 from tests.conftest import make_envelope
 
 

@@ -9,7 +9,7 @@ from django.test import Client
 
 from events.models import Event
 from events.services import events_store
-from telemetry.broadcast import telemetry_config_read
+from mlxserve.contract.telemetry import telemetry_config_read
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
 from tests.conftest import make_envelope
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import redis
 
-from telemetry.broadcast import TelemetryConfigWatcher, telemetry_config_publish
-from telemetry.schemas import TelemetryConfigSchema
+from mlxserve.contract.telemetry import TelemetryConfigSchema, telemetry_config_publish
+from mlxserve.engine.config_watcher import TelemetryConfigWatcher
 from telemetry.services import telemetry_config_replace, telemetry_config_sync
 
 

@@ -4,13 +4,13 @@ from typing import Any
 
 import pytest
 
-from mlxserve.validation import ValidationFailed
-from telemetry.schemas import (
+from mlxserve.contract.telemetry import (
     TelemetryConfigSchema,
     metric_labels_validate,
     telemetry_config_merge,
     telemetry_config_validate,
 )
+from mlxserve.contract.validation import ValidationFailed
 
 
 def issues_of(data: Any) -> list[tuple[list[Any], str]]:

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 from events.models import Event
 from events.selectors import generation_detail
 from events.services import generation_queue
-from mlxserve.validation import ValidationFailed
+from mlxserve.contract.validation import ValidationFailed
 
 
 class Command(BaseCommand):

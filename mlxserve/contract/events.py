@@ -18,7 +18,7 @@ import msgspec
 import msgspec.inspect as mi
 from msgspec import UNSET, Meta, UnsetType
 
-from mlxserve.validation import (
+from mlxserve.contract.validation import (
     INT64_MAX,
     Issue,
     ValidationFailed,

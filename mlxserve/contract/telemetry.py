@@ -8,14 +8,18 @@ pattern or a message.
 from __future__ import annotations
 
 import decimal
+import logging
 import math
 from collections.abc import Mapping
 from typing import Annotated, Any
 
 import msgspec
+import redis
 from msgspec import Meta
 
-from mlxserve.validation import Issue, ValidationFailed, messages, validate
+from mlxserve.contract.validation import Issue, ValidationFailed, messages, validate
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SERVICE_NAME = "kr-serve-mlx"
 DEFAULT_PROMETHEUS_PORT = 9464
@@ -166,3 +170,44 @@ def metric_labels_validate(labels: Any) -> dict[str, str]:
     if issues:
         raise ValidationFailed(issues)
     return result
+
+
+# -- the config on its way to workers ---------------------------------------------------------
+# The current config lives under one Redis key (a worker that starts late reads it), and every
+# change is also published on ``<key>:changes`` (running workers hear of it at once).
+
+
+class PublishedConfig(msgspec.Struct, frozen=True):
+    version: int
+    config: dict[str, Any]
+
+
+def channel_for(key: str) -> str:
+    return f"{key}:changes"
+
+
+def telemetry_config_publish(
+    *, client: redis.Redis, key: str, config: TelemetryConfigSchema, version: int
+) -> None:
+    message = msgspec.json.encode(PublishedConfig(version=version, config=config.to_wire()))
+    pipe = client.pipeline(transaction=True)
+    pipe.set(key, message)
+    pipe.publish(channel_for(key), message)
+    pipe.execute()
+
+
+def config_parse(raw: bytes | None) -> tuple[int, TelemetryConfigSchema] | None:
+    if raw is None:
+        return None
+    try:
+        published = msgspec.json.decode(raw, type=PublishedConfig)
+        return published.version, telemetry_config_validate(published.config)
+    except Exception:  # a foreign or corrupt value must not take a worker down
+        logger.exception("Ignoring an invalid telemetry config in Redis: %r", raw[:200])
+        return None
+
+
+def telemetry_config_read(*, client: redis.Redis, key: str) -> tuple[int, TelemetryConfigSchema] | None:
+    """The current config and its version, or None if the control plane never published one."""
+    raw = client.get(key)
+    return config_parse(raw)  # type: ignore[arg-type]

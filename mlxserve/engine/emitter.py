@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import redis
 from msgspec import UNSET
 
-from events.schemas import Envelope, envelope_encode, envelope_validate
-from events.stream import stream_append
-from mlxserve.validation import Issue, ValidationFailed
+from mlxserve.contract.events import Envelope, envelope_encode, envelope_validate
+from mlxserve.contract.stream import stream_append
+from mlxserve.contract.validation import Issue, ValidationFailed
 
 logger = logging.getLogger(__name__)
 

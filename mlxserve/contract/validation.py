@@ -75,6 +75,20 @@ class ValidationFailed(Exception):
         }
 
 
+class EngineError(Exception):
+    """A failure of the engine with its error code (``ModelNotFound``, ``ModelLoadFailed``,
+    ``GenerationFailed``, ...): the code the ``error`` event and the task result carry."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def as_error(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
 def error_object(code: str, message: str, issue_code: str) -> dict[str, Any]:
     """The error object for a failure that is not a field's (storage, delivery): one issue at the root."""
     return {

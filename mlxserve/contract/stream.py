@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import redis
 
-from mlxserve.validation import Issue, ValidationFailed
+from mlxserve.contract.validation import Issue, ValidationFailed
 
 ENTRY_FIELD = b"e"
 BATCH_FIELD = b"b"

@@ -1,0 +1,67 @@
+"""A Redis pub/sub listener for workers: the config channel and the control channel."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+
+class Subscription:
+    """A daemon thread listening on a Redis pub/sub channel, surviving Redis restarts.
+
+    ``on_connect`` runs after each (re)subscription, so a caller can re-read
+    state it may have missed while disconnected; ``on_message`` gets each payload.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: redis.Redis,
+        channel: str,
+        on_message: Callable[[bytes], None],
+        on_connect: Callable[[], None] | None = None,
+        retry_seconds: float = 1.0,
+        name: str = "redis-subscription",
+    ) -> None:
+        self.client = client
+        self.channel = channel
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self.retry_seconds = retry_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> Subscription:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.channel)
+                if self.on_connect:
+                    self.on_connect()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message and message.get("type") == "message":
+                        try:
+                            self.on_message(message["data"])
+                        except Exception:
+                            logger.exception("Handling a message on %s failed", self.channel)
+            except redis.RedisError as exc:
+                logger.warning("Lost Redis while listening on %s (%s); retrying", self.channel, exc)
+                self._stop.wait(self.retry_seconds)
+            finally:
+                with contextlib.suppress(redis.RedisError):
+                    pubsub.close()

@@ -1,0 +1,50 @@
+"""The package boundaries: the contract and the engine load neither Django nor Celery, and
+lint-imports holds every package to its place."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from django.conf import settings
+
+ROOT = Path(settings.BASE_DIR)
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def test_importing_the_contract_and_the_engine_loads_neither_django_nor_celery() -> None:
+    code = (
+        "import sys\n"
+        "import mlxserve.contract, mlxserve.engine\n"
+        "import mlxserve.contract.control, mlxserve.contract.events, mlxserve.contract.stream\n"
+        "import mlxserve.contract.telemetry, mlxserve.contract.validation\n"
+        "import mlxserve.engine.runtime, mlxserve.engine.demo_model\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    loaded = set(ast.literal_eval(result.stdout))
+    assert "mlxserve" in loaded and "msgspec" in loaded
+    assert not loaded & {"django", "celery", "kombu", "rest_framework", "events", "telemetry"}
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=root, capture_output=True, text=True)
+
+
+def test_lint_imports_passes_here_and_fails_on_a_wrong_import(tmp_path: Path) -> None:
+    for package in ("mlxserve", "events", "telemetry"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    kept = lint_imports(tmp_path)
+    assert kept.returncode == 0, kept.stdout
+    assert "0 broken" in kept.stdout
+
+    # An engine module reaching for Django, as a hurried fix might.
+    (tmp_path / "mlxserve" / "engine" / "shortcut.py").write_text("from django.conf import settings\n")
+    broken = lint_imports(tmp_path)
+    assert broken.returncode == 1
+    assert "The engine imports only the contract of this project, and neither Django nor" in broken.stdout
+    assert "mlxserve.engine.shortcut -> django" in broken.stdout
