@@ -24,7 +24,9 @@ def test_importing_the_contract_and_the_engine_loads_neither_django_nor_celery()
         "import mlxserve.engine.runtime, mlxserve.engine.demo_model\n"
         "print(sorted({m.split('.')[0] for m in sys.modules}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     loaded = set(ast.literal_eval(result.stdout))
     assert "mlxserve" in loaded and "msgspec" in loaded
     assert not loaded & {"django", "celery", "kombu", "rest_framework", "events", "telemetry"}
