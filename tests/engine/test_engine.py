@@ -11,7 +11,7 @@ import pytest
 
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.engine import GenerationRequest, ModelCache, quantization_of
-from tests.engine.conftest import Recorder
+from tests.factories import Recorder
 
 
 def test_a_generation_emits_started_each_token_in_order_and_completed(

@@ -21,8 +21,7 @@ from mlxserve.engine.engine import GenerationRequest
 from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
 from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime
 from telemetry.services import telemetry_config_replace
-from tests.conftest import TEST_REDIS_URL, stream_envelopes
-from tests.engine.conftest import free_port
+from tests.factories import TEST_REDIS_URL, free_port, stream_envelopes
 
 MLX_SERVING_METRICS = [
     "kr_serve_models_loaded",
@@ -252,7 +251,7 @@ def samples_by_model(metrics: WorkerMetrics, name: str) -> dict[str, float]:
 def test_a_worker_bounds_model_labels_and_keeps_every_count(demo_model: Path, tmp_path: Path) -> None:
     """Past the label limit a worker counts new model names under the overflow series;
     a registered name (the task came with its path) always has its own."""
-    from tests.engine.conftest import Recorder
+    from tests.factories import Recorder
 
     rec = Recorder()
     rec.metrics.label_budget.limit = 1

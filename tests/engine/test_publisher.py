@@ -12,8 +12,7 @@ from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.engine import Engine, GenerationRequest
 from mlxserve.engine.metrics import WorkerMetrics
 from mlxserve.engine.publisher import BufferedPublisher, CircuitBreaker
-from tests.conftest import stream_envelopes
-from tests.engine.conftest import RedisServer
+from tests.factories import RedisServer, stream_envelopes
 
 STREAM = "events"
 

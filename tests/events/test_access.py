@@ -11,7 +11,7 @@ from django.contrib.auth.models import User
 from rest_framework.test import APIClient
 
 from mlxserve.roles import ADMIN_GROUP, OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
-from tests.conftest import _token_client, make_envelope, role_user
+from tests.factories import make_envelope, role_user, token_client
 
 pytestmark = pytest.mark.django_db
 
@@ -22,9 +22,9 @@ def client_for(role: str) -> APIClient:
     if role == "anonymous":
         return APIClient()
     if role == "plain":  # signed in, no group: SPEC 4 lets any authenticated user read
-        return _token_client(User.objects.create_user("plain"))
+        return token_client(User.objects.create_user("plain"))
     if role == "staff":  # staff, no group: SPEC 4 lets staff change the config
-        return _token_client(User.objects.create_user("staff-only", is_staff=True))
+        return token_client(User.objects.create_user("staff-only", is_staff=True))
     group = {
         "producer": PRODUCER_GROUP,
         "viewer": VIEWER_GROUP,
@@ -33,7 +33,7 @@ def client_for(role: str) -> APIClient:
     }[role]
     # A producer posts as its own name: make_envelope's source is mac-studio-3/worker-1.
     username = "mac-studio-3" if role == "producer" else role
-    return _token_client(role_user(username, group, is_staff=role == "admin"))
+    return token_client(role_user(username, group, is_staff=role == "admin"))
 
 
 def call(client: APIClient, method: str, path: str, body: Any = None) -> Any:

@@ -10,7 +10,7 @@ import redis
 from rest_framework.test import APIClient
 
 from events.services import events_store
-from tests.conftest import T0, make_envelope, stream_envelopes
+from tests.factories import T0, make_envelope, stream_envelopes
 
 pytestmark = pytest.mark.django_db
 

@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 from events.models import DeadLetter, Event
 from mlxserve.contract.stream import ENTRY_FIELD
 from mlxserve.roles import ADMIN_GROUP
-from tests.conftest import _token_client, ingester, make_envelope, role_user
+from tests.factories import ingester, make_envelope, role_user, token_client
 
 pytestmark = pytest.mark.django_db
 
@@ -22,7 +22,7 @@ URL = "/api/dead-letters/"
 
 @pytest.fixture
 def admin_client() -> APIClient:
-    return _token_client(role_user("boss", ADMIN_GROUP, is_staff=True))
+    return token_client(role_user("boss", ADMIN_GROUP, is_staff=True))
 
 
 def now_ms() -> int:

@@ -16,14 +16,14 @@ from rest_framework.test import APIClient
 from events.models import Event, RegisteredModel
 from events.services import EventIngester
 from mlxserve.roles import OPERATOR_GROUP
-from tests.conftest import (
+from tests.factories import (
     CONFIG_KEY,
     CONTROL,
     STREAM,
     RedisServer,
-    _token_client,
     celery_worker_running,
     generation_queue_on,
+    token_client,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def operator_client(db: Any) -> APIClient:
     user = User.objects.create_user("operator")
     user.groups.add(Group.objects.get_or_create(name=OPERATOR_GROUP)[0])
-    return _token_client(user)
+    return token_client(user)
 
 
 @pytest.fixture(autouse=True)

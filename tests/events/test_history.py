@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import uuid
 from typing import Any
 
 import msgspec
@@ -15,48 +14,9 @@ from rest_framework.test import APIClient
 from events.models import Event, Generation, PromptPolicy
 from events.privacy import HASH_PREFIX, prompt_redact
 from events.services import events_store
-from tests.conftest import T0, make_envelope
+from tests.factories import T0, generation, make_envelope
 
 pytestmark = pytest.mark.django_db
-
-
-def generation(
-    *, start: int, ttft: int, tokens: int, model: str = "llama-3-8b", throughput: float | None = None
-) -> list[dict[str, Any]]:
-    """A generation's events: started, ``tokens`` tokens 10 ms apart after ``ttft``, completed."""
-    gid = str(uuid.uuid4())
-    started = make_envelope(
-        "generationStarted",
-        generationId=gid,
-        timestamp=start,
-        seq=0,
-        payload={"model": model, "prompt": "Hi", "maxTokens": tokens},
-    )
-    token_events = [
-        make_envelope(
-            "tokenGenerated",
-            generationId=gid,
-            timestamp=start + ttft + i * 10,
-            seq=i + 1,
-            payload={"model": model, "token": f"t{i}"},
-        )
-        for i in range(tokens)
-    ]
-    completed_payload: dict[str, Any] = {
-        "model": model,
-        "tokensGenerated": tokens,
-        "durationMs": float(ttft + tokens * 10),
-    }
-    if throughput is not None:
-        completed_payload["throughput"] = throughput
-    completed = make_envelope(
-        "generationCompleted",
-        generationId=gid,
-        timestamp=start + ttft + tokens * 10,
-        seq=tokens + 1,
-        payload=completed_payload,
-    )
-    return [started, *token_events, completed]
 
 
 def store(envelopes: list[dict[str, Any]]) -> None:

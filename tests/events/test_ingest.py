@@ -13,7 +13,7 @@ from events.models import DeadLetter, Event
 from events.services import stream_lag
 from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD, stream_append_batch
 from mlxserve.contract.telemetry import telemetry_config_read
-from tests.conftest import T0, append, ingester, make_envelope, pending
+from tests.factories import T0, append, ingester, make_envelope, pending
 
 
 @pytest.mark.django_db

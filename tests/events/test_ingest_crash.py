@@ -8,49 +8,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from typing import Any
 
-import msgspec
 import pytest
 import redis
 from django.conf import settings as django_settings
-from django.db import connection
 
 from events.models import Event
 from events.services import stream_lag
 from mlxserve.contract.stream import stream_append, stream_append_batch
-from tests.conftest import TEST_REDIS_URL
+from tests.factories import TEST_REDIS_URL, database_url, token_bodies
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 TOTAL = 200_000
-
-
-def database_url() -> str:
-    db = connection.settings_dict
-    if connection.vendor == "postgresql":
-        return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-    return f"sqlite:///{db['NAME']}"
-
-
-def token_bodies(count: int) -> list[bytes]:
-    """``count`` valid token events of one generation, JSON-encoded, in order."""
-    generation = str(uuid.uuid4())
-    return [
-        msgspec.json.encode(
-            {
-                "id": str(uuid.uuid4()),
-                "type": "tokenGenerated",
-                "timestamp": 1764115200000 + i,
-                "source": "ingest-test/w1",
-                "generationId": generation,
-                "seq": i,
-                "payload": {"model": "m", "token": "t", "logprob": -1.0},
-            }
-        )
-        for i in range(count)
-    ]
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(

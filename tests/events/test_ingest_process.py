@@ -17,8 +17,7 @@ from django.conf import settings as django_settings
 from events.models import Event
 from events.services import stream_lag
 from mlxserve.contract.stream import stream_append_batch
-from tests.conftest import TEST_REDIS_URL, RedisServer
-from tests.events.test_ingest_crash import database_url, token_bodies
+from tests.factories import TEST_REDIS_URL, RedisServer, database_url, token_bodies
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -155,7 +154,7 @@ def test_a_running_ingester_stores_the_next_good_event_within_seconds_of_each_po
 ) -> None:
     from events.models import DeadLetter
     from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD
-    from tests.conftest import make_envelope
+    from tests.factories import make_envelope
 
     def now_ms() -> int:
         return time.time_ns() // 1_000_000

@@ -10,7 +10,7 @@ import redis
 from rest_framework.test import APIClient
 
 from events.services import EventIngester
-from tests.conftest import make_envelope, stream_envelopes
+from tests.factories import make_envelope, stream_envelopes
 
 pytestmark = pytest.mark.django_db
 

@@ -20,7 +20,7 @@ from events.models import DeadLetter, Event, FleetCounter, Worker
 from events.services import EventIngester
 from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD
 from mlxserve.roles import ADMIN_GROUP
-from tests.conftest import _token_client, append, ingester, make_envelope, pending, role_user
+from tests.factories import append, ingester, make_envelope, pending, role_user, token_client
 
 pytestmark = pytest.mark.django_db
 
@@ -56,7 +56,7 @@ def xadd(redis_client: redis.Redis, settings: Any, fields: dict[bytes, bytes]) -
 
 @pytest.fixture
 def admin_client() -> APIClient:
-    return _token_client(role_user("boss", ADMIN_GROUP, is_staff=True))
+    return token_client(role_user("boss", ADMIN_GROUP, is_staff=True))
 
 
 # -- numbers that the schema accepts fit the columns ------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 
-from tests.conftest import free_port
+from tests.factories import free_port
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 
 from django.conf import settings as django_settings
 
-from tests.conftest import TEST_REDIS_URL
+from tests.factories import TEST_REDIS_URL
 
 ROOT = Path(django_settings.BASE_DIR)
 

@@ -11,7 +11,7 @@ from events.models import Event
 from events.services import events_store
 from mlxserve.contract.telemetry import telemetry_config_read
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
-from tests.conftest import make_envelope
+from tests.factories import make_envelope
 
 pytestmark = pytest.mark.django_db
 

@@ -19,7 +19,7 @@ from playwright.sync_api import Dialog, Page, expect, sync_playwright
 from events.models import Generation
 from events.services import events_store
 from telemetry.models import TelemetryConfig
-from tests.conftest import make_envelope
+from tests.factories import make_envelope
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

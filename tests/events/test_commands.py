@@ -8,7 +8,7 @@ from django.contrib.auth.models import User
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from tests.conftest import make_envelope
+from tests.factories import make_envelope
 
 pytestmark = pytest.mark.django_db
 

@@ -38,7 +38,7 @@ from events.models import Event, RegisteredModel
 from events.selectors import generation_detail
 from events.services import EventIngester
 from telemetry.services import telemetry_config_patch
-from tests.conftest import CONFIG_KEY, CONTROL, STREAM, free_port
+from tests.factories import CONFIG_KEY, CONTROL, STREAM, free_port
 
 ROOT = Path(django_settings.BASE_DIR)
 DEPLOY = ROOT / "deploy"

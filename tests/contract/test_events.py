@@ -18,7 +18,7 @@ from mlxserve.contract.events import (
     envelope_validate,
 )
 from mlxserve.contract.validation import ValidationFailed
-from tests.conftest import make_envelope
+from tests.factories import make_envelope
 
 
 def issues(envelope: dict[str, Any]) -> list[tuple[list[Any], str, str]]:

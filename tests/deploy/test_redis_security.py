@@ -15,7 +15,7 @@ from django.conf import settings as django_settings
 
 from events.models import Event
 from events.services import EventIngester
-from tests.conftest import celery_worker_running, free_port, generation_queue_on
+from tests.factories import celery_worker_running, free_port, generation_queue_on
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -201,7 +201,7 @@ def test_a_generation_runs_end_to_end_over_tls_with_each_component_as_its_own_us
 def test_the_api_posts_events_over_tls_as_the_web_user(
     tls_redis: dict[str, str], settings: Any, producer_client: Any
 ) -> None:
-    from tests.conftest import make_envelope
+    from tests.factories import make_envelope
 
     settings.REDIS_URL = tls_redis["web"]
     settings.EVENTS_STREAM = "mlxserve:events"

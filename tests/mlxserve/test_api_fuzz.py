@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import make_envelope, stream_envelopes
+from tests.factories import make_envelope, stream_envelopes
 
 pytestmark = pytest.mark.django_db
 
