@@ -29,7 +29,7 @@ def drain(consumer: str, redis_url: str) -> int:
     import redis
     from django.db import connection
 
-    from events.services import EventIngester
+    from events.ingest import EventIngester
 
     client = redis.Redis.from_url(redis_url)
     ingester = EventIngester(
@@ -91,7 +91,7 @@ def main() -> int:
     from django.db import connection
 
     from events.models import Event
-    from events.services import _EVENT_COLUMNS, _event_values
+    from events.storage import _EVENT_COLUMNS, _event_values
     from mlxserve.contract.events import envelope_decode
     from mlxserve.contract.stream import stream_append_batch
 

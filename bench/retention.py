@@ -49,7 +49,7 @@ def main() -> int:
     from django.db import connection
 
     from events.models import RetentionPolicy
-    from events.services import events_retention_apply
+    from events.retention import events_retention_apply
 
     try:
         call_command("migrate", verbosity=0)

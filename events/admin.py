@@ -11,6 +11,7 @@ from django.http import HttpRequest
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
+from events.dead_letters import dead_letters_replay
 from events.models import (
     DeadLetter,
     Event,
@@ -22,7 +23,6 @@ from events.models import (
 )
 from events.privacy import prompt_policy_get
 from events.selectors import generation_detail, worker_is_stale, worker_tokens_per_second
-from events.services import dead_letters_replay
 from mlxserve.admin import SingletonAdmin
 
 

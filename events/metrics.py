@@ -17,9 +17,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import REGISTRY, Collector
 
 from events.fleet import FLEET_METRICS, HISTOGRAM_BUCKETS, bucket_label, fleet_counters_read
+from events.ingest import stream_lag
 from events.models import DeadLetter
 from events.selectors import workers_list
-from events.services import stream_lag
 from mlxserve.redis_conn import redis_client
 
 logger = logging.getLogger(__name__)

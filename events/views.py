@@ -24,7 +24,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from events.dead_letters import ReplayRefused, dead_letter_replay
 from events.filters import EpochMsFilter, EventFilter
+from events.generations import generation_queue
 from events.intake import IntakeRefused, event_submit, event_submit_batch
 from events.models import DeadLetter, Event
 from events.selectors import (
@@ -36,7 +38,6 @@ from events.selectors import (
     workers_list,
 )
 from events.serializers import DeadLetterSerializer, EventSerializer
-from events.services import ReplayRefused, dead_letter_replay, generation_queue
 from mlxserve.api import (
     CanOperate,
     CanPostEvents,

@@ -34,9 +34,9 @@ from django.db import connection
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
+from events.ingest import EventIngester
 from events.models import Event, RegisteredModel
 from events.selectors import generation_detail
-from events.services import EventIngester
 from telemetry.services import telemetry_config_patch
 from tests.factories import CONFIG_KEY, CONTROL, STREAM, free_port
 

@@ -13,8 +13,8 @@ import pytest
 import redis
 from django.conf import settings as django_settings
 
+from events.ingest import EventIngester
 from events.models import Event
-from events.services import EventIngester
 from tests.factories import celery_worker_running, free_port, generation_queue_on
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -13,8 +13,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from events.ingest import EventIngester
 from events.models import Event
-from events.services import EventIngester
 from mlxserve.contract.telemetry import OVERFLOW_LABEL_VALUE
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.engine import GenerationRequest

@@ -13,7 +13,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from events.models import PromptPolicy, Worker
-from events.services import events_store
+from events.storage import events_store
 from mlxserve.roles import ADMIN_GROUP
 from tests.factories import T0, make_envelope, role_user
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 from rest_framework.test import APIClient
 
-from events.services import events_store
+from events.storage import events_store
 from tests.factories import T0, make_envelope, stream_envelopes
 
 pytestmark = pytest.mark.django_db

@@ -17,7 +17,7 @@ from django.contrib.auth.models import User
 from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
 from events.models import Generation
-from events.services import events_store
+from events.storage import events_store
 from telemetry.models import TelemetryConfig
 from tests.factories import make_envelope
 

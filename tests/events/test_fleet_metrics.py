@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from events.fleet import fleet_labels_fold
 from events.models import Event, FleetLabelValue, RegisteredModel, RetentionPolicy, Worker
-from events.services import events_store
+from events.storage import events_store
 from tests.factories import T0, generation, make_envelope
 
 pytestmark = pytest.mark.django_db

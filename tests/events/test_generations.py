@@ -13,8 +13,8 @@ from django.contrib.auth.models import Group, User
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
+from events.ingest import EventIngester
 from events.models import Event, RegisteredModel
-from events.services import EventIngester
 from mlxserve.roles import OPERATOR_GROUP
 from tests.factories import (
     CONFIG_KEY,

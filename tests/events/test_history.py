@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 
 from events.models import Event, Generation, PromptPolicy
 from events.privacy import HASH_PREFIX, prompt_redact
-from events.services import events_store
+from events.storage import events_store
 from tests.factories import T0, generation, make_envelope
 
 pytestmark = pytest.mark.django_db

@@ -9,8 +9,8 @@ import redis
 from django.core.management import call_command
 from django.db import DatabaseError, connection
 
+from events.ingest import stream_lag
 from events.models import DeadLetter, Event
-from events.services import stream_lag
 from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD, stream_append_batch
 from mlxserve.contract.telemetry import telemetry_config_read
 from tests.factories import T0, append, ingester, make_envelope, pending
@@ -215,7 +215,7 @@ def test_trimming_drops_stored_entries_and_never_pending_or_undelivered_ones(
 def test_dead_letters_can_be_replayed_once_valid(redis_client: redis.Redis, settings: Any) -> None:
     from django.core.management import call_command
 
-    from events.services import dead_letters_replay
+    from events.dead_letters import dead_letters_replay
 
     valid_now = make_envelope("modelLoaded")
     DeadLetter.objects.create(
@@ -239,7 +239,8 @@ def test_dead_letters_can_be_replayed_once_valid(redis_client: redis.Redis, sett
 @pytest.mark.django_db
 def test_retention_removes_exactly_what_is_past_its_period(settings: Any) -> None:
     from events.models import RetentionPolicy
-    from events.services import events_retention_apply, events_store
+    from events.retention import events_retention_apply
+    from events.storage import events_store
 
     day = 86_400_000
     now = T0

@@ -14,8 +14,8 @@ import pytest
 import redis
 from django.conf import settings as django_settings
 
+from events.ingest import stream_lag
 from events.models import Event
-from events.services import stream_lag
 from mlxserve.contract.stream import stream_append_batch
 from tests.factories import TEST_REDIS_URL, RedisServer, database_url, token_bodies
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 from rest_framework.test import APIClient
 
-from events.services import EventIngester
+from events.ingest import EventIngester
 from tests.factories import make_envelope, stream_envelopes
 
 pytestmark = pytest.mark.django_db

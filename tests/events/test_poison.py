@@ -16,8 +16,8 @@ import redis
 from django.db import connection
 from rest_framework.test import APIClient
 
+from events.ingest import EventIngester
 from events.models import DeadLetter, Event, FleetCounter, Worker
-from events.services import EventIngester
 from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD
 from mlxserve.roles import ADMIN_GROUP
 from tests.factories import append, ingester, make_envelope, pending, role_user, token_client
@@ -213,7 +213,7 @@ def test_an_entry_that_keeps_failing_is_dead_lettered_after_a_few_deliveries(
     assert "deliveries" in letter.error["message"]
     assert pending(redis_client, settings) == 0
     # Kept for replay: it was never the event's fault here, so a replay stores it.
-    from events.services import dead_letter_replay
+    from events.dead_letters import dead_letter_replay
 
     dead_letter_replay(letter)
     assert Event.objects.filter(pk=poison["id"]).exists()

@@ -8,7 +8,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 
 from events.models import Event
-from events.services import events_store
+from events.storage import events_store
 from mlxserve.contract.telemetry import telemetry_config_read
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
 from tests.factories import make_envelope

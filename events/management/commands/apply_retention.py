@@ -5,7 +5,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from events.fleet import fleet_labels_fold
-from events.services import events_retention_apply
+from events.retention import events_retention_apply
 
 
 class Command(BaseCommand):

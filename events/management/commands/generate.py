@@ -6,9 +6,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from events.generations import generation_queue
 from events.models import Event
 from events.selectors import generation_detail
-from events.services import generation_queue
 from mlxserve.contract.validation import ValidationFailed
 
 

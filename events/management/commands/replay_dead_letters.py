@@ -4,8 +4,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
+from events.dead_letters import dead_letters_replay
 from events.models import DeadLetter
-from events.services import dead_letters_replay
 
 
 class Command(BaseCommand):

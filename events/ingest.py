@@ -1,0 +1,339 @@
+"""The ingester: a consumer of the event stream that stores what it reads, acknowledges
+after commit, dead-letters what keeps failing, and trims what every consumer has stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from django.db import OperationalError, close_old_connections
+
+from events.fleet import fleet_labels_fold
+from events.retention import events_retention_apply
+from events.storage import DATABASE_ERRORS, StoreOutcome, events_store, storage_ready
+from mlxserve.contract.stream import (
+    EntryContents,
+    entry_envelopes,
+    stream_ensure_group,
+)
+from mlxserve.contract.validation import error_object
+from telemetry.services import telemetry_config_sync
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EventIngester:
+    """Redis stream to database, through a consumer group. One ``step`` per loop turn.
+
+    An entry is acknowledged only after the transaction that stored it has
+    committed; if the process dies in between, the entry is delivered again
+    and the idempotent insert skips it. Entries left pending by a consumer
+    that died are claimed after ``claim_idle_ms``.
+    """
+
+    client: redis.Redis
+    stream: str
+    group: str
+    consumer: str
+    # Events per transaction, roughly. Entries hold one event (the API) or a
+    # batch (workers), so how many entries to read is adjusted from the last read.
+    batch_size: int = 5000
+    block_ms: int = 1000
+    claim_idle_ms: int = 60_000
+    # Start by re-reading our own pending entries: a previous run of this
+    # consumer may have stored them and died before acknowledging.
+    claim_every_s: float = 30.0
+    _read_pending: bool = True
+    # An entry delivered this many times without being stored (the ingester failed on it,
+    # or died with it, every time) is kept as a dead letter instead of tried again.
+    max_deliveries: int = 5
+    _verify_database: bool = False
+    _group_ready: bool = False
+    _entries_per_read: int = 10
+    _next_claim: float = 0.0
+
+    def step(self) -> StoreOutcome:
+        if not self._group_ready:
+            stream_ensure_group(self.client, self.stream, self.group)
+            self._group_ready = True
+        if self._verify_database:
+            # Reading pending entries again counts as one more delivery of each: do it only
+            # once the database answers, so an outage never makes good entries look poisoned.
+            if not storage_ready():
+                raise OperationalError("The database is unreachable or incomplete; pending entries wait")
+            self._verify_database = False
+        entries, redelivered = self._read()
+        if not entries:
+            return StoreOutcome()
+        contents = EntryContents()
+        poisoned = self._poisoned(entries) if redelivered else {}
+        for entry_id, fields in entries:
+            if entry_id in poisoned:
+                _deliveries_refuse(entry_id, fields, poisoned[entry_id], contents)
+            else:
+                entry_envelopes(entry_id, fields, contents)
+        per_entry = max(1, (len(contents.bodies) + len(contents.refused)) // len(entries))
+        self._entries_per_read = max(1, min(1000, self.batch_size // per_entry))
+        try:
+            outcome = events_store(contents.bodies, refused=contents.refused)
+            self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
+        except Exception:
+            # Not stored, or stored and not acknowledged (Redis went away between
+            # the two): read our pending entries again next turn; the insert skips repeats.
+            self._read_pending = True
+            self._verify_database = True
+            raise
+        return outcome
+
+    def _poisoned(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> dict[str, int]:
+        """Entries delivered more than ``max_deliveries`` times, with their counts: every
+        delivery before failed or took the ingester down with it."""
+        ids = [entry_id for entry_id, _ in entries]
+        rows: Any = self.client.xpending_range(
+            self.stream,
+            self.group,
+            min=min(ids, key=_id_tuple),
+            max=max(ids, key=_id_tuple),
+            count=max(len(ids), 1000),
+            consumername=self.consumer,
+        )
+        wanted = set(ids)
+        return {
+            key: int(row["times_delivered"])
+            for row in rows
+            if (key := _text(row["message_id"])) in wanted
+            and int(row["times_delivered"]) > self.max_deliveries
+        }
+
+    def _read(self) -> tuple[list[tuple[str, dict[bytes, bytes]]], bool]:
+        """Entries to store, and whether they were delivered before (pending or claimed)."""
+        if self._read_pending:
+            pending = self._xread("0", block=None)
+            if pending:
+                return pending, True
+            self._read_pending = False
+        now = time.monotonic()
+        if now >= self._next_claim:
+            # Another ingester may have died holding entries: take them over.
+            self._next_claim = now + self.claim_every_s
+            claimed = self._claim()
+            if claimed:
+                return claimed, True
+        return self._xread(">", block=self.block_ms), False
+
+    def trim(self) -> int:
+        """Drop stream entries every consumer has acknowledged; returns how many went.
+
+        Never past an entry that is pending (read, not yet stored) or not yet
+        delivered: trimming by length (MAXLEN) could drop those, MINID below
+        the oldest of them cannot.
+        """
+        floor = safe_trim_id(client=self.client, stream=self.stream, group=self.group)
+        if floor is None:
+            return 0
+        return int(self.client.xtrim(self.stream, minid=floor, approximate=False))
+
+    def _xread(self, start: str, block: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
+        response: Any = self.client.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=self._entries_per_read, block=block
+        )
+        entries: list[tuple[str, dict[bytes, bytes]]] = []
+        for _stream, items in response or []:
+            for entry_id, fields in items:
+                if fields is None:  # deleted while pending
+                    self.client.xack(self.stream, self.group, entry_id)
+                    continue
+                key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                entries.append((key, fields))
+        return entries
+
+    def _claim(self) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Take over entries another consumer read and never acknowledged (it died)."""
+        response: Any = self.client.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.claim_idle_ms,
+            start_id="0-0",
+            count=self._entries_per_read,
+        )
+        entries: list[tuple[str, dict[bytes, bytes]]] = []
+        for entry_id, fields in response[1]:
+            key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            if fields is None:
+                self.client.xack(self.stream, self.group, key)
+                continue
+            entries.append((key, fields))
+        return entries
+
+
+def _deliveries_refuse(
+    entry_id: str, fields: dict[bytes, bytes], deliveries: int, into: EntryContents
+) -> None:
+    """Keep a poisoned entry's envelopes as dead letters without decoding them again."""
+    held = entry_envelopes(entry_id, fields)
+    message = (
+        f"Not stored after {deliveries} deliveries: the ingester failed on this entry every time; "
+        "kept for replay"
+    )
+    error = error_object("DeliveryFailed", message, "delivery_failed")
+    into.refused.extend((label, body, error) for label, body in held.bodies)
+    into.refused.extend(held.refused)
+
+
+def _id_ms(entry_id: Any) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.split("-", 1)[0])
+
+
+def _id_tuple(entry_id: Any) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def safe_trim_id(*, client: redis.Redis, stream: str, group: str) -> str | None:
+    """The oldest entry id the group still needs (pending, or not yet delivered), or None if unknown."""
+    try:
+        groups: Any = client.xinfo_groups(stream)
+        pending: Any = client.xpending(stream, group)
+    except redis.ResponseError:
+        return None
+    info = next(
+        (g for g in groups if (g["name"].decode() if isinstance(g["name"], bytes) else g["name"]) == group),
+        None,
+    )
+    if info is None:
+        return None
+    if pending["pending"]:
+        return str(pending["min"].decode() if isinstance(pending["min"], bytes) else pending["min"])
+    # Nothing pending: everything up to the last delivered entry is acknowledged.
+    ms, seq = _id_tuple(info["last-delivered-id"])
+    return f"{ms}-{seq + 1}"
+
+
+def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int]:
+    """How far ingestion is behind the stream.
+
+    ``pending``: entries an ingester read and has not stored yet (and the age of the
+    oldest, ``oldest_pending_ms``); ``undelivered``: entries no ingester has read
+    yet (and the age of the oldest, ``oldest_undelivered_ms``: with every ingester
+    down, this is the one that grows). ``lag_ms`` is the older of the two ages: how
+    long the oldest event not yet stored has waited.
+    """
+    lag = {
+        "length": 0,
+        "pending": 0,
+        "oldest_pending_ms": 0,
+        "undelivered": 0,
+        "oldest_undelivered_ms": 0,
+        "lag_ms": 0,
+    }
+    try:
+        pending: Any = client.xpending(stream, group)
+        length = client.xlen(stream)
+        info = next((g for g in client.xinfo_groups(stream) if _text(g.get("name")) == group), None)
+    except redis.ResponseError:
+        return lag
+    now_ms = time.time_ns() // 1_000_000
+    lag["length"], lag["pending"] = int(length), int(pending["pending"])
+    if pending["pending"]:
+        lag["oldest_pending_ms"] = max(0, now_ms - _id_ms(pending["min"]))
+    if info is not None:
+        after = _text(info.get("last-delivered-id")) or "0-0"
+        first = client.xrange(stream, min=f"({after}", max="+", count=1)
+        if first:
+            lag["oldest_undelivered_ms"] = max(0, now_ms - _id_ms(first[0][0]))
+            undelivered = info.get("lag")
+            lag["undelivered"] = int(undelivered) if undelivered is not None else int(length)
+    lag["lag_ms"] = max(lag["oldest_pending_ms"], lag["oldest_undelivered_ms"])
+    return lag
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+# Redis or the database unreachable (or refusing for reasons no event caused): wait, retry.
+PAUSING_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *DATABASE_ERRORS)
+
+progress_logger = logging.getLogger("mlxserve.ingest")
+
+
+def ingest_run(
+    ingester: EventIngester,
+    *,
+    stopping: Callable[[], bool],
+    retention_every: float = 3600.0,
+    log_every: float = 10.0,
+    exit_when_idle: bool = False,
+) -> tuple[int, int]:
+    """Run ``ingester`` until ``stopping()`` (or, with ``exit_when_idle``, until the stream has
+    nothing new): the config re-published every 5 s, retention every ``retention_every`` s
+    (0: never), a progress line and a trim every ``log_every`` s. Redis or the database going
+    away pauses it, with backoff, never stops it. Returns (events stored, dead letters).
+    """
+    stored = dead = 0
+    window_start = time.monotonic()
+    window_stored = 0
+    next_sync = 0.0
+    next_retention = time.monotonic() + 60 if retention_every > 0 else float("inf")
+    backoff = 0.5
+    while not stopping():
+        try:
+            if time.monotonic() >= next_sync:
+                telemetry_config_sync()
+                next_sync = time.monotonic() + 5
+            if time.monotonic() >= next_retention:
+                removed = events_retention_apply()
+                progress_logger.info(
+                    "Retention: deleted %s", {k: v for k, v in removed.items() if v} or "nothing"
+                )
+                if folded := fleet_labels_fold():
+                    progress_logger.info(
+                        "Retention: %d metric label values folded into the overflow series", folded
+                    )
+                next_retention = time.monotonic() + retention_every
+            outcome = ingester.step()
+            stored += outcome.stored
+            dead += outcome.dead
+            window_stored += outcome.stored
+            backoff = 0.5
+            if exit_when_idle and outcome.stored + outcome.duplicates + outcome.dead == 0:
+                break
+        except PAUSING_ERRORS as exc:
+            progress_logger.error(
+                "Ingest paused (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff
+            )
+            close_old_connections()
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            continue
+        elapsed = time.monotonic() - window_start
+        if elapsed >= log_every:
+            try:
+                trimmed = ingester.trim()
+                lag = stream_lag(client=ingester.client, stream=ingester.stream, group=ingester.group)
+            except redis.RedisError:
+                continue  # reported by the next step's retry
+            progress_logger.info(
+                "stored %d events (%.0f/s), %d dead letters; stream length %d (%d trimmed), "
+                "pending %d, not yet read %d, oldest not stored %.1fs",
+                stored,
+                window_stored / elapsed,
+                dead,
+                lag["length"],
+                trimmed,
+                lag["pending"],
+                lag["undelivered"],
+                lag["lag_ms"] / 1000,
+            )
+            window_start, window_stored = time.monotonic(), 0
+    progress_logger.info("Stopped: stored %d events, %d dead letters", stored, dead)
+    return stored, dead
