@@ -6,7 +6,7 @@ plus errors and status events, every index in place), starts gunicorn on it, and
 times ``--requests`` sequential keep-alive requests per case:
 
 - the event list (cursor pagination, 100 a page) unfiltered, with each filter of
-  SPEC section 4, with filters combined, and 50 pages deep by cursor;
+  the API's filters, combined, and 50 pages deep by cursor;
 - the generation view, the stats endpoint (last hour) and the admin event list;
 - the baseline, in the same run against the same server: the same list with
   offset pagination (``?limit=100&offset=N``), at random offsets and filtered.

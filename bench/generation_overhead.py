@@ -1,5 +1,5 @@
 """Tokens/s of bare ``mlx_lm.stream_generate`` against the same generation through the engine
-with telemetry on (SPEC 7: at least 98%).
+with telemetry on (the bar: at least 98%).
 
 Telemetry on means everything a worker does per token: validate and emit the
 event, hand it to the buffered publisher, which batches it to a real Redis

@@ -1,4 +1,4 @@
-"""Events/s from the Redis stream into PostgreSQL (SPEC 7: at least 25,000 events/s sustained).
+"""Events/s from the Redis stream into PostgreSQL (the bar: at least 25,000 events/s sustained).
 
 The ingester (``EventIngester``: XREADGROUP, validation, COPY + INSERT ... ON
 CONFLICT, XACK after commit) beside a baseline of one ORM ``save()`` per event,

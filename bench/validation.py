@@ -1,4 +1,4 @@
-"""Microseconds per validated event, for each event type (SPEC 7: at most 2 us).
+"""Microseconds per validated event, for each event type (the bar: at most 2 us).
 
 The project's hot-path validator (``mlxserve.contract.events.envelope_validate``, a
 Python mapping in, as the worker's emitter calls it) beside two baselines

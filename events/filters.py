@@ -22,7 +22,7 @@ class EpochMsFilter(django_filters.NumberFilter):
 
 
 class EventFilter(django_filters.FilterSet):
-    """The filters of SPEC section 4; each runs on an indexed column and they combine."""
+    """The event filters; each runs on an indexed column and they combine."""
 
     type = django_filters.ChoiceFilter(choices=[(t, t) for t in EVENT_TYPES])
     model = django_filters.CharFilter(method="filter_model")

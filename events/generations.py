@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def generation_queue(*, data: Any, user: Any = None) -> Generation:
-    """Validate a generation request, record it and queue it for a worker (SPEC section 4).
+    """Validate a generation request, record it and queue it for a worker.
 
     ``model`` may name a registry entry; the worker gets the path it stands for.
     Raises ``ValidationFailed``, or ``kombu``/``redis`` errors if the broker is down

@@ -9,7 +9,7 @@ MODEL_COLUMN_LENGTH = 200
 
 
 class Event(models.Model):
-    """One stored event: the envelope of SPEC 3.2, its payload kept as sent.
+    """One stored event: the envelope, its payload kept as sent.
 
     ``model`` is copied out of the payload (cut to 200 characters) so the list
     can be filtered on an indexed column; the payload keeps the whole name.
@@ -49,7 +49,7 @@ class DeadLetter(models.Model):
         null=True, blank=True, db_index=True, help_text="The envelope's id, where one could be read."
     )
     body = models.TextField(help_text="The entry as it was on the stream (UTF-8, bad bytes replaced).")
-    error = models.JSONField(help_text="The error object (SPEC 3.3).")
+    error = models.JSONField(help_text="The error object.")
     received_at = models.DateTimeField(auto_now_add=True, db_index=True)
     replayed_at = models.DateTimeField(
         null=True, blank=True, help_text="When a replay stored it as an event."
@@ -186,7 +186,7 @@ class FleetCounter(models.Model):
 
 
 class FleetLabelValue(models.Model):
-    """A label value that has its own series in one fleet metric (issue 11).
+    """A label value that has its own series in one fleet metric.
 
     Label values come from producers' payloads, so they are admitted: registered
     model names always, others up to ``MLXSERVE_METRIC_LABEL_LIMIT`` per label of

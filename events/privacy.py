@@ -1,4 +1,4 @@
-"""The prompt privacy policy: how prompts are kept at rest (issue 5).
+"""The prompt privacy policy: how prompts are kept at rest.
 
 Applied where a prompt is stored: the ingester, to each ``generationStarted``
 payload, and ``POST /api/generations/``, to the recorded request (the worker

@@ -1,7 +1,7 @@
 """What every API endpoint shares: parsing, errors, access and the size limit.
 
 Every error leaves as one JSON object with a ``code`` and a ``message``;
-validation failures carry the ``details`` of SPEC 3.3 as well.
+validation failures carry their ``details`` as well.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def user_is_producer_only(user: AbstractBaseUser | AnonymousUser) -> bool:
 
 
 class CanRead(BasePermission):
-    """Any signed-in account but a producer-only one may read (SPEC section 4)."""
+    """Any signed-in account but a producer-only one may read."""
 
     message = "Producer accounts can only post events"
 
@@ -255,7 +255,7 @@ class CanPostEvents(BasePermission):
 
 
 class ReadOrStaffWrite(BasePermission):
-    """Readers read; staff change the telemetry config (SPEC section 4)."""
+    """Readers read; staff change the telemetry config."""
 
     message = "Changing the telemetry config needs a staff user"
 

@@ -48,7 +48,7 @@ ISSUE_SCHEMA = {
 
 ERROR_SCHEMA = {
     "type": "object",
-    "description": "The error object (SPEC 3.3). `details` comes with validation errors (400).",
+    "description": "The error object. `details` comes with validation errors (400).",
     "properties": {
         "code": {"type": "string"},
         "message": {"type": "string"},

@@ -1,4 +1,4 @@
-"""What the long-running control-plane processes refuse to start without (issue 11).
+"""What the long-running control-plane processes refuse to start without.
 
 A key made on each host (``var/secret-key``, ``var/prompt-hash-key``) is right for
 one checkout under ``make run`` and wrong for a deployment: two web hosts would

@@ -1,8 +1,8 @@
-"""The roles of SPEC section 4 and issue 5, as Django groups with their admin permissions.
+"""The roles, as Django groups with their admin permissions.
 
 - ``viewer``: reads history over the API.
 - ``operator``: a viewer who also queues generations and unloads models.
-- ``admin``: staff (SPEC 4: staff change the config), with every admin permission of the
+- ``admin``: staff (only staff change the config), with every admin permission of the
   two apps: the telemetry config, retention and prompt policies, dead-letter replay.
 - ``producer``: posts events and nothing else (a token, never a login).
 

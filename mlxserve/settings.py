@@ -1,4 +1,4 @@
-"""Settings, read from the environment (SPEC section 5).
+"""Settings, read from the environment.
 
 The defaults run a checkout with nothing but Redis: SQLite in ``var/``, a
 secret key generated once into ``var/``. Production differs only by
@@ -274,7 +274,7 @@ EVENTS_STREAM = env_str("MLXSERVE_EVENTS_STREAM", "mlxserve:events")
 EVENTS_CONSUMER_GROUP = env_str("MLXSERVE_EVENTS_GROUP", "mlxserve-ingest")
 TELEMETRY_CONFIG_KEY = env_str("MLXSERVE_CONFIG_KEY", "mlxserve:telemetry:config")
 
-# Workers (SPEC section 6).
+# Workers.
 WORKER_CONTROL_CHANNEL = env_str("MLXSERVE_CONTROL_CHANNEL", "mlxserve:control")
 WORKER_SOURCE = env_str("MLXSERVE_WORKER_SOURCE", "")  # default: "<host>/<celery node name>"
 WORKER_SPOOL_DIR = env_str("MLXSERVE_SPOOL_DIR", str(VAR_DIR / "spool"))

@@ -13,7 +13,7 @@ _INTEGER_TEXT = re.compile(r"\A-?[0-9]+\Z")
 
 
 class StrictIntegerField(forms.CharField):
-    """Digits only. Django's IntegerField would take "9464.0"; the SPEC does not."""
+    """Digits only. Django's IntegerField would take "9464.0"; the contract does not."""
 
     widget = forms.NumberInput
 

@@ -37,7 +37,7 @@ class HistoryPagination(PageNumberPagination):
 
 
 class TelemetryConfigView(APIView):
-    """The fleet's telemetry config (SPEC section 2). Staff change it; workers apply it live."""
+    """The fleet's telemetry config . Staff change it; workers apply it live."""
 
     permission_classes = [ReadOrStaffWrite]
 

@@ -17,7 +17,7 @@ class Migration(migrations.Migration):
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('stream_id', models.CharField(help_text='The Redis stream entry id.', max_length=64)),
                 ('body', models.TextField(help_text='The entry as it was on the stream (UTF-8, bad bytes replaced).')),
-                ('error', models.JSONField(help_text='The error object (SPEC 3.3).')),
+                ('error', models.JSONField(help_text='The error object.')),
                 ('received_at', models.DateTimeField(auto_now_add=True, db_index=True)),
             ],
             options={

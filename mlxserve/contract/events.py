@@ -1,4 +1,4 @@
-"""The event contract (SPEC section 3): eight payloads and the envelope, declared once.
+"""The event contract: eight payloads and the envelope, declared once.
 
 Each envelope type is a ``msgspec.Struct`` tagged by ``type``, so one C call
 (``msgspec.convert`` for Python objects, ``msgspec.json.decode`` for bytes
@@ -250,7 +250,7 @@ def envelope_validate(obj: Any, *, now_ms: int | None = None) -> Envelope:
     ``now_ms`` is the receiving clock (read here when not given; a caller validating
     many events, or one that has just read the clock, passes it).
 
-    Raises ``ValidationFailed`` (the SPEC 3.3 error object) listing every issue.
+    Raises ``ValidationFailed`` (the error object) listing every issue.
     """
     # Dispatch on ``type`` by hand: ``convert`` to the tagged union re-reads the
     # union's declaration on every call (about 8 us), one Struct is cached (<1 us).

@@ -1,4 +1,4 @@
-"""The telemetry config and metric labels (SPEC section 2), each rule declared once.
+"""The telemetry config and metric labels, each rule declared once.
 
 The admin form, the REST API and the workers all validate through
 ``telemetry_config_validate``; nothing else carries a copy of a range, a
@@ -150,7 +150,7 @@ DEFAULT_METRIC_LABEL_LIMIT = 100
 
 
 def metric_labels_validate(labels: Any) -> dict[str, str]:
-    """Validate a metric label set (SPEC section 2) and return it with string values."""
+    """Validate a metric label set and return it with string values."""
     if not isinstance(labels, Mapping):
         raise ValidationFailed([Issue([], "Labels must be an object", "invalid_type")])
     issues: list[Issue] = []

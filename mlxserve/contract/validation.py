@@ -1,4 +1,4 @@
-"""Strict validation for the wire contract (SPEC sections 2 and 3).
+"""Strict validation for the wire contract.
 
 Every rule is declared once, as a ``msgspec.Struct`` with ``Meta`` constraints
 (see ``telemetry/schemas.py`` and ``events/schemas.py``). Two things read that
@@ -8,13 +8,13 @@ declaration:
   at the first problem. It is what the worker's hot path and the ingester use;
 * ``collect_issues``, which walks the same declaration through
   ``msgspec.inspect`` and lists *every* problem with the exact messages of the
-  SPEC. It only runs once the fast path has said no, so its cost is paid on
+  contract. It only runs once the fast path has said no, so its cost is paid on
   bad input alone.
 
 A field's own messages live in its ``Meta(extra={"messages": {...}})``, keyed
 by the constraint (``ge``, ``le``, ``min_length``, ``max_length``,
 ``pattern``, ``type``, ``enum``); anything not given there falls back to the
-defaults below, which are the SPEC's messages for payload fields.
+defaults below, which are the contract's messages for payload fields.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Issue(msgspec.Struct, frozen=True):
 
 
 class ValidationFailed(Exception):
-    """The one error object of SPEC 3.3, raised in Python and sent over HTTP."""
+    """The one error object, raised in Python and sent over HTTP."""
 
     code = "InvalidParams"
 

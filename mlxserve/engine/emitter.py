@@ -1,7 +1,7 @@
 """The worker-side emitter: one method per event type, as mlx-serving's EngineEventEmitter.
 
 Each method builds the envelope, validates it on the hot path (raising the
-SPEC 3.3 error object, ``ValidationFailed``, on bad input) and hands it to a
+error object, ``ValidationFailed``, on bad input) and hands it to a
 publisher. No Django, no database: this runs inside workers.
 """
 

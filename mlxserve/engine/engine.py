@@ -2,7 +2,7 @@
 
 Plain Python, no Celery and no Django: a worker process drives it through a
 thin task, tests and benchmarks drive it directly. Each event comes from the
-code path where the thing happens (SPEC section 6).
+code path where the thing happens.
 """
 
 from __future__ import annotations

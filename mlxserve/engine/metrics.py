@@ -1,4 +1,4 @@
-"""A worker's Prometheus metrics (SPEC section 6), defined once, and the endpoint that serves them.
+"""A worker's Prometheus metrics, defined once, and the endpoint that serves them.
 
 The fifteen metrics of mlx-serving keep its ``kr_serve_`` names, in base
 units (seconds, not milliseconds), plus time-to-first-token and inter-token
@@ -38,7 +38,7 @@ LABEL_VALUE_LENGTH = 120
 
 
 class LabelBudget:
-    """Bounds the values of each label of each metric, as the control plane does (issue 11).
+    """Bounds the values of each label of each metric, as the control plane does.
 
     A value gets its own series if it has one already, if it is a registered model
     name (the worker knows a name is registered when the task came with the path
@@ -166,7 +166,7 @@ class WorkerMetrics:
         )
 
     def labels(self, **labels: Any) -> dict[str, str]:
-        """Label sets go through the SPEC's metric label validation."""
+        """Label sets go through the contract's metric label validation."""
         return metric_labels_validate(labels)
 
     def series(self, metric: MetricWrapperBase, **labels: Any) -> Any:

@@ -50,7 +50,7 @@ def test_every_event_type_validates_and_round_trips(event_type: str) -> None:
     assert envelope_to_wire(envelope_decode(envelope_encode(validated))) == envelope
 
 
-# (type, field, bad value, message) at and across each boundary of SPEC 3.1.
+# (type, field, bad value, message) at and across each boundary of the payload rules.
 REJECTED = [
     ("modelLoaded", "model", "", "Cannot be empty"),
     ("modelLoaded", "model", DROP, "Required"),
@@ -385,3 +385,44 @@ def test_a_future_timestamp_is_listed_beside_the_other_problems() -> None:
     with pytest.raises(ValidationFailed) as caught:
         envelope_validate(envelope)
     assert [i.path for i in caught.value.issues] == [["seq"], ["timestamp"]]
+
+
+def test_the_contract_documents_every_field_rule_and_message_as_declared() -> None:
+    """docs/contract.md's tables are generated from the declarations; stale tables fail here.
+    Refresh: python -m mlxserve.contract.reference --write docs/contract.md"""
+    from pathlib import Path
+
+    from django.conf import settings
+
+    from mlxserve.contract.reference import document_refreshed, tables
+
+    document = (Path(settings.BASE_DIR) / "docs" / "contract.md").read_text()
+    assert document_refreshed(document) == document
+    generated = tables()
+    # The messages are the validator's own, probed: a few a reader would look for.
+    assert "| `prometheusPort` | integer | no | type | `Must be an integer` |" in generated
+    assert "`Port must be at least 1024 (non-privileged)`" in generated
+    assert "`Duration cannot be negative`" in generated
+    assert "`Status must be one of: ready, busy, error, shutdown`" in generated
+
+
+def test_a_stale_contract_document_is_refreshed_by_the_command(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlxserve.contract import reference
+
+    stale = tmp_path / "contract.md"
+    stale.write_text(f"# Contract\n\n{reference.BEGIN}\n| old | table |\n{reference.END}\n\nAfter.\n")
+    monkeypatch.setattr("sys.argv", ["reference", "--write", str(stale)])
+    assert reference.main() == 0
+    text = stale.read_text()
+    assert "| old | table |" not in text and "### `tokenGenerated` payload" in text
+    assert text.startswith("# Contract\n") and text.endswith("\n\nAfter.\n")
+
+    monkeypatch.setattr("sys.argv", ["reference"])
+    assert reference.main() == 0
+    assert "### The telemetry config" in capsys.readouterr().out
+
+    stale.write_text("no markers here")
+    with pytest.raises(ValueError, match="no generated region"):
+        reference.document_refreshed(stale.read_text())

@@ -116,7 +116,7 @@ def test_a_worker_whose_clock_was_never_set_logs_and_counts_each_refused_event(
     )
 
 
-# -- event ids: idempotency keys nobody can guess (issue 11) -------------------------------
+# -- event ids: idempotency keys nobody can guess -------------------------------------
 
 
 def test_event_ids_are_version_4_uuids_from_the_operating_systems_generator(

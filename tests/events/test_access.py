@@ -21,9 +21,9 @@ ROLES = ("anonymous", "producer", "plain", "viewer", "operator", "admin", "staff
 def client_for(role: str) -> APIClient:
     if role == "anonymous":
         return APIClient()
-    if role == "plain":  # signed in, no group: SPEC 4 lets any authenticated user read
+    if role == "plain":  # signed in, no group: any authenticated user may read
         return token_client(User.objects.create_user("plain"))
-    if role == "staff":  # staff, no group: SPEC 4 lets staff change the config
+    if role == "staff":  # staff, no group: staff may change the config
         return token_client(User.objects.create_user("staff-only", is_staff=True))
     group = {
         "producer": PRODUCER_GROUP,

@@ -116,7 +116,7 @@ def test_workers_by_status_and_stale_ones() -> None:
     assert heard == pytest.approx(now / 1000)
 
 
-# -- bounded label values (issue 11) ---------------------------------------------------------
+# -- bounded label values ---------------------------------------------------------------
 
 OVERFLOW = "__overflow__"
 

@@ -71,7 +71,7 @@ def test_a_malformed_proxy_header_refuses_to_start() -> None:
     assert "MLXSERVE_PROXY_SSL_HEADER must look like HTTP_X_FORWARDED_PROTO=https" in result.stderr
 
 
-# -- keys: made per host for `make run`, refused in production (issue 11) -------------------
+# -- keys: made per host for `make run`, refused in production -------------------------
 
 NO_KEYS: dict[str, Any] = {"DEBUG": "0", "SECRET_KEY": None, "MLXSERVE_PROMPT_HASH_KEY": None}
 

@@ -31,7 +31,7 @@ class Command(BaseCommand):
         role = options["role"]
         user, _ = get_user_model().objects.get_or_create(username=options["username"])
         user.groups.set([Group.objects.get_or_create(name=ROLES[role])[0]])
-        # SPEC 4: staff may change the config, so only admins are staff (and log into the admin).
+        # Staff may change the config, so only admins are staff (and log into the admin).
         user.is_staff = role == "admin"
         password = None
         if role == "admin":
