@@ -23,7 +23,7 @@ from events.models import (
 )
 from events.privacy import prompt_policy_get
 from events.selectors import generation_detail, worker_is_stale, worker_tokens_per_second
-from mlxserve.admin import SingletonAdmin
+from mlxserve.admin import ReadOnlyAdmin, SingletonAdmin
 
 
 def _pretty(value: Any) -> str:
@@ -83,16 +83,6 @@ class CappedCountPaginator(Paginator):
     @cached_property
     def count(self) -> int:
         return int(self.object_list[: self.CAP].count())  # type: ignore[attr-defined]
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Stored history is evidence: nobody edits or adds it by hand."""
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Event)

@@ -29,14 +29,15 @@ from mlxserve.contract.events import (
     ModelLoadedEnvelope,
     ModelUnloadedEnvelope,
     TokenGeneratedEnvelope,
+    time_to_first_token_ms,
 )
-from mlxserve.contract.telemetry import OVERFLOW_LABEL_VALUE
-
-# Label values are cut to this length: a model path or error code must not make a huge series name.
-LABEL_VALUE_LENGTH = 120
-
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+from mlxserve.contract.telemetry import (
+    BOUNDED_LABELS,
+    DURATION_BUCKETS,
+    LABEL_VALUE_LENGTH,
+    LATENCY_BUCKETS,
+    OVERFLOW_LABEL_VALUE,
+)
 
 # name -> (kind, help, label names); kind is "counter" or "histogram".
 FLEET_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -62,13 +63,8 @@ FLEET_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 HISTOGRAM_BUCKETS = {
     "mlxserve_fleet_generation_duration_seconds": DURATION_BUCKETS,
-    "mlxserve_fleet_time_to_first_token_seconds": TTFT_BUCKETS,
+    "mlxserve_fleet_time_to_first_token_seconds": LATENCY_BUCKETS,
 }
-
-
-# Labels whose values come from producers' payloads: each has a bounded number of series.
-# (``type`` is one of the eight event types, ``le`` a bucket bound.)
-BOUNDED_LABELS = frozenset({"model", "code", "reason", "quantization"})
 
 
 def bucket_label(bound: float) -> str:
@@ -172,12 +168,13 @@ def fleet_deltas(envelopes: Sequence[Envelope]) -> Deltas:
         starts = _starts_before(candidates, envelopes)
         for token in candidates:
             started = starts.get((str(token.generation_id), str(token.seq - 1)))
-            if started is not None and token.timestamp >= started:
+            ttft = time_to_first_token_ms(started, token.timestamp) if started is not None else None
+            if ttft is not None:
                 observations.append(
                     (
                         "mlxserve_fleet_time_to_first_token_seconds",
-                        TTFT_BUCKETS,
-                        (token.timestamp - started) / 1000,
+                        LATENCY_BUCKETS,
+                        ttft / 1000,
                         token.payload.model,
                     )
                 )

@@ -20,26 +20,42 @@ from events.fleet import FLEET_METRICS, HISTOGRAM_BUCKETS, bucket_label, fleet_c
 from events.ingest import stream_lag
 from events.models import DeadLetter
 from events.selectors import workers_list
+from mlxserve.contract.events import RUNTIME_STATES
 from mlxserve.redis_conn import redis_client
 
 logger = logging.getLogger(__name__)
 
 
+# The ingest gauges: name (after ``mlxserve_``), help, and the key of ``stream_lag`` they show
+# (with its scale to base units).
+INGEST_GAUGES: tuple[tuple[str, str, str, float], ...] = (
+    ("ingest_stream_length", "Entries in the event stream", "length", 1),
+    ("ingest_pending", "Stream entries read by an ingester and not yet stored", "pending", 1),
+    (
+        "ingest_oldest_pending_seconds",
+        "Age of the oldest entry read and not yet stored",
+        "oldest_pending_ms",
+        1e-3,
+    ),
+    ("ingest_undelivered", "Stream entries no ingester has read yet", "undelivered", 1),
+    (
+        "ingest_lag_seconds",
+        "How long the oldest event not yet stored has waited (read or not)",
+        "lag_ms",
+        1e-3,
+    ),
+)
+DEAD_LETTERS = ("mlxserve_dead_letters", "Stream entries the ingester could not store (ever)")
+DEAD_LETTERS_WAITING = ("mlxserve_dead_letters_waiting", "Dead letters not replayed yet")
+
+
 class IngestCollector(Collector):
     def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         # Registering calls describe(), not collect(): no query while Django starts.
-        yield CounterMetricFamily(
-            "mlxserve_dead_letters", "Stream entries the ingester could not store (ever)"
-        )
-        for name in (
-            "dead_letters_waiting",
-            "ingest_stream_length",
-            "ingest_pending",
-            "ingest_oldest_pending_seconds",
-            "ingest_undelivered",
-            "ingest_lag_seconds",
-        ):
-            yield GaugeMetricFamily(f"mlxserve_{name}", name)
+        yield CounterMetricFamily(*DEAD_LETTERS)
+        yield GaugeMetricFamily(*DEAD_LETTERS_WAITING)
+        for name, help_text, _, _ in INGEST_GAUGES:
+            yield GaugeMetricFamily(f"mlxserve_{name}", help_text)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         try:
@@ -49,12 +65,8 @@ class IngestCollector(Collector):
         except DatabaseError as exc:
             logger.warning("Dead-letter metrics unavailable: %s", exc)
         else:
-            yield CounterMetricFamily(
-                "mlxserve_dead_letters", "Stream entries the ingester could not store (ever)", value=total
-            )
-            yield GaugeMetricFamily(
-                "mlxserve_dead_letters_waiting", "Dead letters not replayed yet", value=waiting
-            )
+            yield CounterMetricFamily(*DEAD_LETTERS, value=total)
+            yield GaugeMetricFamily(*DEAD_LETTERS_WAITING, value=waiting)
         try:
             lag = stream_lag(
                 client=redis_client(), stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP
@@ -62,25 +74,11 @@ class IngestCollector(Collector):
         except redis.RedisError as exc:
             logger.warning("Ingest lag metrics unavailable: %s", exc)
             return
-        for name, help_text, value in (
-            ("ingest_stream_length", "Entries in the event stream", lag["length"]),
-            ("ingest_pending", "Stream entries read by an ingester and not yet stored", lag["pending"]),
-            (
-                "ingest_oldest_pending_seconds",
-                "Age of the oldest entry read and not yet stored",
-                lag["oldest_pending_ms"] / 1000,
-            ),
-            ("ingest_undelivered", "Stream entries no ingester has read yet", lag["undelivered"]),
-            (
-                "ingest_lag_seconds",
-                "How long the oldest event not yet stored has waited (read or not)",
-                lag["lag_ms"] / 1000,
-            ),
-        ):
-            yield GaugeMetricFamily(f"mlxserve_{name}", help_text, value=value)
+        for name, help_text, key, scale in INGEST_GAUGES:
+            yield GaugeMetricFamily(f"mlxserve_{name}", help_text, value=lag[key] * scale)
 
 
-WORKER_STATES = ("ready", "busy", "error", "shutdown", "unknown")
+WORKER_STATES = (*RUNTIME_STATES, "unknown")  # unknown: never said
 
 
 class FleetCollector(Collector):

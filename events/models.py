@@ -4,6 +4,7 @@ from django.conf import settings
 from django.db import models
 
 from mlxserve.contract.events import EVENT_TYPES
+from mlxserve.models import SingletonModel
 
 MODEL_COLUMN_LENGTH = 200
 
@@ -134,7 +135,7 @@ class RetentionPolicy(models.Model):
         return f"{self.event_type}: {self.keep_days} days"
 
 
-class PromptPolicy(models.Model):
+class PromptPolicy(SingletonModel):
     """How ``generationStarted`` prompts (and queued generations' prompts) are kept at rest.
 
     One row (pk 1), edited in the admin, applied by the ingester as it stores
@@ -155,7 +156,7 @@ class PromptPolicy(models.Model):
     )
     updated_at = models.DateTimeField(auto_now=True)
 
-    class Meta:
+    class Meta(SingletonModel.Meta):
         verbose_name = "prompt privacy policy"
         verbose_name_plural = "prompt privacy policy"
 

@@ -20,8 +20,7 @@ HASH_PREFIX = "hmac-sha256:"
 
 
 def prompt_policy_get() -> PromptPolicy:
-    policy, _ = PromptPolicy.objects.get_or_create(pk=1)
-    return policy
+    return PromptPolicy.load()
 
 
 def prompt_redact(prompt: str | dict[str, Any], policy: PromptPolicy) -> str | dict[str, Any]:

@@ -15,6 +15,7 @@ from django.db.models import Count, Min, Q, QuerySet, TextField
 from django.db.models.functions import Cast
 
 from events.models import MODEL_COLUMN_LENGTH, Event, Generation, Worker
+from mlxserve.contract.events import time_to_first_token_ms, tokens_per_second
 from telemetry.services import telemetry_config_get
 
 # A worker is stale after this many heartbeat intervals without a word.
@@ -146,13 +147,15 @@ class Attempt:
             self.first("error"),
         )
         tokens = self.tokens
-        ttft = tokens[0].timestamp - started.timestamp if started and tokens else None
+        ttft = time_to_first_token_ms(started.timestamp, tokens[0].timestamp) if started and tokens else None
         if completed is not None and "throughput" in completed.payload:
-            tokens_per_second = completed.payload["throughput"]
-        elif len(tokens) > 1 and tokens[-1].timestamp > tokens[0].timestamp:
-            tokens_per_second = (len(tokens) - 1) * 1000 / (tokens[-1].timestamp - tokens[0].timestamp)
+            rate = completed.payload["throughput"]
         else:
-            tokens_per_second = None
+            rate = (
+                tokens_per_second(len(tokens), (tokens[-1].timestamp - tokens[0].timestamp) / 1000)
+                if tokens
+                else None
+            )
         return {
             "attempt": self.number,
             "state": self.state,
@@ -160,7 +163,7 @@ class Attempt:
             "text": "".join(e.payload["token"] for e in tokens),
             "tokens": len(tokens),
             "timeToFirstTokenMs": ttft,
-            "tokensPerSecond": tokens_per_second,
+            "tokensPerSecond": rate,
             "durationMs": completed.payload["durationMs"] if completed else None,
             "error": {"code": error.payload.get("code"), "message": error.payload["error"]}
             if error
@@ -223,6 +226,16 @@ def generation_detail(*, generation_id: uuid.UUID) -> dict[str, Any] | None:
         "attempts": attempts,
         "events": events,
     }
+
+
+def generation_latest_tokens(*, generation_id: uuid.UUID) -> tuple[int, list[tuple[int, str]]]:
+    """The number of the generation's latest attempt (0 before it starts) and that attempt's
+    tokens stored so far as ``(seq, token)``, in ``seq`` order (there may be gaps still)."""
+    events = stored_events(Event.objects.filter(generation_id=generation_id).order_by("timestamp", "seq"))
+    attempts = _attempts(events)
+    if not attempts:
+        return 0, []
+    return attempts[-1].number, sorted((e.seq, e.payload["token"]) for e in attempts[-1].tokens)
 
 
 def worker_is_stale(worker: Worker, *, interval_ms: int | None = None, now_ms: int | None = None) -> bool:
@@ -304,8 +317,10 @@ def events_stats(*, since: int, until: int, model: str | None = None) -> dict[st
     for payload in window.filter(type="generationCompleted").values_list("payload", flat=True):
         if "throughput" in payload:
             throughputs.append(float(payload["throughput"]))
-        elif payload.get("durationMs"):
-            throughputs.append(payload["tokensGenerated"] * 1000 / payload["durationMs"])
+        elif (
+            rate := tokens_per_second(payload["tokensGenerated"], payload["durationMs"] / 1000)
+        ) is not None:
+            throughputs.append(rate)
 
     started: dict[uuid.UUID, int] = {
         g: t
@@ -315,7 +330,11 @@ def events_stats(*, since: int, until: int, model: str | None = None) -> dict[st
         if g is not None
     }
     first_tokens = _first_token_times(list(started))
-    ttft = [float(first_tokens[g] - t) for g, t in started.items() if first_tokens.get(g, -1) >= t]
+    ttft = [
+        float(ms)
+        for g, t in started.items()
+        if g in first_tokens and (ms := time_to_first_token_ms(t, first_tokens[g])) is not None
+    ]
 
     seconds = max(until - since, 1) / 1000
     return {

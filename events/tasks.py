@@ -4,6 +4,7 @@ from typing import Any
 
 from celery import shared_task
 
+from mlxserve.contract.events import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.engine import GenerationRequest
 from mlxserve.worker import worker_runtime
@@ -18,9 +19,9 @@ def generation_run(
     model: str,
     model_path: str | None,
     prompt: Any,
-    max_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 0.0,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_p: float = DEFAULT_TOP_P,
     seed: int | None = None,
 ) -> dict[str, Any]:
     """Run one generation attempt on this worker. A redelivery (its worker died) is a new attempt."""

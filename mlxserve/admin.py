@@ -26,3 +26,13 @@ class SingletonAdmin(admin.ModelAdmin):
         opts = self.model._meta
         url = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[self.singleton().pk])
         return HttpResponseRedirect(url)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Stored history is evidence: nobody edits or adds it by hand."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

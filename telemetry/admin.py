@@ -5,7 +5,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 
-from mlxserve.admin import SingletonAdmin
+from mlxserve.admin import ReadOnlyAdmin, SingletonAdmin
 from telemetry.forms import TelemetryConfigForm
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
 from telemetry.services import telemetry_config_get, telemetry_config_replace
@@ -44,7 +44,7 @@ class TelemetryConfigAdmin(SingletonAdmin):
 
 
 @admin.register(TelemetryConfigChange)
-class TelemetryConfigChangeAdmin(admin.ModelAdmin):
+class TelemetryConfigChangeAdmin(ReadOnlyAdmin):
     list_display = ["version", "changed_at", "changed_by_username", "via", "changes"]
     list_filter = ["via"]
     search_fields = ["changed_by_username"]
@@ -57,12 +57,6 @@ class TelemetryConfigChangeAdmin(admin.ModelAdmin):
         "via",
         "changed_at",
     ]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -9,16 +9,15 @@ from mlxserve.contract.telemetry import (
     DEFAULT_SERVICE_NAME,
     TelemetryConfigSchema,
 )
+from mlxserve.models import SingletonModel
 
 
-class TelemetryConfig(models.Model):
+class TelemetryConfig(SingletonModel):
     """The fleet's one telemetry config (a single row, pk 1).
 
     Its rules live in ``mlxserve.contract.telemetry``; writes go through
     ``telemetry.services`` so history and publishing never get skipped.
     """
-
-    SINGLETON_PK = 1
 
     enabled = models.BooleanField(default=False)
     service_name = models.CharField(max_length=100, default=DEFAULT_SERVICE_NAME)
@@ -31,12 +30,9 @@ class TelemetryConfig(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
 
-    class Meta:
+    class Meta(SingletonModel.Meta):
         verbose_name = "telemetry config"
         verbose_name_plural = "telemetry config"
-        constraints = [
-            models.CheckConstraint(condition=models.Q(pk=1), name="telemetry_config_singleton"),
-        ]
 
     def __str__(self) -> str:
         return f"Telemetry config (version {self.version})"

@@ -31,7 +31,7 @@ class ConfigSaved(NamedTuple):
 
 
 def telemetry_config_get() -> TelemetryConfig:
-    config, _ = TelemetryConfig.objects.get_or_create(pk=TelemetryConfig.SINGLETON_PK)
+    config = TelemetryConfig.load()
     return config
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import typing
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -40,9 +41,10 @@ FiniteNumber = Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
 DurationMs = Annotated[float, Meta(ge=0, le=_FLOAT_MAX, extra=messages(ge="Duration cannot be negative"))]
 Throughput = Annotated[float, Meta(ge=0, le=_FLOAT_MAX, extra=messages(ge="Throughput cannot be negative"))]
 Quantization = Literal["none", "int8", "int4"]
+RuntimeStateName = Literal["ready", "busy", "error", "shutdown"]
+RUNTIME_STATES: tuple[str, ...] = typing.get_args(RuntimeStateName)
 RuntimeState = Annotated[
-    Literal["ready", "busy", "error", "shutdown"],
-    Meta(extra=messages(enum="Status must be one of: ready, busy, error, shutdown")),
+    RuntimeStateName, Meta(extra=messages(enum="Status must be one of: " + ", ".join(RUNTIME_STATES)))
 ]
 Metadata = dict[str, Any]
 Prompt = str | dict[str, Any]
@@ -326,14 +328,35 @@ def _failure(obj: Any, exc: Exception) -> ValidationFailed:
     return failure_for(obj, _AnyTypeEnvelope, exc)
 
 
+# -- figures of a generation, computed the one way wherever they are shown ---------------------
+
+
+def tokens_per_second(tokens: int, seconds: float) -> float | None:
+    """The decode rate: the tokens after the first over the ``seconds`` from the first token to
+    the last (what ``generationCompleted``'s ``throughput`` carries). Where only a whole
+    duration is known, ``seconds`` is that. None when it cannot be told."""
+    return (tokens - 1) / seconds if tokens > 1 and seconds > 0 else None
+
+
+def time_to_first_token_ms(started_ms: int, first_token_ms: int) -> int | None:
+    """From ``generationStarted`` to its attempt's first ``tokenGenerated``; None when the token
+    is stamped before the start (two hosts' clocks)."""
+    return first_token_ms - started_ms if first_token_ms >= started_ms else None
+
+
 # -- generation requests (POST /api/generations/) --------------------------------
+
+
+# The defaults of a generation request, wherever one is made (API, CLI, task, engine).
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_TOP_P = 0.0  # 0 turns nucleus sampling off, as in mlx_lm.sample_utils.make_sampler
 
 
 class GenerationOrder(msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True):
     model: Annotated[str, Meta(min_length=1, max_length=1000)]
     prompt: Prompt
-    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 256
-    temperature: Annotated[float, Meta(ge=0, le=10)] = 0.0
-    # 0 turns nucleus sampling off, as in mlx_lm.sample_utils.make_sampler.
-    top_p: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = DEFAULT_MAX_TOKENS
+    temperature: Annotated[float, Meta(ge=0, le=10)] = DEFAULT_TEMPERATURE
+    top_p: Annotated[float, Meta(ge=0, le=1)] = DEFAULT_TOP_P
     seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None

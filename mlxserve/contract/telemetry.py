@@ -143,10 +143,21 @@ def metric_label_value(value: Any) -> str | None:
     return None
 
 
+# Histogram buckets (seconds) of the figures both the workers and the control plane export,
+# so a worker's histogram and the fleet's can be read side by side.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Time to first token and between tokens: from 1 ms, for fast small models."""
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+"""A whole generation."""
+
 # Past MLXSERVE_METRIC_LABEL_LIMIT values of a label of one metric, later values are counted
 # under this one (control plane and workers alike), so totals still add up.
 OVERFLOW_LABEL_VALUE = "__overflow__"
 DEFAULT_METRIC_LABEL_LIMIT = 100
+# Labels whose values come from payloads and requests (a model name, an error code, a reason):
+# the ones bounded by the limit. Every label value is cut to LABEL_VALUE_LENGTH characters.
+BOUNDED_LABELS = frozenset({"model", "code", "reason", "quantization"})
+LABEL_VALUE_LENGTH = 120
 
 
 def metric_labels_validate(labels: Any) -> dict[str, str]:

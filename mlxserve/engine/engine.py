@@ -18,9 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxserve.contract.events import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    tokens_per_second,
+)
+from mlxserve.contract.telemetry import LABEL_VALUE_LENGTH
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.emitter import EngineEventEmitter
-from mlxserve.engine.metrics import LABEL_VALUE_LENGTH, WorkerMetrics
+from mlxserve.engine.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +39,10 @@ WATCHED_SUFFIXES = (".safetensors", ".json", ".model", ".tiktoken", ".jinja", ".
 class GenerationRequest:
     model: str  # the name events carry: a registry name, a path or a repo id
     prompt: str | dict[str, Any]
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     model_path: str | None = None  # where to load it from, when the name is not itself a path
-    temperature: float = 0.0
-    top_p: float = 0.0
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
     seed: int | None = None
     generation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     attempt: int = 1
@@ -417,7 +424,7 @@ class Engine:
             finish_reason = response.finish_reason
         duration = time.perf_counter() - started
         generating = (last_token_at - first_token_at) if first_token_at is not None else 0.0
-        throughput = (seq - 1) / generating if seq > 1 and generating > 0 else 0.0
+        throughput = tokens_per_second(seq, generating) or 0.0
         self.metrics.series(self.metrics.generation_duration, model=model).observe(duration)
         emitter.generation_completed(
             generation_id=gid,

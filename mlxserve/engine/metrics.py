@@ -18,23 +18,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.metrics import MetricWrapperBase
 
 from mlxserve.contract.telemetry import (
+    BOUNDED_LABELS,
     DEFAULT_METRIC_LABEL_LIMIT,
+    DURATION_BUCKETS,
+    LABEL_VALUE_LENGTH,
+    LATENCY_BUCKETS,
     OVERFLOW_LABEL_VALUE,
     metric_labels_validate,
 )
 
 logger = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 IPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
-
-# Labels whose values come from requests and events (a model name, an error code, a reason).
-BOUNDED_LABELS = frozenset({"model", "code", "reason", "quantization"})
-LABEL_VALUE_LENGTH = 120
 
 
 class LabelBudget:

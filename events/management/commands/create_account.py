@@ -8,9 +8,7 @@ from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 from rest_framework.authtoken.models import Token
 
-from mlxserve.roles import ADMIN_GROUP, OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
-
-ROLES = {"viewer": VIEWER_GROUP, "operator": OPERATOR_GROUP, "admin": ADMIN_GROUP, "producer": PRODUCER_GROUP}
+from mlxserve.roles import ADMIN_GROUP, ROLES
 
 
 class Command(BaseCommand):
@@ -22,7 +20,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("username")
-        parser.add_argument("--role", choices=sorted(ROLES), required=True)
+        parser.add_argument("--role", choices=ROLES, required=True, help="each role is a group of that name")
         parser.add_argument(
             "--password", help="admins: the login password (default: a generated one, printed)"
         )
@@ -30,11 +28,11 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         role = options["role"]
         user, _ = get_user_model().objects.get_or_create(username=options["username"])
-        user.groups.set([Group.objects.get_or_create(name=ROLES[role])[0]])
+        user.groups.set([Group.objects.get_or_create(name=role)[0]])
         # Staff may change the config, so only admins are staff (and log into the admin).
-        user.is_staff = role == "admin"
+        user.is_staff = role == ADMIN_GROUP
         password = None
-        if role == "admin":
+        if role == ADMIN_GROUP:
             password = options["password"] or secrets.token_urlsafe(12)
             user.set_password(password)
         else:

@@ -7,8 +7,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from events.generations import generation_queue
-from events.models import Event
-from events.selectors import generation_detail
+from events.selectors import generation_detail, generation_latest_tokens
+from mlxserve.contract.events import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from mlxserve.contract.validation import ValidationFailed
 
 
@@ -23,9 +23,9 @@ class Command(BaseCommand):
             "--model", required=True, help="A registry name, a model directory or a cached repo id."
         )
         parser.add_argument("--prompt", required=True)
-        parser.add_argument("--max-tokens", type=int, default=64)
-        parser.add_argument("--temperature", type=float, default=0.0)
-        parser.add_argument("--top-p", type=float, default=0.0)
+        parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+        parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+        parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
         parser.add_argument("--seed", type=int)
         parser.add_argument("--timeout", type=float, default=300.0, help="Seconds to wait for the end.")
 
@@ -45,31 +45,19 @@ class Command(BaseCommand):
             raise CommandError(json.dumps(exc.as_error())) from None
         self.stderr.write(f"Queued generation {generation.id}; waiting for a worker ...")
         deadline = time.monotonic() + options["timeout"]
-        shown_seq = 0
-        last_attempt_started = None
+        shown_seq, shown_attempt = 0, 0
         while time.monotonic() < deadline:
-            new = list(
-                Event.objects.filter(generation_id=generation.id, type="tokenGenerated", seq__gt=shown_seq)
-                .order_by("seq")
-                .values_list("seq", "payload", "timestamp")
-            )
-            started = (
-                Event.objects.filter(generation_id=generation.id, type="generationStarted")
-                .order_by("-timestamp")
-                .values_list("timestamp", flat=True)
-                .first()
-            )
-            if started != last_attempt_started and last_attempt_started is not None:
+            attempt, tokens = generation_latest_tokens(generation_id=generation.id)
+            if shown_attempt and attempt != shown_attempt:
                 self.stderr.write("\n[the worker restarted the generation: a new attempt]")
                 shown_seq = 0
-                continue
-            last_attempt_started = started
-            for seq, payload, timestamp in new:
-                if started is not None and timestamp < started:
-                    continue  # a token of an earlier attempt
+            shown_attempt = attempt
+            for seq, token in tokens:
+                if seq <= shown_seq:
+                    continue
                 if seq != shown_seq + 1:
                     break  # wait until the gap is stored, to print in order
-                self.stdout.write(payload["token"], ending="")
+                self.stdout.write(token, ending="")
                 self.stdout.flush()
                 shown_seq = seq
             detail = generation_detail(generation_id=generation.id)
