@@ -4,6 +4,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
@@ -198,21 +199,21 @@ class GenerationAdmin(ReadOnlyAdmin):
                     e.type,
                     e.seq,
                     e.source,
-                    json.dumps(e.payload, ensure_ascii=False)[:200],
+                    json.dumps(msgspec.json.decode(e.payload), ensure_ascii=False)[:200],
                 )
-                for e in detail["events"]
+                for e in detail.events
             ),
         )
         return format_html(
             "<p>State: <b>{}</b>, attempt {}, {} tokens, time to first token {} ms, {} tokens/s</p>"
             "<p>Text: <code>{}</code></p>"
             "<table><tr><th>time</th><th>type</th><th>seq</th><th>source</th><th>payload</th></tr>{}</table>",
-            detail["state"],
-            detail["attempt"],
-            detail["tokens"],
-            detail["timeToFirstTokenMs"],
-            detail["tokensPerSecond"],
-            detail["text"],
+            detail.state,
+            detail.attempt,
+            detail.tokens,
+            detail.time_to_first_token_ms,
+            detail.tokens_per_second,
+            detail.text,
             rows,
         )
 

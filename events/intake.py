@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from django.conf import settings
 
+from events.responses import BatchOutcome, Rejected
 from mlxserve.contract.events import Envelope, envelope_encode, envelope_validate
 from mlxserve.contract.stream import stream_append, stream_append_batch, stream_backlog
 from mlxserve.contract.validation import Issue, ValidationFailed
@@ -35,12 +35,6 @@ class IntakeRefused(Exception):
 
     def as_error(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message}
-
-
-@dataclass
-class BatchOutcome:
-    accepted: list[str] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
 def source_refusal(producer: str | None, source: str) -> IntakeRefused | None:
@@ -73,18 +67,18 @@ def event_submit_batch(
     if len(items) > MAX_BATCH_ITEMS:
         message = f"Too many envelopes in one request ({len(items)}; at most {MAX_BATCH_ITEMS})"
         raise ValidationFailed([Issue([], message, "too_big")])
-    outcome = BatchOutcome()
+    outcome = BatchOutcome(accepted=[], rejected=[])
     valid: list[Envelope] = []
     now_ms = time.time_ns() // 1_000_000
     for index, item in enumerate(items):
         try:
             envelope = envelope_validate(item, now_ms=now_ms)
         except ValidationFailed as exc:
-            outcome.rejected.append({"index": index, "error": exc.as_error()})
+            outcome.rejected.append(Rejected(index=index, error=exc.as_error()))
             continue
         refusal = source_refusal(producer, envelope.source)
         if refusal is not None:
-            outcome.rejected.append({"index": index, "error": refusal.as_error()})
+            outcome.rejected.append(Rejected(index=index, error=refusal.as_error()))
             continue
         valid.append(envelope)
     if valid:

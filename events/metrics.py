@@ -106,9 +106,10 @@ class FleetCollector(Collector):
             labels=["source", "status"],
         )
         for worker in workers:
-            by_state[worker["status"] or "unknown"] = by_state.get(worker["status"] or "unknown", 0) + 1
-            heard.add_metric([worker["source"], worker["status"] or "unknown"], worker["lastHeardAt"] / 1000)
-        stale.add_metric([], sum(1 for w in workers if w["stale"] and w["status"] != "shutdown"))
+            state = worker.status or "unknown"
+            by_state[state] = by_state.get(state, 0) + 1
+            heard.add_metric([worker.source, state], worker.last_heard_at / 1000)
+        stale.add_metric([], sum(1 for w in workers if w.stale and w.status != "shutdown"))
         by_status = GaugeMetricFamily(
             "mlxserve_fleet_workers", "Workers by their last runtimeStatus", labels=["status"]
         )

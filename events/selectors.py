@@ -15,6 +15,19 @@ from django.db.models import Count, Min, Q, QuerySet, TextField
 from django.db.models.functions import Cast
 
 from events.models import MODEL_COLUMN_LENGTH, Event, Generation, Worker
+from events.responses import (
+    AttemptOut,
+    EventCounts,
+    EventOut,
+    GenerationCounts,
+    GenerationError,
+    GenerationOut,
+    LatencyFigures,
+    Percentiles,
+    RateFigures,
+    StatsOut,
+    WorkerOut,
+)
 from mlxserve.contract.events import time_to_first_token_ms, tokens_per_second
 from telemetry.services import telemetry_config_get
 
@@ -99,21 +112,21 @@ def stored_events(queryset: QuerySet[Event]) -> list[StoredEvent]:
     return [stored_event(row, decode) for row in event_values(queryset)]
 
 
-def event_row(event: StoredEvent | dict[str, Any]) -> dict[str, Any]:
+def event_row(event: StoredEvent | dict[str, Any]) -> EventOut:
     """An event as the API shows it (a ``StoredEvent``, or a row of ``event_values``); the
     payload goes out as the database holds it (msgspec writes ``Raw`` as is)."""
     if isinstance(event, dict):
         event = stored_event(event)
-    return {
-        "id": event.id,
-        "type": event.type,
-        "timestamp": event.timestamp,
-        "source": event.source,
-        "generationId": event.generation_id,
-        "seq": event.seq,
-        "payload": event.payload_raw,
-        "ingestedAt": event.ingested_at,
-    }
+    return EventOut(
+        id=event.id,
+        type=event.type,
+        timestamp=event.timestamp,
+        source=event.source,
+        generation_id=event.generation_id,
+        seq=event.seq,
+        payload=event.payload_raw,
+        ingested_at=event.ingested_at,
+    )
 
 
 @dataclass
@@ -140,7 +153,7 @@ class Attempt:
     def source(self) -> str | None:
         return self.events[0].source if self.events else None
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> AttemptOut:
         started, completed, error = (
             self.first("generationStarted"),
             self.first("generationCompleted"),
@@ -150,25 +163,23 @@ class Attempt:
         ttft = time_to_first_token_ms(started.timestamp, tokens[0].timestamp) if started and tokens else None
         if completed is not None and "throughput" in completed.payload:
             rate = completed.payload["throughput"]
+        elif tokens:
+            rate = tokens_per_second(len(tokens), (tokens[-1].timestamp - tokens[0].timestamp) / 1000)
         else:
-            rate = (
-                tokens_per_second(len(tokens), (tokens[-1].timestamp - tokens[0].timestamp) / 1000)
-                if tokens
-                else None
-            )
-        return {
-            "attempt": self.number,
-            "state": self.state,
-            "source": self.source,
-            "text": "".join(e.payload["token"] for e in tokens),
-            "tokens": len(tokens),
-            "timeToFirstTokenMs": ttft,
-            "tokensPerSecond": rate,
-            "durationMs": completed.payload["durationMs"] if completed else None,
-            "error": {"code": error.payload.get("code"), "message": error.payload["error"]}
+            rate = None
+        return AttemptOut(
+            attempt=self.number,
+            state=self.state,  # type: ignore[arg-type]
+            source=self.source,
+            text="".join(e.payload["token"] for e in tokens),
+            tokens=len(tokens),
+            time_to_first_token_ms=ttft,
+            tokens_per_second=rate,
+            duration_ms=completed.payload["durationMs"] if completed else None,
+            error=GenerationError(code=error.payload.get("code"), message=error.payload["error"])
             if error
             else None,
-        }
+        )
 
 
 def _attempts(events: list[StoredEvent]) -> list[Attempt]:
@@ -197,16 +208,16 @@ def _attempts(events: list[StoredEvent]) -> list[Attempt]:
     return attempts
 
 
-def _summaries(attempts: list[Attempt]) -> list[dict[str, Any]]:
+def _summaries(attempts: list[Attempt]) -> list[AttemptOut]:
     summaries = [a.summary() for a in attempts]
     for summary in summaries[:-1]:
-        if summary["state"] == "running":
+        if summary.state == "running":
             # A newer attempt began (the worker died and the task was redelivered).
-            summary["state"] = "abandoned"
+            summary.state = "abandoned"
     return summaries
 
 
-def generation_detail(*, generation_id: uuid.UUID) -> dict[str, Any] | None:
+def generation_detail(*, generation_id: uuid.UUID) -> GenerationOut | None:
     """The generation's state, text so far, figures, every attempt and its events in order.
 
     None if neither the request nor any event of it is known.
@@ -217,15 +228,14 @@ def generation_detail(*, generation_id: uuid.UUID) -> dict[str, Any] | None:
         return None
     attempts = _summaries(_attempts(events))
     latest = attempts[-1] if attempts else Attempt(number=0).summary()
-    return {
-        "generationId": str(generation_id),
-        "model": generation.model if generation else (events[0].payload.get("model") if events else None),
-        "createdAt": generation.created_at if generation else None,
-        **{k: v for k, v in latest.items() if k != "attempt"},
-        "attempt": latest["attempt"] if attempts else 0,
-        "attempts": attempts,
-        "events": events,
-    }
+    return GenerationOut(
+        **{f: getattr(latest, f) for f in AttemptOut.__struct_fields__},
+        generation_id=str(generation_id),
+        model=generation.model if generation else (events[0].payload.get("model") if events else None),
+        created_at=generation.created_at if generation else None,
+        attempts=attempts,
+        events=[event_row(e) for e in events],
+    )
 
 
 def generation_latest_tokens(*, generation_id: uuid.UUID) -> tuple[int, list[tuple[int, str]]]:
@@ -251,19 +261,19 @@ def worker_tokens_per_second(*, source: str, window_ms: int = 60_000) -> float:
     return tokens * 1000 / window_ms
 
 
-def workers_list() -> list[dict[str, Any]]:
+def workers_list() -> list[WorkerOut]:
     interval_ms = telemetry_config_get().export_interval_ms
     now_ms = time.time_ns() // 1_000_000
     return [
-        {
-            "source": w.source,
-            "status": w.status or None,
-            "modelsLoaded": w.models_loaded,
-            "activeTasks": w.active_tasks,
-            "lastStatusAt": w.last_status_at or None,
-            "lastHeardAt": w.last_heard_at,
-            "stale": worker_is_stale(w, interval_ms=interval_ms, now_ms=now_ms),
-        }
+        WorkerOut(
+            source=w.source,
+            status=w.status or None,
+            models_loaded=w.models_loaded,
+            active_tasks=w.active_tasks,
+            last_status_at=w.last_status_at or None,
+            last_heard_at=w.last_heard_at,
+            stale=worker_is_stale(w, interval_ms=interval_ms, now_ms=now_ms),
+        )
         for w in Worker.objects.order_by("source")
     ]
 
@@ -271,7 +281,7 @@ def workers_list() -> list[dict[str, Any]]:
 def _percentiles(values: list[float]) -> dict[str, float | None]:
     """p50/p95/p99 by linear interpolation between closest ranks (None when there is no data)."""
     if not values:
-        return {"p50": None, "p95": None, "p99": None}
+        return dict.fromkeys(Percentiles.__struct_fields__)
     ordered = sorted(values)
     result: dict[str, float | None] = {}
     for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
@@ -295,7 +305,7 @@ def _first_token_times(generation_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
     return first
 
 
-def events_stats(*, since: int, until: int, model: str | None = None) -> dict[str, Any]:
+def events_stats(*, since: int, until: int, model: str | None = None) -> StatsOut:
     """What the fleet did in ``[since, until]`` (epoch ms): counts, tokens/s, time to first token.
 
     Counts come from one GROUP BY over the time index; the figures are per
@@ -337,23 +347,22 @@ def events_stats(*, since: int, until: int, model: str | None = None) -> dict[st
     ]
 
     seconds = max(until - since, 1) / 1000
-    return {
-        "since": since,
-        "until": until,
-        "model": model,
-        "events": {"total": sum(by_type.values()), "byType": by_type, "byModel": by_model},
-        "generations": {
-            "started": by_type.get("generationStarted", 0),
-            "completed": by_type.get("generationCompleted", 0),
-            "errors": by_type.get("error", 0),
-        },
-        "tokens": by_type.get("tokenGenerated", 0),
-        "tokensPerSecond": {
-            "fleet": round(by_type.get("tokenGenerated", 0) / seconds, 3),
-            **_percentiles(throughputs),
-        },
-        "timeToFirstTokenMs": {"count": len(ttft), **_percentiles(ttft)},
-    }
+    return StatsOut(
+        since=since,
+        until=until,
+        model=model,
+        events=EventCounts(total=sum(by_type.values()), by_type=by_type, by_model=by_model),
+        generations=GenerationCounts(
+            started=by_type.get("generationStarted", 0),
+            completed=by_type.get("generationCompleted", 0),
+            errors=by_type.get("error", 0),
+        ),
+        tokens=by_type.get("tokenGenerated", 0),
+        tokens_per_second=RateFigures(
+            fleet=round(by_type.get("tokenGenerated", 0) / seconds, 3), **_percentiles(throughputs)
+        ),
+        time_to_first_token_ms=LatencyFigures(count=len(ttft), **_percentiles(ttft)),
+    )
 
 
 def events_export(queryset: QuerySet[Event], *, chunk: int = 2000) -> Iterator[bytes]:

@@ -29,6 +29,20 @@ from events.filters import EpochMsFilter, EventFilter
 from events.generations import generation_queue
 from events.intake import IntakeRefused, event_submit, event_submit_batch
 from events.models import DeadLetter, Event
+from events.responses import (
+    Accepted,
+    BatchOutcome,
+    DeadLetterOut,
+    DeadLetterPage,
+    EventOut,
+    EventPage,
+    GenerationOut,
+    GenerationQueued,
+    StatsOut,
+    UnloadSent,
+    WorkerOut,
+    dead_letter_out,
+)
 from events.selectors import (
     event_row,
     event_values,
@@ -37,7 +51,6 @@ from events.selectors import (
     generation_detail,
     workers_list,
 )
-from events.serializers import DeadLetterSerializer, EventSerializer
 from mlxserve.api import (
     CanOperate,
     CanPostEvents,
@@ -116,16 +129,16 @@ def _is_int64(text: Any) -> bool:
 class EventListCreateView(generics.ListAPIView[Event]):
     """``GET`` the stored events (newest first, filtered); ``POST`` one envelope or an array."""
 
-    serializer_class = EventSerializer
     pagination_class = EventCursorPagination
     filterset_class = EventFilter
 
     def get_queryset(self) -> QuerySet[Event]:
         return Event.objects.all()
 
+    @extend_schema(responses={200: struct_schema(EventPage), **ERROR_RESPONSES})
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         # Rows straight to JSON: the payload as the database's text (never parsed and
-        # re-encoded), no serializer fields per row. Same shape as EventSerializer.
+        # re-encoded), no serializer fields per row.
         queryset = event_values(self.filter_queryset(self.get_queryset()))
         page = self.paginate_queryset(queryset) or []
         return self.get_paginated_response([event_row(e) for e in page])
@@ -139,23 +152,11 @@ class EventListCreateView(generics.ListAPIView[Event]):
         request=json_request({"oneOf": [ENVELOPE_SCHEMA, {"type": "array", "items": ENVELOPE_SCHEMA}]}),
         responses={
             202: OpenApiResponse(
-                response={"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}},
+                response=struct_schema(Accepted),
                 description="One envelope, accepted: it is on the Redis stream.",
             ),
             207: OpenApiResponse(
-                response={
-                    "type": "object",
-                    "properties": {
-                        "accepted": {"type": "array", "items": {"type": "string", "format": "uuid"}},
-                        "rejected": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {"index": {"type": "integer"}, "error": ERROR_SCHEMA},
-                            },
-                        },
-                    },
-                },
+                response=struct_schema(BatchOutcome),
                 description="An array: the valid envelopes are accepted whatever the others hold.",
             ),
             **WRITE_ERROR_RESPONSES,
@@ -179,10 +180,7 @@ class EventListCreateView(generics.ListAPIView[Event]):
                 outcome = event_submit_batch(
                     client=client, stream=stream, items=data, account=account, producer=producer
                 )
-                return Response(
-                    {"accepted": outcome.accepted, "rejected": outcome.rejected},
-                    status=status.HTTP_207_MULTI_STATUS,
-                )
+                return Response(outcome, status=status.HTTP_207_MULTI_STATUS)
             if not isinstance(data, dict):
                 raise ValidationFailed(
                     [Issue([], "Must be an envelope object or an array of them", "invalid_type")]
@@ -193,34 +191,20 @@ class EventListCreateView(generics.ListAPIView[Event]):
         except IntakeRefused as refused:
             headers = {"Retry-After": str(refused.retry_after)} if refused.retry_after else None
             return Response(refused.as_error(), status=refused.status, headers=headers)
-        return Response({"id": event_id}, status=status.HTTP_202_ACCEPTED)
+        return Response(Accepted(id=str(event_id)), status=status.HTTP_202_ACCEPTED)
 
 
-class EventDetailView(generics.RetrieveAPIView[Event]):
+class EventDetailView(APIView):
     """One stored event; 404 until the ingester has stored it."""
 
-    serializer_class = EventSerializer
-    queryset = Event.objects.all()
-    filter_backends: list[type] = []
+    permission_classes = [CanRead]
 
-
-GENERATION_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "generationId": {"type": "string", "format": "uuid"},
-        "model": {"type": "string", "nullable": True},
-        "state": {"type": "string", "enum": ["queued", "running", "completed", "failed"]},
-        "text": {"type": "string"},
-        "tokens": {"type": "integer"},
-        "timeToFirstTokenMs": {"type": "number", "nullable": True},
-        "tokensPerSecond": {"type": "number", "nullable": True},
-        "durationMs": {"type": "number", "nullable": True},
-        "error": {"type": "object", "nullable": True},
-        "attempt": {"type": "integer"},
-        "attempts": {"type": "array", "items": {"type": "object"}},
-        "events": {"type": "array", "items": {"type": "object"}},
-    },
-}
+    @extend_schema(responses={200: struct_schema(EventOut), **ERROR_RESPONSES, 404: error("No such event")})
+    def get(self, request: Request, pk: uuid.UUID) -> Response:
+        row = event_values(Event.objects.filter(pk=pk)).first()
+        if row is None:
+            raise NotFound("No such event")
+        return Response(event_row(row))
 
 
 class GenerationCreateView(APIView):
@@ -231,13 +215,7 @@ class GenerationCreateView(APIView):
     @extend_schema(
         request=json_request(struct_schema(GenerationOrder)),
         responses={
-            202: OpenApiResponse(
-                response={
-                    "type": "object",
-                    "properties": {"generationId": {"type": "string", "format": "uuid"}},
-                },
-                description="Queued",
-            ),
+            202: OpenApiResponse(response=struct_schema(GenerationQueued), description="Queued"),
             **WRITE_ERROR_RESPONSES,
             503: OpenApiResponse(response=ERROR_SCHEMA, description="The broker (Redis) is unreachable"),
         },
@@ -247,25 +225,26 @@ class GenerationCreateView(APIView):
             generation = generation_queue(data=request.data, user=request.user)
         except (OperationalError, OSError) as exc:
             raise redis.ConnectionError(str(exc)) from exc
-        return Response({"generationId": str(generation.id)}, status=status.HTTP_202_ACCEPTED)
+        return Response(GenerationQueued(generation_id=str(generation.id)), status=status.HTTP_202_ACCEPTED)
 
 
 class GenerationDetailView(APIView):
     """A generation's state, text so far, time to first token, tokens/s, every attempt and its events."""
 
-    @extend_schema(responses={200: GENERATION_SCHEMA, **ERROR_RESPONSES, 404: error("No such generation")})
+    @extend_schema(
+        responses={200: struct_schema(GenerationOut), **ERROR_RESPONSES, 404: error("No such generation")}
+    )
     def get(self, request: Request, generation_id: uuid.UUID) -> Response:
         detail = generation_detail(generation_id=generation_id)
         if detail is None:
             raise NotFound("No such generation")
-        detail["events"] = [event_row(e) for e in detail["events"]]
         return Response(detail)
 
 
 class WorkerListView(APIView):
     """Every worker seen: last runtimeStatus, when last heard from, stale after three missed heartbeats."""
 
-    @extend_schema(responses={200: {"type": "array", "items": {"type": "object"}}, **ERROR_RESPONSES})
+    @extend_schema(responses={200: struct_schema(list[WorkerOut]), **ERROR_RESPONSES})
     def get(self, request: Request) -> Response:
         return Response(workers_list())
 
@@ -278,7 +257,7 @@ class WorkerUnloadView(APIView):
     @extend_schema(
         request=json_request(struct_schema(ControlCommand)),
         responses={
-            202: {"type": "object", "properties": {"listeners": {"type": "integer"}}},
+            202: struct_schema(UnloadSent),
             **WRITE_ERROR_RESPONSES,
         },
     )
@@ -290,7 +269,7 @@ class WorkerUnloadView(APIView):
         listeners = control_command_publish(
             client=redis_client(), channel=settings.WORKER_CONTROL_CHANNEL, command=command
         )
-        return Response({"listeners": listeners}, status=status.HTTP_202_ACCEPTED)
+        return Response(UnloadSent(listeners=listeners), status=status.HTTP_202_ACCEPTED)
 
 
 HOUR_MS = 3_600_000
@@ -313,36 +292,11 @@ class StatsQuery(serializers.Serializer[Any]):
         return {**attrs, "since": since, "until": until}
 
 
-STATS_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "since": {"type": "integer"},
-        "until": {"type": "integer"},
-        "model": {"type": "string", "nullable": True},
-        "events": {
-            "type": "object",
-            "properties": {
-                "total": {"type": "integer"},
-                "byType": {"type": "object", "additionalProperties": {"type": "integer"}},
-                "byModel": {"type": "object", "additionalProperties": {"type": "integer"}},
-            },
-        },
-        "generations": {"type": "object", "additionalProperties": {"type": "integer"}},
-        "tokens": {"type": "integer"},
-        "tokensPerSecond": {"type": "object", "additionalProperties": {"type": "number", "nullable": True}},
-        "timeToFirstTokenMs": {
-            "type": "object",
-            "additionalProperties": {"type": "number", "nullable": True},
-        },
-    },
-}
-
-
 class StatsView(APIView):
     """Counts by type and model, fleet tokens/s, and per-generation tokens/s and time to
     first token percentiles (p50, p95, p99) over a window (default: the last hour)."""
 
-    @extend_schema(parameters=[StatsQuery], responses={200: STATS_SCHEMA, **ERROR_RESPONSES})
+    @extend_schema(parameters=[StatsQuery], responses={200: struct_schema(StatsOut), **ERROR_RESPONSES})
     def get(self, request: Request) -> Response:
         query = StatsQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
@@ -394,13 +348,17 @@ class EventExportView(generics.GenericAPIView[Event]):
 class DeadLetterListView(generics.ListAPIView[DeadLetter]):
     """What the ingester could not store, newest first (operators and admins)."""
 
-    serializer_class = DeadLetterSerializer
     pagination_class = DeadLetterCursorPagination
     permission_classes = [CanSeeDeadLetters]
     filter_backends: list[type] = []
 
     def get_queryset(self) -> QuerySet[DeadLetter]:
         return DeadLetter.objects.defer("body")
+
+    @extend_schema(responses={200: struct_schema(DeadLetterPage), **ERROR_RESPONSES})
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        page = self.paginate_queryset(self.get_queryset()) or []
+        return self.get_paginated_response([dead_letter_out(letter) for letter in page])
 
 
 class DeadLetterReplayView(APIView):
@@ -411,7 +369,7 @@ class DeadLetterReplayView(APIView):
     @extend_schema(
         request=None,
         responses={
-            200: DeadLetterSerializer,
+            200: struct_schema(DeadLetterOut),
             400: OpenApiResponse(response=ERROR_SCHEMA, description="Still not storable: why (kept on it)"),
             404: error("No such dead letter"),
             409: error("Already replayed"),
@@ -432,4 +390,4 @@ class DeadLetterReplayView(APIView):
                 dead_letter_replay(letter)
             except ReplayRefused as refused:
                 return Response(refused.error, status=status.HTTP_400_BAD_REQUEST)
-        return Response(DeadLetterSerializer(letter).data)
+        return Response(dead_letter_out(letter))

@@ -250,7 +250,7 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_and_alert_query(
 def generation_done(generation_id: str) -> Any:
     def done() -> bool:
         detail = generation_detail(generation_id=uuid.UUID(generation_id))
-        return detail is not None and detail["state"] in ("completed", "failed")
+        return detail is not None and detail.state in ("completed", "failed")
 
     return done
 

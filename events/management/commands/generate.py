@@ -4,9 +4,11 @@ import json
 import time
 from typing import Any
 
+import msgspec
 from django.core.management.base import BaseCommand, CommandError
 
 from events.generations import generation_queue
+from events.responses import GenerationOut
 from events.selectors import generation_detail, generation_latest_tokens
 from mlxserve.contract.events import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from mlxserve.contract.validation import ValidationFailed
@@ -61,23 +63,23 @@ class Command(BaseCommand):
                 self.stdout.flush()
                 shown_seq = seq
             detail = generation_detail(generation_id=generation.id)
-            if detail and detail["state"] in ("completed", "failed") and shown_seq >= detail["tokens"]:
+            if detail and detail.state in ("completed", "failed") and shown_seq >= detail.tokens:
                 self.stdout.write("")
                 self._summary(detail)
-                if detail["state"] == "failed":
-                    raise CommandError(f"Generation failed: {detail['error']}")
+                if detail.state == "failed":
+                    raise CommandError(f"Generation failed: {msgspec.json.encode(detail.error).decode()}")
                 return
             time.sleep(0.1)
         raise CommandError(
             f"Timed out after {options['timeout']:.0f}s: is a worker running? Is the ingester?"
         )
 
-    def _summary(self, detail: dict[str, Any]) -> None:
-        ttft = detail["timeToFirstTokenMs"]
-        tps = detail["tokensPerSecond"]
+    def _summary(self, detail: GenerationOut) -> None:
+        ttft = detail.time_to_first_token_ms
+        tps = detail.tokens_per_second
         self.stderr.write(
-            f"--\n{detail['state']}: {detail['tokens']} tokens"
+            f"--\n{detail.state}: {detail.tokens} tokens"
             + (f", time to first token {ttft:.0f} ms" if ttft is not None else "")
             + (f", {tps:.1f} tokens/s" if tps is not None else "")
-            + (f", attempt {detail['attempt']}" if detail["attempt"] > 1 else "")
+            + (f", attempt {detail.attempt}" if detail.attempt > 1 else "")
         )
