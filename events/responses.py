@@ -34,14 +34,6 @@ class EventOut(_Shape):
     ingested_at: Timestamp
 
 
-class EventPage(_Shape):
-    """A page of events, newest first; follow ``next`` (a cursor) for the next one."""
-
-    next: str | None
-    previous: str | None
-    results: list[EventOut]
-
-
 class Accepted(_Shape):
     """One event accepted: it is on the stream and will be stored."""
 
@@ -49,7 +41,7 @@ class Accepted(_Shape):
 
 
 # The error object (its schema is the one every error response has).
-ErrorObject = Annotated[dict[str, object], Meta(extra_json_schema=ERROR_SCHEMA)]
+ErrorObject = Annotated[dict[str, Any], Meta(extra_json_schema=ERROR_SCHEMA)]
 
 
 class Rejected(_Shape):
@@ -164,12 +156,6 @@ class DeadLetterOut(_Shape):
     error: ErrorObject
     received_at: datetime.datetime
     replayed_at: datetime.datetime | None
-
-
-class DeadLetterPage(_Shape):
-    next: str | None
-    previous: str | None
-    results: list[DeadLetterOut]
 
 
 def dead_letter_out(letter: Any) -> DeadLetterOut:

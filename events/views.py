@@ -33,9 +33,7 @@ from events.responses import (
     Accepted,
     BatchOutcome,
     DeadLetterOut,
-    DeadLetterPage,
     EventOut,
-    EventPage,
     GenerationOut,
     GenerationQueued,
     StatsOut,
@@ -69,6 +67,7 @@ from mlxserve.openapi import (
     error,
     json_request,
     struct_schema,
+    struct_serializer,
 )
 from mlxserve.redis_conn import redis_client
 
@@ -129,13 +128,13 @@ def _is_int64(text: Any) -> bool:
 class EventListCreateView(generics.ListAPIView[Event]):
     """``GET`` the stored events (newest first, filtered); ``POST`` one envelope or an array."""
 
+    serializer_class = struct_serializer(EventOut)
     pagination_class = EventCursorPagination
     filterset_class = EventFilter
 
     def get_queryset(self) -> QuerySet[Event]:
         return Event.objects.all()
 
-    @extend_schema(responses={200: struct_schema(EventPage), **ERROR_RESPONSES})
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         # Rows straight to JSON: the payload as the database's text (never parsed and
         # re-encoded), no serializer fields per row.
@@ -348,6 +347,7 @@ class EventExportView(generics.GenericAPIView[Event]):
 class DeadLetterListView(generics.ListAPIView[DeadLetter]):
     """What the ingester could not store, newest first (operators and admins)."""
 
+    serializer_class = struct_serializer(DeadLetterOut)
     pagination_class = DeadLetterCursorPagination
     permission_classes = [CanSeeDeadLetters]
     filter_backends: list[type] = []
@@ -355,7 +355,6 @@ class DeadLetterListView(generics.ListAPIView[DeadLetter]):
     def get_queryset(self) -> QuerySet[DeadLetter]:
         return DeadLetter.objects.defer("body")
 
-    @extend_schema(responses={200: struct_schema(DeadLetterPage), **ERROR_RESPONSES})
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         page = self.paginate_queryset(self.get_queryset()) or []
         return self.get_paginated_response([dead_letter_out(letter) for letter in page])

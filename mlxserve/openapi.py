@@ -6,7 +6,9 @@ from typing import Any
 
 import drf_spectacular.openapi
 import msgspec
+from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import OpenApiResponse
+from rest_framework import serializers
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -110,3 +112,29 @@ class AutoSchema(drf_spectacular.openapi.AutoSchema):
                     response, str(code), ["application/json"], direction
                 )
         return responses
+
+
+# -- msgspec structs where DRF wants a serializer class ---------------------------------------
+
+
+class StructSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """Stands for a msgspec struct where DRF's generic views and drf-spectacular want a
+    serializer class (a list view's items, for its pagination and filters): the schema is
+    the struct's. The view writes the structs itself; this never serializes anything."""
+
+    struct: Any = None
+
+
+def struct_serializer(struct: Any) -> type[StructSerializer]:
+    return type(f"{struct.__name__}Serializer", (StructSerializer,), {"struct": struct})
+
+
+class StructSerializerExtension(OpenApiSerializerExtension):
+    target_class = "mlxserve.openapi.StructSerializer"
+    match_subclasses = True
+
+    def get_name(self, auto_schema: Any, direction: Any) -> str:
+        return str(self.target.struct.__name__)
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        return struct_schema(self.target.struct)
