@@ -129,6 +129,11 @@ class EnvelopeBase(
     source: Source
     seq: NonNegativeInt
 
+    @property
+    def type(self) -> str:
+        """The event type (the envelope's ``type`` on the wire)."""
+        return str(self.__struct_config__.tag)
+
 
 class _LifecycleEnvelope(EnvelopeBase, kw_only=True):
     generation_id: uuid.UUID | None = None
@@ -303,6 +308,32 @@ def _undeclared_rules_checked(
     if envelope.timestamp > (_now_ms() if now_ms is None else now_ms) + TIMESTAMP_MAX_AHEAD_MS:
         raise ValidationFailed([_future_issue()])
     return envelope
+
+
+PAYLOAD_BY_TYPE: dict[str, type[Payload]] = {
+    event_type: next(f.type for f in msgspec.structs.fields(envelope) if f.name == "payload")
+    for event_type, envelope in ENVELOPE_BY_TYPE.items()
+}
+
+
+def payload_validate(event_type: str, payload: Any) -> Payload:
+    """One payload of ``event_type`` alone, by the rules it has inside an envelope (paths start
+    at the payload's own fields). Raises ``ValidationFailed``."""
+    struct = PAYLOAD_BY_TYPE.get(event_type)
+    if struct is None:
+        raise ValidationFailed([Issue(["type"], TYPE_MESSAGE, "invalid_enum")])
+    try:
+        result = msgspec.convert(payload, struct, strict=True)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise failure_for(payload, struct, exc) from None
+    issues: list[Issue] = []
+    for name, wire_name in _FREE_FORM_FIELDS[struct]:
+        value = getattr(result, name)
+        if type(value) is dict and not is_plain_json(value):
+            json_value_issues(value, [wire_name], issues)
+    if issues:
+        raise ValidationFailed(issues)
+    return result
 
 
 def _flat(value: dict[str, Any]) -> bool:

@@ -1,7 +1,7 @@
 """Strict validation for the wire contract.
 
 Every rule is declared once, as a ``msgspec.Struct`` with ``Meta`` constraints
-(see ``telemetry/schemas.py`` and ``events/schemas.py``). Two things read that
+(see ``mlxserve/contract/telemetry.py`` and ``mlxserve/contract/events.py``). Two things read that
 declaration:
 
 * the fast path, ``msgspec.convert`` in strict mode, which runs in C and stops
@@ -44,40 +44,11 @@ class Issue(msgspec.Struct, frozen=True):
     code: str
 
 
-class ValidationFailed(Exception):
-    """The one error object, raised in Python and sent over HTTP."""
-
-    code = "InvalidParams"
-
-    def __init__(self, issues: Sequence[Issue]) -> None:
-        if not issues:
-            raise ValueError("ValidationFailed needs at least one issue")
-        self.issues = list(issues)
-        super().__init__(self.message)
-
-    @property
-    def field(self) -> str:
-        path = self.issues[0].path
-        return ".".join(str(p) for p in path) if path else "root"
-
-    @property
-    def message(self) -> str:
-        return f"Validation error on field '{self.field}': {self.issues[0].message}"
-
-    def as_error(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "message": self.message,
-            "details": {
-                "field": self.field,
-                "issues": [{"path": list(i.path), "message": i.message, "code": i.code} for i in self.issues],
-            },
-        }
-
-
 class EngineError(Exception):
-    """A failure of the engine with its error code (``ModelNotFound``, ``ModelLoadFailed``,
-    ``GenerationFailed``, ...): the code the ``error`` event and the task result carry."""
+    """The error object as a Python exception: ``code``, ``message`` and ``details`` as the
+    API sends them. Validation failures are ``ValidationFailed`` (code ``InvalidParams``);
+    the engine's own failures carry theirs (``ModelNotFound``, ``ModelLoadFailed``,
+    ``GenerationFailed``, ...), the code the ``error`` event and the task result carry."""
 
     def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -86,7 +57,29 @@ class EngineError(Exception):
         self.details = details
 
     def as_error(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "details": self.details}
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            error["details"] = self.details
+        return error
+
+
+class ValidationFailed(EngineError):
+    """Input that breaks the contract: every issue found, the first one in ``message``."""
+
+    def __init__(self, issues: Sequence[Issue]) -> None:
+        if not issues:
+            raise ValueError("ValidationFailed needs at least one issue")
+        self.issues = list(issues)
+        path = self.issues[0].path
+        self.field = ".".join(str(p) for p in path) if path else "root"
+        super().__init__(
+            "InvalidParams",
+            f"Validation error on field '{self.field}': {self.issues[0].message}",
+            {
+                "field": self.field,
+                "issues": [{"path": list(i.path), "message": i.message, "code": i.code} for i in self.issues],
+            },
+        )
 
 
 def error_object(code: str, message: str, issue_code: str) -> dict[str, Any]:

@@ -6,6 +6,12 @@ nothing of this project but ``mlxserve.contract``.
 - ``publisher``: batches events to the Redis stream, spools them to disk while Redis is away.
 - ``metrics``: the worker's Prometheus metrics and the endpoint that serves them.
 - ``config_watcher``, ``subscription``: the live telemetry config and the control channel.
+- ``bridge``: ``TelemetryBridge``, the telemetry config applied to a process (its metrics endpoint).
 - ``runtime``: all of the above for one worker process.
 - ``demo_model``: a small random-weight model with a locally trained tokenizer.
 """
+
+from mlxserve.engine.bridge import TelemetryBridge
+from mlxserve.engine.emitter import EngineEventEmitter
+
+__all__ = ["EngineEventEmitter", "TelemetryBridge"]

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import redis
 from msgspec import UNSET
 
-from mlxserve.contract.events import Envelope, envelope_encode, envelope_validate
+from mlxserve.contract.events import EVENT_TYPES, Envelope, envelope_encode, envelope_validate
 from mlxserve.contract.stream import stream_append
 from mlxserve.contract.validation import Issue, ValidationFailed
 
@@ -100,20 +100,45 @@ def _given(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not UNSET}
 
 
+Listener = Callable[[Envelope], None]
+ANY_TYPE = "*"
+
+
 class EngineEventEmitter:
-    """``on_refused`` is told of every event this emitter refuses (a worker counts them):
-    a refusal is also logged, so a worker whose clock is off says so in its log."""
+    """Builds, validates and hands out lifecycle events: one method per event type (as
+    mlx-serving's emitter) and a generic ``emit``.
+
+    A valid event goes to the ``publisher``, if any (the worker's stream publisher, which
+    gets its JSON too), then to every listener of its type and of ``"*"``, in the order they
+    were added. An invalid one is logged (``Invalid <type> payload: ...``) and raised as
+    ``ValidationFailed`` (an ``EngineError``, code ``InvalidParams``); it reaches no
+    publisher and no listener. A listener that raises is logged and the others still run.
+    ``on_refused`` is told of every refusal (a worker counts them).
+    """
 
     def __init__(
         self,
         *,
         source: str,
-        publisher: EventPublisher,
+        publisher: EventPublisher | None = None,
         on_refused: Callable[[ValidationFailed], None] | None = None,
     ) -> None:
         self.source = source
         self.publisher = publisher
         self.on_refused = on_refused
+        self._listeners: dict[str, list[Listener]] = {}
+
+    def on(self, event_type: str, listener: Listener) -> None:
+        """Call ``listener(envelope)`` with every valid event of ``event_type`` (``"*"``: all)."""
+        if event_type != ANY_TYPE and event_type not in EVENT_TYPES:
+            raise ValueError(f"No event type {event_type!r}: one of {', '.join(EVENT_TYPES)}, or '*'")
+        self._listeners.setdefault(event_type, []).append(listener)
+
+    def off(self, event_type: str, listener: Listener) -> None:
+        """Stop calling ``listener`` for ``event_type`` (nothing if it was not listening)."""
+        listeners = self._listeners.get(event_type, [])
+        if listener in listeners:
+            listeners.remove(listener)
 
     def _new_id(self) -> uuid.UUID:
         return random_uuid()
@@ -153,12 +178,27 @@ class EngineEventEmitter:
                     ]
                 ) from None
         except ValidationFailed as exc:
-            logger.error("%s event refused: %s", event_type, exc.message)
+            logger.error(
+                "Invalid %s payload: %s (issues: %s)",
+                event_type,
+                exc.message,
+                "; ".join(f"{'.'.join(map(str, i.path)) or 'root'}: {i.message}" for i in exc.issues),
+            )
             if self.on_refused is not None:
                 self.on_refused(exc)
             raise
-        self.publisher.publish(envelope, body)
+        if self.publisher is not None:
+            self.publisher.publish(envelope, body)
+        if self._listeners:
+            self._deliver(event_type, envelope)
         return envelope
+
+    def _deliver(self, event_type: str, envelope: Envelope) -> None:
+        for listener in (*self._listeners.get(event_type, ()), *self._listeners.get(ANY_TYPE, ())):
+            try:
+                listener(envelope)
+            except Exception:
+                logger.exception("A listener of %s events failed", event_type)
 
     def model_loaded(
         self,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msgspec import UNSET
+
 from mlxserve.contract.events import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -72,7 +74,7 @@ class LoadedModel:
     tokenizer: Any
     size_bytes: int
     parameters: int
-    quantization: str
+    quantization: Quantization
     fingerprint: dict[str, tuple[int, int]]
 
 
@@ -106,10 +108,79 @@ def resolve_model_path(model: str, model_path: str | None) -> Path:
     raise EngineError("ModelNotFound", f"Model {target!r} not found (no such directory)")
 
 
-def quantization_of(config: dict[str, Any]) -> str:
+@dataclass(frozen=True)
+class Quantization:
+    """How a model's weights are stored, from its config (mlx-lm writes ``quantization``:
+    ``bits``, ``group_size``, ``mode``; Hugging Face ``quantization_config``)."""
+
+    bits: int | None = None  # None: not quantized
+    group_size: int | None = None
+    mode: str | None = None
+    layers: dict[str, int] = field(default_factory=dict)  # per-layer bits where they differ
+
+    @property
+    def seed_value(self) -> str | None:
+        """The contract's ``quantization`` (``none``, ``int4``, ``int8``), or None when it has
+        no name for this one (3, 5, 6 bits, float modes such as ``mxfp4``)."""
+        if self.bits is None:
+            return "none"
+        if self.mode in (None, "affine") and self.bits in (4, 8):
+            return f"int{self.bits}"
+        return None
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"bits": self.bits, "groupSize": self.group_size, "mode": self.mode} if self.bits else {}
+
+    def labels(self) -> dict[str, str]:
+        """The worker metric's labels: empty strings for a model stored unquantized."""
+        return {
+            "bits": str(self.bits or ""),
+            "group_size": str(self.group_size or ""),
+            "mode": (self.mode or "affine") if self.bits else "",
+        }
+
+    def bits_of(self, layer: str) -> int | None:
+        return self.layers.get(layer, self.bits)
+
+
+def quantization_of(config: dict[str, Any]) -> Quantization:
     quant = config.get("quantization") or config.get("quantization_config") or {}
-    bits = quant.get("bits") if isinstance(quant, dict) else None
-    return {4: "int4", 8: "int8"}.get(bits, "none") if bits else "none"
+    if not isinstance(quant, dict) or not isinstance(quant.get("bits"), int):
+        return Quantization()
+    layers = {
+        name: spec["bits"]
+        for name, spec in quant.items()
+        if isinstance(spec, dict) and isinstance(spec.get("bits"), int)
+    }
+    group_size = quant.get("group_size")
+    mode = quant.get("mode") if isinstance(quant.get("mode"), str) else None
+    return Quantization(
+        bits=quant["bits"],
+        group_size=group_size if isinstance(group_size, int) else None,
+        mode=mode,
+        layers=layers,
+    )
+
+
+def parameters_counted(named_weights: list[tuple[str, Any]], quantization: Quantization) -> int:
+    """Parameters, counted from the weights as the unquantized model has them: a quantized
+    layer's packed ``uint32`` words hold 32/bits weights each, and its ``scales`` and
+    ``biases`` are how it is stored, not parameters."""
+    packed = {
+        name.removesuffix(".weight")
+        for name, w in named_weights
+        if quantization.bits and name.endswith(".weight") and str(w.dtype) == "mlx.core.uint32"
+    }
+    total = 0
+    for name, w in named_weights:
+        layer, _, kind = name.rpartition(".")
+        if layer in packed and kind in ("scales", "biases"):
+            continue
+        size = int(w.size)
+        if layer in packed and kind == "weight":
+            size = size * 32 // (quantization.bits_of(layer) or 32)
+        total += size
+    return total
 
 
 class ModelCache:
@@ -271,10 +342,10 @@ class Engine:
                 raise EngineError("ModelLoadFailed", f"Loading {model} from {path} failed: {exc}") from exc
             load_seconds = time.perf_counter() - started
             flat: Any = tree_flatten(mlx_model.parameters())
-            weights = [w for _, w in flat if isinstance(w, mx.array)]
-            size_bytes = sum(int(w.nbytes) for w in weights)
+            named = [(n, w) for n, w in flat if isinstance(w, mx.array)]
+            size_bytes = sum(int(w.nbytes) for _, w in named)
             quantization = quantization_of(config)
-            parameters = self._count_parameters(weights, config, quantization)
+            parameters = parameters_counted(named, quantization)
             loaded = LoadedModel(
                 name=model,
                 path=path,
@@ -288,28 +359,21 @@ class Engine:
             for victim in self.cache.victims_for(size_bytes):
                 self._unload(victim, "cache-eviction")
             self.cache.put(loaded)
-            self.metrics.series(self.metrics.models_loaded, model=model).inc()
+            self.metrics.series(self.metrics.models_loaded, model=model, **quantization.labels()).inc()
             self.metrics.series(self.metrics.model_load_duration, model=model).observe(load_seconds)
+            facts = quantization.as_metadata()
             self.emitter.model_loaded(
                 model=model,
                 model_path=str(path),
-                quantization=quantization,
+                quantization=quantization.seed_value if quantization.seed_value is not None else UNSET,
                 parameters=max(parameters, 1),
-                metadata={"loadMs": round(load_seconds * 1000, 3), "sizeBytes": size_bytes},
+                metadata={
+                    "loadMs": round(load_seconds * 1000, 3),
+                    "sizeBytes": size_bytes,
+                    **({"quantization": facts} if facts else {}),
+                },
             )
             return loaded
-
-    @staticmethod
-    def _count_parameters(weights: list[Any], config: dict[str, Any], quantization: str) -> int:
-        """Parameters, counted from the weights; packed quantized weights are unpacked in the count."""
-        bits = {"int4": 4, "int8": 8}.get(quantization)
-        total = 0
-        for w in weights:
-            size = int(w.size)
-            if bits and str(w.dtype) == "mlx.core.uint32":
-                size = size * 32 // bits
-            total += size
-        return total
 
     def _unload(self, name: str, reason: str) -> None:
         if self.cache.pop(name) is None:

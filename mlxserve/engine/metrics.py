@@ -74,7 +74,10 @@ class WorkerMetrics:
         r = self.registry
         # Model lifecycle
         self.models_loaded = Counter(
-            "kr_serve_models_loaded", "Models loaded from disk (cache misses)", ["model"], registry=r
+            "kr_serve_models_loaded",
+            "Models loaded from disk (cache misses), by how their weights are stored",
+            ["model", "bits", "group_size", "mode"],
+            registry=r,
         )
         self.models_unloaded = Counter(
             "kr_serve_models_unloaded",

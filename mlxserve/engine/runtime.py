@@ -17,10 +17,11 @@ import redis
 
 from mlxserve.contract.control import ControlCommand
 from mlxserve.contract.telemetry import DEFAULT_METRIC_LABEL_LIMIT, TelemetryConfigSchema
+from mlxserve.engine.bridge import TelemetryBridge
 from mlxserve.engine.config_watcher import TelemetryConfigWatcher
 from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.engine import Engine, ModelCache
-from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
+from mlxserve.engine.metrics import WorkerMetrics
 from mlxserve.engine.publisher import BufferedPublisher
 from mlxserve.engine.subscription import Subscription
 
@@ -58,8 +59,12 @@ class WorkerRuntime:
             settings.redis_url, socket_connect_timeout=2, socket_timeout=5
         )
         self.metrics = WorkerMetrics(label_limit=settings.metric_label_limit)
-        self.metrics.set_identity(
-            service_name=TelemetryConfigSchema(enabled=False).service_name, source=settings.source
+        # Serves the metrics as the live config says (off until the first config arrives).
+        self.bridge = TelemetryBridge(
+            TelemetryConfigSchema(enabled=False),
+            source=settings.source,
+            host=settings.metrics_host,
+            metrics=self.metrics,
         )
         self.publisher = BufferedPublisher(
             client=self.client,
@@ -82,7 +87,6 @@ class WorkerRuntime:
             metrics=self.metrics,
             cache=ModelCache(max_models=settings.max_models, max_bytes=settings.max_model_bytes),
         )
-        self.exporter = MetricsExporter(self.metrics.registry, host=settings.metrics_host)
         self.config: TelemetryConfigSchema | None = None
         self._watcher = TelemetryConfigWatcher(
             client=self.client, key=settings.config_key, on_change=self.apply_config
@@ -95,6 +99,7 @@ class WorkerRuntime:
         )
 
     def start(self) -> WorkerRuntime:
+        self.bridge.start()
         self.engine.start()
         self._watcher.start()
         self._control.start()
@@ -104,9 +109,8 @@ class WorkerRuntime:
     def apply_config(self, config: TelemetryConfigSchema, version: int) -> None:
         """A config change, live: exporter on/off/port, service name, heartbeat interval."""
         self.config = config
-        self.metrics.set_identity(service_name=config.service_name, source=self.settings.source)
         self.engine.set_heartbeat_interval(config.export_interval_ms / 1000)
-        self.exporter.apply(enabled=config.enabled, port=config.prometheus_port)
+        self.bridge.reconfigure(config)
         logger.info("Telemetry config version %d applied: %s", version, config.to_wire())
 
     def _on_control(self, data: bytes) -> None:
@@ -123,6 +127,6 @@ class WorkerRuntime:
         self._control.stop()
         self._watcher.stop()
         self.engine.shutdown()
-        self.exporter.close()
+        self.bridge.stop()
         self.publisher.close(timeout)
         logger.info("Worker runtime %s stopped", self.settings.source)

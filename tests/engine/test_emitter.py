@@ -111,7 +111,7 @@ def test_a_worker_whose_clock_was_never_set_logs_and_counts_each_refused_event(
     assert publisher.envelopes == []
     assert [exc.field for exc in refused] == ["timestamp"]
     assert (
-        "runtimeStatus event refused: Validation error on field 'timestamp': Timestamp must be epoch"
+        "Invalid runtimeStatus payload: Validation error on field 'timestamp': Timestamp must be epoch"
         in caplog.text
     )
 
@@ -163,3 +163,74 @@ def test_event_ids_are_unique_across_threads_and_a_fork() -> None:
     in_child = {uuid.UUID(bytes=data[i : i + 16]) for i in range(0, len(data), 16)}
     in_parent = {random_uuid() for _ in range(300)}
     assert len(in_child) == 300 and not in_child & in_parent
+
+
+# -- listeners: the emitter without a publisher ------------------------------------------------
+
+
+def test_listeners_get_the_events_of_their_type_and_star_gets_all() -> None:
+    emitter = EngineEventEmitter(source="app/1")
+    tokens: list[str] = []
+    every: list[str] = []
+    emitter.on("tokenGenerated", lambda e: tokens.append(cast(Any, e).payload.token))
+    emitter.on("*", lambda e: every.append(e.type))
+    gid = uuid.uuid4()
+    emitter.generation_started(generation_id=gid, model="m", prompt="p")
+    emitter.token_generated(generation_id=gid, seq=1, model="m", token="a")
+    emitter.emit("tokenGenerated", {"model": "m", "token": "b"}, generation_id=gid, seq=2)
+    assert tokens == ["a", "b"]
+    assert every == ["generationStarted", "tokenGenerated", "tokenGenerated"]
+
+
+def test_off_stops_a_listener_and_an_unknown_type_is_refused() -> None:
+    emitter = EngineEventEmitter(source="app/1")
+    seen: list[int] = []
+
+    def listener(e: Any) -> None:
+        seen.append(e.seq)
+
+    emitter.on("runtimeStatus", listener)
+    emitter.runtime_status(status="ready", models_loaded=0)
+    emitter.off("runtimeStatus", listener)
+    emitter.off("runtimeStatus", listener)  # not listening any more: nothing happens
+    emitter.runtime_status(status="busy", models_loaded=0)
+    assert seen == [0]
+    with pytest.raises(ValueError, match="No event type 'tokens'"):
+        emitter.on("tokens", listener)
+
+
+def test_an_invalid_payload_is_logged_raised_and_reaches_no_listener(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher = CollectingPublisher()
+    emitter = EngineEventEmitter(source="app/1", publisher=publisher)
+    seen: list[Any] = []
+    emitter.on("*", seen.append)
+    with (
+        caplog.at_level("ERROR", logger="mlxserve.engine.emitter"),
+        pytest.raises(ValidationFailed) as caught,
+    ):
+        emitter.token_generated(generation_id=uuid.uuid4(), seq=1, model="", token="x", logprob=float("nan"))
+    assert caught.value.code == "InvalidParams"
+    assert seen == [] and publisher.envelopes == []
+    assert (
+        "Invalid tokenGenerated payload: Validation error on field 'payload.model': Cannot be empty"
+        in caplog.text
+    )
+    assert "payload.logprob: Must be a finite number" in caplog.text
+
+
+def test_a_listener_that_raises_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    publisher = CollectingPublisher()
+    emitter = EngineEventEmitter(source="app/1", publisher=publisher)
+    after: list[str] = []
+
+    def broken(e: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    emitter.on("modelLoaded", broken)
+    emitter.on("modelLoaded", lambda e: after.append(cast(Any, e).payload.model))
+    with caplog.at_level("ERROR"):
+        envelope = emitter.model_loaded(model="m", model_path="/m")
+    assert after == ["m"] and publisher.envelopes == [envelope]
+    assert "A listener of modelLoaded events failed" in caplog.text and "listener bug" in caplog.text

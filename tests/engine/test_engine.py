@@ -64,7 +64,12 @@ def test_two_generations_load_the_model_once(recorder: Recorder, demo_model: Pat
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
     assert payload["parameters"] == v * h + n * per_layer + h  # counted from the weights
     assert payload["metadata"]["loadMs"] > 0
-    assert recorder.sample("kr_serve_models_loaded_total", model=str(demo_model)) == 1
+    assert (
+        recorder.sample(
+            "kr_serve_models_loaded_total", model=str(demo_model), bits="", group_size="", mode=""
+        )
+        == 1
+    )
 
 
 def test_a_full_cache_evicts_the_least_recently_used_model(demo_model: Path, tmp_path: Path) -> None:
@@ -213,25 +218,41 @@ def test_an_unload_command_unloads(recorder: Recorder, demo_model: Path) -> None
     [
         ({}, "none"),
         ({"quantization": {"group_size": 64, "bits": 4}}, "int4"),
-        ({"quantization": {"bits": 8}}, "int8"),
+        ({"quantization": {"bits": 8, "mode": "affine"}}, "int8"),
         ({"quantization_config": {"bits": 4}}, "int4"),
-        ({"quantization": {"bits": 3}}, "none"),
+        ({"quantization": {"bits": 3}}, None),  # the contract has no name for 3 bits: left out
+        ({"quantization": {"bits": 4, "group_size": 32, "mode": "mxfp4"}}, None),  # 4-bit floats are not int4
     ],
 )
-def test_quantization_is_read_from_the_config(config: dict[str, object], expected: str) -> None:
-    assert quantization_of(config) == expected
+def test_quantization_is_read_from_the_config(config: dict[str, object], expected: str | None) -> None:
+    assert quantization_of(config).seed_value == expected
 
 
-def test_a_quantized_model_reports_int4_and_its_unpacked_parameter_count(
-    recorder: Recorder, demo_model: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("bits", "mode", "group_size"),
+    [(3, "affine", 64), (4, "affine", 64), (6, "affine", 64), (8, "affine", 64), (4, "mxfp4", 32)],
+)
+def test_a_quantized_model_reports_its_facts_and_the_unquantized_parameter_count(
+    recorder: Recorder, demo_model: Path, tmp_path: Path, bits: int, mode: str, group_size: int
 ) -> None:
+    """Converted by mlx_lm.convert; the packed words count the weights they hold, scales and biases none."""
     from mlx_lm.convert import convert
 
-    quantized = tmp_path / "q4"
-    convert(str(demo_model), mlx_path=str(quantized), quantize=True, q_bits=4, q_group_size=64)
+    quantized = tmp_path / f"q{bits}{mode}"
+    convert(
+        str(demo_model),
+        mlx_path=str(quantized),
+        quantize=True,
+        q_bits=bits,
+        q_group_size=group_size,
+        q_mode=mode,
+    )
     recorder.engine.load(str(demo_model))
     recorder.engine.load(str(quantized))
-    full, q4 = (e["payload"] for e in recorder.events("modelLoaded"))
-    assert q4["quantization"] == "int4"
-    # Scales and biases add a little; the packed weights are counted as what they hold.
-    assert full["parameters"] <= q4["parameters"] < full["parameters"] * 1.2
+    full, packed = (e["payload"] for e in recorder.events("modelLoaded"))
+    assert packed["parameters"] == full["parameters"]
+    assert packed.get("quantization") == {(4, "affine"): "int4", (8, "affine"): "int8"}.get((bits, mode))
+    assert full["quantization"] == "none" and "quantization" not in full["metadata"]
+    assert packed["metadata"]["quantization"] == {"bits": bits, "groupSize": group_size, "mode": mode}
+    labels = {"bits": str(bits), "group_size": str(group_size), "mode": mode}
+    assert recorder.sample("kr_serve_models_loaded_total", model=str(quantized), **labels) == 1
