@@ -1,8 +1,18 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
+from django.core.validators import (
+    MaxLengthValidator,
+    MaxValueValidator,
+    MinLengthValidator,
+    MinValueValidator,
+    RegexValidator,
+)
 from django.db import models
 
+from mlxserve.contract.rules import struct_rules
 from mlxserve.contract.telemetry import (
     DEFAULT_EXPORT_INTERVAL_MS,
     DEFAULT_PROMETHEUS_PORT,
@@ -10,6 +20,28 @@ from mlxserve.contract.telemetry import (
     TelemetryConfigSchema,
 )
 from mlxserve.models import SingletonModel
+
+
+def _declared(field: str) -> dict[str, Any]:
+    """The model field's validators (and its blank message) from the contract's declaration, so
+    ``full_clean()`` refuses a range, length or pattern as the API does, with its message."""
+    rules = next(r for r in struct_rules(TelemetryConfigSchema) if r.name == field)
+    makers: dict[str, Any] = {
+        "min_length": MinLengthValidator,
+        "max_length": MaxLengthValidator,
+        "ge": MinValueValidator,
+        "le": MaxValueValidator,
+    }
+    found: list[Any] = []
+    extra: dict[str, Any] = {}
+    for rule in rules.rules:
+        if rule.constraint in makers:
+            found.append(makers[rule.constraint](rule.bound, rule.message))
+        elif rule.constraint == "pattern":
+            found.append(RegexValidator(rule.bound, rule.message, code=rule.issue_code))
+        if rule.constraint == "min_length":
+            extra["error_messages"] = {"blank": rule.message}
+    return {"validators": found, **extra}
 
 
 class TelemetryConfig(SingletonModel):
@@ -20,9 +52,13 @@ class TelemetryConfig(SingletonModel):
     """
 
     enabled = models.BooleanField(default=False)
-    service_name = models.CharField(max_length=100, default=DEFAULT_SERVICE_NAME)
-    prometheus_port = models.PositiveIntegerField(default=DEFAULT_PROMETHEUS_PORT)
-    export_interval_ms = models.PositiveIntegerField(default=DEFAULT_EXPORT_INTERVAL_MS)
+    service_name = models.CharField(max_length=100, default=DEFAULT_SERVICE_NAME, **_declared("service_name"))
+    prometheus_port = models.PositiveIntegerField(
+        default=DEFAULT_PROMETHEUS_PORT, **_declared("prometheus_port")
+    )
+    export_interval_ms = models.PositiveIntegerField(
+        default=DEFAULT_EXPORT_INTERVAL_MS, **_declared("export_interval_ms")
+    )
     # Bumped on every change; workers use it to ignore stale or repeated pushes.
     version = models.PositiveIntegerField(default=0, editable=False)
     updated_at = models.DateTimeField(auto_now=True)

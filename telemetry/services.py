@@ -37,15 +37,18 @@ def telemetry_config_get() -> TelemetryConfig:
 
 def telemetry_config_replace(*, data: Any, user: User, via: str) -> ConfigSaved:
     """PUT: ``data`` is a whole config in wire names; raises ``ValidationFailed``."""
-    return _store(telemetry_config_validate(data), user=user, via=via)
+    return telemetry_config_save(telemetry_config_validate(data), user=user, via=via)
 
 
 def telemetry_config_patch(*, data: Any, user: User, via: str) -> ConfigSaved:
     """PATCH: the fields in ``data`` replace the current ones; raises ``ValidationFailed``."""
-    return _store(telemetry_config_merge(telemetry_config_get().to_schema(), data), user=user, via=via)
+    return telemetry_config_save(
+        telemetry_config_merge(telemetry_config_get().to_schema(), data), user=user, via=via
+    )
 
 
-def _store(new: TelemetryConfigSchema, *, user: User, via: str) -> ConfigSaved:
+def telemetry_config_save(new: TelemetryConfigSchema, *, user: User, via: str) -> ConfigSaved:
+    """Store a validated config: a history entry if anything changed, then published to workers."""
     account: Any = user if user is not None and user.is_authenticated else None
     with transaction.atomic():
         telemetry_config_get()  # make sure the row exists before locking it

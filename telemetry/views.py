@@ -8,21 +8,13 @@ from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from mlxserve.api import ReadOrStaffWrite
-from mlxserve.contract.telemetry import TelemetryConfigSchema
 from mlxserve.contract.validation import Issue, ValidationFailed
-from mlxserve.openapi import ERROR_RESPONSES, WRITE_ERROR_RESPONSES, json_request, struct_schema
-from telemetry.models import TelemetryConfigChange
-from telemetry.serializers import TelemetryConfigChangeSerializer
-from telemetry.services import (
-    telemetry_config_get,
-    telemetry_config_patch,
-    telemetry_config_replace,
-)
-
-CONFIG_SCHEMA = struct_schema(TelemetryConfigSchema)
+from mlxserve.openapi import ERROR_RESPONSES, WRITE_ERROR_RESPONSES
+from telemetry.models import TelemetryConfig, TelemetryConfigChange
+from telemetry.serializers import TelemetryConfigChangeSerializer, TelemetryConfigSerializer
+from telemetry.services import telemetry_config_get, telemetry_config_save
 
 
 class HistoryPagination(PageNumberPagination):
@@ -36,30 +28,40 @@ class HistoryPagination(PageNumberPagination):
             raise ValidationFailed([Issue(["page"], str(exc.detail), "invalid_page")]) from None
 
 
-class TelemetryConfigView(APIView):
-    """The fleet's telemetry config . Staff change it; workers apply it live."""
+class TelemetryConfigView(generics.GenericAPIView):  # type: ignore[type-arg]
+    """The fleet's telemetry config. Staff change it; workers apply it live."""
 
     permission_classes = [ReadOrStaffWrite]
+    serializer_class = TelemetryConfigSerializer
 
-    @extend_schema(responses={200: CONFIG_SCHEMA, **ERROR_RESPONSES})
+    def get_object(self) -> TelemetryConfig:  # the one row (OPTIONS asks for it too)
+        return telemetry_config_get()
+
+    @extend_schema(responses={200: TelemetryConfigSerializer, **ERROR_RESPONSES})
     def get(self, request: Request) -> Response:
-        return Response(telemetry_config_get().to_schema().to_wire())
+        return Response(TelemetryConfigSerializer(self.get_object()).data)
 
     @extend_schema(
-        request=json_request(CONFIG_SCHEMA), responses={200: CONFIG_SCHEMA, **WRITE_ERROR_RESPONSES}
+        request=TelemetryConfigSerializer, responses={200: TelemetryConfigSerializer, **WRITE_ERROR_RESPONSES}
     )
     def put(self, request: Request) -> Response:
-        saved = telemetry_config_replace(data=request.data, user=request.user, via="api")
-        return Response(saved.config.to_schema().to_wire())
+        return self._save(request.data)
 
     @extend_schema(
         # PATCH: the same fields, none of them required.
-        request=json_request({k: v for k, v in CONFIG_SCHEMA.items() if k != "required"}),
-        responses={200: CONFIG_SCHEMA, **WRITE_ERROR_RESPONSES},
+        request=TelemetryConfigSerializer(partial=True),
+        responses={200: TelemetryConfigSerializer, **WRITE_ERROR_RESPONSES},
     )
     def patch(self, request: Request) -> Response:
-        saved = telemetry_config_patch(data=request.data, user=request.user, via="api")
-        return Response(saved.config.to_schema().to_wire())
+        if not isinstance(request.data, dict):
+            raise ValidationFailed([Issue([], "Must be an object", "invalid_type")])
+        return self._save({**telemetry_config_get().to_schema().to_wire(), **request.data})
+
+    def _save(self, data: Any) -> Response:
+        serializer = TelemetryConfigSerializer(data=data)
+        serializer.is_valid(raise_exception=True)  # refusals are the error object (ValidationFailed)
+        saved = telemetry_config_save(serializer.validated_data, user=self.request.user, via="api")
+        return Response(TelemetryConfigSerializer(saved.config).data)
 
 
 @extend_schema(responses={200: TelemetryConfigChangeSerializer(many=True), **ERROR_RESPONSES})
