@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlxserve.contract.telemetry import TelemetryConfigSchema, telemetry_config_validate
+from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.metrics import MetricsExporter, WorkerMetrics
+from mlxserve.engine.otel import OtlpExport, otlp_endpoint
 
 
 def _validated(config: Mapping[str, Any] | TelemetryConfigSchema) -> TelemetryConfigSchema:
@@ -47,6 +49,8 @@ class TelemetryBridge:
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.metrics.set_identity(service_name=self.config.service_name, source=self.source)
         self._exporter: MetricsExporter | None = None
+        self._otlp: OtlpExport | None = None
+        self._observed: list[EngineEventEmitter] = []
 
     @property
     def serving_port(self) -> int | None:
@@ -59,12 +63,47 @@ class TelemetryBridge:
                 self.metrics.registry, host=self.host, retry_seconds=self.retry_seconds
             )
         self._exporter.apply(enabled=self.config.enabled, port=self.config.prometheus_port)
+        self._otlp_apply()
         return self
 
     def stop(self) -> None:
         if self._exporter is not None:
             self._exporter.close()
             self._exporter = None
+        self._otlp_stop()
+
+    def observe(self, emitter: EngineEventEmitter) -> None:
+        """Trace the generations ``emitter`` tells of (as spans, when OTLP export is on)."""
+        emitter.on("*", self._on_event)
+        self._observed.append(emitter)
+
+    def _on_event(self, envelope: Any) -> None:
+        if self._otlp is not None:
+            self._otlp.on_event(envelope)
+
+    def _otlp_apply(self) -> None:
+        """OTLP export on while started, enabled and ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; a new
+        interval or service name restarts it."""
+        wanted = self._exporter is not None and self.config.enabled and otlp_endpoint() is not None
+        current = self._otlp
+        if current is not None and (
+            not wanted
+            or current.interval_seconds != self.config.export_interval_ms / 1000
+            or current.resource.attributes.get("service.name") != self.config.service_name
+        ):
+            self._otlp_stop()
+        if wanted and self._otlp is None:
+            self._otlp = OtlpExport(
+                self.metrics.registry,
+                service_name=self.config.service_name,
+                source=self.source,
+                interval_seconds=self.config.export_interval_ms / 1000,
+            )
+
+    def _otlp_stop(self) -> None:
+        if self._otlp is not None:
+            self._otlp.stop()
+            self._otlp = None
 
     def reconfigure(self, config: Mapping[str, Any] | TelemetryConfigSchema) -> None:
         """Apply a new config live (validated first: a bad one changes nothing)."""
@@ -72,6 +111,7 @@ class TelemetryBridge:
         self.metrics.set_identity(service_name=self.config.service_name, source=self.source)
         if self._exporter is not None:
             self._exporter.apply(enabled=self.config.enabled, port=self.config.prometheus_port)
+            self._otlp_apply()
 
     # -- what a host program records (the worker's engine records the same metrics itself) ----
 

@@ -82,6 +82,7 @@ class WorkerRuntime:
             # Counted as errors of their own code: a clock far off, a bug in what we emit.
             on_refused=lambda exc: self.metrics.errors.labels(code="EventRefused").inc(),
         )
+        self.bridge.observe(self.emitter)  # generations as spans, when OTLP export is on
         self.engine = Engine(
             emitter=self.emitter,
             metrics=self.metrics,
