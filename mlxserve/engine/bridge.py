@@ -73,13 +73,11 @@ class TelemetryBridge:
         self._otlp_stop()
 
     def observe(self, emitter: EngineEventEmitter) -> None:
-        """Trace the generations ``emitter`` tells of (as spans, when OTLP export is on)."""
-        emitter.on("*", self._on_event)
+        """Trace the generations ``emitter`` tells of, as spans, while OTLP export is on (it
+        listens only then: with OTLP off, emitting costs what it did)."""
         self._observed.append(emitter)
-
-    def _on_event(self, envelope: Any) -> None:
         if self._otlp is not None:
-            self._otlp.on_event(envelope)
+            emitter.on("*", self._otlp.on_event)
 
     def _otlp_apply(self) -> None:
         """OTLP export on while started, enabled and ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; a new
@@ -99,9 +97,13 @@ class TelemetryBridge:
                 source=self.source,
                 interval_seconds=self.config.export_interval_ms / 1000,
             )
+            for emitter in self._observed:
+                emitter.on("*", self._otlp.on_event)
 
     def _otlp_stop(self) -> None:
         if self._otlp is not None:
+            for emitter in self._observed:
+                emitter.off("*", self._otlp.on_event)
             self._otlp.stop()
             self._otlp = None
 
