@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 import msgspec
+from django.conf import settings
 from django.db.models import Count, Min, Q, QuerySet, TextField
 from django.db.models.functions import Cast
 
@@ -248,8 +249,13 @@ def generation_latest_tokens(*, generation_id: uuid.UUID) -> tuple[int, list[tup
     return attempts[-1].number, sorted((e.seq, e.payload["token"]) for e in attempts[-1].tokens)
 
 
+def heartbeat_interval_ms() -> int:
+    """How often workers say they are alive: ``MLXSERVE_HEARTBEAT_SECONDS``, or the config's interval."""
+    return settings.WORKER_HEARTBEAT_SECONDS * 1000 or telemetry_config_get().export_interval_ms
+
+
 def worker_is_stale(worker: Worker, *, interval_ms: int | None = None, now_ms: int | None = None) -> bool:
-    interval_ms = interval_ms or telemetry_config_get().export_interval_ms
+    interval_ms = interval_ms or heartbeat_interval_ms()
     now_ms = now_ms or time.time_ns() // 1_000_000
     return now_ms - worker.last_heard_at > STALE_AFTER_HEARTBEATS * interval_ms
 
@@ -262,7 +268,7 @@ def worker_tokens_per_second(*, source: str, window_ms: int = 60_000) -> float:
 
 
 def workers_list() -> list[WorkerOut]:
-    interval_ms = telemetry_config_get().export_interval_ms
+    interval_ms = heartbeat_interval_ms()
     now_ms = time.time_ns() // 1_000_000
     return [
         WorkerOut(

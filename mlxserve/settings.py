@@ -285,6 +285,13 @@ WORKER_MAX_MODEL_BYTES = env_int("MLXSERVE_MAX_MODEL_BYTES", 0)  # 0: no byte li
 WORKER_METRICS_HOST = env_str("MLXSERVE_METRICS_HOST", "0.0.0.0")
 # How long events gather before a batch goes to Redis (see README, Figures).
 WORKER_PUBLISH_LINGER_MS = env_int("MLXSERVE_PUBLISH_LINGER_MS", 250)
+# Seconds between a worker's runtimeStatus heartbeats; unset: the config's exportIntervalMs (as the
+# contract has it). Set it the same on web hosts: staleness is judged by it.
+WORKER_HEARTBEAT_SECONDS = env_int("MLXSERVE_HEARTBEAT_SECONDS", 0)
+if WORKER_HEARTBEAT_SECONDS < 0:
+    raise ImproperlyConfigured(
+        f"MLXSERVE_HEARTBEAT_SECONDS must be 0 (follow the config) or more, got {WORKER_HEARTBEAT_SECONDS}"
+    )
 DEMO_MODEL_DIR = env_str("MLXSERVE_DEMO_MODEL_DIR", str(VAR_DIR / "demo-model"))
 
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)

@@ -63,6 +63,7 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
         "max_model_bytes": settings.WORKER_MAX_MODEL_BYTES,
         "metrics_host": settings.WORKER_METRICS_HOST,
         "metric_label_limit": settings.METRIC_LABEL_LIMIT,
+        "heartbeat_seconds": settings.WORKER_HEARTBEAT_SECONDS,
         "publish_linger_seconds": settings.WORKER_PUBLISH_LINGER_MS / 1000,
         "stream_backlog_limit": settings.STREAM_BACKLOG_LIMIT,
         "consumer_group": settings.EVENTS_CONSUMER_GROUP,

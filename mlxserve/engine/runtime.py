@@ -44,6 +44,7 @@ class RuntimeSettings:
     max_models: int = 2
     max_model_bytes: int = 0
     metrics_host: str = "0.0.0.0"
+    heartbeat_seconds: float = 0  # 0: the config's exportIntervalMs
     metric_label_limit: int = DEFAULT_METRIC_LABEL_LIMIT
     publish_linger_seconds: float = 0.25
     # Hold events back past this many stream entries not yet stored by the group (0: never).
@@ -84,6 +85,8 @@ class WorkerRuntime:
         )
         self.bridge.observe(self.emitter)  # generations as spans, when OTLP export is on
         self.engine = Engine(
+            heartbeat_seconds=settings.heartbeat_seconds
+            or TelemetryConfigSchema(enabled=False).export_interval_ms / 1000,
             emitter=self.emitter,
             metrics=self.metrics,
             cache=ModelCache(max_models=settings.max_models, max_bytes=settings.max_model_bytes),
@@ -108,9 +111,12 @@ class WorkerRuntime:
         return self
 
     def apply_config(self, config: TelemetryConfigSchema, version: int) -> None:
-        """A config change, live: exporter on/off/port, service name, heartbeat interval."""
+        """A config change, live: exporter on/off/port, service name, OTLP interval, and the heartbeat
+        interval unless MLXSERVE_HEARTBEAT_SECONDS sets its own."""
         self.config = config
-        self.engine.set_heartbeat_interval(config.export_interval_ms / 1000)
+        self.engine.set_heartbeat_interval(
+            self.settings.heartbeat_seconds or config.export_interval_ms / 1000
+        )
         self.bridge.reconfigure(config)
         logger.info("Telemetry config version %d applied: %s", version, config.to_wire())
 

@@ -291,3 +291,29 @@ def test_the_worker_label_limit_comes_from_the_setting(settings: Any) -> None:
 
     settings.METRIC_LABEL_LIMIT = 7
     assert runtime_settings_from_django(source="s").metric_label_limit == 7
+
+
+@pytest.mark.django_db
+def test_a_heartbeat_setting_of_its_own_outlasts_config_changes(
+    redis_client: redis.Redis, settings: Any, tmp_path: Path
+) -> None:
+    rt = WorkerRuntime(
+        RuntimeSettings(
+            redis_url=TEST_REDIS_URL,
+            stream=settings.EVENTS_STREAM,
+            config_key=settings.TELEMETRY_CONFIG_KEY,
+            control_channel="test:control",
+            source="test-host/worker-2",
+            spool_dir=tmp_path / "spool",
+            metrics_host="127.0.0.1",
+            heartbeat_seconds=7,
+        ),
+        client=redis_client,
+    ).start()
+    try:
+        assert rt.engine.heartbeat_seconds == 7
+        telemetry_config_replace(data={"enabled": False, "exportIntervalMs": 1000}, user=None, via="api")
+        assert wait_until(lambda: rt.config is not None and rt.config.export_interval_ms == 1000, timeout=2.0)
+        assert rt.engine.heartbeat_seconds == 7
+    finally:
+        rt.shutdown()

@@ -274,3 +274,13 @@ def test_upgrading_keeps_every_existing_series_in_its_place(settings: Any) -> No
     settings.METRIC_LABEL_LIMIT = 1
     store([make_envelope(payload={"model": name, "token": "x"}) for name in ("before", "after")])
     assert series_of(scrape(), "mlxserve_fleet_tokens_total") == {"before": 2, OVERFLOW: 1}
+
+
+def test_staleness_follows_the_heartbeat_setting_when_one_is_set(settings: Any) -> None:
+    now = time.time_ns() // 1_000_000
+    Worker.objects.create(source="recent", status="ready", last_heard_at=now - 25_000)
+    Worker.objects.create(source="silent", status="ready", last_heard_at=now - 31_000)
+    settings.WORKER_HEARTBEAT_SECONDS = 10  # stale after three: 30 s
+    assert scrape()[("mlxserve_fleet_workers_stale", ())] == 1
+    settings.WORKER_HEARTBEAT_SECONDS = 0  # the config's 60 s: neither is stale
+    assert scrape()[("mlxserve_fleet_workers_stale", ())] == 0
