@@ -1,4 +1,5 @@
-"""Writes deploy/grafana/dashboards/mlxserve.json (the committed dashboard) from the panel list below.
+"""Writes deploy/grafana/dashboards/mlxserve.json (the committed dashboard) from the panel list below,
+with Grafana's own typed builders (grafana-foundation-sdk, a dev dependency).
 
     .venv/bin/python deploy/grafana/build_dashboard.py
 
@@ -11,6 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from grafana_foundation_sdk.builders.common import VizLegendOptions, VizTooltipOptions
+from grafana_foundation_sdk.builders.dashboard import Dashboard, QueryVariable, Row
+from grafana_foundation_sdk.builders.prometheus import Dataquery as PrometheusQuery
+from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement, TooltipDisplayMode
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh, VariableSort
 
 DATASOURCE = {"type": "prometheus", "uid": "mlxserve-prometheus"}
 M = '{model=~"$model"}'
@@ -223,79 +232,58 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
 ]
 
 
-def panel(
-    panel_id: int, title: str, unit: str, targets: list[tuple[str, str]], x: int, y: int, w: int
-) -> dict[str, Any]:
-    return {
-        "id": panel_id,
-        "type": "timeseries",
-        "title": title,
-        "datasource": DATASOURCE,
-        "gridPos": {"x": x, "y": y, "w": w, "h": 8},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}},
-        "targets": [
-            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-            for i, (legend, expr) in enumerate(targets)
-        ],
-    }
-
-
 def dashboard() -> dict[str, Any]:
-    panels: list[dict[str, Any]] = []
-    y, next_id = 0, 1
-    for row_title, row_panels in ROWS:
-        panels.append(
-            {
-                "id": next_id,
-                "type": "row",
-                "title": row_title,
-                "collapsed": False,
-                "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
-                "panels": [],
-            }
+    """The dashboard, built with Grafana's own typed builders (grafana-foundation-sdk)."""
+    source = DataSourceRef(type_val=DATASOURCE["type"], uid=DATASOURCE["uid"])
+    builder = (
+        Dashboard("mlxserve fleet")
+        .uid("mlxserve-fleet")
+        .tags(["mlxserve", "mlx-lm"])
+        .timezone("utc")
+        .editable()
+        .refresh("30s")
+        .time("now-6h", "now")
+        .with_variable(
+            QueryVariable("model")
+            .label("Model")
+            .datasource(source)
+            .query("label_values(mlxserve_fleet_tokens_total, model)")
+            .include_all(True)
+            .all_value(".*")
+            .multi(True)
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(VariableSort.ALPHABETICAL_ASC)
         )
-        next_id, y, x = next_id + 1, y + 1, 0
+    )
+    for row_title, row_panels in ROWS:
+        builder = builder.with_row(Row(row_title))
         for title, unit, targets, width in row_panels:
-            if x + width > 24:
-                x, y = 0, y + 8
-            panels.append(panel(next_id, title, unit, targets, x, y, width))
-            next_id, x = next_id + 1, x + width
-        y += 8
-    return {
-        "uid": "mlxserve-fleet",
-        "title": "mlxserve fleet",
-        "tags": ["mlxserve", "mlx-lm"],
-        "timezone": "utc",
-        "schemaVersion": 39,
-        "version": 1,
-        "editable": True,
-        "refresh": "30s",
-        "time": {"from": "now-6h", "to": "now"},
-        "templating": {
-            "list": [
-                {
-                    "name": "model",
-                    "label": "Model",
-                    "type": "query",
-                    "datasource": DATASOURCE,
-                    "query": {"query": "label_values(mlxserve_fleet_tokens_total, model)", "refId": "model"},
-                    "definition": "label_values(mlxserve_fleet_tokens_total, model)",
-                    "includeAll": True,
-                    "allValue": ".*",
-                    "multi": True,
-                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-                    "refresh": 2,
-                    "sort": 1,
-                }
-            ]
-        },
-        "annotations": {"list": []},
-        "panels": panels,
-    }
+            panel = (
+                Timeseries()
+                .title(title)
+                .unit(unit)
+                .datasource(source)
+                .span(width)
+                .height(8)
+                .legend(
+                    VizLegendOptions().display_mode(LegendDisplayMode.LIST).placement(LegendPlacement.BOTTOM)
+                )
+                .tooltip(VizTooltipOptions().mode(TooltipDisplayMode.MULTI))
+            )
+            for index, (legend, expr) in enumerate(targets):
+                panel = panel.with_target(
+                    PrometheusQuery()
+                    .ref_id(chr(ord("A") + index))
+                    .datasource(source)
+                    .expr(expr)
+                    .legend_format(legend)
+                )
+            builder = builder.with_panel(panel)
+    encoded: dict[str, Any] = json.loads(JSONEncoder(sort_keys=True, indent=2).encode(builder.build()))
+    return encoded
 
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent / "dashboards" / "mlxserve.json"
-    out.write_text(json.dumps(dashboard(), indent=2) + "\n")
+    out.write_text(json.dumps(dashboard(), indent=2, sort_keys=True) + "\n")
     print(f"wrote {out}")

@@ -95,9 +95,10 @@ def load(path: Path) -> Any:
 def dashboard_queries() -> list[str]:
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "mlxserve.json").read_text())
     queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    variables = [v["query"] for v in dashboard["templating"]["list"]]
     queries += [
-        v["query"]["query"].removeprefix("label_values(").rsplit(",", 1)[0]
-        for v in dashboard["templating"]["list"]
+        (q["query"] if isinstance(q, dict) else q).removeprefix("label_values(").rsplit(",", 1)[0]
+        for q in variables
     ]
     for name, value in GRAFANA_VARIABLES.items():
         queries = [q.replace(name, value) for q in queries]
