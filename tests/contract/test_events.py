@@ -18,28 +18,13 @@ from mlxserve.contract.events import (
     envelope_validate,
 )
 from mlxserve.contract.validation import ValidationFailed
-from tests.factories import make_envelope
+from tests.factories import ACCEPTED, DROP, REJECTED, make_envelope, with_payload
 
 
 def issues(envelope: dict[str, Any]) -> list[tuple[list[Any], str, str]]:
     with pytest.raises(ValidationFailed) as info:
         envelope_validate(envelope)
     return [(i.path, i.message, i.code) for i in info.value.issues]
-
-
-def with_payload(event_type: str, **changes: Any) -> dict[str, Any]:
-    envelope = make_envelope(event_type)
-    payload = dict(envelope["payload"])
-    for key, value in changes.items():
-        if value is DROP:
-            payload.pop(key, None)
-        else:
-            payload[key] = value
-    envelope["payload"] = payload
-    return envelope
-
-
-DROP = object()
 
 
 @pytest.mark.parametrize("event_type", EVENT_TYPES)
@@ -50,95 +35,12 @@ def test_every_event_type_validates_and_round_trips(event_type: str) -> None:
     assert envelope_to_wire(envelope_decode(envelope_encode(validated))) == envelope
 
 
-# (type, field, bad value, message) at and across each boundary of the payload rules.
-REJECTED = [
-    ("modelLoaded", "model", "", "Cannot be empty"),
-    ("modelLoaded", "model", DROP, "Required"),
-    ("modelLoaded", "modelPath", "", "Cannot be empty"),
-    ("modelLoaded", "quantization", "int3", "Must be one of: int4, int8, none"),
-    ("modelLoaded", "quantization", None, "Must be one of: int4, int8, none"),
-    ("modelLoaded", "parameters", 0, "Must be a positive integer"),
-    ("modelLoaded", "parameters", -5, "Must be a positive integer"),
-    ("modelLoaded", "parameters", 1.5, "Must be an integer"),
-    ("modelLoaded", "parameters", "8", "Must be an integer"),
-    ("modelLoaded", "parameters", None, "Must be an integer"),
-    ("modelLoaded", "metadata", [1], "Must be an object"),
-    ("modelLoaded", "metadata", None, "Must be an object"),
-    ("modelUnloaded", "reason", 3, "Must be a string"),
-    ("modelUnloaded", "reason", None, "Must be a string"),
-    ("modelInvalidated", "reason", "", "Cannot be empty"),
-    ("modelInvalidated", "reason", DROP, "Required"),
-    ("generationStarted", "prompt", 5, "Must be a string"),
-    ("generationStarted", "prompt", None, "Must be a string"),
-    ("generationStarted", "prompt", DROP, "Required"),
-    ("generationStarted", "maxTokens", 0, "Must be a positive integer"),
-    ("generationStarted", "maxTokens", 2.0, "Must be an integer"),
-    ("generationStarted", "maxTokens", True, "Must be an integer"),
-    ("tokenGenerated", "token", None, "Must be a string"),
-    ("tokenGenerated", "token", DROP, "Required"),
-    ("tokenGenerated", "logprob", float("nan"), "Must be a finite number"),
-    ("tokenGenerated", "logprob", float("inf"), "Must be a finite number"),
-    ("tokenGenerated", "logprob", float("-inf"), "Must be a finite number"),
-    ("tokenGenerated", "logprob", "-0.5", "Must be a number"),
-    ("tokenGenerated", "logprob", None, "Must be a number"),
-    ("generationCompleted", "tokensGenerated", -1, "Cannot be negative"),
-    ("generationCompleted", "tokensGenerated", 1.5, "Must be an integer"),
-    ("generationCompleted", "durationMs", -0.001, "Duration cannot be negative"),
-    ("generationCompleted", "durationMs", float("inf"), "Must be a finite number"),
-    ("generationCompleted", "durationMs", DROP, "Required"),
-    ("generationCompleted", "throughput", -1, "Throughput cannot be negative"),
-    ("generationCompleted", "throughput", float("nan"), "Must be a finite number"),
-    ("error", "error", "", "Cannot be empty"),
-    ("error", "code", 500, "Must be a string"),
-    ("error", "model", None, "Must be a string"),
-    ("runtimeStatus", "status", "idle", "Status must be one of: ready, busy, error, shutdown"),
-    ("runtimeStatus", "status", None, "Status must be one of: ready, busy, error, shutdown"),
-    ("runtimeStatus", "modelsLoaded", -1, "Cannot be negative"),
-    ("runtimeStatus", "modelsLoaded", "1", "Must be an integer"),
-    ("runtimeStatus", "activeTasks", -1, "Cannot be negative"),
-]
-
-
 @pytest.mark.parametrize(("event_type", "field", "value", "message"), REJECTED)
 def test_payload_rules_reject_with_the_exact_message(
     event_type: str, field: str, value: Any, message: str
 ) -> None:
     found = issues(with_payload(event_type, **{field: value}))
     assert [(path, msg) for path, msg, _ in found] == [(["payload", field], message)]
-
-
-ACCEPTED = [
-    ("modelLoaded", "parameters", 1),
-    ("modelLoaded", "parameters", 8000000000),
-    ("modelLoaded", "parameters", DROP),
-    ("modelLoaded", "quantization", "none"),
-    ("modelLoaded", "quantization", "int8"),
-    ("modelLoaded", "metadata", DROP),
-    ("modelLoaded", "metadata", {"nested": {"list": [1, 2.5, None, "x", True]}}),
-    ("modelUnloaded", "reason", DROP),
-    ("modelUnloaded", "reason", ""),
-    ("generationStarted", "prompt", {"messages": [{"role": "user", "content": "hi"}]}),
-    ("generationStarted", "prompt", ""),
-    ("generationStarted", "maxTokens", 1),
-    ("generationStarted", "maxTokens", DROP),
-    ("tokenGenerated", "token", ""),
-    ("tokenGenerated", "logprob", 0),
-    ("tokenGenerated", "logprob", -1e300),
-    ("tokenGenerated", "logprob", DROP),
-    ("generationCompleted", "tokensGenerated", 0),
-    ("generationCompleted", "durationMs", 0),
-    ("generationCompleted", "durationMs", 0.0),
-    ("generationCompleted", "throughput", 0),
-    ("generationCompleted", "throughput", DROP),
-    ("error", "code", DROP),
-    ("error", "model", DROP),
-    ("runtimeStatus", "status", "busy"),
-    ("runtimeStatus", "status", "error"),
-    ("runtimeStatus", "status", "shutdown"),
-    ("runtimeStatus", "modelsLoaded", 0),
-    ("runtimeStatus", "activeTasks", 0),
-    ("runtimeStatus", "activeTasks", DROP),
-]
 
 
 @pytest.mark.parametrize(("event_type", "field", "value"), ACCEPTED)

@@ -12,6 +12,7 @@ from rest_framework import serializers
 from rest_framework.test import APIClient
 
 from mlxserve.contract import EngineError, validate_telemetry_config
+from mlxserve.engine import TelemetryBridge
 from telemetry.models import TelemetryConfig
 from telemetry.serializers import TelemetryConfigSerializer
 
@@ -79,6 +80,17 @@ def test_the_api_answers_as_the_contract(
     else:
         assert response.status_code == 400
         assert response.json() == expected
+
+
+@pytest.mark.parametrize(("config", "message"), CASES)
+def test_the_bridge_answers_as_the_contract(config: dict[str, Any], message: str | None) -> None:
+    expected = contract_answer(config)
+    if message is OK:
+        assert TelemetryBridge(config).config == validate_telemetry_config(config)
+        return
+    with pytest.raises(EngineError) as caught:
+        TelemetryBridge(config)
+    assert caught.value.as_error() == expected
 
 
 @pytest.mark.parametrize(("config", "message"), MODEL_CASES)
