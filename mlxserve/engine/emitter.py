@@ -104,15 +104,27 @@ Listener = Callable[[Envelope], None]
 ANY_TYPE = "*"
 
 
+class PublishingListener:
+    """A publisher (``publish(envelope, body)``) as one listener among others: it is handed the
+    JSON the emitter already encoded, so no event is encoded twice."""
+
+    def __init__(self, publisher: EventPublisher) -> None:
+        self.publisher = publisher
+
+    def __call__(self, envelope: Envelope, body: bytes | None = None) -> None:
+        self.publisher.publish(envelope, body if body is not None else envelope_encode(envelope))
+
+
 class EngineEventEmitter:
     """Builds, validates and hands out lifecycle events: one method per event type (as
     mlx-serving's emitter) and a generic ``emit``.
 
-    A valid event goes to the ``publisher``, if any (the worker's stream publisher, which
-    gets its JSON too), then to every listener of its type and of ``"*"``, in the order they
-    were added. An invalid one is logged (``Invalid <type> payload: ...``) and raised as
-    ``ValidationFailed`` (an ``EngineError``, code ``InvalidParams``); it reaches no
-    publisher and no listener. A listener that raises is logged and the others still run.
+    A valid event goes to every listener of its type and of ``"*"``, in the order they were
+    added; a ``publisher`` given here (the worker's stream publisher) is the first ``"*"``
+    listener, and gets the event's JSON with it. An invalid one is logged (``Invalid <type>
+    payload: ...``) and raised as ``ValidationFailed`` (an ``EngineError``, code
+    ``InvalidParams``); it reaches no listener. A listener that raises is logged and the
+    others still run.
     ``on_refused`` is told of every refusal (a worker counts them).
     """
 
@@ -127,6 +139,8 @@ class EngineEventEmitter:
         self.publisher = publisher
         self.on_refused = on_refused
         self._listeners: dict[str, list[Listener]] = {}
+        if publisher is not None:
+            self.on(ANY_TYPE, PublishingListener(publisher))
 
     def on(self, event_type: str, listener: Listener) -> None:
         """Call ``listener(envelope)`` with every valid event of ``event_type`` (``"*"``: all)."""
@@ -187,16 +201,17 @@ class EngineEventEmitter:
             if self.on_refused is not None:
                 self.on_refused(exc)
             raise
-        if self.publisher is not None:
-            self.publisher.publish(envelope, body)
         if self._listeners:
-            self._deliver(event_type, envelope)
+            self._deliver(event_type, envelope, body)
         return envelope
 
-    def _deliver(self, event_type: str, envelope: Envelope) -> None:
+    def _deliver(self, event_type: str, envelope: Envelope, body: bytes) -> None:
         for listener in (*self._listeners.get(event_type, ()), *self._listeners.get(ANY_TYPE, ())):
             try:
-                listener(envelope)
+                if type(listener) is PublishingListener:
+                    listener(envelope, body)
+                else:
+                    listener(envelope)
             except Exception:
                 logger.exception("A listener of %s events failed", event_type)
 

@@ -234,3 +234,21 @@ def test_a_listener_that_raises_does_not_stop_the_others(caplog: pytest.LogCaptu
         envelope = emitter.model_loaded(model="m", model_path="/m")
     assert after == ["m"] and publisher.envelopes == [envelope]
     assert "A listener of modelLoaded events failed" in caplog.text and "listener bug" in caplog.text
+
+
+def test_the_publisher_is_one_listener_among_others(caplog: pytest.LogCaptureFixture) -> None:
+    bodies: list[bytes] = []
+
+    class Down:
+        def publish(self, envelope: Any, body: bytes) -> None:
+            bodies.append(body)
+            raise redis.ConnectionError("Redis is down")
+
+    emitter = EngineEventEmitter(source="app/1", publisher=Down())
+    seen: list[Any] = []
+    emitter.on("*", seen.append)
+    with caplog.at_level("ERROR"):
+        envelope = emitter.runtime_status(status="ready", models_loaded=0)
+    assert seen == [envelope]  # the others still hear of it
+    assert json.loads(bodies[0])["type"] == "runtimeStatus"  # with the JSON the emitter encoded
+    assert "A listener of runtimeStatus events failed" in caplog.text and "Redis is down" in caplog.text

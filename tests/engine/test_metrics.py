@@ -142,20 +142,23 @@ def test_latency_histograms_have_buckets_from_one_millisecond() -> None:
     )
 
 
+def runtime_settings_for_tests(settings: Any, tmp_path: Path, **overrides: Any) -> RuntimeSettings:
+    """A worker runtime's settings on the test Redis keys (``overrides`` replace any)."""
+    values: dict[str, Any] = {
+        "redis_url": TEST_REDIS_URL,
+        "stream": settings.EVENTS_STREAM,
+        "config_key": settings.TELEMETRY_CONFIG_KEY,
+        "control_channel": "test:control",
+        "source": "test-host/worker-1",
+        "spool_dir": tmp_path / "spool",
+        "metrics_host": "127.0.0.1",
+    }
+    return RuntimeSettings(**{**values, **overrides})
+
+
 @pytest.fixture
 def runtime(redis_client: redis.Redis, settings: Any, tmp_path: Path) -> Any:
-    rt = WorkerRuntime(
-        RuntimeSettings(
-            redis_url=TEST_REDIS_URL,
-            stream=settings.EVENTS_STREAM,
-            config_key=settings.TELEMETRY_CONFIG_KEY,
-            control_channel="test:control",
-            source="test-host/worker-1",
-            spool_dir=tmp_path / "spool",
-            metrics_host="127.0.0.1",
-        ),
-        client=redis_client,
-    ).start()
+    rt = WorkerRuntime(runtime_settings_for_tests(settings, tmp_path), client=redis_client).start()
     yield rt
     rt.shutdown()
 
@@ -298,16 +301,7 @@ def test_a_heartbeat_setting_of_its_own_outlasts_config_changes(
     redis_client: redis.Redis, settings: Any, tmp_path: Path
 ) -> None:
     rt = WorkerRuntime(
-        RuntimeSettings(
-            redis_url=TEST_REDIS_URL,
-            stream=settings.EVENTS_STREAM,
-            config_key=settings.TELEMETRY_CONFIG_KEY,
-            control_channel="test:control",
-            source="test-host/worker-2",
-            spool_dir=tmp_path / "spool",
-            metrics_host="127.0.0.1",
-            heartbeat_seconds=7,
-        ),
+        runtime_settings_for_tests(settings, tmp_path, source="test-host/worker-2", heartbeat_seconds=7),
         client=redis_client,
     ).start()
     try:
