@@ -149,15 +149,26 @@ def main() -> int:
         print(f"filling {args.rows:,} events by COPY (indexes in place) ...", flush=True)
         fill(dsn, args.rows)
     with psycopg.connect(dsn) as conn:
-        gen = conn.execute(
-            "SELECT generation_id FROM events_event WHERE type = 'generationCompleted' "
-            "AND timestamp < %s ORDER BY timestamp DESC LIMIT 1",
-            [NOW_MS - 15 * DAY_MS],
-        ).fetchone()
+        # The oldest, a middle and the newest generation: a filter whose cost grows with the
+        # events' age shows on the oldest.
+        picked = {
+            name: conn.execute(
+                "SELECT generation_id FROM events_event WHERE type = 'generationCompleted' "
+                f"AND timestamp {op} %s ORDER BY timestamp {order} LIMIT 1",
+                [bound],
+            ).fetchone()
+            for name, op, order, bound in (
+                ("oldest", ">=", "ASC", 0),
+                ("middle", "<", "DESC", NOW_MS - 15 * DAY_MS),
+                ("newest", "<=", "DESC", NOW_MS),
+            )
+        }
+        gen = picked["middle"]
         total = conn.execute(
             "SELECT reltuples::bigint FROM pg_class WHERE relname = 'events_event'"
         ).fetchone()
     generation_id = str(gen[0]) if gen else ""
+    generations = {name: str(row[0]) for name, row in picked.items() if row}
     rows = int(total[0]) if total else args.rows
     token = (
         subprocess.run(
@@ -195,7 +206,7 @@ def main() -> int:
             except OSError:
                 time.sleep(0.2)
         client = Client(base, {"Authorization": f"Token {token}"})
-        run(client, args.requests, generation_id, rows)
+        run(client, args.requests, generation_id, rows, generations)
         admin_cases(base, args.requests)
     finally:
         server.terminate()
@@ -212,7 +223,7 @@ print(Token.objects.get_or_create(user=user)[0].key)
 """
 
 
-def run(client: Client, n: int, generation_id: str, rows: int) -> None:
+def run(client: Client, n: int, generation_id: str, rows: int, generations: dict[str, str]) -> None:
     rng = random.Random(11)
     hour_until = NOW_MS - 3 * DAY_MS
     hour = {"since": hour_until - 3_600_000, "until": hour_until}
@@ -233,9 +244,19 @@ def run(client: Client, n: int, generation_id: str, rows: int) -> None:
         "type=error": measure(client, "type=error (1% of generations)", events(type="error"), n),
         "model": measure(client, "model=qwen-2.5-7b", events(model="qwen-2.5-7b"), n),
         "source": measure(client, "source=mac-studio-3/worker-1", events(source=SOURCES[3]), n),
-        "generationId": measure(
-            client, "generationId=<one generation>", events(generationId=generation_id), n
+        **{
+            f"generationId ({age})": measure(
+                client, f"generationId=<the {age} generation>", events(generationId=gid), n
+            )
+            for age, gid in generations.items()
+        },
+        "generationId+type": measure(
+            client,
+            "generationId=<the oldest>&type=tokenGenerated",
+            events(generationId=generations.get("oldest", generation_id), type="tokenGenerated"),
+            n,
         ),
+        "model+type": measure(client, "model+type=error", events(model=MODELS[1], type="error"), n),
         "since+until": measure(client, "since+until (one hour, 30 days back)", events(**hour), n),
         "combined": measure(
             client,

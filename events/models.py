@@ -28,12 +28,15 @@ class Event(models.Model):
 
     class Meta:
         ordering = ["-timestamp", "-seq"]
+        # Each filter of the event list has an index in the list's own order (newest first,
+        # then seq): the first page is the index's first rows, whatever the table holds and
+        # however old the matching events are, with no sort and no walk filtered row by row.
         indexes = [
-            models.Index(fields=["-timestamp"], name="event_time"),
-            models.Index(fields=["type", "-timestamp"], name="event_type_time"),
-            models.Index(fields=["model", "-timestamp"], name="event_model_time"),
-            models.Index(fields=["source", "-timestamp"], name="event_source_time"),
-            models.Index(fields=["generation_id", "seq"], name="event_generation_seq"),
+            models.Index(fields=["-timestamp", "-seq"], name="event_time_seq"),
+            models.Index(fields=["type", "-timestamp", "-seq"], name="event_type_time_seq"),
+            models.Index(fields=["model", "-timestamp", "-seq"], name="event_model_time_seq"),
+            models.Index(fields=["source", "-timestamp", "-seq"], name="event_source_time_seq"),
+            models.Index(fields=["generation_id", "-timestamp", "-seq"], name="event_generation_time_seq"),
         ]
 
     def __str__(self) -> str:
