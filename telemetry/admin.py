@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from mlxserve.admin import ReadOnlyAdmin, SingletonAdmin
 from telemetry.forms import TelemetryConfigForm
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
-from telemetry.services import telemetry_config_get, telemetry_config_replace
+from telemetry.services import telemetry_config_get, telemetry_config_save
 
 
 @admin.register(TelemetryConfig)
@@ -25,7 +25,7 @@ class TelemetryConfigAdmin(SingletonAdmin):
 
     def save_model(self, request: HttpRequest, obj: TelemetryConfig, form: Any, change: bool) -> None:
         # Through the service, like the API: one place records history and publishes.
-        saved = telemetry_config_replace(data=form.schema.to_wire(), user=request.user, via="admin")
+        saved = telemetry_config_save(form.schema, user=request.user, via="admin")  # the form validated it
         obj.refresh_from_db()
         if not saved.published:
             self.message_user(

@@ -139,6 +139,8 @@ class EngineEventEmitter:
         self.publisher = publisher
         self.on_refused = on_refused
         self._listeners: dict[str, list[Listener]] = {}
+        # Who hears each type, "*" included, worked out when listeners change, not per event.
+        self._routes: dict[str, tuple[Listener, ...]] = {}
         if publisher is not None:
             self.on(ANY_TYPE, PublishingListener(publisher))
 
@@ -147,12 +149,18 @@ class EngineEventEmitter:
         if event_type != ANY_TYPE and event_type not in EVENT_TYPES:
             raise ValueError(f"No event type {event_type!r}: one of {', '.join(EVENT_TYPES)}, or '*'")
         self._listeners.setdefault(event_type, []).append(listener)
+        self._route()
 
     def off(self, event_type: str, listener: Listener) -> None:
         """Stop calling ``listener`` for ``event_type`` (nothing if it was not listening)."""
         listeners = self._listeners.get(event_type, [])
         if listener in listeners:
             listeners.remove(listener)
+            self._route()
+
+    def _route(self) -> None:
+        every = self._listeners.get(ANY_TYPE, [])
+        self._routes = {t: (*self._listeners.get(t, ()), *every) for t in EVENT_TYPES}
 
     def _new_id(self) -> uuid.UUID:
         return random_uuid()
@@ -201,12 +209,14 @@ class EngineEventEmitter:
             if self.on_refused is not None:
                 self.on_refused(exc)
             raise
-        if self._listeners:
-            self._deliver(event_type, envelope, body)
+        listeners = self._routes.get(event_type)
+        if listeners:
+            self._deliver(event_type, listeners, envelope, body)
         return envelope
 
-    def _deliver(self, event_type: str, envelope: Envelope, body: bytes) -> None:
-        for listener in (*self._listeners.get(event_type, ()), *self._listeners.get(ANY_TYPE, ())):
+    @staticmethod
+    def _deliver(event_type: str, listeners: tuple[Listener, ...], envelope: Envelope, body: bytes) -> None:
+        for listener in listeners:
             try:
                 if type(listener) is PublishingListener:
                     listener(envelope, body)

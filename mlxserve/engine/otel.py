@@ -21,6 +21,9 @@ from prometheus_client import CollectorRegistry
 logger = logging.getLogger(__name__)
 
 ENDPOINT_VARIABLE = "OTEL_EXPORTER_OTLP_ENDPOINT"
+# Generations whose end never came (a worker killed mid-way, a lost event) must not hold
+# spans for ever: past this many open, the oldest is ended as abandoned.
+MAX_OPEN_SPANS = 1000
 SCOPE = "mlxserve"
 
 
@@ -162,6 +165,11 @@ class OtlpExport:
                 ):
                     if isinstance(metadata.get(name), int | float):
                         attributes[attribute] = metadata[name]
+                if len(self._spans) >= MAX_OPEN_SPANS:
+                    oldest = self._spans.pop(next(iter(self._spans)))[0]
+                    oldest.set_attribute("error.type", "abandoned")
+                    oldest.set_status(Status(StatusCode.ERROR, "No end was heard of"))
+                    oldest.end()
                 self._spans[key] = [
                     self.tracer.start_span(
                         f"text_completion {payload.model}", start_time=at, attributes=attributes

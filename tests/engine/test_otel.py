@@ -154,3 +154,27 @@ def test_without_the_endpoint_variable_nothing_is_pushed(monkeypatch: pytest.Mon
     bridge = TelemetryBridge({"enabled": True, "prometheusPort": free_port()}, host="127.0.0.1").start()
     assert bridge._otlp is None
     bridge.stop()
+
+
+def test_generations_that_never_end_do_not_hold_spans_for_ever(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlxserve.engine import otel
+
+    monkeypatch.setattr(otel, "MAX_OPEN_SPANS", 3)
+    bridge = TelemetryBridge({"enabled": True, "prometheusPort": free_port()}, host="127.0.0.1").start()
+    emitter = EngineEventEmitter(source="host-1/app")
+    bridge.observe(emitter)
+    for _ in range(5):  # started, then nothing: a worker killed mid-way
+        emitter.generation_started(generation_id=uuid.uuid4(), model="demo", prompt="Hi")
+    assert bridge._otlp is not None and len(bridge._otlp._spans) == 3
+    bridge.stop()
+    spans = [
+        span
+        for request in receiver.traces
+        for r in request.resource_spans
+        for s in r.scope_spans
+        for span in s.spans
+    ]
+    assert len(spans) == 2
+    assert all(attributes(s.attributes)["error.type"] == "abandoned" and s.status.code == 2 for s in spans)
