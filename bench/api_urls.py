@@ -1,10 +1,14 @@
-"""The project's URLs plus ``/bench/offset-events/``: the event list with offset pagination,
-the baseline bench/api.py measures the cursor-paginated list against."""
+"""The project's URLs plus the baselines bench/api.py measures the API against:
+``/bench/offset-events/``, the event list with offset pagination, and ``/bench/scan-stats/``,
+the stats endpoint reading every event in its window instead of the hourly rollups."""
 
 from django.urls import path
 from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
 
-from events.views import EventListCreateView
+from events.selectors import events_stats
+from events.views import EventListCreateView, StatsQuery, StatsView
 from mlxserve.urls import urlpatterns as project_urlpatterns
 
 
@@ -13,5 +17,16 @@ class OffsetEventList(EventListCreateView):
     http_method_names = ["get"]
 
 
-urlpatterns = [*project_urlpatterns, path("bench/offset-events/", OffsetEventList.as_view())]
+class ScanStats(StatsView):
+    def get(self, request: Request) -> Response:
+        query = StatsQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        return Response(events_stats(**query.validated_data, use_rollups=False))
+
+
+urlpatterns = [
+    *project_urlpatterns,
+    path("bench/offset-events/", OffsetEventList.as_view()),
+    path("bench/scan-stats/", ScanStats.as_view()),
+]
 handler404 = "mlxserve.api.not_found"

@@ -213,3 +213,43 @@ class FleetLabelValue(models.Model):
 
     def __str__(self) -> str:
         return f"{self.metric}{{{self.label}={self.value!r}}}"
+
+
+class StatsRollup(models.Model):
+    """One hour's tally for ``GET /api/stats/``: a count of events of one type, or of the
+    observations in one histogram bucket, for one model.
+
+    The ingester adds to these in the same transaction that stores the events (only
+    events stored for the first time count), so they are exact under redelivery, like
+    the fleet counters. ``series`` is ``events:<type>`` (``bucket`` 0) or a histogram:
+    ``ttftMs``, ``tokensPerSecond``, ``durationMs`` (``bucket`` from ``events.rollups``).
+    """
+
+    hour = models.BigIntegerField(help_text="The hour's start, epoch milliseconds.")
+    model = models.CharField(max_length=MODEL_COLUMN_LENGTH, blank=True, default="")
+    series = models.CharField(max_length=48)
+    bucket = models.SmallIntegerField(default=0)
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["hour", "model", "series", "bucket"], name="stats_rollup_key")
+        ]
+        indexes = [models.Index(fields=["model", "hour"], name="stats_rollup_model_hour")]
+
+    def __str__(self) -> str:
+        return f"{self.hour} {self.model} {self.series}[{self.bucket}] {self.count}"
+
+
+class StatsCoverage(SingletonModel):
+    """From which hour on the rollups hold every stored event. Hours before it (events
+    stored before the rollups existed) are counted from the events themselves until
+    ``rollup_events`` has built theirs."""
+
+    covered_from = models.BigIntegerField(default=0, help_text="An hour's start, epoch milliseconds.")
+
+    class Meta(SingletonModel.Meta):
+        verbose_name_plural = "stats coverage"
+
+    def __str__(self) -> str:
+        return f"Rollups from {self.covered_from}"

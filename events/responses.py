@@ -141,6 +141,10 @@ class StatsOut(_Shape):
     tokens: int
     tokens_per_second: RateFigures
     time_to_first_token_ms: LatencyFigures
+    duration_ms: LatencyFigures
+    # "exact" when every value in the window was read; "buckets" when whole hours came from
+    # the hourly rollups (percentiles within one of their buckets, about 19% wide).
+    percentiles: Literal["exact", "buckets"]
 
 
 class UnloadSent(_Shape):

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Max
 
-from events.models import (
-    Event,
-)
+from events.models import Event
+from events.rollups import rollups_prune
 
 logger = logging.getLogger(__name__)
 
@@ -68,4 +68,9 @@ def events_retention_apply(
                 window *= 8
                 with connection.cursor() as cursor:
                     start = oldest_from(cursor, event_type, end)
+    longest = RetentionPolicy.objects.aggregate(days=Max("keep_days"))["days"]
+    if longest is not None:
+        # Stats rollups are kept as long as the longest-kept events: hours with no event
+        # left to show are counted no more.
+        rollups_prune(now_ms - longest * 86_400_000)
     return deleted

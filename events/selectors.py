@@ -12,10 +12,10 @@ from typing import Any
 
 import msgspec
 from django.conf import settings
-from django.db.models import Count, Min, Q, QuerySet, TextField
+from django.db.models import Q, QuerySet, TextField
 from django.db.models.functions import Cast
 
-from events.models import MODEL_COLUMN_LENGTH, Event, Generation, Worker
+from events.models import Event, Generation, Worker
 from events.responses import (
     AttemptOut,
     EventCounts,
@@ -29,6 +29,7 @@ from events.responses import (
     StatsOut,
     WorkerOut,
 )
+from events.rollups import bucket_percentile, window_figures
 from mlxserve.contract.events import time_to_first_token_ms, tokens_per_second
 from telemetry.services import telemetry_config_get
 
@@ -298,61 +299,37 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return result
 
 
-def _first_token_times(generation_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
-    """Each generation's first token time, by the (generation_id, seq) index, 500 ids a query."""
-    first: dict[uuid.UUID, int] = {}
-    for start in range(0, len(generation_ids), 500):
-        rows = (
-            Event.objects.filter(generation_id__in=generation_ids[start : start + 500], type="tokenGenerated")
-            .values("generation_id")
-            .annotate(first=Min("timestamp"))
-        )
-        first.update({row["generation_id"]: row["first"] for row in rows})
-    return first
-
-
-def events_stats(*, since: int, until: int, model: str | None = None) -> StatsOut:
-    """What the fleet did in ``[since, until]`` (epoch ms): counts, tokens/s, time to first token.
-
-    Counts come from one GROUP BY over the time index; the figures are per
-    generation, from the ``generationCompleted`` events in the window (their
-    ``throughput``, or tokens over duration) and the first token after each
-    ``generationStarted`` in the window.
+def events_stats(*, since: int, until: int, model: str | None = None, use_rollups: bool = True) -> StatsOut:
+    """What the fleet did in ``[since, until]`` (epoch ms): counts, tokens/s, time to first
+    token and duration, from the hourly rollups for whole hours and the events for the
+    rest (``events.rollups``). Per generation: tokens/s and duration from each
+    ``generationCompleted`` in the window (its ``throughput``, or tokens over duration);
+    time to first token from each ``generationStarted`` in the window to its attempt's
+    first token. ``use_rollups=False`` reads every event in the window (the figures the
+    rollups stand for, exact and slow: tests and the bench compare the two).
     """
-    window = Event.objects.filter(timestamp__gte=since, timestamp__lte=until)
-    if model is not None:
-        window = window.filter(model=model[:MODEL_COLUMN_LENGTH])
+    figures = window_figures(since, until, model=model, use_rollups=use_rollups)
     by_type: dict[str, int] = {}
     by_model: dict[str, int] = {}
-    for row in window.order_by().values("type", "model").annotate(count=Count("*")):
-        by_type[row["type"]] = by_type.get(row["type"], 0) + row["count"]
-        if row["model"]:
-            by_model[row["model"]] = by_model.get(row["model"], 0) + row["count"]
+    for (m, event_type), count in sorted(figures.events.items()):
+        by_type[event_type] = by_type.get(event_type, 0) + count
+        if m:
+            by_model[m] = by_model.get(m, 0) + count
 
-    throughputs: list[float] = []
-    for payload in window.filter(type="generationCompleted").values_list("payload", flat=True):
-        if "throughput" in payload:
-            throughputs.append(float(payload["throughput"]))
-        elif (
-            rate := tokens_per_second(payload["tokensGenerated"], payload["durationMs"] / 1000)
-        ) is not None:
-            throughputs.append(rate)
+    def percentiles(histogram: str) -> dict[str, float | None]:
+        if figures.exact is not None:
+            return _percentiles(figures.exact.get(histogram, []))
+        counts = figures.buckets[histogram]
+        return {
+            name: None if (v := bucket_percentile(counts, q)) is None else round(v, 3)
+            for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
+        }
 
-    started: dict[uuid.UUID, int] = {
-        g: t
-        for g, t in window.filter(type="generationStarted", generation_id__isnull=False)
-        .order_by("timestamp")
-        .values_list("generation_id", "timestamp")
-        if g is not None
-    }
-    first_tokens = _first_token_times(list(started))
-    ttft = [
-        float(ms)
-        for g, t in started.items()
-        if g in first_tokens and (ms := time_to_first_token_ms(t, first_tokens[g])) is not None
-    ]
+    def observed(histogram: str) -> int:
+        return sum(figures.buckets[histogram].values())
 
     seconds = max(until - since, 1) / 1000
+    tokens = by_type.get("tokenGenerated", 0)
     return StatsOut(
         since=since,
         until=until,
@@ -363,11 +340,11 @@ def events_stats(*, since: int, until: int, model: str | None = None) -> StatsOu
             completed=by_type.get("generationCompleted", 0),
             errors=by_type.get("error", 0),
         ),
-        tokens=by_type.get("tokenGenerated", 0),
-        tokens_per_second=RateFigures(
-            fleet=round(by_type.get("tokenGenerated", 0) / seconds, 3), **_percentiles(throughputs)
-        ),
-        time_to_first_token_ms=LatencyFigures(count=len(ttft), **_percentiles(ttft)),
+        tokens=tokens,
+        tokens_per_second=RateFigures(fleet=round(tokens / seconds, 3), **percentiles("tokensPerSecond")),
+        time_to_first_token_ms=LatencyFigures(count=observed("ttftMs"), **percentiles("ttftMs")),
+        duration_ms=LatencyFigures(count=observed("durationMs"), **percentiles("durationMs")),
+        percentiles="exact" if figures.exact is not None else "buckets",
     )
 
 

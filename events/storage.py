@@ -27,9 +27,11 @@ from events.models import (
     Event,
     FleetCounter,
     PromptPolicy,
+    StatsRollup,
     Worker,
 )
 from events.privacy import prompt_policy_get, prompt_redact
+from events.rollups import rollups_add
 from mlxserve.contract.events import (
     Envelope,
     GenerationStartedEnvelope,
@@ -201,11 +203,13 @@ def events_store(
 
 
 def _store_together(envelopes: list[Envelope], now: Any) -> int:
-    """Everything one batch writes: event rows, workers, fleet counters."""
+    """Everything one batch writes: event rows, workers, fleet counters, stats rollups."""
     stored = _insert_events([_event_values(e, now) for e in envelopes])
     workers_note(envelopes)
     # Only events stored for the first time count: a redelivered entry adds nothing.
-    fleet_counters_add(_stored_now(envelopes, stored, now))
+    fresh = _stored_now(envelopes, stored, now)
+    fleet_counters_add(fresh)
+    rollups_add(fresh)
     return stored
 
 
@@ -262,7 +266,7 @@ def storage_ready() -> bool:
     Checked before a batch that failed is read again: until then the failure is the
     database's (down, restarting, a migration under way), and its events wait for it.
     """
-    tables = [m._meta.db_table for m in (Event, Worker, FleetCounter, DeadLetter)]
+    tables = [m._meta.db_table for m in (Event, Worker, FleetCounter, StatsRollup, DeadLetter)]
     try:
         with transaction.atomic(), connection.cursor() as cursor:
             for table in tables:

@@ -1,0 +1,343 @@
+"""Hourly rollups behind ``GET /api/stats/``: what each hour held, per model, kept small.
+
+Each hour keeps, per model, a count of events of each type and three histograms
+(time to first token, per-generation tokens/s, generation duration) in log-scale
+buckets, four to a doubling (each about 19% wide). The ingester adds a batch's
+share in the same transaction that stores it, counting only events stored for
+the first time, so the rollups are exact under redelivery. A stats window reads
+its whole hours from here and counts its partial first and last hours from the
+events (a range scan of at most two hours); percentiles then come from the
+buckets, within one bucket of the exact figure. A window with no whole hour is
+counted from the events alone and its percentiles are exact.
+
+The same tally serves three callers: the ingester (a batch of envelopes), the
+stats endpoint (a window's edges) and ``rollup_events`` (hours stored before the
+rollups existed, rebuilt from their events).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from django.db import connection, transaction
+from django.db.models import Count, F, Sum
+from django.db.models.functions import Mod
+
+from events.models import MODEL_COLUMN_LENGTH, Event, StatsCoverage, StatsRollup
+from mlxserve.contract.events import (
+    Envelope,
+    GenerationCompletedEnvelope,
+    GenerationStartedEnvelope,
+    TokenGeneratedEnvelope,
+    time_to_first_token_ms,
+    tokens_per_second,
+)
+
+HOUR_MS = 3_600_000
+HISTOGRAMS = ("ttftMs", "tokensPerSecond", "durationMs")
+EVENTS_SERIES = "events:"
+
+# Log-scale buckets: bucket i holds (2^(i/4), 2^((i+1)/4)]; zero and below have their own.
+BUCKETS_PER_DOUBLING = 4
+ZERO_BUCKET = -32768
+# 2^-50 .. 2^100: every value a payload can carry fits, and the index fits a smallint.
+LOWEST_BUCKET, HIGHEST_BUCKET = -50 * BUCKETS_PER_DOUBLING, 100 * BUCKETS_PER_DOUBLING
+
+
+def bucket_of(value: float) -> int:
+    if not value > 0:  # zero, negative, NaN
+        return ZERO_BUCKET
+    if math.isinf(value):
+        return HIGHEST_BUCKET
+    index = math.ceil(math.log2(value) * BUCKETS_PER_DOUBLING) - 1
+    return max(LOWEST_BUCKET, min(HIGHEST_BUCKET, index))
+
+
+def bucket_bounds(bucket: int) -> tuple[float, float]:
+    if bucket == ZERO_BUCKET:
+        return 0.0, 0.0
+    return 2 ** (bucket / BUCKETS_PER_DOUBLING), 2 ** ((bucket + 1) / BUCKETS_PER_DOUBLING)
+
+
+def hour_of(timestamp: int) -> int:
+    return timestamp - timestamp % HOUR_MS
+
+
+def _model_column(model: object) -> str:
+    """What ``Event.model`` holds for this payload model (the stats ``model`` filter's key)."""
+    return model[:MODEL_COLUMN_LENGTH] if isinstance(model, str) else ""
+
+
+def completed_throughput(throughput: object, tokens: object, duration_ms: object) -> float | None:
+    """A completed generation's tokens/s: its ``throughput``, or its tokens over its duration."""
+    if isinstance(throughput, int | float) and not isinstance(throughput, bool):
+        return float(throughput)
+    if isinstance(tokens, int) and isinstance(duration_ms, int | float):
+        return tokens_per_second(tokens, duration_ms / 1000)
+    return None
+
+
+@dataclass
+class Tally:
+    """Counts and observations: ``counts[(hour, model, series, bucket)]``; observed values
+    are kept too (``values[histogram]``) where they were read one by one."""
+
+    counts: Counter[tuple[int, str, str, int]] = field(default_factory=Counter)
+    values: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def event(self, timestamp: int, model: str, event_type: str, n: int = 1) -> None:
+        self.counts[(hour_of(timestamp), model, EVENTS_SERIES + event_type, 0)] += n
+
+    def observe(self, timestamp: int, model: str, histogram: str, value: float) -> None:
+        self.counts[(hour_of(timestamp), model, histogram, bucket_of(value))] += 1
+        self.values[histogram].append(value)
+
+    def completed(self, timestamp: int, model: str, duration_ms: object, rate: float | None) -> None:
+        if isinstance(duration_ms, int | float) and not isinstance(duration_ms, bool):
+            self.observe(timestamp, model, "durationMs", float(duration_ms))
+        if rate is not None:
+            self.observe(timestamp, model, "tokensPerSecond", rate)
+
+
+# -- the ingester's share ------------------------------------------------------------
+
+
+def batch_tally(envelopes: Sequence[Envelope]) -> Tally:
+    """What newly stored ``envelopes`` add to the rollups. Time to first token is counted
+    for each attempt (a ``generationStarted`` and the token right after it, ``seq`` one
+    more) whichever of the two is stored second, under the start's hour and model; the
+    other one is looked up among stored events (this batch's included, it is written)."""
+    tally = Tally()
+    starts: dict[tuple[uuid.UUID, int], GenerationStartedEnvelope] = {}
+    tokens: dict[tuple[uuid.UUID, int], TokenGeneratedEnvelope] = {}
+    for e in envelopes:
+        model = _model_column(getattr(e.payload, "model", ""))
+        tally.event(e.timestamp, model, str(type(e).__struct_config__.tag))
+        if isinstance(e, TokenGeneratedEnvelope):
+            tokens[(e.generation_id, e.seq)] = e
+        elif isinstance(e, GenerationStartedEnvelope) and e.generation_id is not None:
+            starts[(e.generation_id, e.seq)] = e
+        elif isinstance(e, GenerationCompletedEnvelope):
+            p = e.payload
+            rate = completed_throughput(p.throughput, p.tokens_generated, p.duration_ms)
+            tally.completed(e.timestamp, model, p.duration_ms, rate)
+    if not starts and not tokens:
+        return tally
+    pairs: dict[tuple[uuid.UUID, int], tuple[int, str, int]] = {}  # attempt -> (start, model, token time)
+    for (gid, seq), start in starts.items():
+        if (token := tokens.get((gid, seq + 1))) is not None:
+            pairs[(gid, seq)] = (start.timestamp, _model_column(start.payload.model), token.timestamp)
+    # Starts whose first token was stored before; tokens whose start was stored before.
+    lonely_starts = {k for k in starts if k not in pairs}
+    for gid, seq, ts in _stored_first_tokens(lonely_starts):
+        start = starts[(gid, seq - 1)]
+        pairs[(gid, seq - 1)] = (start.timestamp, _model_column(start.payload.model), ts)
+    token_gids = {gid for gid, _ in tokens}
+    if token_gids:
+        for gid, seq, ts, model in _stored_starts(token_gids):
+            token = tokens.get((gid, seq + 1))
+            if token is not None and (gid, seq) not in pairs:
+                pairs[(gid, seq)] = (ts, model, token.timestamp)
+    for started, model, first in pairs.values():
+        if (ttft := time_to_first_token_ms(started, first)) is not None:
+            tally.observe(started, model, "ttftMs", float(ttft))
+    return tally
+
+
+def _stored_first_tokens(attempts: set[tuple[uuid.UUID, int]]) -> Iterable[tuple[uuid.UUID, int, int]]:
+    """(generation, seq, timestamp) of the stored tokens right after these attempts' starts."""
+    wanted = {(gid, seq + 1) for gid, seq in attempts}
+    items = sorted(attempts)
+    for start in range(0, len(items), 500):
+        chunk = items[start : start + 500]
+        rows = Event.objects.filter(
+            type="tokenGenerated",
+            generation_id__in={gid for gid, _ in chunk},
+            seq__in={seq + 1 for _, seq in chunk},
+        ).values_list("generation_id", "seq", "timestamp")
+        yield from ((g, s, t) for g, s, t in rows if (g, s) in wanted)
+
+
+def _stored_starts(generation_ids: set[uuid.UUID]) -> Iterable[tuple[uuid.UUID, int, int, str]]:
+    ids = sorted(generation_ids)
+    for start in range(0, len(ids), 500):
+        yield from Event.objects.filter(
+            type="generationStarted", generation_id__in=ids[start : start + 500]
+        ).values_list("generation_id", "seq", "timestamp", "model")
+
+
+def rollups_add(envelopes: Sequence[Envelope]) -> None:
+    """Add newly stored events to the rollups (one upsert per 300 rows, in key order so
+    two ingesters never wait on each other in a cycle)."""
+    if envelopes:
+        _upsert(batch_tally(envelopes).counts)
+
+
+def _upsert(counts: Counter[tuple[int, str, str, int]]) -> None:
+    table = StatsRollup._meta.db_table
+    items = sorted(counts.items())
+    with connection.cursor() as cursor:
+        for start in range(0, len(items), 300):
+            chunk = items[start : start + 300]
+            cursor.execute(
+                f"INSERT INTO {table} (hour, model, series, bucket, count) VALUES "
+                + ", ".join(["(%s, %s, %s, %s, %s)"] * len(chunk))
+                + " ON CONFLICT (hour, model, series, bucket)"
+                + f" DO UPDATE SET count = {table}.count + excluded.count",
+                [v for key, n in chunk for v in (*key, n)],
+            )
+
+
+# -- counting a window from its events ------------------------------------------------
+
+
+def window_tally(since: int, until: int, *, model: str | None = None) -> Tally:
+    """The tally of the events stamped in ``[since, until]`` (epoch ms), read from the events:
+    one GROUP BY for the counts, the ``generationCompleted`` payloads, and each attempt's
+    first token by the generation index."""
+    tally = Tally()
+    window = Event.objects.filter(timestamp__gte=since, timestamp__lte=until)
+    if model is not None:
+        window = window.filter(model=model[:MODEL_COLUMN_LENGTH])
+    hours = window.order_by().annotate(hour=F("timestamp") - Mod("timestamp", HOUR_MS))
+    for row in hours.values("hour", "model", "type").annotate(n=Count("*")):
+        tally.event(int(row["hour"]), row["model"], row["type"], row["n"])
+    completed = window.filter(type="generationCompleted")
+    for ts, m, payload in completed.values_list("timestamp", "model", "payload"):
+        if isinstance(payload, dict):
+            rate = completed_throughput(
+                payload.get("throughput"), payload.get("tokensGenerated"), payload.get("durationMs")
+            )
+            tally.completed(ts, m, payload.get("durationMs"), rate)
+    attempts = window.filter(type="generationStarted", generation_id__isnull=False)
+    starts = {
+        (gid, seq): (ts, m)
+        for gid, seq, ts, m in attempts.values_list("generation_id", "seq", "timestamp", "model")
+    }
+    for gid, seq, first in _stored_first_tokens(set(starts)):
+        started, m = starts[(gid, seq - 1)]
+        if (ttft := time_to_first_token_ms(started, first)) is not None:
+            tally.observe(started, m, "ttftMs", float(ttft))
+    return tally
+
+
+# -- reading a window ----------------------------------------------------------------
+
+
+@dataclass
+class WindowFigures:
+    """A window's counts and histograms; ``exact`` values where every one was read."""
+
+    events: Counter[tuple[str, str]]  # (model, type) -> count
+    buckets: dict[str, Counter[int]]  # histogram -> bucket -> count
+    exact: dict[str, list[float]] | None
+
+
+def window_figures(
+    since: int, until: int, *, model: str | None = None, use_rollups: bool = True
+) -> WindowFigures:
+    """Whole hours covered by the rollups from the rollups, the rest from the events."""
+    covered_from = StatsCoverage.load().covered_from if use_rollups else until + 1
+    first_whole = max(-(-since // HOUR_MS) * HOUR_MS, covered_from)
+    end_whole = (until + 1) // HOUR_MS * HOUR_MS  # hours ending at or before until
+    events: Counter[tuple[str, str]] = Counter()
+    buckets: dict[str, Counter[int]] = {h: Counter() for h in HISTOGRAMS}
+    scanned: list[Tally] = []
+    if first_whole < end_whole:
+        if since < first_whole:
+            scanned.append(window_tally(since, first_whole - 1, model=model))
+        if end_whole <= until:
+            scanned.append(window_tally(end_whole, until, model=model))
+        rows = StatsRollup.objects.filter(hour__gte=first_whole, hour__lt=end_whole)
+        if model is not None:
+            rows = rows.filter(model=model[:MODEL_COLUMN_LENGTH])
+        for m, series, bucket, n in (
+            rows.order_by().values_list("model", "series", "bucket").annotate(n=Sum("count"))
+        ):
+            _add(events, buckets, m, series, bucket, int(n))
+        exact = None
+    else:
+        scanned.append(window_tally(since, until, model=model))
+        exact = scanned[0].values
+    for tally in scanned:
+        for (_, m, series, bucket), n in tally.counts.items():
+            _add(events, buckets, m, series, bucket, n)
+    return WindowFigures(events=events, buckets=buckets, exact=exact)
+
+
+def _add(
+    events: Counter[tuple[str, str]],
+    buckets: dict[str, Counter[int]],
+    model: str,
+    series: str,
+    bucket: int,
+    n: int,
+) -> None:
+    if series.startswith(EVENTS_SERIES):
+        events[(model, series[len(EVENTS_SERIES) :])] += n
+    elif series in buckets:
+        buckets[series][bucket] += n
+
+
+def bucket_percentile(counts: Counter[int], q: float) -> float | None:
+    """The value at rank ``q * (n - 1)`` (the exact percentiles' definition), placed by
+    linear interpolation inside the bucket that holds that rank."""
+    n = sum(counts.values())
+    if n == 0:
+        return None
+    rank = q * (n - 1)
+    seen = 0
+    for bucket in sorted(counts):
+        count = counts[bucket]
+        if rank < seen + count:
+            low, high = bucket_bounds(bucket)
+            return low + (high - low) * min((rank - seen + 0.5) / count, 1.0)
+        seen += count
+    low, high = bucket_bounds(max(counts))
+    return high
+
+
+# -- rebuilding hours from their events ----------------------------------------------
+
+
+def rollups_rebuild(
+    *, since_hour: int | None = None, on_hour: Callable[[int, int, int], None] | None = None
+) -> int:
+    """Build the rollups of the hours stored before they existed, newest first, one hour a
+    transaction, moving the coverage back as each is done (stats read it at once).
+    ``on_hour(hour, events, hours_left)`` reports progress. Returns the hours built.
+
+    Safe beside running ingesters: an hour's rows are replaced under the rows' locks,
+    and an ingester's later addition adds to what was counted without it.
+    """
+    coverage = StatsCoverage.load()
+    oldest = Event.objects.order_by("timestamp").values_list("timestamp", flat=True).first()
+    if oldest is None:
+        StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=0)
+        return 0
+    stop = hour_of(oldest) if since_hour is None else max(hour_of(oldest), hour_of(since_hour))
+    hour, built = coverage.covered_from, 0
+    while hour > stop:
+        hour -= HOUR_MS
+        with transaction.atomic():
+            StatsRollup.objects.filter(hour=hour).delete()
+            tally = window_tally(hour, hour + HOUR_MS - 1)
+            _upsert(tally.counts)
+            StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=hour)
+        built += 1
+        if on_hour is not None:
+            events = sum(n for (_, _, s, _), n in tally.counts.items() if s.startswith(EVENTS_SERIES))
+            on_hour(hour, events, (hour - stop) // HOUR_MS)
+    if since_hour is None:
+        StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=0)
+    return built
+
+
+def rollups_prune(before_ms: int) -> int:
+    """Delete the rollups of hours that end before ``before_ms`` (retention)."""
+    deleted, _ = StatsRollup.objects.filter(hour__lt=hour_of(before_ms)).delete()
+    return deleted

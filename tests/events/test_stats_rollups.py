@@ -1,0 +1,316 @@
+"""Stats from hourly rollups: the same counts as reading every event, percentiles within one
+bucket, exact under redelivery and out-of-order batches, rebuilt for hours stored before."""
+
+from __future__ import annotations
+
+import math
+import random
+import uuid
+from collections import Counter
+from io import StringIO
+from typing import Any
+
+import msgspec
+import pytest
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from events.models import RetentionPolicy, StatsCoverage, StatsRollup
+from events.retention import events_retention_apply
+from events.rollups import (
+    HIGHEST_BUCKET,
+    HOUR_MS,
+    LOWEST_BUCKET,
+    ZERO_BUCKET,
+    bucket_bounds,
+    bucket_of,
+    bucket_percentile,
+)
+from events.selectors import _percentiles
+from events.storage import events_store
+from tests.factories import T0, make_envelope
+
+pytestmark = pytest.mark.django_db
+
+LONG_MODEL = "m" * 300  # stored cut to 200 characters, filtered the same way
+MODELS = ["llama-3-8b", "qwen", LONG_MODEL]
+
+
+def fleet_day(rng: random.Random, hours: int = 6) -> list[dict[str, Any]]:
+    """Generations over ``hours`` hours from T0: lognormal time to first token, some retried
+    (a second attempt in the same generation), some without throughput; errors and statuses."""
+    events: list[dict[str, Any]] = []
+    for g in range(hours * 12):
+        gid, model = str(uuid.uuid4()), MODELS[g % 3]
+        start = T0 + rng.randrange(hours * HOUR_MS - 60_000)
+        seq = 0
+        for _attempt in range(2 if g % 9 == 0 else 1):
+            ttft = int(rng.lognormvariate(5, 1.2))
+            events.append(
+                make_envelope(
+                    "generationStarted",
+                    generationId=gid,
+                    timestamp=start,
+                    seq=seq,
+                    payload={"model": model, "prompt": "Hi"},
+                )
+            )
+            tokens = rng.randrange(1, 12)
+            for i in range(tokens):
+                events.append(
+                    make_envelope(
+                        "tokenGenerated",
+                        generationId=gid,
+                        timestamp=start + ttft + i * 15,
+                        seq=seq + 1 + i,
+                        payload={"model": model, "token": f"t{i}"},
+                    )
+                )
+            seq += tokens + 1
+            start += ttft + tokens * 15 + 5
+        payload: dict[str, Any] = {
+            "model": model,
+            "tokensGenerated": tokens,
+            "durationMs": rng.uniform(5, 9000),
+        }
+        if g % 4:
+            payload["throughput"] = rng.uniform(1, 400)
+        events.append(
+            make_envelope("generationCompleted", generationId=gid, timestamp=start, seq=seq, payload=payload)
+        )
+        if g % 7 == 0:
+            events.append(make_envelope("error", timestamp=start + 1, generationId=None))
+        events.append(make_envelope("runtimeStatus", timestamp=T0 + rng.randrange(hours * HOUR_MS)))
+    return events
+
+
+def ingest(events: list[dict[str, Any]], rng: random.Random, *, redeliver: bool = True) -> None:
+    """Store as the ingester does, in shuffled batches (a start may come after its first
+    token), some batches delivered twice."""
+    shuffled = events[:]
+    rng.shuffle(shuffled)
+    for start in range(0, len(shuffled), 37):
+        batch = [(f"{start}-{i}", msgspec.json.encode(e)) for i, e in enumerate(shuffled[start : start + 37])]
+        events_store(batch)
+        if redeliver and start % 3 == 0:
+            events_store(batch)
+
+
+def truth(events: list[dict[str, Any]], since: int, until: int, model: str | None = None) -> dict[str, Any]:
+    """What the window holds, worked out from the envelopes themselves."""
+
+    def column(e: dict[str, Any]) -> str:
+        m = e["payload"].get("model", "")
+        return m[:200] if isinstance(m, str) else ""
+
+    inside = [
+        e for e in events if since <= e["timestamp"] <= until and (model is None or column(e) == model[:200])
+    ]
+    by_type = Counter(e["type"] for e in inside)
+    by_model = Counter(column(e) for e in inside if column(e))
+    tokens_at = {
+        (e["generationId"], e["seq"]): e["timestamp"] for e in events if e["type"] == "tokenGenerated"
+    }
+    ttft = [
+        float(tokens_at[(e["generationId"], e["seq"] + 1)] - e["timestamp"])
+        for e in inside
+        if e["type"] == "generationStarted" and (e["generationId"], e["seq"] + 1) in tokens_at
+    ]
+    completed = [e["payload"] for e in inside if e["type"] == "generationCompleted"]
+    rates = [
+        p["throughput"] if "throughput" in p else (p["tokensGenerated"] - 1) / (p["durationMs"] / 1000)
+        for p in completed
+        if "throughput" in p or p["tokensGenerated"] > 1
+    ]
+    return {
+        "byType": dict(by_type),
+        "byModel": dict(by_model),
+        "ttft": ttft,
+        "rates": rates,
+        "durations": [float(p["durationMs"]) for p in completed],
+    }
+
+
+def within_one_bucket(got: float | None, values: list[float], q: float) -> bool:
+    """Whether ``got`` lies within one bucket of the exact percentile: of the values at the
+    ranks either side of ``q * (n - 1)``, which the exact figure interpolates between (in a
+    sparse tail they can be buckets apart)."""
+    if not values:
+        return got is None
+    ordered = sorted(values)
+    rank = q * (len(ordered) - 1)
+    low, high = ordered[math.floor(rank)], ordered[math.ceil(rank)]
+    return got is not None and bucket_of(low) - 1 <= bucket_of(got) <= bucket_of(high) + 1
+
+
+def check(body: dict[str, Any], expected: dict[str, Any], *, exact: bool) -> None:
+    assert body["events"]["byType"] == expected["byType"]
+    assert body["events"]["byModel"] == expected["byModel"]
+    assert body["events"]["total"] == sum(expected["byType"].values())
+    assert body["tokens"] == expected["byType"].get("tokenGenerated", 0)
+    assert body["timeToFirstTokenMs"]["count"] == len(expected["ttft"])
+    assert body["durationMs"]["count"] == len(expected["durations"])
+    assert body["percentiles"] == ("exact" if exact else "buckets")
+    for field, values in (
+        ("timeToFirstTokenMs", "ttft"),
+        ("tokensPerSecond", "rates"),
+        ("durationMs", "durations"),
+    ):
+        want = _percentiles(expected[values])
+        for p in ("p50", "p95", "p99"):
+            if exact:
+                assert body[field][p] == pytest.approx(want[p], abs=1e-3), (field, p)
+            else:
+                q = {"p50": 0.5, "p95": 0.95, "p99": 0.99}[p]
+                assert within_one_bucket(body[field][p], expected[values], q), (
+                    field,
+                    p,
+                    body[field][p],
+                    want[p],
+                )
+
+
+def stats(client: APIClient, since: int, until: int, model: str | None = None) -> dict[str, Any]:
+    query = {"since": since, "until": until} | ({"model": model} if model else {})
+    response = client.get("/api/stats/", query)
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+@pytest.fixture
+def day(db: Any) -> list[dict[str, Any]]:
+    rng = random.Random(11)
+    events = fleet_day(rng)
+    ingest(events, rng)
+    return events
+
+
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [
+        (T0, T0 + 6 * HOUR_MS - 1),  # whole hours only
+        (T0 + 1_234_567, T0 + 5 * HOUR_MS + 777_777),  # a partial hour at each end
+        (T0 - HOUR_MS, T0 + 9 * HOUR_MS),  # wider than the data
+        (T0 + 2 * HOUR_MS, T0 + 3 * HOUR_MS),  # one whole hour and one millisecond of the next
+    ],
+)
+@pytest.mark.parametrize("model", [None, "qwen", LONG_MODEL])
+def test_stats_over_whole_hours_equal_reading_every_event(
+    day: list[dict[str, Any]], reader_client: APIClient, since: int, until: int, model: str | None
+) -> None:
+    check(stats(reader_client, since, until, model), truth(day, since, until, model), exact=False)
+
+
+@pytest.mark.parametrize(("since", "until"), [(T0 + 600_000, T0 + HOUR_MS + 900_000), (T0, T0 + HOUR_MS - 2)])
+def test_a_window_with_no_whole_hour_is_read_from_the_events_exactly(
+    day: list[dict[str, Any]], reader_client: APIClient, since: int, until: int
+) -> None:
+    check(stats(reader_client, since, until), truth(day, since, until), exact=True)
+
+
+def test_redelivery_and_batch_order_do_not_change_the_rollups(db: Any) -> None:
+    rng = random.Random(3)
+    events = fleet_day(rng, hours=2)
+    ingest(events, random.Random(1), redeliver=False)
+    once = sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
+    StatsRollup.objects.all().delete()
+    # Everything again, in another order, with repeats: a fresh table must come out the same.
+    from events.models import Event
+
+    Event.objects.all().delete()
+    ingest(events, random.Random(2), redeliver=True)
+    ingest(events, random.Random(4), redeliver=False)  # every entry redelivered once more
+    assert sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count")) == once
+    counted = sum(n for _, _, series, _, n in once if series.startswith("events:"))
+    assert counted == len(events)
+
+
+def test_rollup_events_builds_the_hours_stored_before_rollups_existed(
+    day: list[dict[str, Any]], reader_client: APIClient
+) -> None:
+    built_by_ingest = sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
+    # As after the upgrade's migration: no rollups, coverage from an hour after the data.
+    StatsRollup.objects.all().delete()
+    StatsCoverage.objects.update_or_create(pk=1, defaults={"covered_from": T0 + 7 * HOUR_MS})
+    since, until = T0, T0 + 6 * HOUR_MS - 1
+    before = stats(reader_client, since, until)
+    check(before, truth(day, since, until), exact=True)  # read from the events meanwhile
+
+    out, err = StringIO(), StringIO()
+    call_command("rollup_events", stdout=out, stderr=err)
+    assert "Built 7 hours of rollups" in out.getvalue()
+    assert "stats read rollups for every stored hour" in out.getvalue()
+    assert "hours to go" in err.getvalue()  # progress while it runs
+    assert StatsCoverage.load().covered_from == 0
+    assert (
+        sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
+        == built_by_ingest
+    )
+    check(stats(reader_client, since, until), truth(day, since, until), exact=False)
+
+
+def test_rollup_events_can_stop_at_a_day(day: list[dict[str, Any]]) -> None:
+    StatsRollup.objects.all().delete()
+    StatsCoverage.objects.update_or_create(pk=1, defaults={"covered_from": T0 + 6 * HOUR_MS})
+    from events.rollups import rollups_rebuild
+
+    assert rollups_rebuild(since_hour=T0 + 4 * HOUR_MS + 5) == 2
+    assert StatsCoverage.load().covered_from == T0 + 4 * HOUR_MS
+
+
+def test_the_first_token_is_counted_once_whichever_arrives_first(db: Any, reader_client: APIClient) -> None:
+    gid = str(uuid.uuid4())
+    start = make_envelope("generationStarted", generationId=gid, timestamp=T0 + 100, seq=0)
+    first = make_envelope("tokenGenerated", generationId=gid, timestamp=T0 + 340, seq=1)
+    second = make_envelope("tokenGenerated", generationId=gid, timestamp=T0 + 360, seq=2)
+    events_store([("2-0", msgspec.json.encode(first)), ("2-1", msgspec.json.encode(second))])
+    events_store([("1-0", msgspec.json.encode(start))])  # the start, late
+    events_store([("1-0", msgspec.json.encode(start)), ("2-0", msgspec.json.encode(first))])  # again
+    body = stats(reader_client, T0, T0 + HOUR_MS - 1)
+    assert body["percentiles"] == "buckets"
+    assert body["timeToFirstTokenMs"]["count"] == 1
+    assert within_one_bucket(body["timeToFirstTokenMs"]["p50"], [240.0], 0.5)
+
+
+def test_retention_drops_the_rollups_of_hours_past_the_longest_policy(db: Any) -> None:
+    events_store([("1-0", msgspec.json.encode(make_envelope("error", timestamp=T0, generationId=None)))])
+    events_store([("2-0", msgspec.json.encode(make_envelope("error", timestamp=T0 + 5 * 86_400_000)))])
+    RetentionPolicy.objects.all().delete()
+    RetentionPolicy.objects.create(event_type="error", keep_days=3)
+    events_retention_apply(now_ms=T0 + 6 * 86_400_000)
+    assert set(StatsRollup.objects.values_list("hour", flat=True)) == {T0 + 5 * 86_400_000}
+
+
+@pytest.mark.parametrize(
+    ("value", "bucket"),
+    [
+        (0.0, ZERO_BUCKET),
+        (-5.0, ZERO_BUCKET),
+        (math.nan, ZERO_BUCKET),
+        (math.inf, HIGHEST_BUCKET),
+        (1e300, HIGHEST_BUCKET),
+        (1e-300, LOWEST_BUCKET),
+        (1.0, -1),
+        (2.0, 3),
+    ],
+)
+def test_every_value_has_a_bucket_that_fits_a_smallint(value: float, bucket: int) -> None:
+    assert bucket_of(value) == bucket
+    assert -32768 <= bucket_of(value) <= 32767
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bucket_percentiles_stay_within_one_bucket_of_the_exact_ones(seed: int) -> None:
+    rng = random.Random(seed)
+    values = [
+        rng.lognormvariate(rng.uniform(0, 8), rng.uniform(0.1, 2)) for _ in range(rng.randrange(1, 3000))
+    ]
+    counts = Counter(bucket_of(v) for v in values)
+    exact = _percentiles(values)
+    for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+        got = bucket_percentile(counts, q)
+        assert got is not None
+        low, high = bucket_bounds(bucket_of(exact[name]))  # type: ignore[arg-type]
+        assert abs(bucket_of(got) - bucket_of(exact[name])) <= 1  # type: ignore[arg-type]
+        assert low / 2**0.25 <= got <= high * 2**0.25
+    assert bucket_percentile(Counter(), 0.5) is None
