@@ -3,6 +3,7 @@
 the stats endpoint reading every event in its window instead of the hourly rollups."""
 
 from django.urls import path
+from drf_spectacular.utils import extend_schema
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -17,6 +18,7 @@ class OffsetEventList(EventListCreateView):
     http_method_names = ["get"]
 
 
+@extend_schema(exclude=True)
 class ScanStats(StatsView):
     def get(self, request: Request) -> Response:
         query = StatsQuery(data=request.query_params)

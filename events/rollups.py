@@ -18,6 +18,7 @@ rollups existed, rebuilt from their events).
 from __future__ import annotations
 
 import math
+import typing
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -103,6 +104,10 @@ class Tally:
             self.observe(timestamp, model, "tokensPerSecond", rate)
 
 
+_SERIES_OF: dict[type[Envelope], str] = {
+    kind: EVENTS_SERIES + str(kind.__struct_config__.tag) for kind in typing.get_args(Envelope)
+}
+
 # -- the ingester's share ------------------------------------------------------------
 
 
@@ -114,17 +119,23 @@ def batch_tally(envelopes: Sequence[Envelope]) -> Tally:
     tally = Tally()
     starts: dict[tuple[uuid.UUID, int], GenerationStartedEnvelope] = {}
     tokens: dict[tuple[uuid.UUID, int], TokenGeneratedEnvelope] = {}
+    # Per event only a tuple is counted (this runs for every event stored); keys are made
+    # once per distinct (hour, model, type) at the end.
+    per_type: Counter[tuple[int, object, type[Envelope]]] = Counter()
     for e in envelopes:
-        model = _model_column(getattr(e.payload, "model", ""))
-        tally.event(e.timestamp, model, str(type(e).__struct_config__.tag))
-        if isinstance(e, TokenGeneratedEnvelope):
-            tokens[(e.generation_id, e.seq)] = e
-        elif isinstance(e, GenerationStartedEnvelope) and e.generation_id is not None:
-            starts[(e.generation_id, e.seq)] = e
-        elif isinstance(e, GenerationCompletedEnvelope):
+        ts = e.timestamp
+        kind = type(e)
+        per_type[(ts - ts % HOUR_MS, getattr(e.payload, "model", ""), kind)] += 1
+        if kind is TokenGeneratedEnvelope:
+            tokens[(e.generation_id, e.seq)] = e  # type: ignore[index]
+        elif kind is GenerationStartedEnvelope and e.generation_id is not None:
+            starts[(e.generation_id, e.seq)] = e  # type: ignore[assignment]
+        elif kind is GenerationCompletedEnvelope:
             p = e.payload
-            rate = completed_throughput(p.throughput, p.tokens_generated, p.duration_ms)
-            tally.completed(e.timestamp, model, p.duration_ms, rate)
+            rate = completed_throughput(p.throughput, p.tokens_generated, p.duration_ms)  # type: ignore[union-attr]
+            tally.completed(ts, _model_column(p.model), p.duration_ms, rate)  # type: ignore[union-attr]
+    for (hour, model, kind), n in per_type.items():
+        tally.counts[(hour, _model_column(model), _SERIES_OF[kind], 0)] += n
     if not starts and not tokens:
         return tally
     pairs: dict[tuple[uuid.UUID, int], tuple[int, str, int]] = {}  # attempt -> (start, model, token time)
@@ -136,7 +147,8 @@ def batch_tally(envelopes: Sequence[Envelope]) -> Tally:
     for gid, seq, ts in _stored_first_tokens(lonely_starts):
         start = starts[(gid, seq - 1)]
         pairs[(gid, seq - 1)] = (start.timestamp, _model_column(start.payload.model), ts)
-    token_gids = {gid for gid, _ in tokens}
+    # A token can be an attempt's first only if the one before it is not a token of the batch.
+    token_gids = {gid for gid, seq in tokens if (gid, seq - 1) not in tokens}
     if token_gids:
         for gid, seq, ts, model in _stored_starts(token_gids):
             token = tokens.get((gid, seq + 1))
@@ -305,11 +317,16 @@ def bucket_percentile(counts: Counter[int], q: float) -> float | None:
 
 
 def rollups_rebuild(
-    *, since_hour: int | None = None, on_hour: Callable[[int, int, int], None] | None = None
+    *,
+    since_hour: int | None = None,
+    everything: bool = False,
+    on_hour: Callable[[int, int, int], None] | None = None,
 ) -> int:
     """Build the rollups of the hours stored before they existed, newest first, one hour a
     transaction, moving the coverage back as each is done (stats read it at once).
-    ``on_hour(hour, events, hours_left)`` reports progress. Returns the hours built.
+    ``everything`` rebuilds every stored hour (events loaded around the ingester, by a
+    restore or a bulk load). ``on_hour(hour, events, hours_left)`` reports progress.
+    Returns the hours built.
 
     Safe beside running ingesters: an hour's rows are replaced under the rows' locks,
     and an ingester's later addition adds to what was counted without it.
@@ -319,8 +336,12 @@ def rollups_rebuild(
     if oldest is None:
         StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=0)
         return 0
-    stop = hour_of(oldest) if since_hour is None else max(hour_of(oldest), hour_of(since_hour))
     hour, built = coverage.covered_from, 0
+    if everything:
+        newest = Event.objects.order_by("-timestamp").values_list("timestamp", flat=True).first() or 0
+        hour = hour_of(newest) + HOUR_MS
+        StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=hour)
+    stop = hour_of(oldest) if since_hour is None else max(hour_of(oldest), hour_of(since_hour))
     while hour > stop:
         hour -= HOUR_MS
         with transaction.atomic():

@@ -21,6 +21,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--days", type=int, default=None, help="only the last DAYS days (default: every stored hour)"
         )
+        parser.add_argument(
+            "--rebuild",
+            action="store_true",
+            help="rebuild the rollups of every stored hour, not only those stored before them (after"
+            " events were loaded around the ingester: a restore of the events table alone, a bulk load)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         since = None
@@ -39,7 +45,7 @@ class Command(BaseCommand):
                     f" ({time.monotonic() - started:.0f}s), {left:,} hours to go"
                 )
 
-        built = rollups_rebuild(since_hour=since, on_hour=report)
+        built = rollups_rebuild(since_hour=since, everything=options["rebuild"], on_hour=report)
         covered = StatsCoverage.load().covered_from
         where = (
             "every stored hour"
