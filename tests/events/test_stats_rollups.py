@@ -314,3 +314,19 @@ def test_bucket_percentiles_stay_within_one_bucket_of_the_exact_ones(seed: int) 
         assert abs(bucket_of(got) - bucket_of(exact[name])) <= 1  # type: ignore[arg-type]
         assert low / 2**0.25 <= got <= high * 2**0.25
     assert bucket_percentile(Counter(), 0.5) is None
+
+
+def test_rollup_events_rebuild_counts_events_loaded_around_the_ingester(day: list[dict[str, Any]]) -> None:
+    built_by_ingest = sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
+    # A bulk load or a restore of the events table alone: events, no rollups, coverage says all.
+    StatsRollup.objects.all().delete()
+    assert StatsCoverage.load().covered_from == 0
+    call_command("rollup_events", stdout=StringIO(), stderr=StringIO())  # nothing before coverage
+    assert not StatsRollup.objects.exists()
+    out = StringIO()
+    call_command("rollup_events", "--rebuild", stdout=out, stderr=StringIO())
+    assert f"Built 6 hours of rollups ({len(day):,} events)" in out.getvalue()
+    assert (
+        sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
+        == built_by_ingest
+    )
