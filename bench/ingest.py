@@ -25,7 +25,15 @@ SCRATCH_DB = "mlxserve_bench_ingest"
 
 
 def drain(consumer: str, redis_url: str) -> int:
-    """One ingester (consumer ``consumer`` of the group) storing until the stream is empty."""
+    """One ingester (consumer ``consumer`` of the group) storing until the stream is empty,
+    with the garbage collection ``ingest_events`` runs with."""
+    from events.ingest import gc_for_batches
+
+    with gc_for_batches():
+        return _drain(consumer, redis_url)
+
+
+def _drain(consumer: str, redis_url: str) -> int:
     import redis
     from django.db import connection
 

@@ -85,21 +85,38 @@ def _event_values(envelope: Envelope, now: Any) -> tuple[Any, ...]:
 
 
 def _insert_postgresql(rows: list[tuple[Any, ...]]) -> int:
-    """COPY into a session-local staging table, then one INSERT ... ON CONFLICT DO NOTHING.
+    """COPY straight into the table; if an id is already stored (a redelivery), COPY into a
+    session-local staging table instead, then one INSERT ... ON CONFLICT DO NOTHING.
 
-    COPY is PostgreSQL's bulk path (no SQL text per row, no per-row round trip);
-    the INSERT from the staging table keeps the insert idempotent on ``id``.
+    COPY is PostgreSQL's bulk path (no SQL text per row, no per-row round trip). It
+    cannot skip a row it conflicts with, so it runs under a savepoint: a batch holding a
+    stored id rolls back to it and takes the idempotent path. Redeliveries are rare
+    (an ingester that died before acknowledging), so nearly every batch is written once.
     """
+    import psycopg.errors
+
+    text = "".join(map(_copy_line, rows))
     table, columns = Event._meta.db_table, ", ".join(_EVENT_COLUMNS)
     with connection.cursor() as cursor:
+        raw = cursor.cursor  # the psycopg cursor, for COPY; its errors raised as Django's
+        try:
+            with (
+                transaction.atomic(),
+                connection.wrap_database_errors,
+                raw.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
+            ):
+                # COPY's text format written directly: psycopg's write_row costs ~10 µs a row.
+                copy.write(text)
+            return len(rows)
+        except IntegrityError as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+                raise
         cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS event_staging (LIKE {table} INCLUDING DEFAULTS) "
             "ON COMMIT DELETE ROWS"
         )
-        raw = cursor.cursor  # the psycopg cursor, for COPY
-        with raw.copy(f"COPY event_staging ({columns}) FROM STDIN") as copy:
-            # COPY's text format written directly: psycopg's write_row costs ~10 µs a row.
-            copy.write("".join(map(_copy_line, rows)))
+        with connection.wrap_database_errors, raw.copy(f"COPY event_staging ({columns}) FROM STDIN") as copy:
+            copy.write(text)
         cursor.execute(
             f"INSERT INTO {table} ({columns}) SELECT {columns} FROM event_staging ON CONFLICT (id) DO NOTHING"
         )
