@@ -252,33 +252,52 @@ class WindowFigures:
 def window_figures(
     since: int, until: int, *, model: str | None = None, use_rollups: bool = True
 ) -> WindowFigures:
-    """Whole hours covered by the rollups from the rollups, the rest from the events."""
+    """Whole hours covered by the rollups from the rollups, the rest from the events.
+
+    A partial first or last hour is read from its events, or, when the part of that hour
+    outside the window is the smaller one, taken from the rollups less the events of that
+    part: at most half an hour of events is read at each end.
+    """
     covered_from = StatsCoverage.load().covered_from if use_rollups else until + 1
     first_whole = max(-(-since // HOUR_MS) * HOUR_MS, covered_from)
     end_whole = (until + 1) // HOUR_MS * HOUR_MS  # hours ending at or before until
     events: Counter[tuple[str, str]] = Counter()
     buckets: dict[str, Counter[int]] = {h: Counter() for h in HISTOGRAMS}
-    scanned: list[Tally] = []
-    if first_whole < end_whole:
-        if since < first_whole:
-            scanned.append(window_tally(since, first_whole - 1, model=model))
-        if end_whole <= until:
-            scanned.append(window_tally(end_whole, until, model=model))
-        rows = StatsRollup.objects.filter(hour__gte=first_whole, hour__lt=end_whole)
-        if model is not None:
-            rows = rows.filter(model=model[:MODEL_COLUMN_LENGTH])
-        for m, series, bucket, n in (
-            rows.order_by().values_list("model", "series", "bucket").annotate(n=Sum("count"))
-        ):
-            _add(events, buckets, m, series, bucket, int(n))
-        exact = None
-    else:
-        scanned.append(window_tally(since, until, model=model))
-        exact = scanned[0].values
-    for tally in scanned:
+    if first_whole >= end_whole:
+        tally = window_tally(since, until, model=model)
         for (_, m, series, bucket), n in tally.counts.items():
             _add(events, buckets, m, series, bucket, n)
-    return WindowFigures(events=events, buckets=buckets, exact=exact)
+        return WindowFigures(events=events, buckets=buckets, exact=tally.values)
+    hours_from, hours_to = first_whole, end_whole
+    scans: list[tuple[int, int, int]] = []  # (since, until, +1 to add or -1 to take away)
+    if since < first_whole:
+        edge = first_whole - HOUR_MS
+        if covered_from <= edge < since and since - edge < first_whole - since:
+            hours_from = edge
+            scans.append((edge, since - 1, -1))
+        else:
+            scans.append((since, first_whole - 1, 1))
+    if end_whole <= until:
+        edge_end = end_whole + HOUR_MS
+        if edge_end - 1 - until < until + 1 - end_whole:
+            hours_to = edge_end
+            scans.append((until + 1, edge_end - 1, -1))
+        else:
+            scans.append((end_whole, until, 1))
+    rows = StatsRollup.objects.filter(hour__gte=hours_from, hour__lt=hours_to)
+    if model is not None:
+        rows = rows.filter(model=model[:MODEL_COLUMN_LENGTH])
+    for m, series, bucket, n in (
+        rows.order_by().values_list("model", "series", "bucket").annotate(n=Sum("count"))
+    ):
+        _add(events, buckets, m, series, bucket, int(n))
+    for start, end, sign in scans:
+        for (_, m, series, bucket), n in window_tally(start, end, model=model).counts.items():
+            _add(events, buckets, m, series, bucket, sign * n)
+    # Taken-away parts leave zero counts behind: a type with none in the window is not listed.
+    for key in [k for k, n in events.items() if n == 0]:
+        del events[key]
+    return WindowFigures(events=events, buckets=buckets, exact=None)
 
 
 def _add(
@@ -305,7 +324,7 @@ def bucket_percentile(counts: Counter[int], q: float) -> float | None:
     seen = 0
     for bucket in sorted(counts):
         count = counts[bucket]
-        if rank < seen + count:
+        if count > 0 and rank < seen + count:
             low, high = bucket_bounds(bucket)
             return low + (high - low) * min((rank - seen + 0.5) / count, 1.0)
         seen += count

@@ -190,6 +190,7 @@ def day(db: Any) -> list[dict[str, Any]]:
     [
         (T0, T0 + 6 * HOUR_MS - 1),  # whole hours only
         (T0 + 1_234_567, T0 + 5 * HOUR_MS + 777_777),  # a partial hour at each end
+        (T0 + 3_000_000, T0 + 4 * HOUR_MS + 3_000_000),  # the other way round: more in than out
         (T0 - HOUR_MS, T0 + 9 * HOUR_MS),  # wider than the data
         (T0 + 2 * HOUR_MS, T0 + 3 * HOUR_MS),  # one whole hour and one millisecond of the next
     ],
