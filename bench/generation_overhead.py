@@ -1,5 +1,8 @@
 """Tokens/s of bare ``mlx_lm.stream_generate`` against the same generation through the engine
-with telemetry on (the bar: at least 98%).
+with telemetry on (the bar: at least 99.5%), and what telemetry costs per token, directly: the
+time the engine spends on each token's event and metrics, and the CPU time of the generation
+thread, of the publisher's and other telemetry threads, and of the Redis server, per token,
+each against the bare step's time per token.
 
 Telemetry on means everything a worker does per token: validate and emit the
 event, hand it to the buffered publisher, which batches it to a real Redis
@@ -14,11 +17,14 @@ fast: the worst case for relative overhead) unless ``--model`` names another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,7 +40,53 @@ from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.engine.engine import GenerationRequest
 from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime
 
-BAR = 0.98
+BAR = 0.995  # the contract's bar is 0.98; issue 14 raised it
+
+
+class CpuMeter:
+    """CPU time spent per token while one side runs: the generation thread's (this one), the
+    other Python threads' (the event publisher, the metrics server, the config watcher;
+    mlx's own compute threads are not Python threads and are not counted), and the Redis
+    server's (``INFO cpu``)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.totals: dict[tuple[str, str], float] = {}
+        self.tokens: dict[str, int] = {}
+
+    def _threads_ns(self) -> int:
+        total = 0
+        for thread in threading.enumerate():
+            if thread is threading.main_thread() or thread.ident is None:
+                continue
+            try:
+                total += time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
+            except (OSError, AttributeError):  # the thread ended meanwhile; no such clock (macOS)
+                continue
+        return total
+
+    def _redis_s(self) -> float:
+        info = self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    @contextlib.contextmanager
+    def measuring(self, side: str) -> Iterator[list[int]]:
+        tokens = [0]
+        main, threads, server = time.thread_time_ns(), self._threads_ns(), self._redis_s()
+        try:
+            yield tokens
+        finally:
+            for name, value in (
+                ("main", (time.thread_time_ns() - main) / 1000),
+                ("threads", (self._threads_ns() - threads) / 1000),
+                ("redis", (self._redis_s() - server) * 1e6),
+            ):
+                self.totals[(side, name)] = self.totals.get((side, name), 0.0) + value
+            self.tokens[side] = self.tokens.get(side, 0) + tokens[0]
+
+    def per_token(self, side: str, name: str) -> float:
+        """Microseconds per token."""
+        return self.totals.get((side, name), 0.0) / max(self.tokens.get(side, 0), 1)
 
 
 def main() -> int:
@@ -69,22 +121,30 @@ def main() -> int:
     loaded = runtime.engine.load(str(model_dir))
     prompt = "The quick brown fox"
 
+    cpu = CpuMeter(client)
+
     def bare() -> float:
         sampler = make_sampler(temp=0.0)
-        started = time.perf_counter()
-        count = 0
-        for _ in stream_generate(
-            loaded.model, loaded.tokenizer, prompt, max_tokens=args.tokens, sampler=sampler
-        ):
-            count += 1
-        return count / (time.perf_counter() - started)
+        with cpu.measuring("bare") as tokens:
+            started = time.perf_counter()
+            for _ in stream_generate(
+                loaded.model, loaded.tokenizer, prompt, max_tokens=args.tokens, sampler=sampler
+            ):
+                tokens[0] += 1
+            return tokens[0] / (time.perf_counter() - started)
 
     def engine() -> float:
-        started = time.perf_counter()
-        result = runtime.engine.generate(
-            GenerationRequest(model=str(model_dir), prompt=prompt, max_tokens=args.tokens)
-        )
-        return result.tokens / (time.perf_counter() - started)
+        with cpu.measuring("engine") as tokens:
+            started = time.perf_counter()
+            result = runtime.engine.generate(
+                GenerationRequest(model=str(model_dir), prompt=prompt, max_tokens=args.tokens)
+            )
+            tokens[0] = result.tokens
+            # The publisher's thread sends this generation's last batch within 0.25 s: wait for it,
+            # so its CPU is counted here (the clock for tokens/s has stopped).
+            elapsed = time.perf_counter() - started
+            runtime.publisher.flush(10)
+            return result.tokens / elapsed
 
     bare()
     engine()  # warm-up: compile, caches
@@ -101,6 +161,22 @@ def main() -> int:
     runtime.shutdown()
     client.delete(stream)
     bare_median, engine_median = statistics.median(bare_runs), statistics.median(engine_runs)
+    step_us = 1e6 / bare_median
+    main_us = cpu.per_token("engine", "main") - cpu.per_token("bare", "main")
+    side_us = cpu.per_token("engine", "threads") - cpu.per_token("bare", "threads")
+    redis_us = cpu.per_token("engine", "redis") - cpu.per_token("bare", "redis")
+    engine_us = runtime.engine.telemetry_cost.per_token_us()
+    print(
+        f"telemetry on the generation thread, timed in the engine: {engine_us:.2f} µs a token (the event, "
+        f"its metrics, the log-probability), against a bare step of {step_us:.0f} µs "
+        f"({engine_us / step_us:.2%})"
+    )
+    print(
+        f"telemetry CPU per token: generation thread +{main_us:.1f} µs, publisher and other telemetry "
+        f"threads +{side_us:.1f} µs, Redis server +{redis_us:.1f} µs; "
+        f"total {main_us + side_us + redis_us:.1f} µs "
+        f"against a bare step of {step_us:.0f} µs ({(main_us + side_us + redis_us) / step_us:.2%})"
+    )
     # Each round's two runs are neighbours in time: their ratio cancels the machine's drift,
     # and the median of the ratios is robust to a round hit by a noisy neighbour.
     ratio = statistics.median(e / b for b, e in zip(bare_runs, engine_runs, strict=True))

@@ -126,14 +126,14 @@ def batch_tally(envelopes: Sequence[Envelope]) -> Tally:
         ts = e.timestamp
         kind = type(e)
         per_type[(ts - ts % HOUR_MS, getattr(e.payload, "model", ""), kind)] += 1
-        if kind is TokenGeneratedEnvelope:
-            tokens[(e.generation_id, e.seq)] = e  # type: ignore[index]
-        elif kind is GenerationStartedEnvelope and e.generation_id is not None:
-            starts[(e.generation_id, e.seq)] = e  # type: ignore[assignment]
-        elif kind is GenerationCompletedEnvelope:
+        if isinstance(e, TokenGeneratedEnvelope):
+            tokens[(e.generation_id, e.seq)] = e
+        elif isinstance(e, GenerationStartedEnvelope):
+            starts[(e.generation_id, e.seq)] = e
+        elif isinstance(e, GenerationCompletedEnvelope):
             p = e.payload
-            rate = completed_throughput(p.throughput, p.tokens_generated, p.duration_ms)  # type: ignore[union-attr]
-            tally.completed(ts, _model_column(p.model), p.duration_ms, rate)  # type: ignore[union-attr]
+            rate = completed_throughput(p.throughput, p.tokens_generated, p.duration_ms)
+            tally.completed(ts, _model_column(p.model), p.duration_ms, rate)
     for (hour, model, kind), n in per_type.items():
         tally.counts[(hour, _model_column(model), _SERIES_OF[kind], 0)] += n
     if not starts and not tokens:
@@ -171,15 +171,16 @@ def _stored_first_tokens(attempts: set[tuple[uuid.UUID, int]]) -> Iterable[tuple
             generation_id__in={gid for gid, _ in chunk},
             seq__in={seq + 1 for _, seq in chunk},
         ).values_list("generation_id", "seq", "timestamp")
-        yield from ((g, s, t) for g, s, t in rows if (g, s) in wanted)
+        yield from ((g, s, t) for g, s, t in rows if g is not None and (g, s) in wanted)
 
 
 def _stored_starts(generation_ids: set[uuid.UUID]) -> Iterable[tuple[uuid.UUID, int, int, str]]:
     ids = sorted(generation_ids)
     for start in range(0, len(ids), 500):
-        yield from Event.objects.filter(
+        rows = Event.objects.filter(
             type="generationStarted", generation_id__in=ids[start : start + 500]
         ).values_list("generation_id", "seq", "timestamp", "model")
+        yield from ((g, s, t, m) for g, s, t, m in rows if g is not None)
 
 
 def rollups_add(envelopes: Sequence[Envelope]) -> None:
@@ -229,6 +230,7 @@ def window_tally(since: int, until: int, *, model: str | None = None) -> Tally:
     starts = {
         (gid, seq): (ts, m)
         for gid, seq, ts, m in attempts.values_list("generation_id", "seq", "timestamp", "model")
+        if gid is not None
     }
     for gid, seq, first in _stored_first_tokens(set(starts)):
         started, m = starts[(gid, seq - 1)]

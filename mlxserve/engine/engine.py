@@ -37,6 +37,27 @@ logger = logging.getLogger(__name__)
 WATCHED_SUFFIXES = (".safetensors", ".json", ".model", ".tiktoken", ".jinja", ".txt")
 
 
+# The tokens counter is incremented every this many tokens (and at a generation's end):
+# a scrape lags by at most these, and the generation thread takes its lock 1/16 as often.
+TOKEN_COUNTER_EVERY = 16
+
+
+@dataclass
+class TelemetryCost:
+    """What telemetry costs the generation thread: nanoseconds spent after each token on
+    its event and metrics, summed, and the tokens (bench/generation_overhead.py reads it)."""
+
+    ns: int = 0
+    tokens: int = 0
+
+    def add(self, ns: int) -> None:
+        self.ns += ns
+        self.tokens += 1
+
+    def per_token_us(self) -> float:
+        return self.ns / 1000 / self.tokens if self.tokens else 0.0
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     model: str  # the name events carry: a registry name, a path or a repo id
@@ -250,6 +271,7 @@ class Engine:
         self._stop = threading.Event()
         self._heartbeat_changed = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.telemetry_cost = TelemetryCost()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -458,34 +480,44 @@ class Engine:
         tokens_counter = self.metrics.series(self.metrics.tokens_generated, model=model)
         itl = self.metrics.series(self.metrics.inter_token_latency, model=model)
         pieces: list[str] = []
-        seq = 0
+        seq = counted = 0
         first_token_at: float | None = None
         last_token_at = started
         finish_reason = None
-        for response in stream_generate(
-            loaded.model, loaded.tokenizer, prompt, max_tokens=request.max_tokens, sampler=sampler
-        ):
-            now = time.perf_counter()
-            seq += 1
-            progress.seq = seq
-            if first_token_at is None:
-                first_token_at = now
-                self.metrics.series(self.metrics.time_to_first_token, model=model).observe(now - started)
-            else:
-                itl.observe(now - last_token_at)
-            last_token_at = now
-            # Read the already computed row through NumPy: ``logprobs[token].item()``
-            # would queue a new op behind the next token's forward pass and wait for it,
-            # undoing mlx-lm's overlap of compute and Python (about 12% of tokens/s).
-            logprob = float(np.asarray(response.logprobs)[response.token])
-            emitter.token_generated(
-                generation_id=gid, seq=seq, model=model, token=response.text, logprob=logprob
-            )
-            tokens_counter.inc()
-            pieces.append(response.text)
-            if on_token is not None:
-                on_token(response.text)
-            finish_reason = response.finish_reason
+        cost = self.telemetry_cost
+        perf_counter_ns = time.perf_counter_ns
+        try:
+            for response in stream_generate(
+                loaded.model, loaded.tokenizer, prompt, max_tokens=request.max_tokens, sampler=sampler
+            ):
+                now_ns = perf_counter_ns()
+                now = now_ns / 1e9
+                seq += 1
+                progress.seq = seq
+                if first_token_at is None:
+                    first_token_at = now
+                    self.metrics.series(self.metrics.time_to_first_token, model=model).observe(now - started)
+                else:
+                    itl.observe(now - last_token_at)
+                last_token_at = now
+                # Read the already computed row through NumPy: ``logprobs[token].item()``
+                # would queue a new op behind the next token's forward pass and wait for it,
+                # undoing mlx-lm's overlap of compute and Python (about 12% of tokens/s).
+                logprob = float(np.asarray(response.logprobs)[response.token])
+                emitter.token_generated(
+                    generation_id=gid, seq=seq, model=model, token=response.text, logprob=logprob
+                )
+                if seq - counted >= TOKEN_COUNTER_EVERY:  # the token counter, a few tokens at a time
+                    tokens_counter.inc(seq - counted)
+                    counted = seq
+                cost.add(perf_counter_ns() - now_ns)
+                pieces.append(response.text)
+                if on_token is not None:
+                    on_token(response.text)
+                finish_reason = response.finish_reason
+        finally:
+            if seq > counted:
+                tokens_counter.inc(seq - counted)
         duration = time.perf_counter() - started
         generating = (last_token_at - first_token_at) if first_token_at is not None else 0.0
         throughput = tokens_per_second(seq, generating) or 0.0

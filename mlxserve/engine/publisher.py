@@ -247,7 +247,8 @@ class BufferedPublisher:
                 self._spool.append(body)
             else:
                 self._memory.append(body)
-            self._idle.clear()
+            if self._idle.is_set():  # clear() takes the event's own lock: only when it is set
+                self._idle.clear()
             full = len(self._memory) >= self.batch_size
         # The sender wakes every ``linger`` seconds anyway: waking it per event would
         # send batches of one and spend the generation's CPU on round trips.

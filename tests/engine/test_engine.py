@@ -256,3 +256,15 @@ def test_a_quantized_model_reports_its_facts_and_the_unquantized_parameter_count
     assert packed["metadata"]["quantization"] == {"bits": bits, "groupSize": group_size, "mode": mode}
     labels = {"bits": str(bits), "group_size": str(group_size), "mode": mode}
     assert recorder.sample("kr_serve_models_loaded_total", model=str(quantized), **labels) == 1
+
+
+def test_the_engine_times_telemetry_and_counts_every_token(recorder: Recorder, demo_model: Path) -> None:
+    """The tokens counter moves a few tokens at a time, and ends a generation exact."""
+    cost = recorder.engine.telemetry_cost
+    before = cost.tokens
+    registry = recorder.engine.metrics.registry
+    for tokens in (37, 16, 1):
+        recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=tokens))
+    assert cost.tokens - before == 54 and cost.ns > 0 and cost.per_token_us() > 0
+    total = registry.get_sample_value("kr_serve_tokens_generated_total", {"model": str(demo_model)})
+    assert total == len(recorder.events("tokenGenerated")) == 54
