@@ -98,6 +98,12 @@ def main() -> int:
     # Fewer rounds let this machine's noise (about +/-1.5% a round) move the median by a point.
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13"))
+    parser.add_argument(
+        "--same-both-sides",
+        action="store_true",
+        help="bare mlx-lm on both sides (an A/A run): the spread of the ratio when nothing differs, "
+        "the smallest overhead this machine lets the ratio tell",
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
@@ -146,6 +152,8 @@ def main() -> int:
             runtime.publisher.flush(10)
             return result.tokens / elapsed
 
+    if args.same_both_sides:
+        engine = bare  # the A/A run: the bench measuring itself
     bare()
     engine()  # warm-up: compile, caches
     bare_runs, engine_runs = [], []

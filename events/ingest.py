@@ -296,12 +296,15 @@ def ingest_run(
     stopping: Callable[[], bool],
     retention_every: float = 3600.0,
     log_every: float = 10.0,
+    idle_log_every: float = 300.0,
     exit_when_idle: bool = False,
 ) -> tuple[int, int]:
     """Run ``ingester`` until ``stopping()`` (or, with ``exit_when_idle``, until the stream has
     nothing new): the config re-published every 5 s, retention every ``retention_every`` s
-    (0: never), a progress line and a trim every ``log_every`` s. Redis or the database going
-    away pauses it, with backoff, never stops it. Returns (events stored, dead letters).
+    (0: never), a trim every ``log_every`` s, and a progress line then if anything happened
+    (events stored or dead-lettered, entries waiting or trimmed); with nothing to do, one
+    line every ``idle_log_every`` s says it is alive. Redis or the database going away pauses
+    it, with backoff, never stops it. Returns (events stored, dead letters).
     """
     with gc_for_batches():
         return _ingest_loop(
@@ -309,6 +312,7 @@ def ingest_run(
             stopping=stopping,
             retention_every=retention_every,
             log_every=log_every,
+            idle_log_every=idle_log_every,
             exit_when_idle=exit_when_idle,
         )
 
@@ -319,11 +323,12 @@ def _ingest_loop(
     stopping: Callable[[], bool],
     retention_every: float,
     log_every: float,
+    idle_log_every: float,
     exit_when_idle: bool,
 ) -> tuple[int, int]:
     stored = dead = 0
-    window_start = time.monotonic()
-    window_stored = 0
+    window_start = last_line = time.monotonic()
+    window_stored = window_dead = 0
     next_sync = 0.0
     next_retention = time.monotonic() + 60 if retention_every > 0 else float("inf")
     backoff = 0.5
@@ -333,10 +338,9 @@ def _ingest_loop(
                 telemetry_config_sync()
                 next_sync = time.monotonic() + 5
             if time.monotonic() >= next_retention:
-                removed = events_retention_apply()
-                progress_logger.info(
-                    "Retention: deleted %s", {k: v for k, v in removed.items() if v} or "nothing"
-                )
+                removed = {k: v for k, v in events_retention_apply().items() if v}
+                if removed:
+                    progress_logger.info("Retention: deleted %s", removed)
                 if folded := fleet_labels_fold():
                     progress_logger.info(
                         "Retention: %d metric label values folded into the overflow series", folded
@@ -346,6 +350,7 @@ def _ingest_loop(
             stored += outcome.stored
             dead += outcome.dead
             window_stored += outcome.stored
+            window_dead += outcome.dead
             backoff = 0.5
             if exit_when_idle and outcome.stored + outcome.duplicates + outcome.dead == 0:
                 break
@@ -364,18 +369,23 @@ def _ingest_loop(
                 lag = stream_lag(client=ingester.client, stream=ingester.stream, group=ingester.group)
             except redis.RedisError:
                 continue  # reported by the next step's retry
-            progress_logger.info(
-                "stored %d events (%.0f/s), %d dead letters; stream length %d (%d trimmed), "
-                "pending %d, not yet read %d, oldest not stored %.1fs",
-                stored,
-                window_stored / elapsed,
-                dead,
-                lag["length"],
-                trimmed,
-                lag["pending"],
-                lag["undelivered"],
-                lag["lag_ms"] / 1000,
-            )
-            window_start, window_stored = time.monotonic(), 0
+            busy = window_stored or window_dead or trimmed or lag["pending"] or lag["undelivered"]
+            if busy or time.monotonic() - last_line >= idle_log_every:
+                progress_logger.info(
+                    "%s %d events (%.0f/s), %d dead letters; stored %d in all; stream length %d "
+                    "(%d trimmed), pending %d, not yet read %d, oldest not stored %.1fs",
+                    "stored" if busy else "idle: stored",
+                    window_stored,
+                    window_stored / elapsed,
+                    window_dead,
+                    stored,
+                    lag["length"],
+                    trimmed,
+                    lag["pending"],
+                    lag["undelivered"],
+                    lag["lag_ms"] / 1000,
+                )
+                last_line = time.monotonic()
+            window_start, window_stored, window_dead = time.monotonic(), 0, 0
     progress_logger.info("Stopped: stored %d events, %d dead letters", stored, dead)
     return stored, dead

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin
+from django.contrib.admin.apps import AdminConfig
 from django.db.models import Model
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
@@ -36,3 +38,22 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class MlxserveAdminSite(admin.AdminSite):
+    """The admin named after the product and the deployment (``MLXSERVE_SITE_NAME``, default
+    this host's name), so a person with several open knows which fleet they are looking at."""
+
+    @property  # type: ignore[override]
+    def site_header(self) -> str:
+        return f"mlxserve · {settings.MLXSERVE_SITE_NAME}"
+
+    @property  # type: ignore[override]
+    def site_title(self) -> str:
+        return f"mlxserve {settings.MLXSERVE_SITE_NAME}"
+
+    index_title = "Fleet control plane"
+
+
+class MlxserveAdminConfig(AdminConfig):
+    default_site = "mlxserve.admin.MlxserveAdminSite"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import socket
 from pathlib import Path
 
 import dj_database_url
@@ -103,7 +104,7 @@ def _proxy_ssl_header(value: str) -> tuple[str, str] | None:
 SECURE_PROXY_SSL_HEADER = _proxy_ssl_header(env_str("MLXSERVE_PROXY_SSL_HEADER", ""))
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "mlxserve.admin.MlxserveAdminConfig",  # django.contrib.admin, named after the deployment
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -243,6 +244,9 @@ STREAM_BACKLOG_LIMIT = env_int("MLXSERVE_STREAM_BACKLOG_LIMIT", 100_000)
 
 # Distinct values of one label of one metric with their own series (fleet and worker metrics);
 # later ones are counted under "__overflow__". Registered model names always have their own.
+# What the admin calls this deployment ("mlxserve · <name>"): say which fleet, or which stage.
+MLXSERVE_SITE_NAME = os.environ.get("MLXSERVE_SITE_NAME", "").strip() or socket.gethostname()
+
 METRIC_LABEL_LIMIT = env_int("MLXSERVE_METRIC_LABEL_LIMIT", 100)
 if METRIC_LABEL_LIMIT < 0:
     raise ImproperlyConfigured(f"MLXSERVE_METRIC_LABEL_LIMIT must be 0 or more, got {METRIC_LABEL_LIMIT}")

@@ -306,3 +306,35 @@ def test_text_with_tabs_newlines_backslashes_and_quotes_is_stored_as_sent(
     assert token.model == "m\\odel\t1"
     error = Event.objects.get(pk=envelopes[1]["id"])
     assert error.payload["code"] == "\\N" and error.generation_id is None
+
+
+@pytest.mark.django_db
+def test_the_ingester_logs_when_something_happens_and_rarely_when_idle(
+    redis_client: redis.Redis, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import time
+
+    from events.ingest import ingest_run
+
+    def run(seconds: float, *, idle_log_every: float) -> list[str]:
+        caplog.clear()
+        until = time.monotonic() + seconds
+        with caplog.at_level(logging.INFO, logger="mlxserve.ingest"):
+            ingest_run(
+                ingester(redis_client, settings),
+                stopping=lambda: time.monotonic() > until,
+                retention_every=0,
+                log_every=0.02,
+                idle_log_every=idle_log_every,
+            )
+        return [r.getMessage() for r in caplog.records if "events (" in r.getMessage()]
+
+    assert run(0.5, idle_log_every=300) == []  # nothing happened: nothing said, for 25 windows
+    append(
+        redis_client, settings, make_envelope("error", timestamp=T0), make_envelope("error", timestamp=T0 + 1)
+    )
+    lines = run(0.5, idle_log_every=300)
+    assert len(lines) == 1 and lines[0].startswith("stored 2 events (") and "stored 2 in all" in lines[0]
+    idle = run(0.5, idle_log_every=0.1)  # still alive, said now and then
+    assert 2 <= len(idle) <= 6 and all(line.startswith("idle: stored 0 events") for line in idle)
