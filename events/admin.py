@@ -1,17 +1,21 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import msgspec
 from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
+from events.charts import sparkline_svg
 from events.dead_letters import dead_letters_replay
 from events.models import (
     DeadLetter,
@@ -23,7 +27,13 @@ from events.models import (
     Worker,
 )
 from events.privacy import prompt_policy_get
-from events.selectors import generation_detail, worker_is_stale, worker_tokens_per_second
+from events.selectors import (
+    WorkerActivity,
+    generation_detail,
+    heartbeat_interval_ms,
+    worker_is_stale,
+    workers_activity,
+)
 from mlxserve.admin import ReadOnlyAdmin, SingletonAdmin
 
 
@@ -225,19 +235,36 @@ class RetentionPolicyAdmin(admin.ModelAdmin):
 
 @admin.register(Worker)
 class WorkerAdmin(ReadOnlyAdmin):
-    """The fleet overview: every worker, its last status, when last heard, and its pace."""
+    """The fleet, a worker a row: status, a warning when it has gone quiet, its pace over the
+    last hour (a bar a minute), its errors and its last one, and a link to its events."""
 
     list_display = [
         "source",
         "status",
-        "is_stale",
+        "stale_warning",
         "last_heard",
-        "models_loaded",
-        "active_tasks",
         "tokens_per_second",
+        "last_hour",
+        "errors_last_hour",
+        "last_error_shown",
+        "events_link",
     ]
     list_filter = ["status"]
     search_fields = ["source"]
+    list_per_page = 50
+
+    class Media:
+        css = {"all": ["events/admin.css"]}
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        workers = list(changelist.result_list)
+        activity = workers_activity([w.source for w in workers])  # one read for the page
+        interval_ms, now_ms = heartbeat_interval_ms(), time.time_ns() // 1_000_000
+        for worker in workers:
+            worker.activity = activity[worker.source]
+            worker.stale = worker_is_stale(worker, interval_ms=interval_ms, now_ms=now_ms)
+        return changelist
 
     @admin.display(description="last heard (UTC)", ordering="last_heard_at")
     def last_heard(self, obj: Worker) -> str:
@@ -245,13 +272,60 @@ class WorkerAdmin(ReadOnlyAdmin):
             return "-"
         return datetime.fromtimestamp(obj.last_heard_at / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
-    @admin.display(description="stale", boolean=True)
-    def is_stale(self, obj: Worker) -> bool:
-        return worker_is_stale(obj)
+    @admin.display(description="stale")
+    def stale_warning(self, obj: Worker) -> str:
+        stale = getattr(obj, "stale", None)
+        if stale is None:
+            stale = worker_is_stale(obj)
+        if not stale:
+            return ""
+        return format_html('<span class="mlx-warn" title="{}">&#9888; stale</span>', _silent_for(obj))
 
     @admin.display(description="tokens/s (last minute)")
     def tokens_per_second(self, obj: Worker) -> str:
-        return f"{worker_tokens_per_second(source=obj.source):.1f}"
+        return f"{_activity(obj).tokens_per_second_last_minute:.1f}"
+
+    @admin.display(description="tokens a minute, last hour")
+    def last_hour(self, obj: Worker) -> str:
+        activity = _activity(obj)
+        label = (
+            f"{obj.source}: {sum(activity.per_minute):,} tokens in the last hour "
+            f"({activity.tokens_per_second_last_hour:.1f}/s), busiest minute {max(activity.per_minute):,}"
+        )
+        return sparkline_svg(activity.per_minute, label=label)
+
+    @admin.display(description="errors (last hour)")
+    def errors_last_hour(self, obj: Worker) -> int:
+        return _activity(obj).errors_last_hour
+
+    @admin.display(description="last error")
+    def last_error_shown(self, obj: Worker) -> str:
+        if not obj.last_error_at:
+            return ""
+        when = datetime.fromtimestamp(obj.last_error_at / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M")
+        return format_html(
+            '<span title="{}">{}</span> <small>{}</small>', obj.last_error, obj.last_error[:80], when
+        )
+
+    @admin.display(description="events")
+    def events_link(self, obj: Worker) -> str:
+        url = reverse("admin:events_event_changelist") + "?" + urlencode({"source": obj.source})
+        return format_html('<a href="{}">events</a>', url)
+
+
+def _activity(worker: Worker) -> WorkerActivity:
+    activity = getattr(worker, "activity", None)
+    if activity is None:  # shown outside the list (the change page)
+        activity = workers_activity([worker.source])[worker.source]
+        worker.activity = activity  # type: ignore[attr-defined]
+    return activity
+
+
+def _silent_for(worker: Worker) -> str:
+    seconds = max(time.time_ns() // 1_000_000 - worker.last_heard_at, 0) // 1000
+    if not worker.last_heard_at:
+        return "never heard from"
+    return f"silent for {seconds // 3600}h {seconds % 3600 // 60}m {seconds % 60}s"
 
 
 @admin.register(PromptPolicy)

@@ -115,6 +115,8 @@ class Worker(models.Model):
     active_tasks = models.PositiveBigIntegerField(default=0)
     last_status_at = models.BigIntegerField(default=0, help_text="Epoch ms of its last runtimeStatus.")
     last_heard_at = models.BigIntegerField(default=0, help_text="Epoch ms of its last event of any type.")
+    last_error_at = models.BigIntegerField(default=0, help_text="Epoch ms of its last error event.")
+    last_error = models.CharField(max_length=500, blank=True, help_text="That error's code and message, cut.")
     first_seen_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -253,3 +255,22 @@ class StatsCoverage(SingletonModel):
 
     def __str__(self) -> str:
         return f"Rollups from {self.covered_from}"
+
+
+class SourceMinute(models.Model):
+    """What one source did in one minute: events, tokens and errors, for the fleet views
+    (tokens/s, sparklines, errors of the last hour) without counting events. Added to by
+    the ingester with each batch (events stored for the first time only); kept two days."""
+
+    minute = models.BigIntegerField(help_text="The minute's start, epoch milliseconds.")
+    source = models.CharField(max_length=200)
+    events = models.BigIntegerField(default=0)
+    tokens = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["source", "minute"], name="source_minute_key")]
+        indexes = [models.Index(fields=["minute"], name="source_minute_minute")]
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.minute}: {self.tokens} tokens"

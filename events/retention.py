@@ -11,7 +11,7 @@ from django.db import connection, transaction
 from django.db.models import Max
 
 from events.models import Event
-from events.rollups import rollups_prune
+from events.rollups import activity_prune, rollups_prune
 
 logger = logging.getLogger(__name__)
 
@@ -73,4 +73,5 @@ def events_retention_apply(
         # Stats rollups are kept as long as the longest-kept events: hours with no event
         # left to show are counted no more.
         rollups_prune(now_ms - longest * 86_400_000)
+    activity_prune(now_ms)
     return deleted

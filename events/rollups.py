@@ -23,14 +23,16 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import Count, F, Sum
 from django.db.models.functions import Mod
 
-from events.models import MODEL_COLUMN_LENGTH, Event, StatsCoverage, StatsRollup
+from events.models import MODEL_COLUMN_LENGTH, Event, SourceMinute, StatsCoverage, StatsRollup
 from mlxserve.contract.events import (
     Envelope,
+    ErrorEnvelope,
     GenerationCompletedEnvelope,
     GenerationStartedEnvelope,
     TokenGeneratedEnvelope,
@@ -184,10 +186,52 @@ def _stored_starts(generation_ids: set[uuid.UUID]) -> Iterable[tuple[uuid.UUID, 
 
 
 def rollups_add(envelopes: Sequence[Envelope]) -> None:
-    """Add newly stored events to the rollups (one upsert per 300 rows, in key order so
-    two ingesters never wait on each other in a cycle)."""
+    """Add newly stored events to the rollups and to each source's minutes (one upsert per
+    300 rows, in key order so two ingesters never wait on each other in a cycle)."""
     if envelopes:
         _upsert(batch_tally(envelopes).counts)
+        _activity_upsert(envelopes)
+
+
+MINUTE_MS = 60_000
+# Source minutes are kept this long (the views read the last hour; a day back for context).
+ACTIVITY_KEEP_MS = 2 * 86_400_000
+
+
+def _activity_upsert(envelopes: Sequence[Envelope]) -> None:
+    """Per (source, minute): events, tokens, errors."""
+    counts: dict[tuple[str, int], list[int]] = {}
+    for e in envelopes:
+        ts = e.timestamp
+        key = (e.source, ts - ts % MINUTE_MS)
+        row = counts.get(key)
+        if row is None:
+            row = counts[key] = [0, 0, 0]
+        row[0] += 1
+        kind = type(e)
+        if kind is TokenGeneratedEnvelope:
+            row[1] += 1
+        elif kind is ErrorEnvelope:
+            row[2] += 1
+    table = SourceMinute._meta.db_table
+    items = sorted(counts.items())
+    with connection.cursor() as cursor:
+        for start in range(0, len(items), 300):
+            chunk = items[start : start + 300]
+            params: list[Any] = [v for (source, minute), row in chunk for v in (source, minute, *row)]
+            cursor.execute(
+                f"INSERT INTO {table} (source, minute, events, tokens, errors) VALUES "
+                + ", ".join(["(%s, %s, %s, %s, %s)"] * len(chunk))
+                + " ON CONFLICT (source, minute) DO UPDATE SET"
+                + f" events = {table}.events + excluded.events, tokens = {table}.tokens + excluded.tokens,"
+                + f" errors = {table}.errors + excluded.errors",
+                params,
+            )
+
+
+def activity_prune(now_ms: int) -> int:
+    deleted, _ = SourceMinute.objects.filter(minute__lt=now_ms - ACTIVITY_KEEP_MS).delete()
+    return deleted
 
 
 def _upsert(counts: Counter[tuple[int, str, str, int]]) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 
 import msgspec
 from django.conf import settings
-from django.db.models import Q, QuerySet, TextField
+from django.db.models import Count, Q, QuerySet, Sum, TextField
 from django.db.models.functions import Cast
 
-from events.models import Event, Generation, Worker
+from events.models import DeadLetter, Event, Generation, SourceMinute, Worker
 from events.responses import (
     AttemptOut,
     EventCounts,
@@ -261,11 +261,98 @@ def worker_is_stale(worker: Worker, *, interval_ms: int | None = None, now_ms: i
     return now_ms - worker.last_heard_at > STALE_AFTER_HEARTBEATS * interval_ms
 
 
-def worker_tokens_per_second(*, source: str, window_ms: int = 60_000) -> float:
-    """Tokens the worker emitted over the last ``window_ms``, per second (the source index)."""
-    since = time.time_ns() // 1_000_000 - window_ms
-    tokens = Event.objects.filter(source=source, timestamp__gte=since, type="tokenGenerated").count()
-    return tokens * 1000 / window_ms
+MINUTE_MS = 60_000
+
+
+@dataclass
+class WorkerActivity:
+    """A worker's last hour, from its per-minute counts: ``per_minute`` holds the tokens of
+    each of the 60 whole minutes before the current one, oldest first."""
+
+    per_minute: list[int]
+    errors_last_hour: int
+
+    @property
+    def tokens_per_second_last_minute(self) -> float:
+        return self.per_minute[-1] / 60
+
+    @property
+    def tokens_per_second_last_hour(self) -> float:
+        return sum(self.per_minute) / 3600
+
+
+def workers_activity(
+    sources: list[str] | None = None, *, now_ms: int | None = None
+) -> dict[str, WorkerActivity]:
+    """The last hour of each source (all of them when ``sources`` is None): one range read of
+    the per-minute table, at most 60 rows a source."""
+    now_ms = now_ms or time.time_ns() // 1_000_000
+    current = now_ms - now_ms % MINUTE_MS
+    since = current - 60 * MINUTE_MS
+    rows = SourceMinute.objects.filter(minute__gte=since, minute__lt=current)
+    if sources is not None:
+        rows = rows.filter(source__in=sources)
+    activity: dict[str, WorkerActivity] = {}
+    for source, minute, tokens, errors in rows.values_list("source", "minute", "tokens", "errors"):
+        entry = activity.setdefault(source, WorkerActivity(per_minute=[0] * 60, errors_last_hour=0))
+        entry.per_minute[(minute - since) // MINUTE_MS] += tokens
+        entry.errors_last_hour += errors
+    for source in sources or ():
+        activity.setdefault(source, WorkerActivity(per_minute=[0] * 60, errors_last_hour=0))
+    return activity
+
+
+@dataclass
+class FleetOverview:
+    """What the admin's index shows first: is the fleet healthy."""
+
+    workers: int
+    by_status: dict[str, int]
+    stale: list[Worker]  # the longest silent first, at most ``STALE_SHOWN``
+    stale_count: int
+    tokens_per_second_last_minute: float
+    tokens_per_second_last_hour: float
+    errors_last_hour: int
+    dead_letters_waiting: int  # counted up to DEAD_LETTERS_COUNTED
+    ingest_lag: dict[str, int] | None  # None: Redis did not answer
+
+
+STALE_SHOWN = 10
+DEAD_LETTERS_COUNTED = 10_000
+
+
+def fleet_overview(
+    *, now_ms: int | None = None, lag: Callable[[], dict[str, int]] | None = None
+) -> FleetOverview:
+    """A few indexed reads, whatever the fleet's size and the events stored: worker rows, the
+    last hour's per-minute table and the first 10,000 dead letters waiting."""
+    now_ms = now_ms or time.time_ns() // 1_000_000
+    threshold = now_ms - STALE_AFTER_HEARTBEATS * heartbeat_interval_ms()
+    by_status = {
+        (row["status"] or "unknown"): row["n"]
+        for row in Worker.objects.order_by().values("status").annotate(n=Count("*"))
+    }
+    stale = Worker.objects.filter(last_heard_at__lt=threshold)
+    current = now_ms - now_ms % MINUTE_MS
+    hour = SourceMinute.objects.filter(minute__gte=current - 60 * MINUTE_MS, minute__lt=current)
+    totals = hour.aggregate(tokens=Sum("tokens"), errors=Sum("errors"))
+    last_minute = hour.filter(minute=current - MINUTE_MS).aggregate(tokens=Sum("tokens"))["tokens"] or 0
+    waiting = DeadLetter.objects.filter(replayed_at__isnull=True).order_by()[:DEAD_LETTERS_COUNTED].count()
+    try:
+        ingest_lag = lag() if lag is not None else None
+    except Exception:  # Redis unreachable: the page says so, it does not fail
+        ingest_lag = None
+    return FleetOverview(
+        workers=sum(by_status.values()),
+        by_status=dict(sorted(by_status.items())),
+        stale=list(stale.order_by("last_heard_at")[:STALE_SHOWN]),
+        stale_count=stale.count(),
+        tokens_per_second_last_minute=last_minute / 60,
+        tokens_per_second_last_hour=(totals["tokens"] or 0) / 3600,
+        errors_last_hour=totals["errors"] or 0,
+        dead_letters_waiting=waiting,
+        ingest_lag=ingest_lag,
+    )
 
 
 def workers_list() -> list[WorkerOut]:

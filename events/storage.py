@@ -27,6 +27,7 @@ from events.models import (
     Event,
     FleetCounter,
     PromptPolicy,
+    SourceMinute,
     StatsRollup,
     Worker,
 )
@@ -34,6 +35,7 @@ from events.privacy import prompt_policy_get, prompt_redact
 from events.rollups import rollups_add
 from mlxserve.contract.events import (
     Envelope,
+    ErrorEnvelope,
     GenerationStartedEnvelope,
     RuntimeStatusEnvelope,
     envelope_decode,
@@ -285,7 +287,7 @@ def storage_ready() -> bool:
     Checked before a batch that failed is read again: until then the failure is the
     database's (down, restarting, a migration under way), and its events wait for it.
     """
-    tables = [m._meta.db_table for m in (Event, Worker, FleetCounter, StatsRollup, DeadLetter)]
+    tables = [m._meta.db_table for m in (Event, Worker, FleetCounter, StatsRollup, SourceMinute, DeadLetter)]
     try:
         with transaction.atomic(), connection.cursor() as cursor:
             for table in tables:
@@ -366,17 +368,28 @@ def workers_note(events: Iterable[Envelope]) -> None:
     """
     heard: dict[str, int] = {}
     statuses: dict[str, RuntimeStatusEnvelope] = {}
+    errors: dict[str, ErrorEnvelope] = {}
     for event in events:
         heard[event.source] = max(heard.get(event.source, 0), event.timestamp)
         if isinstance(event, RuntimeStatusEnvelope) and event.timestamp >= getattr(
             statuses.get(event.source), "timestamp", 0
         ):
             statuses[event.source] = event
+        elif isinstance(event, ErrorEnvelope) and event.timestamp >= getattr(
+            errors.get(event.source), "timestamp", 0
+        ):
+            errors[event.source] = event
     if not heard:
         return
     Worker.objects.bulk_create([Worker(source=s) for s in heard], ignore_conflicts=True)
     for source, timestamp in heard.items():
         Worker.objects.filter(source=source, last_heard_at__lt=timestamp).update(last_heard_at=timestamp)
+    for source, error in errors.items():
+        code = error.payload.code if isinstance(error.payload.code, str) else ""
+        text = f"{code}: {error.payload.error}" if code else error.payload.error
+        Worker.objects.filter(source=source, last_error_at__lte=error.timestamp).update(
+            last_error_at=error.timestamp, last_error=text[:500]
+        )
     for source, event in statuses.items():
         active = event.payload.active_tasks
         Worker.objects.filter(source=source, last_status_at__lte=event.timestamp).update(

@@ -44,15 +44,15 @@ class MlxserveAdminSite(admin.AdminSite):
     """The admin named after the product and the deployment (``MLXSERVE_SITE_NAME``, default
     this host's name), so a person with several open knows which fleet they are looking at."""
 
-    @property  # type: ignore[override]
-    def site_header(self) -> str:
-        return f"mlxserve · {settings.MLXSERVE_SITE_NAME}"
-
-    @property  # type: ignore[override]
-    def site_title(self) -> str:
-        return f"mlxserve {settings.MLXSERVE_SITE_NAME}"
+    def each_context(self, request: HttpRequest) -> dict[str, Any]:
+        context = super().each_context(request)
+        context["site_header"] = f"mlxserve · {settings.MLXSERVE_SITE_NAME}"
+        context["site_title"] = f"mlxserve {settings.MLXSERVE_SITE_NAME}"
+        return context
 
     index_title = "Fleet control plane"
+    # The index opens on the fleet (a panel the events app draws: events/templates/admin/).
+    index_template = "admin/fleet_index.html"
 
 
 class MlxserveAdminConfig(AdminConfig):

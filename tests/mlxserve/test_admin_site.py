@@ -21,4 +21,4 @@ def test_the_admin_is_named_after_the_deployment(client: Client, settings: Any) 
 def test_by_default_it_is_named_after_the_host() -> None:
     from django.conf import settings
 
-    assert settings.MLXSERVE_SITE_NAME == socket.gethostname()
+    assert socket.gethostname() == settings.MLXSERVE_SITE_NAME
