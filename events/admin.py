@@ -1,12 +1,12 @@
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-import msgspec
 from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
@@ -15,7 +15,7 @@ from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
-from events.charts import sparkline_svg
+from events.charts import latency_chart_svg, sparkline_svg
 from events.dead_letters import dead_letters_replay
 from events.models import (
     DeadLetter,
@@ -26,10 +26,10 @@ from events.models import (
     RetentionPolicy,
     Worker,
 )
-from events.privacy import prompt_policy_get
+from events.privacy import HASH_PREFIX, prompt_policy_get
 from events.selectors import (
     WorkerActivity,
-    generation_detail,
+    generation_read,
     heartbeat_interval_ms,
     worker_is_stale,
     workers_activity,
@@ -176,56 +176,156 @@ class RegisteredModelAdmin(admin.ModelAdmin):
 
 @admin.register(Generation)
 class GenerationAdmin(ReadOnlyAdmin):
+    """A generation as a person reads it: the figures first, the text with each token shaded
+    by how unsure the model was of it, where it stalled (inter-token latency), and the raw
+    events folded away below."""
+
     list_display = ["id", "created_at", "model", "max_tokens", "requested_by"]
     search_fields = ["=id", "model"]
     readonly_fields = [
+        "summary",
+        "prompt_shown",
+        "text_shaded",
+        "latency",
+        "raw_events",
         "id",
-        "model",
         "model_path",
-        "prompt_pretty",
         "max_tokens",
         "options",
         "requested_by",
         "created_at",
-        "timeline",
     ]
     exclude = ["prompt"]
 
-    @admin.display(description="prompt")
-    def prompt_pretty(self, obj: Generation) -> str:
-        return _pretty(obj.prompt)
+    class Media:
+        css = {"all": ["events/admin.css"]}
 
-    @admin.display(description="what happened")
-    def timeline(self, obj: Generation) -> str:
-        detail = generation_detail(generation_id=obj.id)
-        if detail is None:
+    def _read(self, obj: Generation) -> Any:
+        cache = getattr(obj, "_page", None)
+        if cache is None:
+            cache = obj._page = generation_read(generation_id=obj.id)  # type: ignore[attr-defined]
+        return cache
+
+    def _tokens(self, obj: Generation) -> list[Any]:
+        read = self._read(obj)
+        return read[1][-1].tokens if read and read[1] else []
+
+    @admin.display(description="summary")
+    def summary(self, obj: Generation) -> str:
+        read = self._read(obj)
+        if read is None:
+            return "Queued: no worker has reported on it yet."
+        detail = read[0]
+
+        def figure(value: float | None, unit: str) -> str:
+            return "-" if value is None else f"{value:,.1f} {unit}"
+
+        rows = [
+            ("state", detail.state),
+            ("attempt", f"{detail.attempt} of {len(detail.attempts)}"),
+            ("worker", detail.source or "-"),
+            ("model", detail.model or "-"),
+            ("tokens", f"{detail.tokens:,}"),
+            ("time to first token", figure(detail.time_to_first_token_ms, "ms")),
+            ("tokens/s", figure(detail.tokens_per_second, "")),
+            ("duration", figure(detail.duration_ms, "ms")),
+        ]
+        if detail.error is not None:
+            rows.append(("error", f"{detail.error.code or ''} {detail.error.message}".strip()))
+        return format_html(
+            '<table class="mlx-summary">{}</table>',
+            format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows),
+        )
+
+    @admin.display(description="prompt")
+    def prompt_shown(self, obj: Generation) -> str:
+        prompt = obj.prompt
+        if isinstance(prompt, str) and prompt.startswith(HASH_PREFIX):
+            return format_html(
+                "<p><em>Not kept: the prompt policy stores a keyed hash of it</em> "
+                "(equal prompts have equal hashes): <code>{}</code></p>",
+                prompt,
+            )
+        if prompt == "":
+            return format_html("<p><em>Not kept: the prompt policy drops prompts.</em></p>")
+        return _pretty(prompt)
+
+    @admin.display(description="text (each token shaded by how unsure the model was: hover for details)")
+    def text_shaded(self, obj: Generation) -> str:
+        tokens = self._tokens(obj)
+        if not tokens:
             return "-"
+        return format_html(
+            '<div class="mlx-text">{}</div><p><small>Darker: a lower log-probability (the model was less '
+            "sure of that token). Tokens without a log-probability are not shaded.</small></p>",
+            format_html_join("", "{}", ((_token_span(e),) for e in tokens)),
+        )
+
+    @admin.display(description="inter-token latency")
+    def latency(self, obj: Generation) -> str:
+        tokens = self._tokens(obj)
+        gaps = [float(b.timestamp - a.timestamp) for a, b in itertools.pairwise(tokens)]
+        summary = ""
+        if gaps:
+            ordered = sorted(gaps)
+            summary = (
+                f"median {ordered[len(ordered) // 2]:.1f} ms, slowest {ordered[-1]:.1f} ms "
+                f"(token {gaps.index(ordered[-1]) + 2})"
+            )
+        return format_html(
+            "{}<p><small>{}</small></p>",
+            latency_chart_svg(gaps, label=f"Inter-token latency, ms: {summary or 'none'}"),
+            summary,
+        )
+
+    @admin.display(description="raw events")
+    def raw_events(self, obj: Generation) -> str:
+        read = self._read(obj)
+        if read is None:
+            return "-"
+        events = [e for attempt in read[1] for e in attempt.events]
         rows = format_html_join(
             "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
             (
                 (
                     datetime.fromtimestamp(e.timestamp / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3],
                     e.type,
                     e.seq,
                     e.source,
-                    json.dumps(msgspec.json.decode(e.payload), ensure_ascii=False)[:200],
+                    bytes(e.payload_raw).decode()[:300],
                 )
-                for e in detail.events
+                for e in events
             ),
         )
         return format_html(
-            "<p>State: <b>{}</b>, attempt {}, {} tokens, time to first token {} ms, {} tokens/s</p>"
-            "<p>Text: <code>{}</code></p>"
-            "<table><tr><th>time</th><th>type</th><th>seq</th><th>source</th><th>payload</th></tr>{}</table>",
-            detail.state,
-            detail.attempt,
-            detail.tokens,
-            detail.time_to_first_token_ms,
-            detail.tokens_per_second,
-            detail.text,
+            "<details><summary>{} events, as stored</summary>"
+            "<table><tr><th>time (UTC)</th><th>type</th><th>seq</th><th>source</th><th>payload</th></tr>{}"
+            "</table></details>",
+            len(events),
             rows,
         )
+
+
+def _token_span(event: Any) -> str:
+    """One token, shaded by its log-probability (0: sure; -5 and below: darkest)."""
+    logprob = event.payload.get("logprob")
+    when = datetime.fromtimestamp(event.timestamp / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3]
+    if isinstance(logprob, int | float):
+        alpha = min(max(-float(logprob), 0.0) / 5.0, 1.0) * 0.75
+        title = (
+            f"token {event.payload.get('token')!r} · logprob {float(logprob):.3f} · seq {event.seq} · {when}"
+        )
+        style = f"background: rgba(186, 33, 33, {alpha:.2f})"
+    else:
+        title, style = f"token {event.payload.get('token')!r} · seq {event.seq} · {when}", ""
+    return format_html(
+        '<span class="mlx-tok" style="{}" title="{}" data-logprob="{}">{}</span>',
+        style,
+        title,
+        "" if logprob is None else logprob,
+        event.payload.get("token", ""),
+    )
 
 
 @admin.register(RetentionPolicy)
@@ -270,7 +370,7 @@ class WorkerAdmin(ReadOnlyAdmin):
     def last_heard(self, obj: Worker) -> str:
         if not obj.last_heard_at:
             return "-"
-        return datetime.fromtimestamp(obj.last_heard_at / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return datetime.fromtimestamp(obj.last_heard_at / 1000, tz=UTC).strftime("%m-%d %H:%M:%S")
 
     @admin.display(description="stale")
     def stale_warning(self, obj: Worker) -> str:
@@ -281,20 +381,20 @@ class WorkerAdmin(ReadOnlyAdmin):
             return ""
         return format_html('<span class="mlx-warn" title="{}">&#9888; stale</span>', _silent_for(obj))
 
-    @admin.display(description="tokens/s (last minute)")
+    @admin.display(description="tokens/s")
     def tokens_per_second(self, obj: Worker) -> str:
         return f"{_activity(obj).tokens_per_second_last_minute:.1f}"
 
-    @admin.display(description="tokens a minute, last hour")
+    @admin.display(description="last hour")
     def last_hour(self, obj: Worker) -> str:
         activity = _activity(obj)
         label = (
             f"{obj.source}: {sum(activity.per_minute):,} tokens in the last hour "
             f"({activity.tokens_per_second_last_hour:.1f}/s), busiest minute {max(activity.per_minute):,}"
         )
-        return sparkline_svg(activity.per_minute, label=label)
+        return sparkline_svg(activity.per_minute, label=label, width=90)
 
-    @admin.display(description="errors (last hour)")
+    @admin.display(description="errors (hour)")
     def errors_last_hour(self, obj: Worker) -> int:
         return _activity(obj).errors_last_hour
 
@@ -302,7 +402,7 @@ class WorkerAdmin(ReadOnlyAdmin):
     def last_error_shown(self, obj: Worker) -> str:
         if not obj.last_error_at:
             return ""
-        when = datetime.fromtimestamp(obj.last_error_at / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M")
+        when = datetime.fromtimestamp(obj.last_error_at / 1000, tz=UTC).strftime("%m-%d %H:%M")
         return format_html(
             '<span title="{}">{}</span> <small>{}</small>', obj.last_error, obj.last_error[:80], when
         )

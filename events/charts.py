@@ -50,7 +50,7 @@ def latency_chart_svg(
     milliseconds since the one before), the largest marked, axes labelled."""
     if not values_ms:
         return format_html("<p>No inter-token latency: fewer than two tokens.</p>")
-    left, bottom, top_pad = 48, 22, 8
+    left, bottom, top_pad = 64, 22, 8
     plot_w, plot_h = width - left - 8, height - bottom - top_pad
     top = max(values_ms) or 1.0
     n = len(values_ms)

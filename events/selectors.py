@@ -224,13 +224,21 @@ def generation_detail(*, generation_id: uuid.UUID) -> GenerationOut | None:
 
     None if neither the request nor any event of it is known.
     """
+    read = generation_read(generation_id=generation_id)
+    return read[0] if read else None
+
+
+def generation_read(*, generation_id: uuid.UUID) -> tuple[GenerationOut, list[Attempt]] | None:
+    """``generation_detail`` and the attempts it was made from (the admin page draws their
+    tokens: text, log-probabilities, times)."""
     generation = Generation.objects.filter(pk=generation_id).first()
     events = stored_events(Event.objects.filter(generation_id=generation_id).order_by("timestamp", "seq"))
     if generation is None and not events:
         return None
-    attempts = _summaries(_attempts(events))
+    raw = _attempts(events)
+    attempts = _summaries(raw)
     latest = attempts[-1] if attempts else Attempt(number=0).summary()
-    return GenerationOut(
+    detail = GenerationOut(
         **{f: getattr(latest, f) for f in AttemptOut.__struct_fields__},
         generation_id=str(generation_id),
         model=generation.model if generation else (events[0].payload.get("model") if events else None),
@@ -238,6 +246,7 @@ def generation_detail(*, generation_id: uuid.UUID) -> GenerationOut | None:
         attempts=attempts,
         events=[event_row(e) for e in events],
     )
+    return detail, raw
 
 
 def generation_latest_tokens(*, generation_id: uuid.UUID) -> tuple[int, list[tuple[int, str]]]:
@@ -267,14 +276,19 @@ MINUTE_MS = 60_000
 @dataclass
 class WorkerActivity:
     """A worker's last hour, from its per-minute counts: ``per_minute`` holds the tokens of
-    each of the 60 whole minutes before the current one, oldest first."""
+    each of the 60 whole minutes before the current one, oldest first; ``current`` those of
+    the minute under way, ``current_fraction`` of which has passed."""
 
     per_minute: list[int]
     errors_last_hour: int
+    current: int = 0
+    current_fraction: float = 0.0
 
     @property
     def tokens_per_second_last_minute(self) -> float:
-        return self.per_minute[-1] / 60
+        """Over the last 60 seconds: the minute under way, and the part of the one before
+        it that is still within 60 seconds (as if its tokens came evenly)."""
+        return (self.current + self.per_minute[-1] * (1 - self.current_fraction)) / 60
 
     @property
     def tokens_per_second_last_hour(self) -> float:
@@ -285,20 +299,28 @@ def workers_activity(
     sources: list[str] | None = None, *, now_ms: int | None = None
 ) -> dict[str, WorkerActivity]:
     """The last hour of each source (all of them when ``sources`` is None): one range read of
-    the per-minute table, at most 60 rows a source."""
+    the per-minute table, at most 61 rows a source."""
     now_ms = now_ms or time.time_ns() // 1_000_000
     current = now_ms - now_ms % MINUTE_MS
     since = current - 60 * MINUTE_MS
-    rows = SourceMinute.objects.filter(minute__gte=since, minute__lt=current)
+    fraction = (now_ms - current) / MINUTE_MS
+    rows = SourceMinute.objects.filter(minute__gte=since, minute__lte=current)
     if sources is not None:
         rows = rows.filter(source__in=sources)
+
+    def empty() -> WorkerActivity:
+        return WorkerActivity(per_minute=[0] * 60, errors_last_hour=0, current_fraction=fraction)
+
     activity: dict[str, WorkerActivity] = {}
     for source, minute, tokens, errors in rows.values_list("source", "minute", "tokens", "errors"):
-        entry = activity.setdefault(source, WorkerActivity(per_minute=[0] * 60, errors_last_hour=0))
-        entry.per_minute[(minute - since) // MINUTE_MS] += tokens
-        entry.errors_last_hour += errors
+        entry = activity.setdefault(source, empty())
+        if minute == current:
+            entry.current += tokens
+        else:
+            entry.per_minute[(minute - since) // MINUTE_MS] += tokens
+            entry.errors_last_hour += errors
     for source in sources or ():
-        activity.setdefault(source, WorkerActivity(per_minute=[0] * 60, errors_last_hour=0))
+        activity.setdefault(source, empty())
     return activity
 
 
@@ -329,14 +351,26 @@ def fleet_overview(
     now_ms = now_ms or time.time_ns() // 1_000_000
     threshold = now_ms - STALE_AFTER_HEARTBEATS * heartbeat_interval_ms()
     by_status = {
-        (row["status"] or "unknown"): row["n"]
+        (row["status"] or "no status yet"): row["n"]
         for row in Worker.objects.order_by().values("status").annotate(n=Count("*"))
     }
     stale = Worker.objects.filter(last_heard_at__lt=threshold)
     current = now_ms - now_ms % MINUTE_MS
     hour = SourceMinute.objects.filter(minute__gte=current - 60 * MINUTE_MS, minute__lt=current)
     totals = hour.aggregate(tokens=Sum("tokens"), errors=Sum("errors"))
-    last_minute = hour.filter(minute=current - MINUTE_MS).aggregate(tokens=Sum("tokens"))["tokens"] or 0
+    recent = {
+        minute: tokens or 0
+        for minute, tokens in SourceMinute.objects.filter(minute__gte=current - MINUTE_MS)
+        .order_by()
+        .values_list("minute")
+        .annotate(tokens=Sum("tokens"))
+    }
+    fleet_minute = WorkerActivity(
+        per_minute=[recent.get(current - MINUTE_MS, 0)],
+        errors_last_hour=0,
+        current=recent.get(current, 0),
+        current_fraction=(now_ms - current) / MINUTE_MS,
+    )
     waiting = DeadLetter.objects.filter(replayed_at__isnull=True).order_by()[:DEAD_LETTERS_COUNTED].count()
     try:
         ingest_lag = lag() if lag is not None else None
@@ -347,7 +381,7 @@ def fleet_overview(
         by_status=dict(sorted(by_status.items())),
         stale=list(stale.order_by("last_heard_at")[:STALE_SHOWN]),
         stale_count=stale.count(),
-        tokens_per_second_last_minute=last_minute / 60,
+        tokens_per_second_last_minute=fleet_minute.tokens_per_second_last_minute,
         tokens_per_second_last_hour=(totals["tokens"] or 0) / 3600,
         errors_last_hour=totals["errors"] or 0,
         dead_letters_waiting=waiting,

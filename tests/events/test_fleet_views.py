@@ -76,7 +76,9 @@ def test_each_source_minute_counts_tokens_and_errors_once_whatever_is_redelivere
     activity = workers_activity(now_ms=now)
     busy = activity["mac-studio-1/worker-1"]
     assert busy.per_minute[-3:] == [30, 60, 120]
-    assert busy.tokens_per_second_last_minute == 2.0
+    # The last 60 s: none yet in the minute under way, and the part of the one before still in them.
+    assert busy.tokens_per_second_last_minute == pytest.approx(120 * (1 - busy.current_fraction) / 60)
+    assert busy.tokens_per_second_last_hour == pytest.approx(210 / 3600)
     assert busy.errors_last_hour == 1
     assert sum(SourceMinute.objects.values_list("events", flat=True)) == len(events)
 
@@ -90,7 +92,7 @@ def test_the_index_opens_on_the_fleet(staff: Client) -> None:
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", panel))
     assert "2 workers: 2 ready" in text
     assert "1 stale (silent for three heartbeats)" in text
-    assert "2.0 tokens/s, last minute (0.1 over the hour)" in text
+    assert re.search(r"\d+\.\d tokens/s, last minute \(0\.1 over the hour\)", text), text
     assert "1 errors, last hour" in text
     assert "1 dead letters waiting" in text
     assert "ingest lag" in text
@@ -128,3 +130,12 @@ def test_the_workers_page_warns_of_stale_workers_only(staff: Client) -> None:
     assert "OOM: Metal ran out of memory" in busy
     assert "/admin/events/event/?source=mac-studio-1%2Fworker-1" in busy
     assert Worker.objects.get(source="mac-studio-1/worker-1").last_error == "OOM: Metal ran out of memory"
+
+
+def test_tokens_per_second_of_the_last_minute_slide_with_the_clock() -> None:
+    from events.selectors import WorkerActivity
+
+    half = WorkerActivity(per_minute=[0] * 59 + [60], errors_last_hour=0, current=30, current_fraction=0.5)
+    assert half.tokens_per_second_last_minute == 1.0  # 30 now, and half of the 60 before
+    start = WorkerActivity(per_minute=[0] * 59 + [120], errors_last_hour=0, current=0, current_fraction=0.0)
+    assert start.tokens_per_second_last_minute == 2.0
