@@ -14,6 +14,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from events.charts import latency_chart_svg, sparkline_svg
 from events.dead_letters import dead_letters_replay
@@ -247,7 +248,7 @@ class GenerationAdmin(ReadOnlyAdmin):
                 prompt,
             )
         if prompt == "":
-            return format_html("<p><em>Not kept: the prompt policy drops prompts.</em></p>")
+            return mark_safe("<p><em>Not kept: the prompt policy drops prompts.</em></p>")
         return _pretty(prompt)
 
     @admin.display(description="text (each token shaded by how unsure the model was: hover for details)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from django.utils.html import format_html, format_html_join
-from django.utils.safestring import SafeString
+from django.utils.safestring import SafeString, mark_safe
 
 
 def sparkline_svg(values: Sequence[float], *, label: str, width: int = 120, height: int = 24) -> SafeString:
@@ -49,7 +49,7 @@ def latency_chart_svg(
     """Inter-token latency over a generation: one point per token (x: the token's place, y:
     milliseconds since the one before), the largest marked, axes labelled."""
     if not values_ms:
-        return format_html("<p>No inter-token latency: fewer than two tokens.</p>")
+        return mark_safe("<p>No inter-token latency: fewer than two tokens.</p>")
     left, bottom, top_pad = 64, 22, 8
     plot_w, plot_h = width - left - 8, height - bottom - top_pad
     top = max(values_ms) or 1.0

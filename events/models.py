@@ -117,6 +117,9 @@ class Worker(models.Model):
     last_heard_at = models.BigIntegerField(default=0, help_text="Epoch ms of its last event of any type.")
     last_error_at = models.BigIntegerField(default=0, help_text="Epoch ms of its last error event.")
     last_error = models.CharField(max_length=500, blank=True, help_text="That error's code and message, cut.")
+    config_version = models.BigIntegerField(
+        null=True, blank=True, help_text="The telemetry config version its last runtimeStatus said it runs."
+    )
     first_seen_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

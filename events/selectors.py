@@ -339,6 +339,31 @@ class FleetOverview:
     ingest_lag: dict[str, int] | None  # None: Redis did not answer
 
 
+@dataclass
+class ConfigRollout:
+    """Which live workers (heard from within three heartbeats) run config ``version``."""
+
+    version: int
+    applied: list[Worker]
+    behind: list[Worker]  # on an older version, or silent about theirs (older workers)
+
+    @property
+    def live(self) -> int:
+        return len(self.applied) + len(self.behind)
+
+
+def config_rollout(version: int, *, now_ms: int | None = None, limit: int = 200) -> ConfigRollout:
+    now_ms = now_ms or time.time_ns() // 1_000_000
+    live = Worker.objects.filter(
+        last_heard_at__gte=now_ms - STALE_AFTER_HEARTBEATS * heartbeat_interval_ms()
+    ).order_by("source")
+    return ConfigRollout(
+        version=version,
+        applied=list(live.filter(config_version__gte=version)[:limit]),
+        behind=list(live.exclude(config_version__gte=version)[:limit]),
+    )
+
+
 STALE_SHOWN = 10
 DEAD_LETTERS_COUNTED = 10_000
 

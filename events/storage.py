@@ -40,7 +40,7 @@ from mlxserve.contract.events import (
     RuntimeStatusEnvelope,
     envelope_decode,
 )
-from mlxserve.contract.validation import ValidationFailed, error_object
+from mlxserve.contract.validation import INT64_MAX, ValidationFailed, error_object
 
 logger = logging.getLogger(__name__)
 
@@ -392,9 +392,15 @@ def workers_note(events: Iterable[Envelope]) -> None:
         )
     for source, event in statuses.items():
         active = event.payload.active_tasks
+        metadata = event.payload.metadata if isinstance(event.payload.metadata, dict) else {}
+        version = metadata.get("configVersion")
+        changes: dict[str, Any] = {}
+        if type(version) is int and 0 <= version <= INT64_MAX:  # whatever a producer says, it fits
+            changes["config_version"] = version
         Worker.objects.filter(source=source, last_status_at__lte=event.timestamp).update(
             status=event.payload.status,
             models_loaded=event.payload.models_loaded,
             active_tasks=active if isinstance(active, int) else 0,
             last_status_at=event.timestamp,
+            **changes,
         )

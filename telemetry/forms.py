@@ -5,7 +5,13 @@ from typing import Any
 
 from django import forms
 
-from mlxserve.contract.telemetry import FIELD_TO_WIRE, NOT_AN_INTEGER, telemetry_config_validate
+from mlxserve.contract.rules import field_help, struct_rules
+from mlxserve.contract.telemetry import (
+    FIELD_TO_WIRE,
+    NOT_AN_INTEGER,
+    TelemetryConfigSchema,
+    telemetry_config_validate,
+)
 from mlxserve.contract.validation import ValidationFailed
 from telemetry.models import TelemetryConfig
 
@@ -37,6 +43,14 @@ class TelemetryConfigForm(forms.ModelForm):
     class Meta:
         model = TelemetryConfig
         fields = list(FIELD_TO_WIRE)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Each field's meaning and range, from the one declaration (the contract's struct).
+        for rules in struct_rules(TelemetryConfigSchema):
+            field = self.fields.get(rules.name)
+            if field is not None:
+                field.help_text = field_help(rules)
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}

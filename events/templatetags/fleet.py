@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 from django import template
 from django.conf import settings
 
+from events import selectors
 from events.ingest import stream_lag
-from events.selectors import FleetOverview
-from events.selectors import fleet_overview as overview
+from events.selectors import ConfigRollout, FleetOverview
 from mlxserve.redis_conn import redis_client
 
 register = template.Library()
@@ -24,7 +24,7 @@ def _lag() -> dict[str, int]:
 
 @register.simple_tag
 def fleet_overview() -> FleetOverview:
-    return overview(lag=_lag)
+    return selectors.fleet_overview(lag=_lag)
 
 
 @register.filter
@@ -32,3 +32,8 @@ def epoch_ms(value: int) -> str:
     if not value:
         return "never"
     return datetime.fromtimestamp(value / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@register.simple_tag
+def config_rollout(version: int) -> ConfigRollout:
+    return selectors.config_rollout(version)

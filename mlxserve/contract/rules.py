@@ -33,6 +33,7 @@ class FieldRules:
     required: bool
     default: Any
     rules: tuple[Rule, ...]
+    description: str = ""  # what the field means, from its declaration's Meta(description=...)
 
     def rule(self, constraint: str) -> Rule | None:
         return next((r for r in self.rules if r.constraint == constraint), None)
@@ -111,6 +112,30 @@ def struct_rules(struct: Any) -> list[FieldRules]:
                 required=field.required,
                 default=None if field.default is msgspec.NODEFAULT else field.default,
                 rules=tuple(probed),
+                description=_description(field.type),
             )
         )
     return rules
+
+
+def _description(field_type: Any) -> str:
+    if isinstance(field_type, mi.Metadata):
+        return str((field_type.extra_json_schema or {}).get("description", ""))
+    return ""
+
+
+def field_help(field: FieldRules) -> str:
+    """A field's meaning and range in one line, for a form: "<description> <range>."."""
+    parts = [field.description] if field.description else []
+    low, high = field.rule("ge"), field.rule("le")
+    if low is not None and high is not None:
+        parts.append(f"From {low.bound} to {high.bound}.")
+    shortest, longest = field.rule("min_length"), field.rule("max_length")
+    if shortest is not None and longest is not None:
+        parts.append(f"{shortest.bound} to {longest.bound} characters.")
+    pattern = field.rule("pattern")
+    if pattern is not None:
+        parts.append(pattern.message + ".")
+    if field.default is not None and not field.required:
+        parts.append(f"Default {field.default}.")
+    return " ".join(parts)

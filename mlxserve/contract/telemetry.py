@@ -34,6 +34,9 @@ NOT_AN_INTEGER = "Must be an integer"
 ServiceName = Annotated[
     str,
     Meta(
+        description=(
+            "The service.name workers give their metrics and spans (OTLP resource, Prometheus target info)."
+        ),
         min_length=1,
         max_length=100,
         pattern=SERVICE_NAME_PATTERN,
@@ -47,6 +50,9 @@ ServiceName = Annotated[
 PrometheusPort = Annotated[
     int,
     Meta(
+        description=(
+            "The port each worker serves its Prometheus metrics on (/metrics); a change moves the exporter."
+        ),
         ge=1024,
         le=65535,
         extra=messages(
@@ -59,6 +65,10 @@ PrometheusPort = Annotated[
 ExportIntervalMs = Annotated[
     int,
     Meta(
+        description=(
+            "How often workers push OTLP metrics and send a heartbeat (runtimeStatus); a worker silent"
+            " for three intervals is stale."
+        ),
         ge=1000,
         le=600000,
         extra=messages(
@@ -70,8 +80,13 @@ ExportIntervalMs = Annotated[
 ]
 
 
+Enabled = Annotated[
+    bool, Meta(description="Whether workers export metrics (Prometheus, and OTLP when configured) at all.")
+]
+
+
 class TelemetryConfigSchema(msgspec.Struct, forbid_unknown_fields=True, rename="camel", frozen=True):
-    enabled: bool
+    enabled: Enabled
     service_name: ServiceName = DEFAULT_SERVICE_NAME
     prometheus_port: PrometheusPort = DEFAULT_PROMETHEUS_PORT
     export_interval_ms: ExportIntervalMs = DEFAULT_EXPORT_INTERVAL_MS

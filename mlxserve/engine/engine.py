@@ -272,6 +272,7 @@ class Engine:
         self._heartbeat_changed = threading.Event()
         self._threads: list[threading.Thread] = []
         self.telemetry_cost = TelemetryCost()
+        self.status_metadata: dict[str, Any] = {}  # sent with every runtimeStatus
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -300,8 +301,16 @@ class Engine:
         self.heartbeat_seconds = seconds
         self._heartbeat_changed.set()
 
+    def set_config_version(self, version: int) -> None:
+        """Say in every runtimeStatus from now on which telemetry config version this worker
+        runs (``metadata.configVersion``), starting with one sent now: the admin shows which
+        workers have applied a change."""
+        self.status_metadata["configVersion"] = version
+        self._status(self.status)
+
     def _status(self, status: str, **metadata: Any) -> None:
         self.status = status
+        metadata = {**self.status_metadata, **metadata}
         self.emitter.runtime_status(
             status=status,
             models_loaded=len(self.cache),

@@ -118,6 +118,7 @@ class WorkerRuntime:
             self.settings.heartbeat_seconds or config.export_interval_ms / 1000
         )
         self.bridge.reconfigure(config)
+        self.engine.set_config_version(version)
         logger.info("Telemetry config version %d applied: %s", version, config.to_wire())
 
     def _on_control(self, data: bytes) -> None:

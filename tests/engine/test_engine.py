@@ -268,3 +268,17 @@ def test_the_engine_times_telemetry_and_counts_every_token(recorder: Recorder, d
     assert cost.tokens - before == 54 and cost.ns > 0 and cost.per_token_us() > 0
     total = registry.get_sample_value("kr_serve_tokens_generated_total", {"model": str(demo_model)})
     assert total == len(recorder.events("tokenGenerated")) == 54
+
+
+def test_every_status_after_a_config_says_its_version(demo_model: Path) -> None:
+    recorder = Recorder()
+    recorder.engine.start()
+    recorder.engine.set_config_version(7)  # as the runtime does when it applies a config
+    recorder.engine.set_heartbeat_interval(0.1)
+    time.sleep(0.25)
+    recorder.engine.shutdown()
+    statuses = recorder.events("runtimeStatus")
+    assert statuses[0]["payload"] == {"status": "ready", "modelsLoaded": 0, "activeTasks": 0}  # before
+    after = statuses[1:]
+    assert after and all(s["payload"]["metadata"]["configVersion"] == 7 for s in after)
+    assert any(s["payload"]["metadata"].get("heartbeat") for s in after)

@@ -89,6 +89,10 @@ def test_an_admin_edits_the_config_and_browses_history_in_chromium(live_server: 
         page.fill("#id_service_name", "fleet-from-chromium")
         page.click("input[name=_save]")
         expect(page.locator(".messagelist")).to_contain_text("Telemetry config saved")
+        # Each field says what it does and its range; the rollout of the new version follows.
+        expect(page.locator(".field-prometheus_port .help")).to_contain_text("From 1024 to 65535")
+        expect(page.locator(".field-export_interval_ms .help")).to_contain_text("a worker silent for three")
+        expect(page.locator("#config-rollout")).to_contain_text("Rollout of version")
         shot(page, "03-config-saved")
 
         page.goto(f"{live_server.url}/admin/events/event/")

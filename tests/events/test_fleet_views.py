@@ -139,3 +139,49 @@ def test_tokens_per_second_of_the_last_minute_slide_with_the_clock() -> None:
     assert half.tokens_per_second_last_minute == 1.0  # 30 now, and half of the 60 before
     start = WorkerActivity(per_minute=[0] * 59 + [120], errors_last_hour=0, current=0, current_fraction=0.0)
     assert start.tokens_per_second_last_minute == 2.0
+
+
+@pytest.mark.parametrize(("said", "kept"), [(3, 3), (-1, None), (2**63, None), ("3", None), (True, None)])
+def test_a_worker_s_config_version_is_kept_only_when_it_is_one(said: Any, kept: int | None) -> None:
+    store(
+        [
+            make_envelope(
+                "runtimeStatus",
+                source="mac-1/w1",
+                timestamp=now_ms(),
+                generationId=None,
+                payload={"status": "ready", "modelsLoaded": 0, "metadata": {"configVersion": said}},
+            )
+        ]
+    )
+    assert Worker.objects.get(source="mac-1/w1").config_version == kept
+
+
+def test_the_config_page_explains_each_field_and_shows_the_rollout(staff: Client) -> None:
+    from telemetry.services import telemetry_config_get
+
+    version = telemetry_config_get().version
+    now = now_ms()
+    for source, runs in (("mac-1/w1", version), ("mac-2/w1", version - 1 if version else None)):
+        metadata = {} if runs is None else {"configVersion": runs}
+        store(
+            [
+                make_envelope(
+                    "runtimeStatus",
+                    source=source,
+                    timestamp=now,
+                    generationId=None,
+                    payload={"status": "ready", "modelsLoaded": 0, "metadata": metadata},
+                )
+            ],
+            prefix=source,
+        )
+    page = staff.get("/admin/telemetry/telemetryconfig/", follow=True).content.decode()
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+    assert "The port each worker serves its Prometheus metrics on (/metrics)" in text
+    assert "From 1024 to 65535. Default 9464." in text
+    assert "From 1000 to 600000. Default 60000." in text
+    assert "1 to 100 characters. Service name must be alphanumeric with hyphens/underscores." in text
+    assert f"Rollout of version {version}" in text
+    assert "1 of 2 live workers run it." in text
+    assert "Not yet: mac-2/w1 : has not said which version it runs" in text
