@@ -205,6 +205,14 @@ def main() -> int:
         ).fetchone()
     generation_id = str(gen[0]) if gen else ""
     generations = {name: str(row[0]) for name, row in picked.items() if row}
+    if "oldest" in generations:  # its admin page is the Generation row's (COPY made only events)
+        with psycopg.connect(dsn) as conn:
+            conn.execute(
+                "INSERT INTO events_generation"
+                " (id, model, model_path, prompt, max_tokens, options, created_at)"
+                " VALUES (%s, %s, '', '\"hmac-sha256:00\"', 512, '{}', now()) ON CONFLICT (id) DO NOTHING",
+                [generations["oldest"], MODELS[0]],
+            )
     rows = int(total[0]) if total else args.rows
     token = (
         subprocess.run(
@@ -244,7 +252,7 @@ def main() -> int:
         client = Client(base, {"Authorization": f"Token {token}"})
         run(client, args.requests, generation_id, rows, generations)
         if not ONLY or any(prefix.startswith("admin") for prefix in ONLY):
-            admin_cases(base, args.requests)
+            admin_cases(base, args.requests, generations.get("oldest", ""))
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -361,7 +369,7 @@ def run(client: Client, n: int, generation_id: str, rows: int, generations: dict
     print(f"worst p99, stats over 30 days: {stats[slowest][1]:.1f} ms ({slowest}; bar: under 50 ms)")
 
 
-def admin_cases(base: str, n: int) -> None:
+def admin_cases(base: str, n: int, generation_id: str = "") -> None:
     import re
 
     url = urlparse(base)
@@ -405,6 +413,16 @@ def admin_cases(base: str, n: int) -> None:
         lambda i: f"/admin/events/event/?source={SOURCES[2]}&type__exact=error",
         n,
     )
+    print(f"admin pages, {n} requests each:", flush=True)
+    measure(client, "admin index (the fleet panel)", lambda i: "/admin/", n)
+    measure(client, "admin workers (sparklines, last errors)", lambda i: "/admin/events/worker/", n)
+    if generation_id:
+        measure(
+            client,
+            "admin generation page (514 events, shaded text, chart)",
+            lambda i: f"/admin/events/generation/{generation_id}/change/",
+            n,
+        )
 
 
 if __name__ == "__main__":
