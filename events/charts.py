@@ -9,6 +9,22 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
 
+def _svg(css_class: str, label: str, width: int, height: int, body: SafeString) -> SafeString:
+    """The chart's frame: its size, and ``label`` as its title and accessible name."""
+    return format_html(
+        '<svg class="{}" role="img" aria-label="{}" width="{}" height="{}" viewBox="0 0 {} {}">'
+        "<title>{}</title>{}</svg>",
+        css_class,
+        label,
+        width,
+        height,
+        width,
+        height,
+        label,
+        body,
+    )
+
+
 def sparkline_svg(values: Sequence[float], *, label: str, width: int = 120, height: int = 24) -> SafeString:
     """One bar per value, scaled to the largest; ``label`` is the chart's title (hover text)."""
     top = max(values, default=0) or 1
@@ -27,20 +43,14 @@ def sparkline_svg(values: Sequence[float], *, label: str, width: int = 120, heig
             if v > 0
         ),
     )
-    return format_html(
-        '<svg class="mlx-spark" role="img" aria-label="{}" width="{}" height="{}" viewBox="0 0 {} {}">'
-        '<title>{}</title><line x1="0" y1="{}" x2="{}" y2="{}" class="mlx-axis"></line>{}</svg>',
-        label,
-        width,
-        height,
-        width,
-        height,
-        label,
+    axis = format_html(
+        '<line x1="0" y1="{}" x2="{}" y2="{}" class="mlx-axis"></line>{}',
         height - 0.5,
         width,
         height - 0.5,
         bars,
     )
+    return _svg("mlx-spark", label, width, height, axis)
 
 
 def latency_chart_svg(
@@ -63,9 +73,7 @@ def latency_chart_svg(
 
     points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values_ms))
     worst = max(range(n), key=lambda i: values_ms[i])
-    return format_html(
-        '<svg class="mlx-latency" role="img" aria-label="{}" width="{}" height="{}" viewBox="0 0 {} {}">'
-        "<title>{}</title>"
+    body = format_html(
         '<line x1="{}" y1="{}" x2="{}" y2="{}" class="mlx-axis"></line>'
         '<line x1="{}" y1="{}" x2="{}" y2="{}" class="mlx-axis"></line>'
         '<text x="{}" y="{}" class="mlx-tick" text-anchor="end">{} ms</text>'
@@ -74,14 +82,7 @@ def latency_chart_svg(
         '<text x="{}" y="{}" class="mlx-tick" text-anchor="end">token {}</text>'
         '<polyline points="{}" class="mlx-line"></polyline>'
         '<circle cx="{}" cy="{}" r="3" class="mlx-worst">'
-        "<title>slowest: token {}, {} ms</title></circle>"
-        "</svg>",
-        label,
-        width,
-        height,
-        width,
-        height,
-        label,
+        "<title>slowest: token {}, {} ms</title></circle>",
         left,
         top_pad,
         left,
@@ -106,3 +107,4 @@ def latency_chart_svg(
         worst + 2,
         f"{values_ms[worst]:.1f}",
     )
+    return _svg("mlx-latency", label, width, height, body)

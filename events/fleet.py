@@ -20,6 +20,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from events.models import Event, FleetCounter, FleetLabelValue, RegisteredModel, RetentionPolicy
+from events.upsert import upsert_adding
 from mlxserve.contract.events import (
     Envelope,
     ErrorEnvelope,
@@ -210,16 +211,8 @@ def fleet_counters_add(envelopes: Sequence[Envelope]) -> None:
 
 
 def _upsert(items: list[tuple[tuple[str, str], float]]) -> None:
-    table = FleetCounter._meta.db_table
-    with connection.cursor() as cursor:
-        for start in range(0, len(items), 300):
-            chunk = items[start : start + 300]
-            cursor.execute(
-                f"INSERT INTO {table} (name, labels, value) VALUES "
-                + ", ".join(["(%s, %s, %s)"] * len(chunk))
-                + f" ON CONFLICT (name, labels) DO UPDATE SET value = {table}.value + excluded.value",
-                [v for (name, labels), value in chunk for v in (name, labels, float(value))],
-            )
+    rows = [(name, labels, float(value)) for (name, labels), value in items]
+    upsert_adding(FleetCounter._meta.db_table, ("name", "labels"), ("value",), rows)
 
 
 # -- bounded label values ----------------------------------------------------------------

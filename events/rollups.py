@@ -23,13 +23,13 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Count, F, Sum
 from django.db.models.functions import Mod
 
 from events.models import MODEL_COLUMN_LENGTH, Event, SourceMinute, StatsCoverage, StatsRollup
+from events.upsert import upsert_adding
 from mlxserve.contract.events import (
     Envelope,
     ErrorEnvelope,
@@ -213,20 +213,12 @@ def _activity_upsert(envelopes: Sequence[Envelope]) -> None:
             row[1] += 1
         elif kind is ErrorEnvelope:
             row[2] += 1
-    table = SourceMinute._meta.db_table
-    items = sorted(counts.items())
-    with connection.cursor() as cursor:
-        for start in range(0, len(items), 300):
-            chunk = items[start : start + 300]
-            params: list[Any] = [v for (source, minute), row in chunk for v in (source, minute, *row)]
-            cursor.execute(
-                f"INSERT INTO {table} (source, minute, events, tokens, errors) VALUES "
-                + ", ".join(["(%s, %s, %s, %s, %s)"] * len(chunk))
-                + " ON CONFLICT (source, minute) DO UPDATE SET"
-                + f" events = {table}.events + excluded.events, tokens = {table}.tokens + excluded.tokens,"
-                + f" errors = {table}.errors + excluded.errors",
-                params,
-            )
+    upsert_adding(
+        SourceMinute._meta.db_table,
+        ("source", "minute"),
+        ("events", "tokens", "errors"),
+        [(source, minute, *row) for (source, minute), row in sorted(counts.items())],
+    )
 
 
 def activity_prune(now_ms: int) -> int:
@@ -235,18 +227,12 @@ def activity_prune(now_ms: int) -> int:
 
 
 def _upsert(counts: Counter[tuple[int, str, str, int]]) -> None:
-    table = StatsRollup._meta.db_table
-    items = sorted(counts.items())
-    with connection.cursor() as cursor:
-        for start in range(0, len(items), 300):
-            chunk = items[start : start + 300]
-            cursor.execute(
-                f"INSERT INTO {table} (hour, model, series, bucket, count) VALUES "
-                + ", ".join(["(%s, %s, %s, %s, %s)"] * len(chunk))
-                + " ON CONFLICT (hour, model, series, bucket)"
-                + f" DO UPDATE SET count = {table}.count + excluded.count",
-                [v for key, n in chunk for v in (*key, n)],
-            )
+    upsert_adding(
+        StatsRollup._meta.db_table,
+        ("hour", "model", "series", "bucket"),
+        ("count",),
+        [(*key, n) for key, n in sorted(counts.items())],
+    )
 
 
 # -- counting a window from its events ------------------------------------------------
