@@ -8,7 +8,7 @@ TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/mlxserve
 
 .PHONY: run test lint typecheck pytest pytest-sqlite pytest-postgres bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements-worker.txt requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements-dev.txt

@@ -287,6 +287,12 @@ WORKER_SPOOL_MAX_BYTES = env_int("MLXSERVE_SPOOL_MAX_BYTES", 1024**3)
 WORKER_MAX_MODELS = env_int("MLXSERVE_MAX_MODELS", 2)
 WORKER_MAX_MODEL_BYTES = env_int("MLXSERVE_MAX_MODEL_BYTES", 0)  # 0: no byte limit
 WORKER_METRICS_HOST = env_str("MLXSERVE_METRICS_HOST", "0.0.0.0")
+# Several workers on one host serve /metrics on prometheusPort + this (worker_service sets 0, 1, 2 ...).
+WORKER_METRICS_PORT_OFFSET = env_int("MLXSERVE_METRICS_PORT_OFFSET", 0)
+if not 0 <= WORKER_METRICS_PORT_OFFSET <= 1000:
+    raise ImproperlyConfigured(
+        f"MLXSERVE_METRICS_PORT_OFFSET must be from 0 to 1000, got {WORKER_METRICS_PORT_OFFSET}"
+    )
 # How long events gather before a batch goes to Redis (see README, Figures).
 WORKER_PUBLISH_LINGER_MS = env_int("MLXSERVE_PUBLISH_LINGER_MS", 250)
 # Seconds between a worker's runtimeStatus heartbeats; unset: the config's exportIntervalMs (as the

@@ -68,6 +68,7 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
         "stream_backlog_limit": settings.STREAM_BACKLOG_LIMIT,
         "consumer_group": settings.EVENTS_CONSUMER_GROUP,
         "spool_max_bytes": settings.WORKER_SPOOL_MAX_BYTES,
+        "metrics_port_offset": settings.WORKER_METRICS_PORT_OFFSET,
     }
     values.update(overrides)
     return RuntimeSettings(**values)

@@ -9,6 +9,7 @@ metrics through methods a host program calls.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,9 @@ def _validated(config: Mapping[str, Any] | TelemetryConfigSchema) -> TelemetryCo
     if isinstance(config, TelemetryConfigSchema):
         return config
     return telemetry_config_validate(config)  # raises ValidationFailed, an EngineError
+
+
+logger = logging.getLogger(__name__)
 
 
 class TelemetryBridge:
@@ -41,8 +45,11 @@ class TelemetryBridge:
         host: str = "0.0.0.0",
         metrics: WorkerMetrics | None = None,
         retry_seconds: float = 5.0,
+        port_offset: int = 0,
     ) -> None:
         self.config = _validated(config)
+        # Several workers on one host: worker n serves on prometheusPort + its offset.
+        self.port_offset = port_offset
         self.source = source or socket.gethostname()
         self.host = host
         self.retry_seconds = retry_seconds
@@ -62,9 +69,16 @@ class TelemetryBridge:
             self._exporter = MetricsExporter(
                 self.metrics.registry, host=self.host, retry_seconds=self.retry_seconds
             )
-        self._exporter.apply(enabled=self.config.enabled, port=self.config.prometheus_port)
+        self._exporter_apply()
         self._otlp_apply()
         return self
+
+    def _exporter_apply(self) -> None:
+        assert self._exporter is not None
+        port = self.config.prometheus_port + self.port_offset
+        if port > 65535:
+            logger.error("No metrics endpoint: port %d (prometheusPort + offset) is past 65535", port)
+        self._exporter.apply(enabled=self.config.enabled and port <= 65535, port=min(port, 65535))
 
     def stop(self) -> None:
         if self._exporter is not None:
@@ -112,7 +126,7 @@ class TelemetryBridge:
         self.config = _validated(config)
         self.metrics.set_identity(service_name=self.config.service_name, source=self.source)
         if self._exporter is not None:
-            self._exporter.apply(enabled=self.config.enabled, port=self.config.prometheus_port)
+            self._exporter_apply()
             self._otlp_apply()
 
     # -- what a host program records (the worker's engine records the same metrics itself) ----

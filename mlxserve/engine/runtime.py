@@ -51,6 +51,7 @@ class RuntimeSettings:
     stream_backlog_limit: int = 0
     consumer_group: str = ""
     spool_max_bytes: int = 0
+    metrics_port_offset: int = 0  # added to prometheusPort: several workers on one host
 
 
 class WorkerRuntime:
@@ -66,6 +67,7 @@ class WorkerRuntime:
             source=settings.source,
             host=settings.metrics_host,
             metrics=self.metrics,
+            port_offset=settings.metrics_port_offset,
         )
         self.publisher = BufferedPublisher(
             client=self.client,

@@ -122,3 +122,15 @@ def test_the_readme_embedding_example_runs_as_written_in_a_bare_python() -> None
     assert "{'model': 'demo', 'port': '9464', 'warm': 'true'}" in out
     assert "loaded: []" in out
     assert "Invalid tokenGenerated payload" in result.stderr  # the refusal is logged as well
+
+
+def test_a_port_offset_gives_each_worker_of_a_host_its_own_port() -> None:
+    base = free_port()
+    second = TelemetryBridge({"enabled": True, "prometheusPort": base - 1}, host="127.0.0.1", port_offset=1)
+    second.start()
+    try:
+        assert second.serving_port == base and serves(base)
+        second.reconfigure({"enabled": True, "prometheusPort": 65535})  # 65536: past the last port
+        assert second.serving_port is None  # said in the log, never raised
+    finally:
+        second.stop()

@@ -146,3 +146,9 @@ def test_make_run_keys_are_private_to_their_owner(tmp_path: Path) -> None:
     for name in ("secret-key", "prompt-hash-key"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
         assert len((tmp_path / name).read_text()) >= 50
+
+
+def test_a_metrics_port_offset_out_of_range_is_refused_at_start() -> None:
+    result = manage("check", env={"MLXSERVE_METRICS_PORT_OFFSET": "2000"})
+    assert result.returncode != 0
+    assert "MLXSERVE_METRICS_PORT_OFFSET must be from 0 to 1000, got 2000" in result.stderr
