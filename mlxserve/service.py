@@ -350,8 +350,22 @@ def uninstall(*, layout: Layout) -> int:
             f"Kept {spool}: {len(left)} spool file(s) of events not yet sent"
             " (the next install delivers them)."
         )
-    print(f"Kept the logs in {layout.log_dir}.")
+    # The directories install made go too, unless something is left in them (logs, a spool).
+    for directory in (spool, layout.log_dir, layout.data_dir, layout.config_dir):
+        _remove_empty_tree(directory)
+    if layout.log_dir.exists():
+        print(f"Kept the logs in {layout.log_dir}.")
     return 0
+
+
+def _remove_empty_tree(directory: Path) -> None:
+    if not directory.is_dir():
+        return
+    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    if not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def status(*, layout: Layout) -> int:

@@ -131,10 +131,15 @@ def test_fewer_workers_remove_the_extra_ones_and_uninstall_removes_what_it_wrote
     spooled.parent.mkdir(parents=True)
     spooled.write_bytes(b"{}\n")  # events a stopped worker could not send yet
     assert service.uninstall(layout=layout) == 0
-    left = written(layout)
-    assert left == {spooled}  # services and env file gone; the unsent events kept
+    # The system's own directory for services stays (~/.config/systemd/user, ~/Library/LaunchAgents).
+    system = {layout.service_dir, *layout.service_dir.parents}
+    left = {p for p in layout.home.rglob("*") if not (p.is_dir() and (p in spooled.parents or p in system))}
+    assert left == {spooled}  # services, env file and our empty directories gone; the unsent events kept
     assert "Kept" in capsys.readouterr().out
     assert service.status(layout=layout) == 3
+    spooled.unlink()
+    assert service.uninstall(layout=layout) == 0
+    assert not (layout.data_dir).exists() and not layout.config_dir.exists()
 
 
 def _command_of(layout: service.Layout, manager: str) -> tuple[list[str], dict[str, str], Path]:
