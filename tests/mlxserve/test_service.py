@@ -12,6 +12,8 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +172,34 @@ def _command_of(layout: service.Layout, manager: str) -> tuple[list[str], dict[s
     )
 
 
+@contextmanager
+def worker_started(
+    command: list[str], env: dict[str, str], cwd: Path, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The worker as the service manager starts it, once Celery says it is ready; killed if a
+    test leaves it running."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            until(lambda: b"ready." in log.read_bytes(), process, log)
+            yield process
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(60)
+
+
+def until(condition: Any, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
+def stream_events(client: redis.Redis) -> list[dict[str, Any]]:
+    return [json.loads(b) for b in stream_envelope_bodies(client, "mlxserve:events")]
+
+
 @pytest.mark.parametrize("manager", ["systemd", "launchd"])
 def test_the_service_command_runs_a_worker_that_finishes_its_generation_on_sigterm(
     tmp_path: Path, own_redis: Any, module_demo_model: Path, manager: str
@@ -180,30 +210,15 @@ def test_the_service_command_runs_a_worker_that_finishes_its_generation_on_sigte
     command, env, cwd = _command_of(layout, manager)
     log = tmp_path / "worker.log"
     client = redis.Redis.from_url(own_redis.url)
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while b"ready." not in log.read_bytes():
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
-            generation_id = generation_queue_on(own_redis.url, module_demo_model, max_tokens=1500)
-
-            def events() -> list[dict[str, Any]]:
-                return [json.loads(b) for b in stream_envelope_bodies(client, "mlxserve:events")]
-
-            while not any(e["type"] == "tokenGenerated" for e in events()):
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
-            process.send_signal(signal.SIGTERM)  # as systemctl stop / launchctl bootout do
-            at_signal = events()
-            assert process.wait(120) == 0, log.read_text()
-        finally:
-            if process.poll() is None:
-                process.kill()
+    with worker_started(command, env, cwd, log) as process:
+        generation_id = generation_queue_on(own_redis.url, module_demo_model, max_tokens=1500)
+        until(lambda: any(e["type"] == "tokenGenerated" for e in stream_events(client)), process, log)
+        process.send_signal(signal.SIGTERM)  # as systemctl stop / launchctl bootout do
+        at_signal = stream_events(client)
+        assert process.wait(120) == 0, log.read_text()
     # The signal came mid-generation: the completion was not out yet.
     assert not any(e["type"] == "generationCompleted" for e in at_signal)
-    seen = events()
+    seen = stream_events(client)
     mine = [e for e in seen if e.get("generationId") == generation_id]
     completed = [e for e in mine if e["type"] == "generationCompleted"]
     assert len(completed) == 1 and completed[0]["payload"]["tokensGenerated"] == 1500  # finished, not cut
@@ -249,22 +264,14 @@ def test_a_worker_runs_a_generation_with_none_of_the_web_only_packages_importabl
     env["PYTHONPATH"] = str(blocker)
     log = tmp_path / "worker.log"
     client = redis.Redis.from_url(own_redis.url)
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while b"ready." not in log.read_bytes():
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
-            generation_id = generation_queue_on(own_redis.url, module_demo_model, max_tokens=8)
-            while not any(
-                json.loads(b).get("generationId") == generation_id
-                and json.loads(b)["type"] == "generationCompleted"
-                for b in stream_envelope_bodies(client, "mlxserve:events")
-            ):
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
-        finally:
-            process.terminate()
-            process.wait(60)
+    with worker_started(command, env, cwd, log) as process:
+        generation_id = generation_queue_on(own_redis.url, module_demo_model, max_tokens=8)
+
+        def completed() -> bool:
+            return any(
+                e.get("generationId") == generation_id and e["type"] == "generationCompleted"
+                for e in stream_events(client)
+            )
+
+        until(completed, process, log)
     assert "is not in the worker install" not in log.read_text()
