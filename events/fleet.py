@@ -19,7 +19,8 @@ from django.db import connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from events.models import Event, FleetCounter, FleetLabelValue, RegisteredModel, RetentionPolicy
+from events.models import FleetCounter, FleetLabelValue, RegisteredModel, RetentionPolicy
+from events.rollups import FirstToken
 from events.upsert import upsert_adding
 from mlxserve.contract.events import (
     Envelope,
@@ -96,32 +97,14 @@ def _observe(deltas: Deltas, name: str, buckets: Sequence[float], value: float, 
     deltas[_key(name, f"{name}_count", **labels)] += 1
 
 
-def _starts_before(
-    tokens: list[TokenGeneratedEnvelope], batch: Sequence[Envelope]
-) -> dict[tuple[str, str], int]:
-    """The ``generationStarted`` just before each token (same generation, ``seq`` one less):
-    from the batch first, then one query for the rest. Keyed (generation id, seq)."""
-    starts = {
-        (str(e.generation_id), str(e.seq)): e.timestamp
-        for e in batch
-        if isinstance(e, GenerationStartedEnvelope)
-    }
-    missing = {t.generation_id for t in tokens if (str(t.generation_id), str(t.seq - 1)) not in starts}
-    if missing:
-        rows = Event.objects.filter(type="generationStarted", generation_id__in=missing).values_list(
-            "generation_id", "seq", "timestamp"
-        )
-        starts.update({(str(g), str(s)): ts for g, s, ts in rows})
-    return starts
-
-
 def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def fleet_deltas(envelopes: Sequence[Envelope]) -> Deltas:
+def fleet_deltas(envelopes: Sequence[Envelope], firsts: Sequence[FirstToken]) -> Deltas:
     """What these newly stored events add to each series, under the label values the
-    events carry (``fleet_counters_add`` bounds them).
+    events carry (``fleet_counters_add`` bounds them); time to first token from ``firsts``
+    (the attempts they complete, ``events.rollups.first_tokens``), under the token's model.
 
     Per event only a tuple is counted (this runs for every event the ingester stores);
     series keys are made once per distinct series at the end.
@@ -130,17 +113,10 @@ def fleet_deltas(envelopes: Sequence[Envelope]) -> Deltas:
     by_type: Counter[type[Envelope]] = Counter()
     tokens_by_model: Counter[str] = Counter()
     observations: list[tuple[str, Sequence[float], float, str]] = []  # (histogram, buckets, value, model)
-    # A generation's first token can only be its earliest token in this batch (the one
-    # with the lowest seq); it is the first when the event just before it is the start.
-    earliest: dict[int, TokenGeneratedEnvelope] = {}
     for e in envelopes:
         by_type[type(e)] += 1
         if isinstance(e, TokenGeneratedEnvelope):
             tokens_by_model[e.payload.model] += 1
-            key = e.generation_id.int
-            seen = earliest.get(key)
-            if seen is None or e.seq < seen.seq:
-                earliest[key] = e
         elif isinstance(e, GenerationStartedEnvelope):
             counts[("mlxserve_fleet_generations_started_total", (e.payload.model,))] += 1
         elif isinstance(e, GenerationCompletedEnvelope):
@@ -164,21 +140,16 @@ def fleet_deltas(envelopes: Sequence[Envelope]) -> Deltas:
             counts[("mlxserve_fleet_model_invalidations_total", (e.payload.model,))] += 1
     for model, count in tokens_by_model.items():
         counts[("mlxserve_fleet_tokens_total", (model,))] += count
-    candidates = list(earliest.values())
-    if candidates:
-        starts = _starts_before(candidates, envelopes)
-        for token in candidates:
-            started = starts.get((str(token.generation_id), str(token.seq - 1)))
-            ttft = time_to_first_token_ms(started, token.timestamp) if started is not None else None
-            if ttft is not None:
-                observations.append(
-                    (
-                        "mlxserve_fleet_time_to_first_token_seconds",
-                        LATENCY_BUCKETS,
-                        ttft / 1000,
-                        token.payload.model,
-                    )
+    for first in firsts:
+        if (ttft := time_to_first_token_ms(first.started, first.token)) is not None:
+            observations.append(
+                (
+                    "mlxserve_fleet_time_to_first_token_seconds",
+                    LATENCY_BUCKETS,
+                    ttft / 1000,
+                    first.token_model,
                 )
+            )
 
     deltas: Deltas = defaultdict(float)
     ingested = "mlxserve_events_ingested_total"
@@ -192,13 +163,13 @@ def fleet_deltas(envelopes: Sequence[Envelope]) -> Deltas:
     return deltas
 
 
-def fleet_counters_add(envelopes: Sequence[Envelope]) -> None:
+def fleet_counters_add(envelopes: Sequence[Envelope], firsts: Sequence[FirstToken]) -> None:
     """Add what these newly stored events say to the running totals (one upsert), each
     label value under its own series or, past the label limit, the overflow value.
 
     Rows are written in key order, so two ingesters never wait on each other in a cycle.
     """
-    deltas = fleet_deltas(envelopes)
+    deltas = fleet_deltas(envelopes, firsts)
     if not deltas:
         return
     wanted = {(family, name, value) for family, _, labels in deltas for name, value in labels}

@@ -41,6 +41,9 @@ from mlxserve.contract.events import (
 )
 
 HOUR_MS = 3_600_000
+MINUTE_MS = 60_000
+# Source minutes are kept this long (the views read the last hour; a day back for context).
+ACTIVITY_KEEP_MS = 2 * 86_400_000
 HISTOGRAMS = ("ttftMs", "tokensPerSecond", "durationMs")
 EVENTS_SERIES = "events:"
 
@@ -91,6 +94,7 @@ class Tally:
 
     counts: Counter[tuple[int, str, str, int]] = field(default_factory=Counter)
     values: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    activity: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # (source, minute) -> counts
 
     def event(self, timestamp: int, model: str, event_type: str, n: int = 1) -> None:
         self.counts[(hour_of(timestamp), model, EVENTS_SERIES + event_type, 0)] += n
@@ -113,57 +117,86 @@ _SERIES_OF: dict[type[Envelope], str] = {
 # -- the ingester's share ------------------------------------------------------------
 
 
-def batch_tally(envelopes: Sequence[Envelope]) -> Tally:
-    """What newly stored ``envelopes`` add to the rollups. Time to first token is counted
-    for each attempt (a ``generationStarted`` and the token right after it, ``seq`` one
-    more) whichever of the two is stored second, under the start's hour and model; the
-    other one is looked up among stored events (this batch's included, it is written)."""
-    tally = Tally()
+@dataclass(frozen=True)
+class FirstToken:
+    """An attempt's start and its first token (the ``tokenGenerated`` with the next ``seq``)."""
+
+    started: int  # epoch ms of the generationStarted
+    start_model: str  # as the model column holds it (the stats key)
+    token: int  # epoch ms of the first token
+    token_model: str  # the token's model (the fleet histogram's label)
+
+
+def first_tokens(envelopes: Sequence[Envelope]) -> list[FirstToken]:
+    """Each attempt these newly stored events complete: a start whose first token is here or
+    was stored before, or a first token whose start is here or was stored before. Counted
+    whichever of the two is stored second, so once; one query for each side at most (the
+    batch is written, so its own rows are among the stored ones)."""
     starts: dict[tuple[uuid.UUID, int], GenerationStartedEnvelope] = {}
     tokens: dict[tuple[uuid.UUID, int], TokenGeneratedEnvelope] = {}
-    # Per event only a tuple is counted (this runs for every event stored); keys are made
-    # once per distinct (hour, model, type) at the end.
-    per_type: Counter[tuple[int, object, type[Envelope]]] = Counter()
     for e in envelopes:
-        ts = e.timestamp
-        kind = type(e)
-        per_type[(ts - ts % HOUR_MS, getattr(e.payload, "model", ""), kind)] += 1
         if isinstance(e, TokenGeneratedEnvelope):
             tokens[(e.generation_id, e.seq)] = e
         elif isinstance(e, GenerationStartedEnvelope):
             starts[(e.generation_id, e.seq)] = e
+    if not starts and not tokens:
+        return []
+    found: dict[tuple[uuid.UUID, int], FirstToken] = {}  # by attempt: (generation, start seq)
+    for (gid, seq), start in starts.items():
+        if (token := tokens.get((gid, seq + 1))) is not None:
+            found[(gid, seq)] = FirstToken(
+                start.timestamp, _model_column(start.payload.model), token.timestamp, token.payload.model
+            )
+    # Starts whose first token was stored before; tokens whose start was stored before.
+    for gid, seq, ts, model in _stored_first_tokens({k for k in starts if k not in found}):
+        start = starts[(gid, seq - 1)]
+        found[(gid, seq - 1)] = FirstToken(start.timestamp, _model_column(start.payload.model), ts, model)
+    # A token can be an attempt's first only if the one before it is not a token of the batch.
+    token_gids = {gid for gid, seq in tokens if (gid, seq - 1) not in tokens}
+    if token_gids:
+        for gid, seq, ts, model in _stored_starts(token_gids):
+            token = tokens.get((gid, seq + 1))
+            if token is not None and (gid, seq) not in found:
+                found[(gid, seq)] = FirstToken(ts, model, token.timestamp, token.payload.model)
+    return list(found.values())
+
+
+def batch_tally(envelopes: Sequence[Envelope], firsts: Sequence[FirstToken]) -> Tally:
+    """What newly stored ``envelopes`` add to the rollups and to each source's minutes; time to
+    first token from ``firsts``, under the start's hour and model."""
+    tally = Tally()
+    # Per event only a tuple is counted (this runs for every event stored); keys are made
+    # once per distinct (hour, model, type) at the end.
+    per_type: Counter[tuple[int, object, type[Envelope]]] = Counter()
+    activity = tally.activity
+    for e in envelopes:
+        ts = e.timestamp
+        kind = type(e)
+        per_type[(ts - ts % HOUR_MS, getattr(e.payload, "model", ""), kind)] += 1
+        row = activity.get(key := (e.source, ts - ts % MINUTE_MS))
+        if row is None:
+            row = activity[key] = [0, 0, 0]  # events, tokens, errors
+        row[0] += 1
+        if kind is TokenGeneratedEnvelope:
+            row[1] += 1
+        elif kind is ErrorEnvelope:
+            row[2] += 1
         elif isinstance(e, GenerationCompletedEnvelope):
             p = e.payload
             rate = completed_throughput(p.throughput, p.tokens_generated, p.duration_ms)
             tally.completed(ts, _model_column(p.model), p.duration_ms, rate)
     for (hour, model, kind), n in per_type.items():
         tally.counts[(hour, _model_column(model), _SERIES_OF[kind], 0)] += n
-    if not starts and not tokens:
-        return tally
-    pairs: dict[tuple[uuid.UUID, int], tuple[int, str, int]] = {}  # attempt -> (start, model, token time)
-    for (gid, seq), start in starts.items():
-        if (token := tokens.get((gid, seq + 1))) is not None:
-            pairs[(gid, seq)] = (start.timestamp, _model_column(start.payload.model), token.timestamp)
-    # Starts whose first token was stored before; tokens whose start was stored before.
-    lonely_starts = {k for k in starts if k not in pairs}
-    for gid, seq, ts in _stored_first_tokens(lonely_starts):
-        start = starts[(gid, seq - 1)]
-        pairs[(gid, seq - 1)] = (start.timestamp, _model_column(start.payload.model), ts)
-    # A token can be an attempt's first only if the one before it is not a token of the batch.
-    token_gids = {gid for gid, seq in tokens if (gid, seq - 1) not in tokens}
-    if token_gids:
-        for gid, seq, ts, model in _stored_starts(token_gids):
-            token = tokens.get((gid, seq + 1))
-            if token is not None and (gid, seq) not in pairs:
-                pairs[(gid, seq)] = (ts, model, token.timestamp)
-    for started, model, first in pairs.values():
-        if (ttft := time_to_first_token_ms(started, first)) is not None:
-            tally.observe(started, model, "ttftMs", float(ttft))
+    for first in firsts:
+        if (ttft := time_to_first_token_ms(first.started, first.token)) is not None:
+            tally.observe(first.started, first.start_model, "ttftMs", float(ttft))
     return tally
 
 
-def _stored_first_tokens(attempts: set[tuple[uuid.UUID, int]]) -> Iterable[tuple[uuid.UUID, int, int]]:
-    """(generation, seq, timestamp) of the stored tokens right after these attempts' starts."""
+def _stored_first_tokens(
+    attempts: set[tuple[uuid.UUID, int]],
+) -> Iterable[tuple[uuid.UUID, int, int, str]]:
+    """(generation, seq, timestamp, model) of the stored tokens right after these attempts' starts."""
     wanted = {(gid, seq + 1) for gid, seq in attempts}
     items = sorted(attempts)
     for start in range(0, len(items), 500):
@@ -172,8 +205,8 @@ def _stored_first_tokens(attempts: set[tuple[uuid.UUID, int]]) -> Iterable[tuple
             type="tokenGenerated",
             generation_id__in={gid for gid, _ in chunk},
             seq__in={seq + 1 for _, seq in chunk},
-        ).values_list("generation_id", "seq", "timestamp")
-        yield from ((g, s, t) for g, s, t in rows if g is not None and (g, s) in wanted)
+        ).values_list("generation_id", "seq", "timestamp", "model")
+        yield from ((g, s, t, m) for g, s, t, m in rows if g is not None and (g, s) in wanted)
 
 
 def _stored_starts(generation_ids: set[uuid.UUID]) -> Iterable[tuple[uuid.UUID, int, int, str]]:
@@ -185,39 +218,18 @@ def _stored_starts(generation_ids: set[uuid.UUID]) -> Iterable[tuple[uuid.UUID, 
         yield from ((g, s, t, m) for g, s, t, m in rows if g is not None)
 
 
-def rollups_add(envelopes: Sequence[Envelope]) -> None:
-    """Add newly stored events to the rollups and to each source's minutes (one upsert per
-    300 rows, in key order so two ingesters never wait on each other in a cycle)."""
-    if envelopes:
-        _upsert(batch_tally(envelopes).counts)
-        _activity_upsert(envelopes)
-
-
-MINUTE_MS = 60_000
-# Source minutes are kept this long (the views read the last hour; a day back for context).
-ACTIVITY_KEEP_MS = 2 * 86_400_000
-
-
-def _activity_upsert(envelopes: Sequence[Envelope]) -> None:
-    """Per (source, minute): events, tokens, errors."""
-    counts: dict[tuple[str, int], list[int]] = {}
-    for e in envelopes:
-        ts = e.timestamp
-        key = (e.source, ts - ts % MINUTE_MS)
-        row = counts.get(key)
-        if row is None:
-            row = counts[key] = [0, 0, 0]
-        row[0] += 1
-        kind = type(e)
-        if kind is TokenGeneratedEnvelope:
-            row[1] += 1
-        elif kind is ErrorEnvelope:
-            row[2] += 1
+def rollups_add(envelopes: Sequence[Envelope], firsts: Sequence[FirstToken]) -> None:
+    """Add newly stored events to the rollups and to each source's minutes, in key order so
+    two ingesters never wait on each other in a cycle."""
+    if not envelopes:
+        return
+    tally = batch_tally(envelopes, firsts)
+    _upsert(tally.counts)
     upsert_adding(
         SourceMinute._meta.db_table,
         ("source", "minute"),
         ("events", "tokens", "errors"),
-        [(source, minute, *row) for (source, minute), row in sorted(counts.items())],
+        [(source, minute, *row) for (source, minute), row in sorted(tally.activity.items())],
     )
 
 
@@ -262,7 +274,7 @@ def window_tally(since: int, until: int, *, model: str | None = None) -> Tally:
         for gid, seq, ts, m in attempts.values_list("generation_id", "seq", "timestamp", "model")
         if gid is not None
     }
-    for gid, seq, first in _stored_first_tokens(set(starts)):
+    for gid, seq, first, _ in _stored_first_tokens(set(starts)):
         started, m = starts[(gid, seq - 1)]
         if (ttft := time_to_first_token_ms(started, first)) is not None:
             tally.observe(started, m, "ttftMs", float(ttft))

@@ -32,7 +32,7 @@ from events.models import (
     Worker,
 )
 from events.privacy import prompt_policy_get, prompt_redact
-from events.rollups import rollups_add
+from events.rollups import first_tokens, rollups_add
 from mlxserve.contract.events import (
     Envelope,
     ErrorEnvelope,
@@ -229,8 +229,9 @@ def _store_together(envelopes: list[Envelope], now: Any) -> int:
     workers_note(envelopes)
     # Only events stored for the first time count: a redelivered entry adds nothing.
     fresh = _stored_now(envelopes, stored, now)
-    fleet_counters_add(fresh)
-    rollups_add(fresh)
+    firsts = first_tokens(fresh)  # looked up once, for the fleet histogram and the stats rollups
+    fleet_counters_add(fresh, firsts)
+    rollups_add(fresh, firsts)
     return stored
 
 

@@ -271,6 +271,11 @@ def test_the_first_token_is_counted_once_whichever_arrives_first(db: Any, reader
     assert body["percentiles"] == "buckets"
     assert body["timeToFirstTokenMs"]["count"] == 1
     assert within_one_bucket(body["timeToFirstTokenMs"]["p50"], [240.0], 0.5)
+    # The fleet histogram counts it once too: one lookup serves both.
+    from events.models import FleetCounter
+
+    counted = FleetCounter.objects.filter(name="mlxserve_fleet_time_to_first_token_seconds_count")
+    assert sum(counted.values_list("value", flat=True)) == 1
 
 
 def test_retention_drops_the_rollups_of_hours_past_the_longest_policy(db: Any) -> None:
@@ -331,3 +336,12 @@ def test_rollup_events_rebuild_counts_events_loaded_around_the_ingester(day: lis
         sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
         == built_by_ingest
     )
+
+
+@pytest.mark.parametrize(("since", "until"), [(0, 2**63 - 1), (2**63 - 2, 2**63 - 1), (0, 0), (5, 5)])
+def test_the_widest_and_narrowest_windows_are_answered(
+    day: list[dict[str, Any]], reader_client: APIClient, since: int, until: int
+) -> None:
+    body = stats(reader_client, since, until)  # 200, whatever the bounds the API accepts
+    expected = truth(day, since, until)
+    assert body["events"]["byType"] == expected["byType"]
