@@ -29,7 +29,7 @@ from events.responses import (
     StatsOut,
     WorkerOut,
 )
-from events.rollups import bucket_percentile, window_figures
+from events.rollups import MINUTE_MS, bucket_percentile, window_figures
 from mlxserve.contract.events import time_to_first_token_ms, tokens_per_second
 from telemetry.services import telemetry_config_get
 
@@ -265,12 +265,14 @@ def heartbeat_interval_ms() -> int:
 
 
 def worker_is_stale(worker: Worker, *, interval_ms: int | None = None, now_ms: int | None = None) -> bool:
+    return worker.last_heard_at < heard_since(interval_ms=interval_ms, now_ms=now_ms)
+
+
+def heard_since(*, interval_ms: int | None = None, now_ms: int | None = None) -> int:
+    """The epoch ms a worker must have been heard from since to be live (not stale)."""
     interval_ms = interval_ms or heartbeat_interval_ms()
     now_ms = now_ms or time.time_ns() // 1_000_000
-    return now_ms - worker.last_heard_at > STALE_AFTER_HEARTBEATS * interval_ms
-
-
-MINUTE_MS = 60_000
+    return now_ms - STALE_AFTER_HEARTBEATS * interval_ms
 
 
 @dataclass
@@ -353,10 +355,7 @@ class ConfigRollout:
 
 
 def config_rollout(version: int, *, now_ms: int | None = None, limit: int = 200) -> ConfigRollout:
-    now_ms = now_ms or time.time_ns() // 1_000_000
-    live = Worker.objects.filter(
-        last_heard_at__gte=now_ms - STALE_AFTER_HEARTBEATS * heartbeat_interval_ms()
-    ).order_by("source")
+    live = Worker.objects.filter(last_heard_at__gte=heard_since(now_ms=now_ms)).order_by("source")
     return ConfigRollout(
         version=version,
         applied=list(live.filter(config_version__gte=version)[:limit]),
@@ -374,7 +373,7 @@ def fleet_overview(
     """A few indexed reads, whatever the fleet's size and the events stored: worker rows, the
     last hour's per-minute table and the first 10,000 dead letters waiting."""
     now_ms = now_ms or time.time_ns() // 1_000_000
-    threshold = now_ms - STALE_AFTER_HEARTBEATS * heartbeat_interval_ms()
+    threshold = heard_since(now_ms=now_ms)
     by_status = {
         (row["status"] or "no status yet"): row["n"]
         for row in Worker.objects.order_by().values("status").annotate(n=Count("*"))

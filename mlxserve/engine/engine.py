@@ -50,10 +50,6 @@ class TelemetryCost:
     ns: int = 0
     tokens: int = 0
 
-    def add(self, ns: int) -> None:
-        self.ns += ns
-        self.tokens += 1
-
     def per_token_us(self) -> float:
         return self.ns / 1000 / self.tokens if self.tokens else 0.0
 
@@ -489,7 +485,7 @@ class Engine:
         tokens_counter = self.metrics.series(self.metrics.tokens_generated, model=model)
         itl = self.metrics.series(self.metrics.inter_token_latency, model=model)
         pieces: list[str] = []
-        seq = counted = 0
+        seq = counted = telemetry_ns = 0
         first_token_at: float | None = None
         last_token_at = started
         finish_reason = None
@@ -519,7 +515,7 @@ class Engine:
                 if seq - counted >= TOKEN_COUNTER_EVERY:  # the token counter, a few tokens at a time
                     tokens_counter.inc(seq - counted)
                     counted = seq
-                cost.add(perf_counter_ns() - now_ns)
+                telemetry_ns += perf_counter_ns() - now_ns
                 pieces.append(response.text)
                 if on_token is not None:
                     on_token(response.text)
@@ -527,6 +523,8 @@ class Engine:
         finally:
             if seq > counted:
                 tokens_counter.inc(seq - counted)
+            cost.ns += telemetry_ns
+            cost.tokens += seq
         duration = time.perf_counter() - started
         generating = (last_token_at - first_token_at) if first_token_at is not None else 0.0
         throughput = tokens_per_second(seq, generating) or 0.0
