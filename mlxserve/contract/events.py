@@ -12,7 +12,7 @@ import sys
 import time
 import typing
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -341,6 +341,102 @@ def _flat(value: dict[str, Any]) -> bool:
         if type(item) is dict or type(item) is list:
             return False
     return True
+
+
+class TokenRules(msgspec.Struct, frozen=True):
+    """What may differ from one ``tokenGenerated`` event of a generation to the next (seq,
+    timestamp, token, logprob) and its bounds, read from the declarations above.
+
+    A worker checks a batch of one generation's token events with it after one of them has
+    been decoded in full (which holds everything the batch shares: id form, source,
+    generation id, model, no metadata): what the decoder would say of the others, in a
+    fraction of the time. ``token_rules()`` is None when a declaration holds a rule this
+    check does not know; then every event is decoded.
+    """
+
+    seq: tuple[int, int]
+    timestamp: tuple[int, int]
+    token_length: tuple[int, int]
+    logprob: tuple[float, float]
+
+    def passes(
+        self,
+        seqs: Sequence[int],
+        timestamps: Sequence[int],
+        tokens: Sequence[str],
+        logprobs: Sequence[float],
+        now_ms: int,
+    ) -> bool:
+        """Whether every event of the batch keeps them (the ``now_ms`` clock's rule included)."""
+        (seq_ge, seq_le), (ts_ge, ts_le), (len_ge, len_le), (lp_ge, lp_le) = (
+            self.seq,
+            self.timestamp,
+            self.token_length,
+            self.logprob,
+        )
+        for value in (*seqs, *timestamps):  # an int subclass (a bool) is refused as the decoder would
+            if type(value) is not int:
+                return False
+        if not (seq_ge <= min(seqs) and max(seqs) <= seq_le):
+            return False
+        if not (ts_ge <= min(timestamps) and max(timestamps) <= min(ts_le, now_ms + TIMESTAMP_MAX_AHEAD_MS)):
+            return False
+        lengths = len_ge > 0 or len_le < sys.maxsize
+        for token, logprob in zip(tokens, logprobs, strict=True):
+            # A NaN fails both comparisons; an int is refused as the strict decoder would.
+            if type(token) is not str or type(logprob) is not float or not (lp_ge <= logprob <= lp_le):
+                return False
+            if lengths and not (len_ge <= len(token) <= len_le):
+                return False
+        return True
+
+
+def token_rules(
+    envelope_type: type[EnvelopeBase] = TokenGeneratedEnvelope, payload_type: type[Payload] = TokenGenerated
+) -> TokenRules | None:
+    """The per-token rules of ``tokenGenerated`` (its two declarations), or None when they hold
+    one this check cannot apply (a pattern, a bound it does not read, a field it does not know)."""
+
+    def declared(struct: type) -> dict[str, mi.Type]:
+        info = mi.type_info(struct)
+        assert isinstance(info, mi.StructType)
+        return {f.name: f.type for f in info.fields}
+
+    def set_part(info: mi.Type) -> mi.Type | None:  # messages aside; a union (null allowed?): unknown
+        if isinstance(info, mi.Metadata):
+            info = info.type
+        return None if isinstance(info, mi.UnionType) else info
+
+    def int_bounds(info: mi.Type | None) -> tuple[int, int] | None:
+        if not isinstance(info, mi.IntType) or info.gt is not None or info.lt is not None or info.multiple_of:
+            return None
+        return (
+            info.ge if info.ge is not None else -INT64_MAX - 1,
+            info.le if info.le is not None else INT64_MAX,
+        )
+
+    envelope, payload = declared(envelope_type), declared(payload_type)
+    if set(envelope) != {"id", "timestamp", "source", "seq", "generation_id", "payload"}:
+        return None
+    if set(payload) != {"model", "token", "logprob", "metadata"}:
+        return None
+    token, logprob = set_part(payload["token"]), set_part(payload["logprob"])
+    seq, timestamp = int_bounds(set_part(envelope["seq"])), int_bounds(set_part(envelope["timestamp"]))
+    if not isinstance(token, mi.StrType) or token.pattern is not None:
+        return None
+    if not isinstance(logprob, mi.FloatType) or logprob.gt is not None or logprob.lt is not None:
+        return None
+    if logprob.multiple_of or logprob.ge is None or logprob.le is None or seq is None or timestamp is None:
+        return None
+    return TokenRules(
+        seq=seq,
+        timestamp=timestamp,
+        token_length=(
+            token.min_length or 0,
+            token.max_length if token.max_length is not None else sys.maxsize,
+        ),
+        logprob=(float(logprob.ge), float(logprob.le)),
+    )
 
 
 def envelope_encode(envelope: EnvelopeBase) -> bytes:

@@ -80,8 +80,12 @@ def _train_tokenizer(directory: Path) -> int:
     return int(tokenizer.get_vocab_size())
 
 
-def create_demo_model(directory: str | Path, *, seed: int = 0, **overrides: Any) -> Path:
-    """Write the model to ``directory`` (created if missing) and return its path."""
+def create_demo_model(
+    directory: str | Path, *, seed: int = 0, dtype: str = "float32", **overrides: Any
+) -> Path:
+    """Write the model to ``directory`` (created if missing) and return its path. ``dtype``
+    (float32, float16, bfloat16) is that of its weights, hence of its logits: most published
+    MLX models are bfloat16."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -92,6 +96,7 @@ def create_demo_model(directory: str | Path, *, seed: int = 0, **overrides: Any)
     config = {**DEFAULT_ARGS, **overrides, "vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2}
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.set_dtype(getattr(mx, dtype))
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})

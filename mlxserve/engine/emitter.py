@@ -12,21 +12,25 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from math import isfinite
 from typing import Any, Protocol
 
+import msgspec
 import redis
 from msgspec import UNSET
 
 from mlxserve.contract.events import (
     EVENT_TYPES,
+    TIMESTAMP_FUTURE_MESSAGE,
+    TIMESTAMP_MAX_AHEAD_MS,
     Envelope,
     TokenGenerated,
     TokenGeneratedEnvelope,
     envelope_decode,
     envelope_encode,
     envelope_validate,
+    token_rules,
 )
 from mlxserve.contract.stream import stream_append
 from mlxserve.contract.validation import Issue, ValidationFailed
@@ -105,6 +109,38 @@ def _random_uuids() -> Callable[[], uuid.UUID]:
 random_uuid = _random_uuids()
 
 
+_encode = msgspec.json.Encoder().encode
+_TOKEN_RULES = token_rules()
+# A batch of token events decoded in one C call; the same declaration envelope_decode uses.
+_TOKEN_BATCH: msgspec.json.Decoder[list[TokenGeneratedEnvelope]] = msgspec.json.Decoder(
+    list[TokenGeneratedEnvelope]
+)
+
+
+def _token_batch_decoded(bodies: list[bytes], now_ms: int) -> list[Envelope]:
+    """The batch's typed envelopes, every rule checked (``envelope_decode``'s, in one call)."""
+    typed = _TOKEN_BATCH.decode(b"[" + b",".join(bodies) + b"]")
+    if typed and typed[-1].timestamp > now_ms + TIMESTAMP_MAX_AHEAD_MS:
+        raise ValidationFailed([Issue(["timestamp"], TIMESTAMP_FUTURE_MESSAGE, "in_future")])
+    return list(typed)
+
+
+# The hex digit of a UUID's variant nibble (10xx) for each random one.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def random_uuid_strings(count: int) -> list[str]:
+    """``count`` random (version 4) UUIDs as their canonical text, from one read of the
+    operating system's CSPRNG: what a batch of events needs for ids, without making a UUID
+    object each (the encoder would turn them into this text)."""
+    digits = os.urandom(16 * count).hex()
+    return [
+        f"{digits[i : i + 8]}-{digits[i + 8 : i + 12]}-4{digits[i + 13 : i + 16]}-"
+        f"{_VARIANT[digits[i + 16]]}{digits[i + 17 : i + 20]}-{digits[i + 20 : i + 32]}"
+        for i in range(0, 32 * count, 32)
+    ]
+
+
 def _given(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not UNSET}
 
@@ -122,6 +158,16 @@ class PublishingListener:
 
     def __call__(self, envelope: Envelope, body: bytes | None = None) -> None:
         self.publisher.publish(envelope, body if body is not None else envelope_encode(envelope))
+
+    def publish_many(self, bodies: Sequence[bytes]) -> None:
+        """Events already checked, as their JSON; a publisher without ``publish_many`` is handed
+        each decoded."""
+        many = getattr(self.publisher, "publish_many", None)
+        if many is not None:
+            many(bodies)
+        else:
+            for body in bodies:
+                self.publisher.publish(envelope_decode(body), body)
 
 
 class EngineEventEmitter:
@@ -317,6 +363,68 @@ class EngineEventEmitter:
             generation_id=generation_id,
             seq=seq,
         )
+
+    def tokens_generated(
+        self,
+        *,
+        generation_id: uuid.UUID | str,
+        model: str,
+        tokens: Sequence[tuple[int, int, str, float]],
+    ) -> None:
+        """Many ``tokenGenerated`` events of one generation at once: ``(seq, timestamp_ms, token,
+        logprob)`` each, as the engine records them. Each event is encoded; the first is decoded
+        by the contract's decoder (the checks of everything the batch shares), all are checked
+        by the contract's per-token rules
+        (``token_rules``), which say what the decoder would; without them, every event is
+        decoded. A batch that does not pass goes through ``token_generated`` token by token:
+        those before the bad one are delivered, the bad one is refused as any event is
+        (logged, ``on_refused``, ``ValidationFailed`` raised). Typed envelopes are made (one
+        decode of the batch) only when a listener other than the publisher wants them."""
+        if not tokens:
+            return
+        source, ids, gid = self.source, random_uuid_strings(len(tokens)), str(generation_id)
+        now_ms = time.time_ns() // 1_000_000
+        typed: list[Envelope] | None = None
+        try:
+            bodies = [
+                _encode(
+                    TokenGeneratedEnvelope(
+                        id=event_id,  # type: ignore[arg-type] # its text: what the encoder makes of a UUID
+                        timestamp=timestamp_ms,
+                        source=source,
+                        generation_id=gid,  # type: ignore[arg-type] # checked by the first event's decode
+                        seq=seq,
+                        payload=TokenGenerated(model=model, token=token, logprob=logprob),
+                    )
+                )
+                for event_id, (seq, timestamp_ms, token, logprob) in zip(ids, tokens, strict=True)
+            ]
+            envelope_decode(bodies[0], now_ms=now_ms)
+            if _TOKEN_RULES is not None:
+                seqs, timestamps, texts, logprobs = zip(*tokens, strict=True)
+                passed = _TOKEN_RULES.passes(seqs, timestamps, texts, logprobs, now_ms)
+            else:
+                typed = _token_batch_decoded(bodies, now_ms)
+                passed = True
+        except (ValidationFailed, msgspec.ValidationError, TypeError, ValueError):
+            passed = False  # a string that cannot be UTF-8 is a ValueError of the encoder
+        if not passed:
+            for seq, _, token, logprob in tokens:
+                self.token_generated(
+                    generation_id=generation_id, seq=seq, model=model, token=token, logprob=logprob
+                )
+            return
+        for listener in self._routes.get("tokenGenerated") or ():
+            try:
+                if type(listener) is PublishingListener:
+                    listener.publish_many(bodies)
+                else:
+                    if typed is None:
+                        typed = _token_batch_decoded(bodies, now_ms)
+                    for envelope in typed:
+                        listener(envelope)
+            except Exception:
+                logger.exception("A listener of tokenGenerated events failed")
 
     def generation_completed(
         self,

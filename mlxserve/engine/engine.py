@@ -29,7 +29,7 @@ from mlxserve.contract.events import (
 from mlxserve.contract.telemetry import LABEL_VALUE_LENGTH
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.emitter import EngineEventEmitter
-from mlxserve.engine.metrics import WorkerMetrics
+from mlxserve.engine.metrics import WorkerMetrics, observe_many
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,88 @@ logger = logging.getLogger(__name__)
 WATCHED_SUFFIXES = (".safetensors", ".json", ".model", ".tiktoken", ".jinja", ".txt")
 
 
-# The tokens counter is incremented every this many tokens (and at a generation's end):
-# a scrape lags by at most these, and the generation thread takes its lock 1/16 as often.
-TOKEN_COUNTER_EVERY = 16
+# A generation's token events are recorded as the tokens come (a clock read and a list append)
+# and sent a batch at a time: when this many are waiting, when the last batch left this long
+# ago (so a slow model's tokens leave one by one, a fast one's within 50 ms), at the first
+# token, and at the end. Built, checked, encoded and counted in one
+# warm loop, a token's telemetry costs the generation a fraction of what one call a token did.
+TOKEN_BATCH = 32
+TOKEN_BATCH_LINGER_NS = 50_000_000
+
+
+class _TokenEvents:
+    """One generation's tokenGenerated events and per-token metrics, a batch at a time.
+
+    The generation loop appends to ``waiting`` what an event needs: the time, the text, and
+    the log-probability row with the token's index in it. ``flush`` reads the batch's
+    log-probabilities, computed by then, in place (through the buffer protocol, which queues
+    nothing behind the next token's forward pass; a dtype it lacks, bfloat16, is gathered by
+    one op on a stream of its own), emits the events (``EngineEventEmitter.tokens_generated``),
+    observes their inter-token latencies and adds them to the tokens counter.
+    """
+
+    __slots__ = ("emitter", "generation_id", "itl", "last_ns", "model", "seq", "tokens_counter", "waiting")
+
+    def __init__(
+        self, emitter: EngineEventEmitter, generation_id: str, model: str, tokens_counter: Any, itl: Any
+    ) -> None:
+        self.emitter, self.generation_id, self.model = emitter, generation_id, model
+        self.tokens_counter, self.itl = tokens_counter, itl
+        self.waiting: list[tuple[int, str, Any, int]] = []  # (perf_counter_ns, text, logprobs, token)
+        self.seq = 0  # the last seq sent
+        self.last_ns: int | None = None  # the previous token's time, for inter-token latency
+
+    def flush(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        if not waiting:
+            return
+        logprobs = _logprobs_read([(row, token) for _, _, row, token in waiting])
+        to_wall_ns = time.time_ns() - time.perf_counter_ns()  # events carry wall-clock milliseconds
+        first = self.seq + 1
+        self.seq += len(waiting)
+        last_ns = self.last_ns
+        gaps = []
+        for at_ns, _, _, _ in waiting:
+            if last_ns is not None:
+                gaps.append((at_ns - last_ns) / 1e9)
+            last_ns = at_ns
+        self.last_ns = last_ns
+        observe_many(self.itl, gaps)
+        self.tokens_counter.inc(len(waiting))
+        self.emitter.tokens_generated(
+            generation_id=self.generation_id,
+            model=self.model,
+            tokens=[
+                (seq, (to_wall_ns + at_ns) // 1_000_000, text, logprob)
+                for seq, (at_ns, text, _, _), logprob in zip(
+                    range(first, self.seq + 1), waiting, logprobs, strict=True
+                )
+            ],
+        )
+
+
+_side_stream: Any = None
+
+
+def _logprobs_read(rows: list[tuple[Any, int]]) -> list[float]:
+    """Each row's value at its token, as a float; the rows are computed arrays."""
+    import mlx.core as mx
+    import numpy as np
+
+    # ``row[token].item()`` would queue an op behind the next token's forward pass and wait
+    # for it, undoing mlx-lm's overlap of compute and Python (about 12% of tokens/s): the
+    # computed rows are read in place, through the buffer protocol.
+    dtype = rows[0][0].dtype
+    if dtype == mx.float32:
+        return [memoryview(row)[token] for row, token in rows]
+    if dtype == mx.float16:  # a buffer format memoryview lacks, NumPy has
+        return [float(np.asarray(row)[token]) for row, token in rows]
+    global _side_stream
+    if _side_stream is None:
+        _side_stream = mx.new_stream(mx.cpu)
+    with mx.stream(_side_stream):  # its own stream: waits for nothing queued for generation
+        values = mx.stack([row[token] for row, token in rows]).astype(mx.float32).tolist()
+    return values  # type: ignore[return-value] # a 1-d array's list
 
 
 @dataclass
@@ -459,7 +538,6 @@ class Engine:
         self, request: GenerationRequest, on_token: Callable[[str], None] | None, progress: _Progress
     ) -> GenerationResult:
         import mlx.core as mx
-        import numpy as np
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
@@ -482,49 +560,52 @@ class Engine:
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
-        tokens_counter = self.metrics.series(self.metrics.tokens_generated, model=model)
-        itl = self.metrics.series(self.metrics.inter_token_latency, model=model)
-        pieces: list[str] = []
-        seq = counted = telemetry_ns = 0
+        tokens = _TokenEvents(
+            emitter,
+            gid,
+            model,
+            self.metrics.series(self.metrics.tokens_generated, model=model),
+            self.metrics.series(self.metrics.inter_token_latency, model=model),
+        )
+        waiting, pieces = tokens.waiting, []
+        seq = telemetry_ns = 0
         first_token_at: float | None = None
         last_token_at = started
         finish_reason = None
-        cost = self.telemetry_cost
         perf_counter_ns = time.perf_counter_ns
+        flushed_ns = perf_counter_ns()  # when tokens were last sent: none waits longer than the linger
         try:
             for response in stream_generate(
                 loaded.model, loaded.tokenizer, prompt, max_tokens=request.max_tokens, sampler=sampler
             ):
                 now_ns = perf_counter_ns()
-                now = now_ns / 1e9
                 seq += 1
                 progress.seq = seq
-                if first_token_at is None:
-                    first_token_at = now
-                    self.metrics.series(self.metrics.time_to_first_token, model=model).observe(now - started)
-                else:
-                    itl.observe(now - last_token_at)
-                last_token_at = now
-                # Read the already computed row through NumPy: ``logprobs[token].item()``
-                # would queue a new op behind the next token's forward pass and wait for it,
-                # undoing mlx-lm's overlap of compute and Python (about 12% of tokens/s).
-                logprob = float(np.asarray(response.logprobs)[response.token])
-                emitter.token_generated(
-                    generation_id=gid, seq=seq, model=model, token=response.text, logprob=logprob
-                )
-                if seq - counted >= TOKEN_COUNTER_EVERY:  # the token counter, a few tokens at a time
-                    tokens_counter.inc(seq - counted)
-                    counted = seq
+                waiting.append((now_ns, response.text, response.logprobs, response.token))
+                if len(waiting) >= TOKEN_BATCH or now_ns - flushed_ns >= TOKEN_BATCH_LINGER_NS or seq == 1:
+                    if seq == 1:
+                        first_token_at = now_ns / 1e9
+                        self.metrics.series(self.metrics.time_to_first_token, model=model).observe(
+                            first_token_at - started
+                        )
+                    tokens.flush()
+                    waiting, flushed_ns = tokens.waiting, now_ns
                 telemetry_ns += perf_counter_ns() - now_ns
                 pieces.append(response.text)
                 if on_token is not None:
                     on_token(response.text)
                 finish_reason = response.finish_reason
+            last_token_at = now_ns / 1e9 if seq else started
+            tokens.flush()
+        except BaseException:
+            try:  # the tokens made before the failure are told before it is
+                tokens.flush()
+            except Exception:
+                logger.exception("Token events of a failed generation could not be sent")
+            raise
         finally:
-            if seq > counted:
-                tokens_counter.inc(seq - counted)
-            cost.ns += telemetry_ns
-            cost.tokens += seq
+            self.telemetry_cost.ns += telemetry_ns
+            self.telemetry_cost.tokens += seq
         duration = time.perf_counter() - started
         generating = (last_token_at - first_token_at) if first_token_at is not None else 0.0
         throughput = tokens_per_second(seq, generating) or 0.0

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from typing import Any, cast
 
@@ -297,3 +298,121 @@ def test_token_events_say_exactly_what_the_generic_emit_says(fields: dict[str, A
         assert heard == [sent] and publisher.envelopes == [sent]
         outcomes.append(("sent", wire, len(publisher.envelopes), len(heard)))
     assert outcomes[0] == outcomes[1]
+
+
+_NOW_MS = time.time_ns() // 1_000_000
+GOOD_TOKENS = [(1, _NOW_MS - 5, "x", -0.25), (2, _NOW_MS - 4, 'é\n"', 0.0), (3, _NOW_MS - 4, "", -3.5)]
+
+
+def _batch_then_one_by_one(rows: list[tuple[Any, ...]], gid: Any = None, model: Any = "m") -> list[Any]:
+    """What ``tokens_generated`` and ``token_generated`` (one call a token) each make of ``rows``:
+    the events the publisher and a typed listener got (ids and timestamps aside), the refusal."""
+    gid = uuid.UUID(int=1) if gid is None else gid
+    outcomes: list[Any] = []
+    for batch in (True, False):
+        publisher = CollectingPublisher()
+        refused: list[ValidationFailed] = []
+        emitter = EngineEventEmitter(source="h/w", publisher=publisher, on_refused=refused.append)
+        heard: list[Any] = []
+        emitter.on("tokenGenerated", heard.append)
+        error = None
+        try:
+            if batch:
+                emitter.tokens_generated(generation_id=gid, model=model, tokens=rows)
+            else:
+                for seq, _, token, logprob in rows:
+                    emitter.token_generated(
+                        generation_id=gid, seq=seq, model=model, token=token, logprob=logprob
+                    )
+        except ValidationFailed as exc:
+            error = exc.as_error()
+        wires = [envelope_to_wire(e) for e in publisher.envelopes]
+        assert [envelope_to_wire(e) for e in heard] == wires
+        for wire in wires:
+            del wire["id"], wire["timestamp"]
+        outcomes.append((wires, error, len(refused)))
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"row": 1, "logprob": float("nan")},
+        {"row": 2, "logprob": float("inf")},
+        {"row": 0, "logprob": 1},  # an int: the strict decoder refuses it
+        {"row": 1, "logprob": True},
+        {"row": 1, "token": "\udc80"},  # lone surrogate
+        {"row": 2, "token": None},
+        {"row": 1, "seq": -1},
+        {"row": 2, "seq": 2**63},
+        {"row": 1, "seq": True},
+        {"row": 0, "timestamp": 946_684_799_999},  # before 2000
+        {"row": 2, "timestamp": 2**63},
+        {"row": 1, "timestamp": _NOW_MS + 11 * 60_000},  # ahead of the clock by more than 10 minutes
+        {"row": 2, "timestamp": _NOW_MS + 9 * 60_000},  # ahead, but within the 10 minutes
+        {"row": 1, "timestamp": 1.8e12},  # a float
+        {"gid": "not-a-uuid"},
+        {"gid": str(uuid.UUID(int=7)).upper()},
+        {"gid": 12},
+        {"model": ""},
+        {"model": "m" * 5000},
+    ],
+)
+def test_a_batch_of_token_events_says_what_one_call_a_token_says(change: dict[str, Any]) -> None:
+    """The engine sends tokens a batch at a time, checked by the contract's per-token rules after
+    one full decode: same events, same refusal (those before the bad one sent), as one call each."""
+    change = dict(change)
+    rows = [list(row) for row in GOOD_TOKENS]
+    bad_row = change.pop("row", None)
+    if bad_row is not None:
+        for field, value in change.items():
+            rows[bad_row][["seq", "timestamp", "token", "logprob"].index(field)] = value
+    batch, single = _batch_then_one_by_one(
+        [tuple(r) for r in rows], change.get("gid"), change.get("model", "m")
+    )
+    assert batch == single
+    sent, error, refusals = batch
+    assert bool(error) == bool(refusals)  # a refusal is raised and counted once
+    assert len(sent) == (3 if error is None else bad_row or 0)  # those before the bad one are sent
+
+
+def test_a_batch_of_token_events_goes_to_the_publisher_in_one_take(tmp_path: Any) -> None:
+    """A publisher with ``publish_many`` gets the batch's JSON at once, each event valid and
+    with its own random id."""
+    taken: list[list[bytes]] = []
+
+    class Many:
+        def publish(self, envelope: Any, body: bytes) -> None:
+            raise AssertionError("one at a time")
+
+        def publish_many(self, bodies: list[bytes]) -> None:
+            taken.append(list(bodies))
+
+    emitter = EngineEventEmitter(source="h/w", publisher=Many())
+    gid = uuid.uuid4()
+    emitter.tokens_generated(generation_id=gid, model="m", tokens=GOOD_TOKENS)
+    [bodies] = taken
+    from mlxserve.contract.events import envelope_decode
+
+    events = [envelope_decode(b) for b in bodies]
+    assert [(e.seq, getattr(e.payload, "token", None), e.generation_id) for e in events] == [
+        (1, "x", gid),
+        (2, 'é\n"', gid),
+        (3, "", gid),
+    ]
+    assert len({e.id for e in events}) == 3 and all(e.id.version == 4 for e in events)
+    emitter.tokens_generated(generation_id=gid, model="m", tokens=[])
+    assert len(taken) == 1  # an empty batch sends nothing
+
+
+def test_random_uuid_strings_are_canonical_version_4_and_unique() -> None:
+    from mlxserve.engine.emitter import random_uuid_strings
+
+    ids = random_uuid_strings(5000)
+    parsed = [uuid.UUID(text) for text in ids]
+    assert [str(p) for p in parsed] == ids  # canonical: lower case, hyphens where they go
+    assert {p.version for p in parsed} == {4} and {p.variant for p in parsed} == {uuid.RFC_4122}
+    assert len(set(ids)) == 5000
+    # every variant digit and the random bits around the fixed ones all occur
+    assert {text[19] for text in ids} == set("89ab") and len({text[14:18] for text in ids}) > 1000

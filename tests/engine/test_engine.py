@@ -10,6 +10,7 @@ import mlx_lm
 import pytest
 
 from mlxserve.contract.validation import EngineError
+from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.engine.engine import GenerationRequest, ModelCache, quantization_of
 from tests.factories import Recorder
 
@@ -282,3 +283,64 @@ def test_every_status_after_a_config_says_its_version(demo_model: Path) -> None:
     after = statuses[1:]
     assert after and all(s["payload"]["metadata"]["configVersion"] == 7 for s in after)
     assert any(s["payload"]["metadata"].get("heartbeat") for s in after)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_models_generate_with_each_tokens_logprob(dtype: str, tmp_path: Path) -> None:
+    """Most published MLX models are bfloat16, which NumPy cannot read: the engine still reports
+    each token's log-probability, the value mlx-lm computed."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    model_dir = create_demo_model(tmp_path / dtype, dtype=dtype)
+    recorder = Recorder()
+    try:
+        result = recorder.engine.generate(
+            GenerationRequest(model=str(model_dir), prompt="The", max_tokens=40)
+        )
+    finally:
+        recorder.engine.shutdown()
+    model, tokenizer = mlx_lm.load(str(model_dir))[:2]
+    expected = []
+    for response in stream_generate(model, tokenizer, "The", max_tokens=40, sampler=make_sampler(temp=0.0)):
+        assert response.logprobs.dtype == getattr(mx, dtype)
+        expected.append((response.text, response.logprobs[response.token].item()))
+    tokens = recorder.events("tokenGenerated")
+    assert (
+        result.tokens == 40 and [(t["payload"]["token"], t["payload"]["logprob"]) for t in tokens] == expected
+    )
+
+
+def test_a_slow_models_tokens_leave_one_by_one(recorder: Recorder, demo_model: Path) -> None:
+    """Tokens are sent in batches only while they come fast: after a step of 50 ms or more, the
+    token leaves at once (what a live view of the generation shows)."""
+    sent_when_handed: list[int] = []
+
+    def slow(text: str) -> None:
+        sent_when_handed.append(len(recorder.events("tokenGenerated")))
+        time.sleep(0.06)
+
+    recorder.engine.generate(
+        GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=6), on_token=slow
+    )
+    assert sent_when_handed == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_fast_generations_batches_keep_every_token_and_latency(
+    recorder: Recorder, demo_model: Path
+) -> None:
+    """Across batches (32 tokens), every token is sent once, in order, timestamps never going
+    back; the inter-token latency histogram holds one gap per token after the first."""
+    result = recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=100))
+    tokens = recorder.events("tokenGenerated")
+    assert [t["seq"] for t in tokens] == list(range(1, 101)) and result.tokens == 100
+    stamps = [t["timestamp"] for t in tokens]
+    assert stamps == sorted(stamps)
+    started, completed = recorder.events("generationStarted")[0], recorder.events("generationCompleted")[0]
+    assert started["timestamp"] <= stamps[0] and stamps[-1] <= completed["timestamp"]
+    labels = {"model": str(demo_model)}
+    assert recorder.sample("kr_serve_inter_token_latency_seconds_count", **labels) == 99
+    assert recorder.sample("kr_serve_tokens_generated_total", **labels) == 100
+    gaps = recorder.sample("kr_serve_inter_token_latency_seconds_sum", **labels)
+    assert 0 < gaps <= (completed["timestamp"] - started["timestamp"]) / 1000

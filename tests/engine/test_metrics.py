@@ -311,3 +311,37 @@ def test_a_heartbeat_setting_of_its_own_outlasts_config_changes(
         assert rt.engine.heartbeat_seconds == 7
     finally:
         rt.shutdown()
+
+
+def test_observing_many_latencies_at_once_exposes_what_one_at_a_time_does() -> None:
+    """A generation's inter-token latencies are observed a batch at a time (``observe_many``):
+    the scrape shows the same buckets, count and sum as observing each, edges included."""
+    from prometheus_client import generate_latest
+
+    from mlxserve.engine.metrics import observe_many
+
+    amounts = [0.0, 0.001, 0.0010000001, 0.0025, 0.004, 0.5, 1e-9, 3.0, 59.0, 1e12, 0.001, 0.25]
+    one, many = WorkerMetrics(), WorkerMetrics()
+    for amount in amounts:
+        one.inter_token_latency.labels(model="m").observe(amount)
+    observe_many(many.inter_token_latency.labels(model="m"), amounts[:5])
+    observe_many(many.inter_token_latency.labels(model="m"), amounts[5:])
+    observe_many(many.inter_token_latency.labels(model="m"), [])
+
+    def scraped(metrics: WorkerMetrics) -> dict[str, float]:
+        text = generate_latest(metrics.registry).decode()
+        return {
+            f"{s.name}{sorted(s.labels.items())}": s.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "kr_serve_inter_token_latency_seconds"
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    expected, got = scraped(one), scraped(many)
+    assert got.keys() == expected.keys() and len(got) > 10
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
+    # A value no bucket bound holds (NaN) takes the one-at-a-time way: counted as observe counts it.
+    observe_many(many.inter_token_latency.labels(model="n"), [0.1, float("nan")])
+    assert many.registry.get_sample_value("kr_serve_inter_token_latency_seconds_count", {"model": "n"}) == 1

@@ -225,3 +225,32 @@ def test_past_its_size_cap_the_spool_drops_its_oldest_events_and_counts_them(
     # either delivered or counted as dropped.
     assert delivered == [ids[0], *ids[-(len(delivered) - 1) :]]
     assert len(delivered) + dropped == 100
+
+
+def test_batches_of_token_events_past_the_memory_bound_keep_their_order(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """``publish_many`` (a generation's token batch) fills memory to its bound, then the spool,
+    and later single events follow them: all arrive, in the order they were handed over."""
+    own_redis.stop()
+    spool = tmp_path / "spool"
+    publisher = publisher_for(own_redis, spool, max_memory=10)
+    emitter = EngineEventEmitter(source="h/w", publisher=publisher)
+    gid, now_ms = uuid.uuid4(), time.time_ns() // 1_000_000
+    ids = emit_runtime_statuses(emitter, 4)
+    for first in (1, 8, 15):  # 4 + 7 fills memory past its 10; the rest go to disk
+        emitter.tokens_generated(
+            generation_id=gid, model="m", tokens=[(s, now_ms, f"t{s}", -1.0) for s in range(first, first + 7)]
+        )
+    ids += emit_runtime_statuses(emitter, 2)
+    assert publisher.pending() == 27
+    assert sum(len(p.read_bytes().splitlines()) for p in spool.glob("*.jsonl")) == 17
+    own_redis.start()
+    assert publisher.flush(timeout=20)
+    publisher.close()
+    events = list({e["id"]: e for e in stream_events(redis.Redis.from_url(own_redis.url))}.values())
+    assert [e["seq"] for e in events if e["type"] == "tokenGenerated"] == list(range(1, 22))
+    assert [e["type"] for e in events] == ["runtimeStatus"] * 4 + ["tokenGenerated"] * 21 + [
+        "runtimeStatus"
+    ] * 2
+    assert [e["id"] for e in events if e["type"] == "runtimeStatus"] == ids
