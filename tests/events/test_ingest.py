@@ -336,5 +336,6 @@ def test_the_ingester_logs_when_something_happens_and_rarely_when_idle(
     )
     lines = run(0.5, idle_log_every=300)
     assert len(lines) == 1 and lines[0].startswith("stored 2 events (") and "stored 2 in all" in lines[0]
-    idle = run(0.5, idle_log_every=0.1)  # still alive, said now and then
-    assert 2 <= len(idle) <= 6 and all(line.startswith("idle: stored 0 events") for line in idle)
+    # Still alive, said now and then: at most one line a 0.1 s (1.5 s leaves a loaded machine room).
+    idle = run(1.5, idle_log_every=0.1)
+    assert 2 <= len(idle) <= 15 and all(line.startswith("idle: stored 0 events") for line in idle)
