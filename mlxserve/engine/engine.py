@@ -39,11 +39,12 @@ WATCHED_SUFFIXES = (".safetensors", ".json", ".model", ".tiktoken", ".jinja", ".
 
 # A generation's token events are recorded as the tokens come (a clock read and a list append)
 # and sent a batch at a time: when this many are waiting, when the last batch left this long
-# ago (so a slow model's tokens leave one by one, a fast one's within 50 ms), at the first
-# token, and at the end. Built, checked, encoded and counted in one
-# warm loop, a token's telemetry costs the generation a fraction of what one call a token did.
-TOKEN_BATCH = 32
-TOKEN_BATCH_LINGER_NS = 50_000_000
+# ago (a slow model's tokens leave one by one), at the first token and at the end. A batch
+# costs about 200 µs however small (between mlx-lm's steps its code runs cold) plus about
+# 10 µs a token, so batches are as long as the publisher's own linger allows: a token's event
+# reaches Redis at most half a second after the token (bench/generation_overhead.py).
+TOKEN_BATCH = 128
+TOKEN_BATCH_LINGER_NS = 250_000_000
 
 
 class _TokenEvents:

@@ -313,34 +313,42 @@ def test_half_precision_models_generate_with_each_tokens_logprob(dtype: str, tmp
 
 
 def test_a_slow_models_tokens_leave_one_by_one(recorder: Recorder, demo_model: Path) -> None:
-    """Tokens are sent in batches only while they come fast: after a step of 50 ms or more, the
-    token leaves at once (what a live view of the generation shows)."""
+    """Tokens are sent in batches only while they come fast: after a step as long as the batch
+    linger (250 ms) or longer, the token leaves at once (what a live view of the generation
+    shows); the first token always does."""
     sent_when_handed: list[int] = []
 
     def slow(text: str) -> None:
         sent_when_handed.append(len(recorder.events("tokenGenerated")))
-        time.sleep(0.06)
+        time.sleep(0.26)
 
     recorder.engine.generate(
-        GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=6), on_token=slow
+        GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=4), on_token=slow
     )
-    assert sent_when_handed == [1, 2, 3, 4, 5, 6]
+    assert sent_when_handed == [1, 2, 3, 4]
+    fast: list[int] = []
+    recorder.engine.generate(
+        GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=4),
+        on_token=lambda text: fast.append(len(recorder.events("tokenGenerated"))),
+    )
+    # The first sent at once; the next ones wait for a batch (unless the host stalls 250 ms).
+    assert fast[0] == 5 and min(fast[1:]) == 5 and len(recorder.events("tokenGenerated")) == 8
 
 
 def test_a_fast_generations_batches_keep_every_token_and_latency(
     recorder: Recorder, demo_model: Path
 ) -> None:
-    """Across batches (32 tokens), every token is sent once, in order, timestamps never going
+    """Across batches (128 tokens), every token is sent once, in order, timestamps never going
     back; the inter-token latency histogram holds one gap per token after the first."""
-    result = recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=100))
+    result = recorder.engine.generate(GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=300))
     tokens = recorder.events("tokenGenerated")
-    assert [t["seq"] for t in tokens] == list(range(1, 101)) and result.tokens == 100
+    assert [t["seq"] for t in tokens] == list(range(1, 301)) and result.tokens == 300
     stamps = [t["timestamp"] for t in tokens]
     assert stamps == sorted(stamps)
     started, completed = recorder.events("generationStarted")[0], recorder.events("generationCompleted")[0]
     assert started["timestamp"] <= stamps[0] and stamps[-1] <= completed["timestamp"]
     labels = {"model": str(demo_model)}
-    assert recorder.sample("kr_serve_inter_token_latency_seconds_count", **labels) == 99
-    assert recorder.sample("kr_serve_tokens_generated_total", **labels) == 100
+    assert recorder.sample("kr_serve_inter_token_latency_seconds_count", **labels) == 299
+    assert recorder.sample("kr_serve_tokens_generated_total", **labels) == 300
     gaps = recorder.sample("kr_serve_inter_token_latency_seconds_sum", **labels)
     assert 0 < gaps <= (completed["timestamp"] - started["timestamp"]) / 1000
