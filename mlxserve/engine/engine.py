@@ -50,12 +50,10 @@ TOKEN_BATCH_LINGER_NS = 250_000_000
 class _TokenEvents:
     """One generation's tokenGenerated events and per-token metrics, a batch at a time.
 
-    The generation loop appends to ``waiting`` what an event needs: the time, the text, and
-    the log-probability row with the token's index in it. ``flush`` reads the batch's
-    log-probabilities, computed by then, in place (through the buffer protocol, which queues
-    nothing behind the next token's forward pass; a dtype it lacks, bfloat16, is gathered by
-    one op on a stream of its own), emits the events (``EngineEventEmitter.tokens_generated``),
-    observes their inter-token latencies and adds them to the tokens counter.
+    The generation loop appends to ``waiting`` what an event needs: the time, the text and the
+    log-probability (``_logprob_reader``). ``flush`` emits the waiting tokens' events
+    (``EngineEventEmitter.tokens_generated``), observes their inter-token latencies and adds
+    them to the tokens counter.
     """
 
     __slots__ = ("emitter", "generation_id", "itl", "last_ns", "model", "seq", "tokens_counter", "waiting")
@@ -65,7 +63,7 @@ class _TokenEvents:
     ) -> None:
         self.emitter, self.generation_id, self.model = emitter, generation_id, model
         self.tokens_counter, self.itl = tokens_counter, itl
-        self.waiting: list[tuple[int, str, Any, int]] = []  # (perf_counter_ns, text, logprobs, token)
+        self.waiting: list[tuple[int, str, Any]] = []  # (perf_counter_ns, text, logprob or (row, token))
         self.seq = 0  # the last seq sent
         self.last_ns: int | None = None  # the previous token's time, for inter-token latency
 
@@ -73,13 +71,15 @@ class _TokenEvents:
         waiting, self.waiting = self.waiting, []
         if not waiting:
             return
-        logprobs = _logprobs_read([(row, token) for _, _, row, token in waiting])
+        logprobs = [logprob for _, _, logprob in waiting]
+        if type(logprobs[0]) is tuple:  # rows kept to be read now (bfloat16)
+            logprobs = _logprobs_gathered(logprobs)
         to_wall_ns = time.time_ns() - time.perf_counter_ns()  # events carry wall-clock milliseconds
         first = self.seq + 1
         self.seq += len(waiting)
         last_ns = self.last_ns
         gaps = []
-        for at_ns, _, _, _ in waiting:
+        for at_ns, _, _ in waiting:
             if last_ns is not None:
                 gaps.append((at_ns - last_ns) / 1e9)
             last_ns = at_ns
@@ -91,7 +91,7 @@ class _TokenEvents:
             model=self.model,
             tokens=[
                 (seq, (to_wall_ns + at_ns) // 1_000_000, text, logprob)
-                for seq, (at_ns, text, _, _), logprob in zip(
+                for seq, (at_ns, text, _), logprob in zip(
                     range(first, self.seq + 1), waiting, logprobs, strict=True
                 )
             ],
@@ -101,23 +101,35 @@ class _TokenEvents:
 _side_stream: Any = None
 
 
-def _logprobs_read(rows: list[tuple[Any, int]]) -> list[float]:
-    """Each row's value at its token, as a float; the rows are computed arrays."""
+def _logprob_reader(dtype: Any) -> Callable[[Any, int], Any]:
+    """How a generation reads each token's log-probability from mlx-lm's computed row.
+
+    ``row[token].item()`` would queue an op behind the next token's forward pass and wait for
+    it, undoing mlx-lm's overlap of compute and Python (about 12% of tokens/s); so the row is
+    read in place, through the buffer protocol, as the token comes (holding the rows for a
+    batch instead costs 3-5% of tokens/s here: mlx-lm cannot reuse their buffers). A dtype
+    with no buffer format, bfloat16 (most published models), cannot be read so: its rows are
+    kept, ``(row, token)``, and read a batch at a time by ``_logprobs_gathered``.
+    """
     import mlx.core as mx
     import numpy as np
 
-    # ``row[token].item()`` would queue an op behind the next token's forward pass and wait
-    # for it, undoing mlx-lm's overlap of compute and Python (about 12% of tokens/s): the
-    # computed rows are read in place, through the buffer protocol.
-    dtype = rows[0][0].dtype
     if dtype == mx.float32:
-        return [memoryview(row)[token] for row, token in rows]
+        return lambda row, token: memoryview(row)[token]
     if dtype == mx.float16:  # a buffer format memoryview lacks, NumPy has
-        return [float(np.asarray(row)[token]) for row, token in rows]
+        return lambda row, token: float(np.asarray(row)[token])
+    return lambda row, token: (row, token)
+
+
+def _logprobs_gathered(rows: list[tuple[Any, int]]) -> list[float]:
+    """Each kept row's value at its token, in one op on a stream of its own (which waits for
+    nothing queued for generation)."""
+    import mlx.core as mx
+
     global _side_stream
     if _side_stream is None:
         _side_stream = mx.new_stream(mx.cpu)
-    with mx.stream(_side_stream):  # its own stream: waits for nothing queued for generation
+    with mx.stream(_side_stream):
         values = mx.stack([row[token] for row, token in rows]).astype(mx.float32).tolist()
     return values  # type: ignore[return-value] # a 1-d array's list
 
@@ -575,6 +587,7 @@ class Engine:
         finish_reason = None
         perf_counter_ns = time.perf_counter_ns
         flushed_ns = perf_counter_ns()  # when tokens were last sent: none waits longer than the linger
+        read_logprob: Callable[[Any, int], Any]  # chosen by the first token's dtype
         try:
             for response in stream_generate(
                 loaded.model, loaded.tokenizer, prompt, max_tokens=request.max_tokens, sampler=sampler
@@ -582,7 +595,9 @@ class Engine:
                 now_ns = perf_counter_ns()
                 seq += 1
                 progress.seq = seq
-                waiting.append((now_ns, response.text, response.logprobs, response.token))
+                if seq == 1:
+                    read_logprob = _logprob_reader(response.logprobs.dtype)
+                waiting.append((now_ns, response.text, read_logprob(response.logprobs, response.token)))
                 if len(waiting) >= TOKEN_BATCH or now_ns - flushed_ns >= TOKEN_BATCH_LINGER_NS or seq == 1:
                     if seq == 1:
                         first_token_at = now_ns / 1e9
