@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 
 class EventPublisher(Protocol):
+    """Takes validated events. A publisher may also have ``publish_many(bodies)`` (the worker's
+    does): a batch of checked events' JSON in one call; without it each is handed to ``publish``."""
+
     def publish(self, envelope: Envelope, body: bytes) -> None:
         """Take ``envelope`` (validated), whose JSON encoding is ``body``."""
 

@@ -611,8 +611,11 @@ class Engine:
                 if on_token is not None:
                     on_token(response.text)
                 finish_reason = response.finish_reason
-            last_token_at = now_ns / 1e9 if seq else started
-            tokens.flush()
+            if seq:
+                last_token_at = now_ns / 1e9
+                flush_started_ns = perf_counter_ns()
+                tokens.flush()  # the last batch, timed as the others are
+                telemetry_ns += perf_counter_ns() - flush_started_ns
         except BaseException:
             try:  # the tokens made before the failure are told before it is
                 tokens.flush()
