@@ -34,6 +34,17 @@ UNIT = "mlxserve-worker"  # systemd units: mlxserve-worker-<n>.service
 # How long the service manager waits for a generation to finish on stop before it kills the
 # worker (Celery gives the task back to the queue then: late acknowledgement).
 STOP_TIMEOUT_S = 300
+# ``celery -A mlxserve worker`` as the README runs it: one process, no fork (mlx and Metal).
+CELERY_WORKER_ARGS = (
+    "-m",
+    "celery",
+    "-A",
+    "mlxserve",
+    "worker",
+    "--pool=solo",
+    "--concurrency=1",
+    "--loglevel=INFO",
+)
 # What a worker's environment may carry from ``--env`` or this process's environment.
 PASSED_ON = ("REDIS_URL", "CELERY_BROKER_URL", "HF_HUB_CACHE", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
@@ -118,14 +129,7 @@ class Worker:
         """``celery -A mlxserve worker`` as the README runs it, one process, no fork."""
         return [
             str(self.python),
-            "-m",
-            "celery",
-            "-A",
-            "mlxserve",
-            "worker",
-            "--pool=solo",
-            "--concurrency=1",
-            "--loglevel=INFO",
+            *CELERY_WORKER_ARGS,
             "-n",
             f"worker-{self.n}@{node_host}",
         ]

@@ -30,6 +30,7 @@ from mlxserve.contract.stream import stream_append, stream_envelope_bodies
 from mlxserve.engine.emitter import CollectingPublisher, EngineEventEmitter
 from mlxserve.engine.engine import Engine
 from mlxserve.engine.metrics import WorkerMetrics
+from mlxserve.service import CELERY_WORKER_ARGS
 
 TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -171,14 +172,7 @@ def celery_worker_running(log_dir: Path, source: str, **env: str) -> Iterator[su
         process = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "mlxserve",
-                "worker",
-                "--pool=solo",
-                "--concurrency=1",
-                "--loglevel=INFO",
+                *CELERY_WORKER_ARGS,
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",

@@ -22,14 +22,13 @@ from msgspec import UNSET
 
 from mlxserve.contract.events import (
     EVENT_TYPES,
-    TIMESTAMP_FUTURE_MESSAGE,
-    TIMESTAMP_MAX_AHEAD_MS,
     Envelope,
     TokenGenerated,
     TokenGeneratedEnvelope,
     envelope_decode,
     envelope_encode,
     envelope_validate,
+    token_envelopes_decode,
     token_rules,
 )
 from mlxserve.contract.stream import stream_append
@@ -115,19 +114,6 @@ random_uuid = _random_uuids()
 _encode = msgspec.json.Encoder().encode
 _TOKEN_RULES = token_rules()
 # A batch of token events decoded in one C call; the same declaration envelope_decode uses.
-_TOKEN_BATCH: msgspec.json.Decoder[list[TokenGeneratedEnvelope]] = msgspec.json.Decoder(
-    list[TokenGeneratedEnvelope]
-)
-
-
-def _token_batch_decoded(bodies: list[bytes], now_ms: int) -> list[Envelope]:
-    """The batch's typed envelopes, every rule checked (``envelope_decode``'s, in one call)."""
-    typed = _TOKEN_BATCH.decode(b"[" + b",".join(bodies) + b"]")
-    if typed and typed[-1].timestamp > now_ms + TIMESTAMP_MAX_AHEAD_MS:
-        raise ValidationFailed([Issue(["timestamp"], TIMESTAMP_FUTURE_MESSAGE, "in_future")])
-    return list(typed)
-
-
 # The hex digit of a UUID's variant nibble (10xx) for each random one.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
@@ -161,16 +147,6 @@ class PublishingListener:
 
     def __call__(self, envelope: Envelope, body: bytes | None = None) -> None:
         self.publisher.publish(envelope, body if body is not None else envelope_encode(envelope))
-
-    def publish_many(self, bodies: Sequence[bytes]) -> None:
-        """Events already checked, as their JSON; a publisher without ``publish_many`` is handed
-        each decoded."""
-        many = getattr(self.publisher, "publish_many", None)
-        if many is not None:
-            many(bodies)
-        else:
-            for body in bodies:
-                self.publisher.publish(envelope_decode(body), body)
 
 
 class EngineEventEmitter:
@@ -407,7 +383,7 @@ class EngineEventEmitter:
                 seqs, timestamps, texts, logprobs = zip(*tokens, strict=True)
                 passed = _TOKEN_RULES.passes(seqs, timestamps, texts, logprobs, now_ms)
             else:
-                typed = _token_batch_decoded(bodies, now_ms)
+                typed = token_envelopes_decode(bodies, now_ms=now_ms)
                 passed = True
         except (ValidationFailed, msgspec.ValidationError, TypeError, ValueError):
             passed = False  # a string that cannot be UTF-8 is a ValueError of the encoder
@@ -418,16 +394,18 @@ class EngineEventEmitter:
                 )
             return
         for listener in self._routes.get("tokenGenerated") or ():
+            publisher = listener.publisher if type(listener) is PublishingListener else None
             try:
-                if type(listener) is PublishingListener:
-                    listener.publish_many(bodies)
-                else:
-                    if typed is None:
-                        typed = _token_batch_decoded(bodies, now_ms)
-                    for envelope in typed:
-                        listener(envelope)
+                if hasattr(publisher, "publish_many"):
+                    publisher.publish_many(bodies)  # type: ignore[union-attr]
+                    continue
+                if typed is None:  # made once, for the listeners that take envelopes
+                    typed = token_envelopes_decode(bodies, now_ms=now_ms)
             except Exception:
                 logger.exception("A listener of tokenGenerated events failed")
+                continue
+            for envelope, body in zip(typed, bodies, strict=True):
+                self._deliver("tokenGenerated", (listener,), envelope, body)
 
     def generation_completed(
         self,

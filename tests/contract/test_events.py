@@ -497,3 +497,29 @@ class _NullableLogprob(msgspec.Struct, kw_only=True):
 
 def test_token_rules_step_aside_for_a_union() -> None:
     assert token_rules(payload_type=_NullableLogprob) is None  # type: ignore[arg-type]
+
+
+def test_a_batch_of_token_events_decodes_with_every_rule() -> None:
+    """``token_envelopes_decode`` (a batch in one call) refuses what ``envelope_decode`` refuses,
+    wherever in the batch: the clock's rule and free-form metadata included."""
+    from mlxserve.contract.events import token_envelopes_decode
+
+    now_ms = time.time_ns() // 1_000_000
+
+    def body(**changes: Any) -> bytes:
+        return envelope_encode(envelope_validate(make_envelope("tokenGenerated", **changes), now_ms=now_ms))
+
+    good = [body(seq=1), body(seq=2)]
+    assert [e.seq for e in token_envelopes_decode(good, now_ms=now_ms)] == [1, 2]
+    ahead = msgspec.json.encode({**msgspec.json.decode(good[1]), "timestamp": now_ms + 11 * 60_000})
+    with pytest.raises(ValidationFailed, match="in the future"):
+        token_envelopes_decode([good[0], ahead, good[1]], now_ms=now_ms)
+    deep: Any = 1
+    for _ in range(70):
+        deep = [deep]
+    nested = msgspec.json.decode(good[0])
+    nested["payload"]["metadata"] = {"k": deep}
+    with pytest.raises(ValidationFailed):
+        token_envelopes_decode([good[0], msgspec.json.encode(nested)], now_ms=now_ms)
+    with pytest.raises(msgspec.ValidationError):
+        token_envelopes_decode([good[0], body(seq=3).replace(b'"seq":3', b'"seq":-3')], now_ms=now_ms)
