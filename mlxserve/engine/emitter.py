@@ -353,12 +353,12 @@ class EngineEventEmitter:
         """Many ``tokenGenerated`` events of one generation at once: ``(seq, timestamp_ms, token,
         logprob)`` each, as the engine records them. Each event is encoded; the first is decoded
         by the contract's decoder (the checks of everything the batch shares), all are checked
-        by the contract's per-token rules
-        (``token_rules``), which say what the decoder would; without them, every event is
-        decoded. A batch that does not pass goes through ``token_generated`` token by token:
-        those before the bad one are delivered, the bad one is refused as any event is
-        (logged, ``on_refused``, ``ValidationFailed`` raised). Typed envelopes are made (one
-        decode of the batch) only when a listener other than the publisher wants them."""
+        by the contract's per-token rules (``token_rules``), which say what the decoder would;
+        without them, every event is decoded. A batch that does not pass goes through
+        ``token_generated`` token by token: those before the bad one are delivered, the bad one
+        is refused as any event is (logged, ``on_refused``, ``ValidationFailed`` raised). Typed
+        envelopes are made (one decode of the batch) only for listeners that take them: a
+        publisher with ``publish_many`` takes the JSON alone."""
         if not tokens:
             return
         source, ids, gid = self.source, random_uuid_strings(len(tokens)), str(generation_id)

@@ -241,33 +241,23 @@ class BufferedPublisher:
     # -- the caller's side: never blocks on Redis -------------------------------------
 
     def publish(self, envelope: EnvelopeBase, body: bytes) -> None:
+        self.publish_many((body,))
+
+    def publish_many(self, bodies: Sequence[bytes]) -> None:
+        """Take checked events' JSON, in order, under one take of the lock (a generation's
+        token batch comes this way)."""
         with self._lock:
-            if self._spool.count or len(self._memory) >= self.max_memory:
-                # Once events spill to disk, later ones follow them there, so order holds.
+            # Memory up to its bound, then disk; once events spill to disk, later ones follow
+            # them there, so order holds.
+            room = 0 if self._spool.count else max(self.max_memory - len(self._memory), 0)
+            self._memory.extend(bodies[:room])
+            for body in bodies[room:]:
                 self._spool.append(body)
-            else:
-                self._memory.append(body)
             if self._idle.is_set():  # clear() takes the event's own lock: only when it is set
                 self._idle.clear()
             full = len(self._memory) >= self.batch_size
         # The sender wakes every ``linger`` seconds anyway: waking it per event would
         # send batches of one and spend the generation's CPU on round trips.
-        if full:
-            self._wake.set()
-
-    def publish_many(self, bodies: Sequence[bytes]) -> None:
-        """``publish`` for each (checked events' JSON), under one take of the lock."""
-        with self._lock:
-            if self._spool.count or len(self._memory) + len(bodies) > self.max_memory:
-                room = 0 if self._spool.count else max(self.max_memory - len(self._memory), 0)
-                self._memory.extend(bodies[:room])
-                for body in bodies[room:]:
-                    self._spool.append(body)
-            else:
-                self._memory.extend(bodies)
-            if self._idle.is_set():
-                self._idle.clear()
-            full = len(self._memory) >= self.batch_size
         if full:
             self._wake.set()
 
