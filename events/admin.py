@@ -128,9 +128,6 @@ class EventAdmin(ReadOnlyAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Event]:
         return super().get_queryset(request).defer("payload")
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     @admin.display(description="occurred (UTC)", ordering="timestamp")
     def occurred(self, obj: Event) -> str:
         return datetime.fromtimestamp(obj.timestamp / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
@@ -147,9 +144,6 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     readonly_fields = ["stream_id", "received_at", "replayed_at", "body", "error_pretty"]
     exclude = ["error"]
     actions = ["replay"]
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False  # kept as evidence; mlxserve_dead_letters_total counts them
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
         # Operators and admins (the change permission); viewers only look.
@@ -353,6 +347,10 @@ class WorkerAdmin(ReadOnlyAdmin):
     list_filter = ["status"]
     search_fields = ["source"]
     list_per_page = 50
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A retired Mac can be forgotten by hand (it comes back if it is heard from again).
+        return bool(request.user.has_perm("events.delete_worker"))
 
     class Media:
         css = {"all": ["events/admin.css"]}

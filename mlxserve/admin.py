@@ -31,12 +31,16 @@ class SingletonAdmin(admin.ModelAdmin):
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """Stored history is evidence: nobody edits or adds it by hand."""
+    """Stored history is evidence: nobody edits, adds or deletes it by hand (it leaves only by
+    retention)."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
 

@@ -43,6 +43,7 @@ _CODE_BY_STATUS = {
     404: "NotFound",
     405: "MethodNotAllowed",
     406: "NotAcceptable",
+    411: "LengthRequired",
     413: "PayloadTooLarge",
     415: "UnsupportedMediaType",
     429: "Throttled",
@@ -155,6 +156,7 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
 
 class RequestSizeLimitMiddleware:
     """413 for a body over ``MAX_REQUEST_BYTES``, decided from Content-Length; nothing is parsed.
+    411 for a chunked body (no Content-Length), which Django would read as empty.
 
     The body is still read (and thrown away) up to ``REQUEST_DRAIN_BYTES`` before the
     answer goes out: a server that closes a connection with unread data on it makes the
@@ -166,6 +168,17 @@ class RequestSizeLimitMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.META.get("HTTP_TRANSFER_ENCODING", "").strip():
+            # Django reads a body by its Content-Length: a chunked body (no length) would be
+            # read as empty, and a PATCH of it answered 200 with nothing changed. 411, as
+            # RFC 9110 lets a server that wants the length say; the connection closes, since
+            # the chunks are still on it.
+            response = JsonResponse(
+                error_body("LengthRequired", "A request body must be sent with Content-Length, not chunked"),
+                status=411,
+            )
+            response["Connection"] = "close"
+            return response
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:

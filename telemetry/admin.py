@@ -57,6 +57,3 @@ class TelemetryConfigChangeAdmin(ReadOnlyAdmin):
         "via",
         "changed_at",
     ]
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False

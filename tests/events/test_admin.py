@@ -155,3 +155,21 @@ def test_hostile_admin_list_parameters_never_500(path: str, query: dict[str, str
     client = browser("boss", ADMIN_GROUP)
     response = client.get(path, query)
     assert response.status_code < 500
+
+
+def test_stored_history_leaves_only_by_retention_even_for_a_superuser() -> None:
+    from events.models import Event, Generation
+
+    store([make_envelope("tokenGenerated", timestamp=T0 + 1_000)])
+    event = Event.objects.get()
+    generation = Generation.objects.create(id=event.generation_id, model="m", prompt="p", max_tokens=4)
+    User.objects.create_superuser("root", password="root-pass-123")
+    client = Client()
+    assert client.login(username="root", password="root-pass-123")
+    for url, pk in [(EVENTS_URL, event.pk), ("/admin/events/generation/", generation.pk)]:
+        assert "delete_selected" not in action_names(client, url)
+        assert client.get(f"{url}{pk}/delete/").status_code == 403
+        assert client.post(f"{url}{pk}/delete/", {"post": "yes"}).status_code == 403
+        assert "deletelink" not in client.get(f"{url}{pk}/change/").content.decode()
+    assert Event.objects.count() == 1
+    assert Generation.objects.count() == 1

@@ -70,3 +70,41 @@ def test_a_body_over_the_limit_always_gets_its_413_answer_never_a_reset(gunicorn
         "code": "PayloadTooLarge",
         "message": f"Request body exceeds the limit of {django_settings.MAX_REQUEST_BYTES} bytes",
     }
+
+
+def send_chunked(port: int, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], str | None]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(
+            method,
+            path,
+            body=iter([body[: len(body) // 2], body[len(body) // 2 :]]),
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
+        )
+        response = connection.getresponse()
+        return response.status, json.loads(response.read()), response.getheader("Connection")
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PATCH", "/api/telemetry/config/", b'{"enabled": true}'),
+        ("POST", "/api/events/", b'[{"type": "tokenGenerated"}]'),
+        ("PUT", "/api/telemetry/config/", b'{"enabled": true, "prometheusPort": 9999}'),
+    ],
+)
+def test_a_chunked_body_is_refused_with_411_never_read_as_empty(
+    gunicorn_port: int, method: str, path: str, body: bytes
+) -> None:
+    # Django reads a body by Content-Length; chunked it would be read as empty (a PATCH
+    # answered 200 with nothing changed). Refused before authentication, parsing or storage.
+    code, answer, connection = send_chunked(gunicorn_port, method, path, body)
+    assert code == 411
+    assert answer == {
+        "code": "LengthRequired",
+        "message": "A request body must be sent with Content-Length, not chunked",
+    }
+    assert connection == "close"
