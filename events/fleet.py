@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from events.models import FleetCounter, FleetLabelValue, RegisteredModel, RetentionPolicy
+from events.models import MAX_KEEP_DAYS, FleetCounter, FleetLabelValue, RegisteredModel, RetentionPolicy
 from events.rollups import FirstToken
 from events.upsert import upsert_adding
 from mlxserve.contract.events import (
@@ -293,7 +293,8 @@ def fleet_labels_fold(*, now: datetime | None = None, unseen_days: int | None = 
         unseen_days = RetentionPolicy.objects.aggregate(days=Max("keep_days"))["days"]
         if unseen_days is None:
             return 0  # no retention: events, and their label values, are kept for ever
-    cutoff = now - timedelta(days=unseen_days)
+    # A row written past the model's bound (by hand in SQL) is applied at the bound.
+    cutoff = now - timedelta(days=min(unseen_days, MAX_KEEP_DAYS))
     with transaction.atomic():
         _admission_lock()
         registered = _registered_names()

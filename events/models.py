@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator
 from django.db import models
 
 from mlxserve.contract.events import EVENT_TYPES
 from mlxserve.models import SingletonModel
 
 MODEL_COLUMN_LENGTH = 200
+MAX_KEEP_DAYS = 36_500
 
 
 class Event(models.Model):
@@ -133,7 +135,12 @@ class RetentionPolicy(models.Model):
     """How long events of one type are kept; types without a policy are kept for good."""
 
     event_type = models.CharField(max_length=32, unique=True, choices=[(t, t) for t in EVENT_TYPES])
-    keep_days = models.PositiveIntegerField(help_text="Events older than this many days are deleted.")
+    keep_days = models.PositiveIntegerField(
+        # A bound the ingester can apply: past it, "now minus keep_days" leaves the calendar
+        # (OverflowError), and a century is as good as for ever.
+        validators=[MaxValueValidator(MAX_KEEP_DAYS)],
+        help_text=f"Events older than this many days are deleted (at most {MAX_KEEP_DAYS:,}: a century).",
+    )
 
     class Meta:
         ordering = ["event_type"]

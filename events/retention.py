@@ -10,7 +10,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models import Max
 
-from events.models import Event
+from events.models import MAX_KEEP_DAYS, Event
 from events.rollups import activity_prune, rollups_prune
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def events_retention_apply(
         return None if row is None or row[0] is None else int(row[0])
 
     for policy in RetentionPolicy.objects.all():
-        event_type, cutoff = policy.event_type, now_ms - policy.keep_days * 86_400_000
+        # A row written past the model's bound (by hand in SQL) is applied at the bound.
+        keep_days = min(policy.keep_days, MAX_KEEP_DAYS)
+        event_type, cutoff = policy.event_type, now_ms - keep_days * 86_400_000
         deleted[event_type] = 0
         window = 60_000  # ms; adjusted to the data's rate below
         with connection.cursor() as cursor:
@@ -72,6 +74,6 @@ def events_retention_apply(
     if longest is not None:
         # Stats rollups are kept as long as the longest-kept events: hours with no event
         # left to show are counted no more.
-        rollups_prune(now_ms - longest * 86_400_000)
+        rollups_prune(now_ms - min(longest, MAX_KEEP_DAYS) * 86_400_000)
     activity_prune(now_ms)
     return deleted

@@ -24,6 +24,7 @@ from rest_framework.permissions import BasePermission
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.throttling import UserRateThrottle
 
 from mlxserve.contract.validation import Issue, ValidationFailed, json_parse
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from rest_framework.views import APIView
 
 logger = logging.getLogger(__name__)
+
+NON_FIELD_ERRORS: str = api_settings.NON_FIELD_ERRORS_KEY
 
 
 _CODE_BY_STATUS = {
@@ -101,12 +104,36 @@ def _encode_other(value: Any) -> Any:
 
 def _drf_issues(detail: Any, path: list[str | int]) -> list[Issue]:
     if isinstance(detail, dict):
-        return [i for key, value in detail.items() for i in _drf_issues(value, [*path, key])]
+        return [
+            i
+            for key, value in detail.items()
+            # DRF's key for errors of the whole object is the contract's empty path ("root").
+            for i in _drf_issues(value, [*path, key] if path or key != NON_FIELD_ERRORS else [])
+        ]
     if isinstance(detail, list):
         if all(isinstance(d, str) for d in detail):
             return [Issue(path, str(d), getattr(d, "code", "invalid")) for d in detail]
         return [i for index, value in enumerate(detail) for i in _drf_issues(value, [*path, index])]
     return [Issue(path, str(detail), getattr(detail, "code", "invalid"))]
+
+
+def drf_validation_error(failure: ValidationFailed) -> exceptions.ValidationError:
+    """The contract's refusal as DRF's ``ValidationError``, so a serializer built on the contract
+    keeps DRF's own contract (``is_valid()`` is False with ``.errors``; ``raise_exception=True``
+    raises DRF's exception) and the exception handler turns it back into the same error object:
+    each issue under its path, with its message and code, the first one first."""
+    detail: dict[Any, Any] = {}
+    for issue in failure.issues:
+        path: list[Any] = list(issue.path) or [NON_FIELD_ERRORS]
+        node = detail
+        for depth, item in enumerate(path[:-1]):
+            child = node.setdefault(item, {})
+            if not isinstance(child, dict):  # an issue on an object and one inside it
+                path = [".".join(str(p) for p in path[depth:])]
+                break
+            node = child
+        node.setdefault(path[-1], []).append(exceptions.ErrorDetail(issue.message, code=issue.code))
+    return exceptions.ValidationError(detail)
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:

@@ -10,6 +10,7 @@ from typing import Any
 from django.core.validators import RegexValidator
 from rest_framework import serializers
 
+from mlxserve.api import drf_validation_error
 from mlxserve.contract.rules import FieldRules, struct_rules
 from mlxserve.contract.telemetry import TelemetryConfigSchema, telemetry_config_validate
 from mlxserve.contract.validation import Issue, ValidationFailed
@@ -112,12 +113,21 @@ def _issues(detail: Any, path: list[str | int]) -> list[Issue]:
 
 class TelemetryConfigSerializer(serializers.Serializer):  # type: ignore[type-arg]
     """A whole config in its wire form; valid, it is a ``TelemetryConfigSchema``. Refusals are
-    the contract's error object (``ValidationFailed``), as every other endpoint's."""
+    DRF's ``ValidationError`` holding the contract's issues (each path, message and code)."""
 
     def get_fields(self) -> dict[str, serializers.Field]:
         return {rules.wire_name: _field(rules) for rules in struct_rules(TelemetryConfigSchema)}
 
     def to_internal_value(self, data: Any) -> Any:
+        # DRF's contract is kept (``is_valid()`` False with ``.errors``, ``raise_exception=True``
+        # raising its ValidationError); the exception handler answers with the same error object
+        # as every other endpoint's.
+        try:
+            return self._validated(data)
+        except ValidationFailed as failure:
+            raise drf_validation_error(failure) from None
+
+    def _validated(self, data: Any) -> TelemetryConfigSchema:
         if not isinstance(data, Mapping):
             raise ValidationFailed([Issue([], "Must be an object", "invalid_type")])
         issues: list[Issue] = []

@@ -59,7 +59,7 @@ class TelemetryConfigView(generics.GenericAPIView):  # type: ignore[type-arg]
 
     def _save(self, data: Any) -> Response:
         serializer = TelemetryConfigSerializer(data=data)
-        serializer.is_valid(raise_exception=True)  # refusals are the error object (ValidationFailed)
+        serializer.is_valid(raise_exception=True)  # the handler answers with the error object
         saved = telemetry_config_save(serializer.validated_data, user=self.request.user, via="api")
         return Response(TelemetryConfigSerializer(saved.config).data)
 

@@ -339,3 +339,31 @@ def test_the_ingester_logs_when_something_happens_and_rarely_when_idle(
     # Still alive, said now and then: at most one line a 0.1 s (1.5 s leaves a loaded machine room).
     idle = run(1.5, idle_log_every=0.1)
     assert 2 <= len(idle) <= 15 and all(line.startswith("idle: stored 0 events") for line in idle)
+
+
+@pytest.mark.django_db
+def test_a_retention_period_the_ingester_cannot_apply_is_never_accepted(settings: Any) -> None:
+    from django.test import Client
+
+    from events.fleet import fleet_labels_fold
+    from events.models import RetentionPolicy
+    from events.retention import events_retention_apply
+    from mlxserve.roles import ADMIN_GROUP
+    from tests.factories import role_user
+
+    role_user("keeper", ADMIN_GROUP, is_staff=True)
+    browser = Client()
+    assert browser.login(username="keeper", password="keeper-pass-123")
+    policy = RetentionPolicy.objects.get(event_type="tokenGenerated")
+    url = f"/admin/events/retentionpolicy/{policy.pk}/change/"
+    for days, accepted in [(1_000_000, False), (36_501, False), (36_500, True)]:
+        page = browser.post(url, {"event_type": "tokenGenerated", "keep_days": days})
+        assert (page.status_code == 302) is accepted, days
+        if not accepted:
+            assert "Ensure this value is less than or equal to 36500." in page.content.decode()
+    assert RetentionPolicy.objects.get(pk=policy.pk).keep_days == 36_500
+    # A row written past the bound behind the admin's back (SQL) is applied at the bound: the
+    # hourly pass runs, it does not raise OverflowError and take the ingester down.
+    RetentionPolicy.objects.filter(pk=policy.pk).update(keep_days=1_000_000)
+    assert events_retention_apply(now_ms=T0)["tokenGenerated"] == 0
+    assert fleet_labels_fold() == 0

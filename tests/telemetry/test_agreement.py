@@ -137,3 +137,35 @@ def test_the_openapi_schema_shows_the_rules_natively(tmp_path: Any) -> None:
     # JSON Schema patterns are ECMA-262, where $ is the very end: the same rule as \A...\Z here.
     assert properties["serviceName"]["pattern"] == "^[A-Za-z0-9_-]+$"
     assert properties["exportIntervalMs"]["default"] == 60000
+
+
+@pytest.mark.parametrize(("config", "message"), [*CASES, ("not an object", "Must be an object")])
+def test_the_serializer_keeps_drfs_contract_with_the_contracts_issues(
+    config: Any, message: str | None
+) -> None:
+    # Used by hand (a user's own view, a nested serializer, the browsable API), a refusal is
+    # is_valid() False with .errors, and raise_exception=True raises DRF's ValidationError: never
+    # another exception (a 500 outside the one view).
+    serializer = TelemetryConfigSerializer(data=config)
+    if message is OK:
+        assert serializer.is_valid(), serializer.errors
+        assert serializer.validated_data == validate_telemetry_config(config)
+        return
+    assert serializer.is_valid() is False
+    expected = contract_answer(config) if isinstance(config, dict) else None
+    first = next(iter(serializer.errors.values()))[0]
+    assert str(first) == message
+    with pytest.raises(serializers.ValidationError) as caught:
+        TelemetryConfigSerializer(data=config).is_valid(raise_exception=True)
+    # DRF's handler and ours read it back as the contract's error object, issue for issue.
+    from mlxserve.api import exception_handler
+
+    answer = exception_handler(caught.value, {})
+    assert answer is not None and answer.status_code == 400
+    if expected is not None:
+        assert answer.data == expected
+    else:
+        assert answer.data["details"] == {
+            "field": "root",
+            "issues": [{"path": [], "message": "Must be an object", "code": "invalid_type"}],
+        }
