@@ -29,6 +29,7 @@ from events.filters import EpochMsFilter, EventFilter
 from events.generations import generation_queue
 from events.intake import IntakeRefused, event_submit, event_submit_batch
 from events.models import DeadLetter, Event
+from events.pagination import EventKeysetPagination
 from events.responses import (
     Accepted,
     BatchOutcome,
@@ -108,10 +109,6 @@ def _is_our_cursor(encoded: str) -> bool:
     return bool(keys) and set(keys) <= {"o", "r", "p"} and len(keys) == len(set(keys))
 
 
-class EventCursorPagination(IntegerCursorPagination):
-    ordering = ("-timestamp", "-seq")  # newest first
-
-
 class DeadLetterCursorPagination(IntegerCursorPagination):
     ordering = ("-id",)  # newest first: ids grow as letters are received
 
@@ -129,7 +126,7 @@ class EventListCreateView(generics.ListAPIView[Event]):
     """``GET`` the stored events (newest first, filtered); ``POST`` one envelope or an array."""
 
     serializer_class = struct_serializer(EventOut)
-    pagination_class = EventCursorPagination
+    pagination_class = EventKeysetPagination
     filterset_class = EventFilter
 
     def get_queryset(self) -> QuerySet[Event]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import msgspec
@@ -162,7 +163,7 @@ def test_stored_history_leaves_only_by_retention_even_for_a_superuser() -> None:
 
     store([make_envelope("tokenGenerated", timestamp=T0 + 1_000)])
     event = Event.objects.get()
-    generation = Generation.objects.create(id=event.generation_id, model="m", prompt="p", max_tokens=4)
+    generation = Generation.objects.create(id=uuid.uuid4(), model="m", prompt="p", max_tokens=4)
     User.objects.create_superuser("root", password="root-pass-123")
     client = Client()
     assert client.login(username="root", password="root-pass-123")

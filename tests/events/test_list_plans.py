@@ -83,8 +83,8 @@ FIRST_PAGES: dict[str, tuple[dict[str, str], set[str]]] = {
 
 
 def first_page(params: dict[str, str]) -> Any:
-    """The first page's query as the API builds it: filters, its order, one row more than a page."""
-    return EventFilter(params, queryset=Event.objects.all()).qs.order_by("-timestamp", "-seq")[:101]
+    """The first page's query as the API builds it: filters, its order (ties by id), a row more."""
+    return EventFilter(params, queryset=Event.objects.all()).qs.order_by("-timestamp", "-seq", "-id")[:101]
 
 
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -104,7 +104,17 @@ def test_each_filter_reads_its_first_page_off_an_index_in_the_list_order(case: s
         [plan] = json.loads(queryset.explain(format="json"))
         nodes = plan_nodes(plan["Plan"])
         kinds = [n["Node Type"] for n in nodes]
-        assert "Sort" not in kinds and "Incremental Sort" not in kinds, kinds
+        # At most the ties on (timestamp, seq) are put in id order, a few rows at a time, as
+        # the index hands them over.
+        # A plain Sort only where the planner expects a handful of matches (a rare type): never
+        # a sort of a large match.
+        for node in nodes:
+            if node["Node Type"] == "Sort":
+                assert node["Plans"][0]["Plan Rows"] < 1000, node
+        for node in nodes:
+            if node["Node Type"] == "Incremental Sort":
+                presorted = [key.split(".")[-1].strip('"') for key in node["Presorted Key"]]
+                assert presorted == ["timestamp", "seq"], node
         assert "Seq Scan" not in kinds, kinds
         used = {n.get("Index Name") for n in nodes if "Index" in n["Node Type"]}
         assert used & indexes, (used, kinds)
