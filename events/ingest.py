@@ -20,13 +20,24 @@ from events.retention import events_retention_apply
 from events.storage import DATABASE_ERRORS, StoreOutcome, events_store, storage_ready
 from mlxserve.contract.stream import (
     EntryContents,
+    EntryFields,
     entry_envelopes,
     stream_ensure_group,
+    xautoclaim_pairs,
+    xreadgroup_pairs,
 )
 from mlxserve.contract.validation import error_object
 from telemetry.services import telemetry_config_sync
 
 logger = logging.getLogger(__name__)
+
+# A stream entry as read: its id and its fields as pairs, or None where it was deleted.
+Entry = tuple[str, list[tuple[bytes, bytes]] | None]
+
+ENTRY_DELETED = (
+    "The stream entry was deleted (XDEL, or a trim past it) after it was read and before it was stored: "
+    "what it held is lost"
+)
 
 
 @dataclass
@@ -59,6 +70,14 @@ class EventIngester:
     _group_ready: bool = False
     _entries_per_read: int = 10
     _next_claim: float = 0.0
+    _reader: redis.Redis | None = None
+
+    def __post_init__(self) -> None:
+        # Reads on the same connections, each entry's fields kept as Redis sent them (pairs, in
+        # order): redis-py's dict would keep only the last value of a repeated field name.
+        self._reader = redis.Redis(connection_pool=self.client.connection_pool)
+        self._reader.set_response_callback("XREADGROUP", xreadgroup_pairs)
+        self._reader.set_response_callback("XAUTOCLAIM", xautoclaim_pairs)
 
     def step(self) -> StoreOutcome:
         if not self._group_ready:
@@ -76,7 +95,14 @@ class EventIngester:
         contents = EntryContents()
         poisoned = self._poisoned(entries) if redelivered else {}
         for entry_id, fields in entries:
-            if entry_id in poisoned:
+            if fields is None:
+                # Deleted from the stream (XDEL, or a trim past it) after it was read and before
+                # it was stored: what it held is gone, and that is said, not passed over.
+                logger.error("Stream entry %s was deleted before it was stored", entry_id)
+                contents.refused.append(
+                    (entry_id, b"", error_object("EntryDeleted", ENTRY_DELETED, "entry_deleted"))
+                )
+            elif entry_id in poisoned:
                 _deliveries_refuse(entry_id, fields, poisoned[entry_id], contents)
             else:
                 entry_envelopes(entry_id, fields, contents)
@@ -93,7 +119,7 @@ class EventIngester:
             raise
         return outcome
 
-    def _poisoned(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> dict[str, int]:
+    def _poisoned(self, entries: list[Entry]) -> dict[str, int]:
         """Entries delivered more than ``max_deliveries`` times, with their counts: every
         delivery before failed or took the ingester down with it."""
         ids = [entry_id for entry_id, _ in entries]
@@ -113,7 +139,7 @@ class EventIngester:
             and int(row["times_delivered"]) > self.max_deliveries
         }
 
-    def _read(self) -> tuple[list[tuple[str, dict[bytes, bytes]]], bool]:
+    def _read(self) -> tuple[list[Entry], bool]:
         """Entries to store, and whether they were delivered before (pending or claimed)."""
         if self._read_pending:
             pending = self._xread("0", block=None)
@@ -141,23 +167,18 @@ class EventIngester:
             return 0
         return int(self.client.xtrim(self.stream, minid=floor, approximate=False))
 
-    def _xread(self, start: str, block: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
-        response: Any = self.client.xreadgroup(
+    def _xread(self, start: str, block: int | None) -> list[Entry]:
+        assert self._reader is not None
+        response: Any = self._reader.xreadgroup(
             self.group, self.consumer, {self.stream: start}, count=self._entries_per_read, block=block
         )
-        entries: list[tuple[str, dict[bytes, bytes]]] = []
-        for _stream, items in response or []:
-            for entry_id, fields in items:
-                if fields is None:  # deleted while pending
-                    self.client.xack(self.stream, self.group, entry_id)
-                    continue
-                key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                entries.append((key, fields))
-        return entries
+        # An entry deleted while pending comes back with no fields (None): kept as such.
+        return [(_text(entry_id), fields) for _stream, items in response or [] for entry_id, fields in items]
 
-    def _claim(self) -> list[tuple[str, dict[bytes, bytes]]]:
+    def _claim(self) -> list[Entry]:
         """Take over entries another consumer read and never acknowledged (it died)."""
-        response: Any = self.client.xautoclaim(
+        assert self._reader is not None
+        response: Any = self._reader.xautoclaim(
             self.stream,
             self.group,
             self.consumer,
@@ -165,19 +186,13 @@ class EventIngester:
             start_id="0-0",
             count=self._entries_per_read,
         )
-        entries: list[tuple[str, dict[bytes, bytes]]] = []
-        for entry_id, fields in response[1]:
-            key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            if fields is None:
-                self.client.xack(self.stream, self.group, key)
-                continue
-            entries.append((key, fields))
-        return entries
+        # Redis 7 leaves deleted entries out of the claimed ones, drops them from the group
+        # and names them apart: they come back here as deleted (no fields).
+        claimed = [(_text(entry_id), fields) for entry_id, fields in response[1]]
+        return claimed + [(_text(entry_id), None) for entry_id in response[2]]
 
 
-def _deliveries_refuse(
-    entry_id: str, fields: dict[bytes, bytes], deliveries: int, into: EntryContents
-) -> None:
+def _deliveries_refuse(entry_id: str, fields: EntryFields, deliveries: int, into: EntryContents) -> None:
     """Keep a poisoned entry's envelopes as dead letters without decoding them again."""
     held = entry_envelopes(entry_id, fields)
     message = (

@@ -49,7 +49,10 @@ class DeadLetter(models.Model):
     """A stream entry the ingester could not store as an event, kept with its error."""
 
     stream_id = models.CharField(
-        max_length=64, help_text="The Redis stream entry id (#n: the n-th envelope of a batch entry)."
+        max_length=64,
+        unique=True,
+        help_text="The Redis stream entry id (#n: the n-th envelope of a batch entry; @i: its i-th field). "
+        "One letter per item of an entry, however often the entry is delivered.",
     )
     event_id = models.UUIDField(
         null=True, blank=True, db_index=True, help_text="The envelope's id, where one could be read."

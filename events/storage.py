@@ -40,7 +40,7 @@ from mlxserve.contract.events import (
     RuntimeStatusEnvelope,
     envelope_decode,
 )
-from mlxserve.contract.validation import INT64_MAX, ValidationFailed, error_object
+from mlxserve.contract.validation import INT64_MAX, ValidationFailed, error_object, json_parse
 
 logger = logging.getLogger(__name__)
 
@@ -204,21 +204,22 @@ def events_store(
     now = timezone.now()
     now_ms = int(now.timestamp() * 1000)
     pending: dict[Any, tuple[Envelope, str, bytes]] = {}
-    dead: list[DeadLetter] = [_dead_letter(label, body, error) for label, body, error in refused]
-    policy: PromptPolicy | None = None
+    policy = prompt_policy_get()
+    dead: list[DeadLetter] = [_dead_letter(label, body, error, policy) for label, body, error in refused]
     for entry_id, body in entries:
         try:
             envelope = envelope_decode(storable_body(body), now_ms=now_ms)
         except ValidationFailed as exc:
-            dead.append(_dead_letter(entry_id, body, exc.as_error()))
+            dead.append(_dead_letter(entry_id, body, exc.as_error(), policy))
             continue
         if isinstance(envelope, GenerationStartedEnvelope):
-            policy = policy or prompt_policy_get()
             envelope = _prompt_redacted(envelope, policy)
         pending.setdefault(envelope.id, (envelope, entry_id, body))
     with transaction.atomic():
-        stored = _store_refusing(list(pending.values()), now, dead)
-        DeadLetter.objects.bulk_create(dead)
+        stored = _store_refusing(list(pending.values()), now, dead, policy)
+        # One letter per item of an entry: a redelivered entry (stored, then not acknowledged;
+        # or claimed by a second ingester) adds none.
+        DeadLetter.objects.bulk_create(dead, ignore_conflicts=True)
     invalid = len(dead) - len(refused)
     return StoreOutcome(stored=stored, duplicates=len(entries) - invalid - stored, dead_letters=dead)
 
@@ -235,7 +236,9 @@ def _store_together(envelopes: list[Envelope], now: Any) -> int:
     return stored
 
 
-def _store_refusing(items: list[tuple[Envelope, str, bytes]], now: Any, dead: list[DeadLetter]) -> int:
+def _store_refusing(
+    items: list[tuple[Envelope, str, bytes]], now: Any, dead: list[DeadLetter], policy: PromptPolicy
+) -> int:
     """Store ``items`` together; if the database refuses one of them, halve the batch until
     the events it refuses stand alone, and keep those as dead letters (log2(n) tries for
     each bad one). A failure that is not an event's fault (a database gone, a table
@@ -251,10 +254,12 @@ def _store_refusing(items: list[tuple[Envelope, str, bytes]], now: Any, dead: li
         if len(items) == 1:
             _, entry_id, body = items[0]
             logger.warning("Event in %s refused by the database: %s", entry_id, exc)
-            dead.append(_dead_letter(entry_id, body, _storage_error(exc)))
+            dead.append(_dead_letter(entry_id, body, _storage_error(exc), policy))
             return 0
     middle = len(items) // 2
-    return _store_refusing(items[:middle], now, dead) + _store_refusing(items[middle:], now, dead)
+    return _store_refusing(items[:middle], now, dead, policy) + _store_refusing(
+        items[middle:], now, dead, policy
+    )
 
 
 # What the database (through Django, or a driver cursor used directly, as COPY is) may raise.
@@ -335,14 +340,51 @@ def storable_body(body: bytes) -> bytes:
     return _ESCAPED_NUL.sub(rb"\1\\ufffd", body)
 
 
-def _dead_letter(entry_id: str, body: bytes, error: dict[str, Any]) -> DeadLetter:
+def _dead_letter(entry_id: str, body: bytes, error: dict[str, Any], policy: PromptPolicy) -> DeadLetter:
+    event_id = dead_letter_event_id(body)
+    body = prompts_redacted_in(body, policy)
     text = body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
     # The error quotes what was sent (an unknown field's name, the database's message):
     # stored as the body is, with NUL (which PostgreSQL cannot hold) made U+FFFD.
     storable_error = msgspec.json.decode(storable_body(msgspec.json.encode(error)))
-    return DeadLetter(
-        stream_id=entry_id, event_id=dead_letter_event_id(body), body=text, error=storable_error
-    )
+    return DeadLetter(stream_id=entry_id, event_id=event_id, body=text, error=storable_error)
+
+
+def prompts_redacted_in(body: bytes, policy: PromptPolicy) -> bytes:
+    """A dead letter's body with its prompts kept as the prompt policy keeps stored ones.
+
+    Whatever else is wrong with it, the value of every ``prompt`` key in the JSON is redacted
+    (a string or an object, as in a stored event; anything else under that name is dropped).
+    A body that cannot be read as JSON but mentions a prompt is not kept at all: only its
+    length and a keyed hash, so it still tells one letter from another.
+    """
+    if policy.mode == PromptPolicy.KEEP or b"prompt" not in body:
+        return body
+    try:
+        return msgspec.json.encode(_prompts_redacted(json_parse(storable_body(body)), policy))
+    except (ValidationFailed, RecursionError):
+        withheld = prompt_redact(body.decode("utf-8", errors="replace"), _HASHING)
+        return msgspec.json.encode(
+            {"withheld": f"not JSON, {len(body)} bytes, a prompt perhaps among them", "hash": withheld}
+        )
+
+
+_HASHING = PromptPolicy(mode=PromptPolicy.HASH)
+
+
+def _prompts_redacted(value: Any, policy: PromptPolicy) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: (
+                prompt_redact(item if isinstance(item, str | dict) else "", policy)
+                if key == "prompt"
+                else _prompts_redacted(item, policy)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_prompts_redacted(item, policy) for item in value]
+    return value
 
 
 class _EnvelopeId(msgspec.Struct):

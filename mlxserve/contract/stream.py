@@ -89,24 +89,70 @@ class EntryContents:
 ENTRY_FORMAT = "an entry holds one envelope in field 'e' or a JSON array of envelopes in field 'b'"
 
 
-def entry_envelopes(
-    entry_id: str, fields: dict[bytes, bytes], into: EntryContents | None = None
-) -> EntryContents:
-    """Sort what one entry holds into envelope bodies and refused items (never raises)."""
+EntryFields = dict[bytes, bytes] | Sequence[tuple[bytes, bytes]]
+
+
+def entry_envelopes(entry_id: str, fields: EntryFields, into: EntryContents | None = None) -> EntryContents:
+    """Sort what one entry holds into envelope bodies and refused items (never raises).
+
+    ``fields`` as Redis holds them, in order: pairs, where a field name may repeat (a dict, as
+    redis-py makes by default, has already kept only the last value of a repeated name). Each
+    item is labelled uniquely within the entry (its dead letter's key): the entry id for its
+    ``e`` envelope, ``id#n`` for the n-th envelope of its ``b`` batch, ``id@i`` for the i-th
+    field when it is refused beside others. A name given twice is not the format: every value
+    under it is refused (kept as a dead letter), none silently dropped.
+    """
     contents = into if into is not None else EntryContents()
-    for name, value in fields.items():
-        if name == ENTRY_FIELD:
+    pairs = list(fields.items()) if isinstance(fields, dict) else list(fields)
+    names = [name for name, _ in pairs]
+    for position, (name, value) in enumerate(pairs):
+        label = entry_id if len(pairs) == 1 else f"{entry_id}@{position}"
+        shown = name.decode("utf-8", errors="replace")[:100]
+        if names.count(name) > 1:
+            contents.refuse(
+                label, value, f"Repeated stream entry field '{shown}': {ENTRY_FORMAT}", "repeated_field"
+            )
+        elif name == ENTRY_FIELD:
             contents.bodies.append((entry_id, value))
         elif name == BATCH_FIELD:
             _batch_items(entry_id, value, contents)
         else:
-            shown = name.decode("utf-8", errors="replace")[:100]
             contents.refuse(
-                entry_id, value, f"Unknown stream entry field '{shown}': {ENTRY_FORMAT}", "unknown_field"
+                label, value, f"Unknown stream entry field '{shown}': {ENTRY_FORMAT}", "unknown_field"
             )
-    if not fields:
+    if not pairs:
         contents.refuse(entry_id, b"", f"Empty stream entry: {ENTRY_FORMAT}", "required")
     return contents
+
+
+def entry_pairs(fields: Any) -> list[tuple[bytes, bytes]] | None:
+    """An entry's fields as Redis sent them (a flat list: name, value, name, value...) as pairs,
+    or None for an entry deleted while pending. A response callback for XREADGROUP and
+    XAUTOCLAIM in place of redis-py's, which makes a dict and keeps only the last value of a
+    repeated name."""
+    if fields is None:
+        return None
+    return [(fields[i], fields[i + 1]) for i in range(0, len(fields) - 1, 2)]
+
+
+def xreadgroup_pairs(response: Any, **options: Any) -> Any:
+    """XREADGROUP's reply (a map in RESP3, a list of pairs in RESP2) as a list of
+    ``[stream, entries]``, each entry's fields as pairs (``entry_pairs``)."""
+    if response is None:
+        return None
+    streams = response.items() if isinstance(response, dict) else response
+    return [
+        [stream, [[entry_id, entry_pairs(fields)] for entry_id, fields in entries]]
+        for stream, entries in streams
+    ]
+
+
+def xautoclaim_pairs(response: Any, **options: Any) -> Any:
+    """XAUTOCLAIM's reply: next id, the claimed entries with their fields as pairs, and
+    (Redis 7) the ids of pending entries that had been deleted, which Redis drops from the
+    group as it reports them."""
+    deleted = list(response[2]) if len(response) > 2 else []
+    return [response[0], [[entry_id, entry_pairs(fields)] for entry_id, fields in response[1]], deleted]
 
 
 def _batch_items(entry_id: str, batch: bytes, contents: EntryContents) -> None:

@@ -432,3 +432,112 @@ def test_a_batch_of_more_envelopes_than_allowed_is_refused_whole(
     )
     assert fine.status_code == 207
     assert len(fine.json()["rejected"]) == 5000
+
+
+def test_a_field_name_repeated_in_an_entry_loses_no_value_silently(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    # redis-py's dict would keep only the last value: here both are read, and as the entry is
+    # not of the format (one 'e' or one 'b'), each is kept as a dead letter, replayable.
+    first, second = make_envelope("error", timestamp=now_ms()), make_envelope("error", timestamp=now_ms())
+    entry = redis_client.execute_command(
+        "XADD", settings.EVENTS_STREAM, "*", "e", msgspec.json.encode(first), "e", msgspec.json.encode(second)
+    ).decode()
+    drain(ingester(redis_client, settings))
+    letters = {letter.stream_id: letter for letter in DeadLetter.objects.all()}
+    assert set(letters) == {f"{entry}@0", f"{entry}@1"}
+    assert {str(letter.event_id) for letter in letters.values()} == {first["id"], second["id"]}
+    assert {letter.error["details"]["issues"][0]["code"] for letter in letters.values()} == {"repeated_field"}
+    assert (
+        letters[f"{entry}@0"]
+        .error["message"]
+        .startswith("Validation error on field 'root': Repeated stream entry field 'e'")
+    )
+    from events.dead_letters import dead_letter_replay
+
+    for letter in letters.values():
+        dead_letter_replay(letter)
+    assert Event.objects.filter(pk__in=[first["id"], second["id"]]).count() == 2
+    assert_a_good_event_still_goes_through(redis_client, settings)
+
+
+def test_entries_deleted_while_pending_are_dead_lettered_logged_and_counted(
+    redis_client: redis.Redis, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A producer trims the stream to nothing (XADD ... MAXLEN 0) while entries are pending on a
+    # consumer that died: neither its own re-read nor another ingester's claim passes over them.
+    held = [make_envelope("error", timestamp=now_ms()) for _ in range(3)]
+    append(redis_client, settings, *held)
+    redis_client.xgroup_create(settings.EVENTS_STREAM, settings.EVENTS_CONSUMER_GROUP, id="0")
+    read: Any = redis_client.xreadgroup(
+        settings.EVENTS_CONSUMER_GROUP, "dead", {settings.EVENTS_STREAM: ">"}, count=2
+    )
+    lost_to_claim = [entry_id.decode() for entry_id, _ in read[0][1]]
+    redis_client.xreadgroup(settings.EVENTS_CONSUMER_GROUP, "c1", {settings.EVENTS_STREAM: ">"})
+    entries: Any = redis_client.xrange(settings.EVENTS_STREAM)
+    lost_to_self = entries[2][0]
+    redis_client.execute_command("XADD", settings.EVENTS_STREAM, "MAXLEN", "0", "*", "e", "x")
+    assert redis_client.xlen(settings.EVENTS_STREAM) == 0
+    with caplog.at_level("ERROR"):
+        drain(ingester(redis_client, settings, consumer="c1", claim_idle_ms=0))
+    letters = {letter.stream_id: letter for letter in DeadLetter.objects.all()}
+    assert set(letters) == {*lost_to_claim, lost_to_self.decode()}
+    assert {letter.error["code"] for letter in letters.values()} == {"EntryDeleted"}
+    assert sum("was deleted before it was stored" in r.getMessage() for r in caplog.records) == 3
+    assert pending(redis_client, settings) == 0
+    from django.test import Client
+
+    from events.metrics import DEAD_LETTERS
+
+    role_user("scraper", ADMIN_GROUP, is_staff=True)
+    metrics = Client().get("/metrics").content.decode()
+    assert f"{DEAD_LETTERS[0]}_total 3.0" in metrics or f"{DEAD_LETTERS[0]} 3.0" in metrics
+
+
+def test_a_redelivered_entry_adds_no_second_dead_letter(redis_client: redis.Redis, settings: Any) -> None:
+    # Stored, then the acknowledgement lost (or a second ingester claims it): read and stored again.
+    bad = make_envelope("error", timestamp=now_ms(), payload={"error": ""})
+    append(redis_client, settings, bad)
+    drain(ingester(redis_client, settings, consumer="c1"))
+    entry = DeadLetter.objects.get().stream_id
+    from events.storage import events_store
+
+    stream: Any = redis_client.xrange(settings.EVENTS_STREAM)
+    outcome = events_store([(entry, stream[0][1][ENTRY_FIELD])])
+    assert outcome.dead == 1  # found again...
+    assert DeadLetter.objects.count() == 1  # ...and kept once
+
+
+@pytest.mark.parametrize("mode", ["hash", "drop", "truncate"])
+def test_dead_letters_keep_prompts_only_as_the_prompt_policy_allows(
+    redis_client: redis.Redis, settings: Any, mode: str
+) -> None:
+    from events.models import PromptPolicy
+
+    PromptPolicy.objects.update_or_create(pk=1, defaults={"mode": mode, "truncate_chars": 4})
+    secret = "my card number is 4111 1111 1111 1111"
+    invalid = make_envelope(
+        "generationStarted", timestamp=now_ms(), payload={"model": "", "prompt": secret, "maxTokens": 4}
+    )
+    unknown_field = make_envelope(
+        "generationStarted", timestamp=now_ms(), payload={"model": "m", "prompt": secret}
+    )
+    unknown_field["extra"] = 1
+    entries = [
+        xadd(redis_client, settings, {ENTRY_FIELD: msgspec.json.encode(invalid)}),
+        xadd(redis_client, settings, {BATCH_FIELD: b"[" + msgspec.json.encode(unknown_field) + b"]"}),
+        xadd(redis_client, settings, {b"zzz": f'{{"prompt": "{secret}"'.encode()}),  # not JSON at all
+        xadd(redis_client, settings, {ENTRY_FIELD: ("\x01" * 3 + secret).encode()}),  # no 'prompt' named
+    ]
+    drain(ingester(redis_client, settings))
+    by_entry = {letter.stream_id.split("#")[0]: letter for letter in DeadLetter.objects.all()}
+    letters = [by_entry[entry] for entry in entries]
+    for letter in letters[:3]:
+        assert "4111" not in letter.body, letter.body
+        assert "4111" not in str(letter.error)
+    kept = {"hash": "hmac-sha256:", "drop": '"prompt":""', "truncate": '"prompt":"my c"'}[mode]
+    assert kept in letters[0].body and kept in letters[1].body
+    assert "withheld" in letters[2].body
+    assert str(letters[0].event_id) == invalid["id"]
+    # A body with no prompt key in it is kept as sent: only prompts are the policy's business.
+    assert secret in letters[3].body
