@@ -20,6 +20,7 @@ from events.responses import BatchOutcome, Rejected
 from mlxserve.contract.events import Envelope, envelope_encode, envelope_validate
 from mlxserve.contract.stream import stream_append, stream_append_batch, stream_backlog
 from mlxserve.contract.validation import Issue, ValidationFailed
+from mlxserve.redis_conn import redis_clock
 
 # Envelopes one POST may carry. A 1 MiB body holds about 5,000 real envelopes; without a cap
 # it could hold 500,000 one-byte items, each answered with an error object (100 MB out).
@@ -51,7 +52,7 @@ def source_refusal(producer: str | None, source: str) -> IntakeRefused | None:
 
 def event_submit(*, client: redis.Redis, stream: str, data: Any, account: str, producer: str | None) -> str:
     """One envelope: validate it, check its source and the budget, append it. Returns its id."""
-    envelope = envelope_validate(data)
+    envelope = envelope_validate(data, now_ms=redis_clock.now_ms(client))
     refusal = source_refusal(producer, envelope.source)
     if refusal is not None:
         raise refusal
@@ -69,7 +70,7 @@ def event_submit_batch(
         raise ValidationFailed([Issue([], message, "too_big")])
     outcome = BatchOutcome(accepted=[], rejected=[])
     valid: list[Envelope] = []
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = redis_clock.now_ms(client)  # the receiving clock: Redis's, as the ingester's check
     for index, item in enumerate(items):
         try:
             envelope = envelope_validate(item, now_ms=now_ms)

@@ -34,6 +34,7 @@ from events.models import (
 from events.privacy import prompt_policy_get, prompt_redact
 from events.rollups import first_tokens, rollups_add
 from mlxserve.contract.events import (
+    TIMESTAMP_MAX_AHEAD_MS,
     Envelope,
     ErrorEnvelope,
     GenerationStartedEnvelope,
@@ -208,7 +209,7 @@ def events_store(
     dead: list[DeadLetter] = [_dead_letter(label, body, error, policy) for label, body, error in refused]
     for entry_id, body in entries:
         try:
-            envelope = envelope_decode(storable_body(body), now_ms=now_ms)
+            envelope = envelope_decode(storable_body(body), now_ms=receiving_clock_ms(entry_id, now_ms))
         except ValidationFailed as exc:
             dead.append(_dead_letter(entry_id, body, exc.as_error(), policy))
             continue
@@ -222,6 +223,16 @@ def events_store(
         DeadLetter.objects.bulk_create(dead, ignore_conflicts=True)
     invalid = len(dead) - len(refused)
     return StoreOutcome(stored=stored, duplicates=len(entries) - invalid - stored, dead_letters=dead)
+
+
+def receiving_clock_ms(entry_id: str, now_ms: int) -> int:
+    """What "now" is for an entry's "not in the future" check: when Redis received it (its id's
+    time, the clock the API checked against), or this host's clock if later. An entry id set by
+    hand in the future counts as at most ten minutes ahead of this host's clock."""
+    received = entry_id.split("-", 1)[0]
+    if not (received.isascii() and received.isdigit() and len(received) <= 19):
+        return now_ms
+    return max(now_ms, min(int(received), now_ms + TIMESTAMP_MAX_AHEAD_MS))
 
 
 def _store_together(envelopes: list[Envelope], now: Any) -> int:

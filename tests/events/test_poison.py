@@ -541,3 +541,50 @@ def test_dead_letters_keep_prompts_only_as_the_prompt_policy_allows(
     assert str(letters[0].event_id) == invalid["id"]
     # A body with no prompt key in it is kept as sent: only prompts are the policy's business.
     assert secret in letters[3].body
+
+
+def test_an_event_the_api_accepted_is_stored_whatever_the_web_hosts_clock_says(
+    admin_client: APIClient, redis_client: redis.Redis, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The web host's clock runs 15 minutes ahead. The API checks "not in the future" against the
+    # clock of the Redis that receives the event (the one the ingester checks it against again),
+    # so what it answers 202 is stored, never turned into an in_future dead letter.
+    from events import intake
+    from mlxserve.redis_conn import RedisClock
+
+    true_now = now_ms()
+    monkeypatch.setattr(intake, "redis_clock", RedisClock())
+    soon, too_far = (
+        make_envelope(timestamp=true_now + 9 * 60_000),
+        make_envelope(timestamp=true_now + 20 * 60_000),
+    )
+    ahead = time.time_ns() + 15 * 60 * 1_000_000_000
+    with monkeypatch.context() as skewed:
+        skewed.setattr(time, "time_ns", lambda: ahead + (time.perf_counter_ns() % 1_000_000))
+        accepted = admin_client.post("/api/events/", soon, format="json")
+        refused = admin_client.post("/api/events/", too_far, format="json")
+        batch = admin_client.post("/api/events/", [too_far, make_envelope(timestamp=true_now)], format="json")
+    assert accepted.status_code == 202
+    assert refused.status_code == 400 and refused.json()["details"]["issues"][0]["message"] == FUTURE
+    assert batch.status_code == 207 and len(batch.json()["accepted"]) == 1
+    drain(ingester(redis_client, settings))
+    assert Event.objects.filter(pk=soon["id"]).exists()
+    assert Event.objects.count() == 2 and not DeadLetter.objects.exists()
+
+
+def test_the_ingester_checks_the_future_against_when_redis_received_the_entry(settings: Any) -> None:
+    from events.storage import events_store
+
+    true_now = now_ms()
+    received_later = f"{true_now + 5 * 60_000}-0"  # Redis's clock ahead of this host's
+    forged = f"{true_now + 10 * 24 * 3_600_000}-0"  # an entry id set by hand, days ahead
+    cases = [
+        (received_later, make_envelope(timestamp=true_now + 14 * 60_000), True),
+        (f"{true_now}-1", make_envelope(timestamp=true_now + 14 * 60_000), False),
+        (forged, make_envelope(timestamp=true_now + 19 * 60_000), True),
+        (forged, make_envelope(timestamp=true_now + 21 * 60_000), False),
+        ("7-0", make_envelope(timestamp=true_now + 9 * 60_000), True),  # not a time: this host's clock
+    ]
+    for index, (entry_id, envelope, stored) in enumerate(cases):
+        outcome = events_store([(entry_id.replace("-0", f"-{index}"), msgspec.json.encode(envelope))])
+        assert outcome.stored == int(stored), (entry_id, envelope["timestamp"] - true_now)
