@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from django.db import OperationalError, close_old_connections
 
 from events.fleet import fleet_labels_fold
 from events.retention import events_retention_apply
-from events.storage import DATABASE_ERRORS, StoreOutcome, events_store, storage_ready
+from events.storage import DATABASE_ERRORS, StoreOutcome, events_store, storage_ready, transient_conflict
 from mlxserve.contract.stream import (
     EntryContents,
     EntryFields,
@@ -66,6 +67,8 @@ class EventIngester:
     # An entry delivered this many times without being stored (the ingester failed on it,
     # or died with it, every time) is kept as a dead letter instead of tried again.
     max_deliveries: int = 5
+    # A batch that meets a deadlock or a serialization failure is tried again in place this many times.
+    conflict_retries: int = 10
     _verify_database: bool = False
     _group_ready: bool = False
     _entries_per_read: int = 10
@@ -109,7 +112,7 @@ class EventIngester:
         per_entry = max(1, (len(contents.bodies) + len(contents.refused)) // len(entries))
         self._entries_per_read = max(1, min(1000, self.batch_size // per_entry))
         try:
-            outcome = events_store(contents.bodies, refused=contents.refused)
+            outcome = self._store(contents)
             self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
         except Exception:
             # Not stored, or stored and not acknowledged (Redis went away between
@@ -118,6 +121,19 @@ class EventIngester:
             self._verify_database = True
             raise
         return outcome
+
+    def _store(self, contents: EntryContents) -> StoreOutcome:
+        """Store the batch; a deadlock or serialization failure (ingesters side by side) is
+        retried here, after a short random pause, never counted as a delivery of its entries."""
+        for attempt in range(1, self.conflict_retries + 1):
+            try:
+                return events_store(contents.bodies, refused=contents.refused)
+            except DATABASE_ERRORS as exc:
+                if not transient_conflict(exc) or attempt == self.conflict_retries:
+                    raise
+                logger.warning("Batch met another transaction (%s); trying it again", exc)
+                time.sleep(random.uniform(0.01, 0.05) * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _poisoned(self, entries: list[Entry]) -> dict[str, int]:
         """Entries delivered more than ``max_deliveries`` times, with their counts: every

@@ -39,6 +39,7 @@ from mlxserve.contract.events import (
     ErrorEnvelope,
     GenerationStartedEnvelope,
     RuntimeStatusEnvelope,
+    TokenGeneratedEnvelope,
     envelope_decode,
 )
 from mlxserve.contract.validation import INT64_MAX, ValidationFailed, error_object, json_parse
@@ -121,7 +122,9 @@ def _insert_postgresql(rows: list[tuple[Any, ...]]) -> int:
         with connection.wrap_database_errors, raw.copy(f"COPY event_staging ({columns}) FROM STDIN") as copy:
             copy.write(text)
         cursor.execute(
-            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM event_staging ON CONFLICT (id) DO NOTHING"
+            # In id order, so two ingesters storing the same entries wait on each other in one order.
+            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM event_staging ORDER BY id "
+            "ON CONFLICT (id) DO NOTHING"
         )
         inserted = cursor.rowcount
         cursor.execute("TRUNCATE event_staging")
@@ -217,12 +220,39 @@ def events_store(
             envelope = _prompt_redacted(envelope, policy)
         pending.setdefault(envelope.id, (envelope, entry_id, body))
     with transaction.atomic():
+        _generations_lock([envelope for envelope, _, _ in pending.values()])
         stored = _store_refusing(list(pending.values()), now, dead, policy)
         # One letter per item of an entry: a redelivered entry (stored, then not acknowledged;
         # or claimed by a second ingester) adds none.
         DeadLetter.objects.bulk_create(dead, ignore_conflicts=True)
     invalid = len(dead) - len(refused)
     return StoreOutcome(stored=stored, duplicates=len(entries) - invalid - stored, dead_letters=dead)
+
+
+def _generations_lock(envelopes: Sequence[Envelope]) -> None:
+    """On PostgreSQL, one transaction at a time stores events of a given generation: each takes
+    a lock per generation its batch holds a start or a token of (advisory, released at commit),
+    all at once, in key order, before it writes anything.
+
+    Without it, an attempt's start and first token stored by two ingesters at once were each
+    looked for by the other's transaction before either had committed, and its time to first
+    token was never counted. SQLite runs one writing transaction at a time anyway.
+    """
+    if connection.vendor != "postgresql":
+        return
+    keys = sorted(
+        {
+            int.from_bytes(e.generation_id.bytes[:8], "big", signed=True)
+            for e in envelopes
+            if isinstance(e, GenerationStartedEnvelope | TokenGeneratedEnvelope)
+            and e.generation_id is not None
+        }
+    )
+    if keys:
+        with connection.cursor() as cursor:
+            # unnest hands the keys over in the array's (sorted) order: every ingester takes them
+            # in the same order, so none waits on another in a cycle.
+            cursor.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", [keys])
 
 
 def receiving_clock_ms(entry_id: str, now_ms: int) -> int:
@@ -286,6 +316,17 @@ except ImportError:  # pragma: no cover - SQLite-only installs
 # range, too long, bad encoding), integrity violations (23) and program limits (54: an
 # index row too large, a value too deep to parse).
 _EVENT_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
+
+
+def transient_conflict(exc: BaseException) -> bool:
+    """A deadlock or serialization failure (SQLSTATE class 40): another transaction's timing,
+    not the events' fault nor the database's health; the same batch succeeds when tried again."""
+    while exc is not None:
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate:
+            return str(sqlstate)[:2] == "40"
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
 
 
 def refuses_the_event(exc: BaseException) -> bool:
@@ -435,16 +476,18 @@ def workers_note(events: Iterable[Envelope]) -> None:
             errors[event.source] = event
     if not heard:
         return
-    Worker.objects.bulk_create([Worker(source=s) for s in heard], ignore_conflicts=True)
-    for source, timestamp in heard.items():
+    # Rows written in source order: two ingesters updating the same workers wait on each other
+    # in one order, never in a cycle (a deadlock).
+    Worker.objects.bulk_create([Worker(source=s) for s in sorted(heard)], ignore_conflicts=True)
+    for source, timestamp in sorted(heard.items()):
         Worker.objects.filter(source=source, last_heard_at__lt=timestamp).update(last_heard_at=timestamp)
-    for source, error in errors.items():
+    for source, error in sorted(errors.items()):
         code = error.payload.code if isinstance(error.payload.code, str) else ""
         text = f"{code}: {error.payload.error}" if code else error.payload.error
         Worker.objects.filter(source=source, last_error_at__lte=error.timestamp).update(
             last_error_at=error.timestamp, last_error=text[:500]
         )
-    for source, event in statuses.items():
+    for source, event in sorted(statuses.items()):
         active = event.payload.active_tasks
         metadata = event.payload.metadata if isinstance(event.payload.metadata, dict) else {}
         version = metadata.get("configVersion")
