@@ -22,6 +22,29 @@ from mlxserve.contract.validation import Issue, ValidationFailed, validate
 logger = logging.getLogger(__name__)
 
 
+def registered_model(model: str) -> RegisteredModel:
+    """The registry entry a request names: by its name, or by its path (a directory or a cached
+    repo id, as staff registered it). Nothing else is generated: an operator cannot make a worker
+    load whatever directory its host holds."""
+    found = (
+        RegisteredModel.objects.filter(name=model).first()
+        or RegisteredModel.objects.filter(path=model).first()
+    )
+    if found is None:
+        shown = model[:200]
+        raise ValidationFailed(
+            [
+                Issue(
+                    ["model"],
+                    f"Unknown model '{shown}': only registered models are generated (staff register "
+                    "them in the admin, Registered models, or with manage.py register_model)",
+                    "unknown_model",
+                )
+            ]
+        )
+    return found
+
+
 def generation_queue(*, data: Any, user: Any = None) -> Generation:
     """Validate a generation request, record it and queue it for a worker.
 
@@ -34,11 +57,11 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
     order = validate(data, GenerationOrder)
     if "\x00" in order.model:
         raise ValidationFailed([Issue(["model"], "Cannot contain NUL characters", "invalid")])
-    registered = RegisteredModel.objects.filter(name=order.model).first()
+    registered = registered_model(order.model)
     generation = Generation.objects.create(
         id=uuid.uuid4(),
-        model=order.model,
-        model_path=registered.path if registered else "",
+        model=registered.name,
+        model_path=registered.path,
         # Stored as the events are: an escaped NUL (PostgreSQL cannot hold one) becomes U+FFFD.
         prompt=msgspec.json.decode(
             storable_body(msgspec.json.encode(prompt_redact(order.prompt, prompt_policy_get())))
@@ -51,8 +74,8 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
         generation_run.apply_async(
             kwargs={
                 "generation_id": str(generation.id),
-                "model": order.model,
-                "model_path": registered.path if registered else None,
+                "model": registered.name,
+                "model_path": registered.path,
                 "prompt": order.prompt,
                 "max_tokens": order.max_tokens,
                 "temperature": order.temperature,

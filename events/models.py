@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import re
+from pathlib import PurePosixPath
+
 from django.conf import settings
-from django.core.validators import MaxValueValidator
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, RegexValidator
 from django.db import models
 
 from mlxserve.contract.events import EVENT_TYPES
@@ -71,13 +75,38 @@ class DeadLetter(models.Model):
         return f"Dead letter {self.stream_id}"
 
 
+model_name_validator = RegexValidator(
+    r"\A[A-Za-z0-9][A-Za-z0-9._:@/+-]*\Z",
+    "A model name is letters, digits and . _ : @ / + - (starting with a letter or digit)",
+    code="invalid_model_name",
+)
+
+
+def model_path_validator(value: str) -> None:
+    """An absolute directory path with no ``..`` in it, or a Hugging Face repo id."""
+    if _REPO_ID.fullmatch(value):
+        return
+    parts = PurePosixPath(value).parts
+    if not value.startswith("/") or ".." in parts or any(ord(c) < 32 for c in value):
+        raise ValidationError(
+            "A model path is an absolute directory path (no '..') or a Hugging Face repo id (org/name)",
+            code="invalid_model_path",
+        )
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 class RegisteredModel(models.Model):
     """A name for a model, so requests can say ``qwen-0.5b`` instead of a path."""
 
-    name = models.CharField(max_length=200, unique=True)
+    name = models.CharField(max_length=200, unique=True, validators=[model_name_validator])
     path = models.CharField(
         max_length=1000,
-        help_text="A local MLX model directory, or a Hugging Face repo id already in the local cache.",
+        validators=[model_path_validator],
+        help_text="An absolute path to an MLX model directory on the workers (a config.json and "
+        ".safetensors weights; no model code is ever run from it), or a Hugging Face repo id "
+        "(org/name) already in the workers' local cache. Checked by each worker before it loads it.",
     )
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

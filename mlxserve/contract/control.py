@@ -1,9 +1,20 @@
-"""Commands the control plane sends workers on the control channel (one JSON object each)."""
+"""Commands the control plane sends workers.
+
+A command is written to a Redis stream only the control plane may write (``<channel>:log``,
+kept to its last 1,000 commands), then the channel is told: the message only nudges workers to
+read the stream. Workers may publish on the channel (Redis cannot give a user the right to
+subscribe without the right to publish), so a worker host can at most make the others read
+the stream again; what a message holds is never a command. The message still carries the
+command's JSON, for workers of earlier versions that read it from there.
+"""
 
 from __future__ import annotations
 
 import msgspec
 import redis
+
+COMMAND_FIELD = b"c"
+LOG_LENGTH = 1000
 
 
 class ControlCommand(msgspec.Struct, forbid_unknown_fields=True):
@@ -12,6 +23,15 @@ class ControlCommand(msgspec.Struct, forbid_unknown_fields=True):
     source: str | None = None  # None: every worker
 
 
+def control_log_key(channel: str) -> str:
+    return f"{channel}:log"
+
+
 def control_command_publish(*, client: redis.Redis, channel: str, command: ControlCommand) -> int:
-    """Send a command to the workers; returns how many were listening."""
-    return int(client.publish(channel, msgspec.json.encode(command)))  # type: ignore[arg-type]
+    """Write a command to the log and nudge the workers; returns how many were listening."""
+    body = msgspec.json.encode(command)
+    pipe = client.pipeline(transaction=True)
+    pipe.xadd(control_log_key(channel), {COMMAND_FIELD: body}, maxlen=LOG_LENGTH, approximate=True)
+    pipe.publish(channel, body)
+    _, listeners = pipe.execute()
+    return int(listeners)

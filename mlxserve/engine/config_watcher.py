@@ -14,7 +14,6 @@ import redis
 from mlxserve.contract.telemetry import (
     TelemetryConfigSchema,
     channel_for,
-    config_parse,
     telemetry_config_read,
 )
 from mlxserve.engine.subscription import Subscription
@@ -26,8 +25,14 @@ class TelemetryConfigWatcher:
     """Calls ``on_change(config, version)`` with the current config, then on every change.
 
     Runs a daemon thread. It survives Redis going away: it reconnects, re-reads
-    the key (a change may have been missed meanwhile) and carries on. Stale or
-    repeated versions are not passed on.
+    the key (a change may have been missed meanwhile) and carries on. A version
+    already applied is not passed on again.
+
+    The channel only says "read the key again": what a message holds is never applied.
+    Workers may publish on the channel (Redis cannot give a user the right to subscribe
+    without the right to publish), but only the control plane may write the key; so a
+    worker host can at most make every worker read the key again, at most
+    ``1 / min_interval_s`` times a second, never set another worker's config.
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class TelemetryConfigWatcher:
         key: str,
         on_change: Callable[[TelemetryConfigSchema, int], None],
         retry_seconds: float = 1.0,
+        min_interval_s: float = 0.2,
     ) -> None:
         self.client = client
         self.key = key
@@ -46,9 +52,10 @@ class TelemetryConfigWatcher:
         self._subscription = Subscription(
             client=client,
             channel=channel_for(key),
-            on_message=lambda data: self._offer(config_parse(data)),
-            on_connect=lambda: self._offer(telemetry_config_read(client=client, key=key)),
+            on_message=lambda _nudge: self._read(),
+            on_connect=self._read,
             retry_seconds=retry_seconds,
+            min_interval_s=min_interval_s,
             name="telemetry-config-watcher",
         )
 
@@ -58,6 +65,9 @@ class TelemetryConfigWatcher:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._subscription.stop(timeout)
+
+    def _read(self) -> None:
+        self._offer(telemetry_config_read(client=self.client, key=self.key))
 
     def _offer(self, parsed: tuple[int, TelemetryConfigSchema] | None) -> None:
         if parsed is None or parsed[0] <= self.version:

@@ -198,23 +198,50 @@ def files_fingerprint(path: Path) -> dict[str, tuple[int, int]]:
 
 
 def resolve_model_path(model: str, model_path: str | None) -> Path:
-    """A local directory, or a Hugging Face repo already in the local cache. Never downloads."""
-    candidate = Path(model_path or model).expanduser()
-    if candidate.is_dir():
-        return candidate.resolve()
-    if candidate.exists():
-        raise EngineError("ModelNotFound", f"Model path {candidate} is not a directory")
+    """A local directory, or a Hugging Face repo already in the local cache, that holds an MLX
+    model and no code of its own (``usable_model_dir``). Never downloads.
+
+    Whatever is missing (the directory, its config, its weights), the answer is the same: an
+    ``error`` event every reader sees must not tell whether some path exists on a worker."""
     target = model_path or model
-    if "/" in target and not target.startswith(("/", ".", "~")):
+    candidate = Path(target).expanduser()
+    path: Path | None = candidate.resolve() if candidate.is_dir() else None
+    if path is None and "/" in target and not target.startswith(("/", ".", "~")):
         try:
             from mlx_lm.utils import hf_repo_to_path
 
-            return Path(hf_repo_to_path(target))
-        except Exception as exc:  # not in the local cache: huggingface_hub raises several kinds
-            raise EngineError(
-                "ModelNotFound", f"Model {target!r} is not in the local Hugging Face cache"
-            ) from exc
-    raise EngineError("ModelNotFound", f"Model {target!r} not found (no such directory)")
+            path = Path(hf_repo_to_path(target))
+        except Exception:  # not in the local cache: huggingface_hub raises several kinds
+            path = None
+    refusal = "not found" if path is None else usable_model_dir(path)
+    if refusal:
+        # Why, only in this worker's own log (its host's operator reads it), not in the event.
+        logger.warning("Model %r (%s) refused: %s", model, target, refusal)
+        raise EngineError(
+            "ModelNotFound",
+            f"Model {model!r} not found: no MLX model (a config.json and .safetensors weights, "
+            "no code) at its path or in the local Hugging Face cache of this worker",
+        )
+    assert path is not None
+    return path
+
+
+def usable_model_dir(path: Path) -> str | None:
+    """Why ``path`` is not a model mlx-lm may load here, or None: it must hold a ``config.json``
+    (a JSON object that names no ``model_file``: no code from a model directory is ever run)
+    and ``.safetensors`` weights."""
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable config.json"
+    if not isinstance(config, dict):
+        return "config.json is not an object"
+    if "model_file" in config or "auto_map" in config:
+        return "config.json asks for code to be run (model_file or auto_map)"
+    if not any(path.glob("*.safetensors")):
+        return "no .safetensors weights"
+    return None
 
 
 @dataclass(frozen=True)

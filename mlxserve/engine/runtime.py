@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import redis
 
-from mlxserve.contract.control import ControlCommand
+from mlxserve.contract.control import COMMAND_FIELD, ControlCommand, control_log_key
 from mlxserve.contract.telemetry import DEFAULT_METRIC_LABEL_LIMIT, TelemetryConfigSchema
 from mlxserve.engine.bridge import TelemetryBridge
 from mlxserve.engine.config_watcher import TelemetryConfigWatcher
@@ -52,6 +54,37 @@ class RuntimeSettings:
     consumer_group: str = ""
     spool_max_bytes: int = 0
     metrics_port_offset: int = 0  # added to prometheusPort: several workers on one host
+
+
+class ControlLog:
+    """The control plane's commands, read from its log (a stream workers may only read) from
+    where this worker started: each command once, in order, whatever the channel said."""
+
+    def __init__(self, *, client: redis.Redis, key: str, handle: Callable[[ControlCommand], None]) -> None:
+        self.client, self.key, self.handle = client, key, handle
+        self.position: str | None = None
+
+    def read(self) -> None:
+        if self.position is None:  # started: only commands sent from now on
+            last: Any = self.client.xrevrange(self.key, count=1)
+            self.position = _text(last[0][0]) if last else "0-0"
+            return
+        while True:
+            entries: Any = self.client.xrange(self.key, min=f"({self.position}", count=100)
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                self.position = _text(entry_id)
+                try:
+                    command = msgspec.json.decode(fields.get(COMMAND_FIELD, b""), type=ControlCommand)
+                except msgspec.DecodeError:
+                    logger.warning("Ignoring a malformed control command %s", self.position)
+                    continue
+                self.handle(command)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class WorkerRuntime:
@@ -97,10 +130,15 @@ class WorkerRuntime:
         self._watcher = TelemetryConfigWatcher(
             client=self.client, key=settings.config_key, on_change=self.apply_config
         )
+        self._control_log = ControlLog(
+            client=self.client, key=control_log_key(settings.control_channel), handle=self._on_control
+        )
         self._control = Subscription(
             client=self.client,
             channel=settings.control_channel,
-            on_message=self._on_control,
+            on_message=lambda _nudge: self._control_log.read(),
+            on_connect=self._control_log.read,
+            min_interval_s=0.2,
             name="worker-control",
         )
 
@@ -123,8 +161,7 @@ class WorkerRuntime:
         self.engine.set_config_version(version)
         logger.info("Telemetry config version %d applied: %s", version, config.to_wire())
 
-    def _on_control(self, data: bytes) -> None:
-        command = msgspec.json.decode(data, type=ControlCommand)
+    def _on_control(self, command: ControlCommand) -> None:
         if command.source not in (None, self.settings.source):
             return
         if command.command == "unload":

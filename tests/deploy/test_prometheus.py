@@ -206,6 +206,7 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_and_alert_query(
         )
 
         RegisteredModel.objects.create(name="demo", path=str(module_demo_model))
+        RegisteredModel.objects.create(name="no-such-model", path=str(module_demo_model) + "-gone")
         queries = dashboard_queries() + alert_queries()
         missing: list[str] = queries
 

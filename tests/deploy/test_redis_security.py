@@ -209,3 +209,59 @@ def test_the_api_posts_events_over_tls_as_the_web_user(
     response = producer_client.post("/api/events/", envelope, format="json")
     assert response.status_code == 202, response.content
     assert redis.Redis.from_url(tls_redis["admin"]).xlen("mlxserve:events") == 1
+
+
+def test_a_worker_host_cannot_set_another_workers_config_or_send_it_commands(
+    tls_redis: dict[str, str],
+) -> None:
+    import queue
+
+    from mlxserve.contract.control import ControlCommand, control_command_publish, control_log_key
+    from mlxserve.contract.telemetry import TelemetryConfigSchema, telemetry_config_publish
+    from mlxserve.engine.config_watcher import TelemetryConfigWatcher
+    from mlxserve.engine.runtime import ControlLog
+
+    key, channel = "mlxserve:telemetry:config", "mlxserve:control"
+    web, worker = redis.Redis.from_url(tls_redis["web"]), redis.Redis.from_url(tls_redis["worker"])
+    telemetry_config_publish(client=web, key=key, config=TelemetryConfigSchema(enabled=True), version=2)
+    heard: queue.Queue[tuple[bool, int]] = queue.Queue()
+    watcher = TelemetryConfigWatcher(
+        client=redis.Redis.from_url(tls_redis["worker"]),
+        key=key,
+        on_change=lambda c, v: heard.put((c.enabled, v)),
+    ).start()
+    commands: list[ControlCommand] = []
+    log = ControlLog(
+        client=redis.Redis.from_url(tls_redis["worker"]), key=control_log_key(channel), handle=commands.append
+    )
+    log.read()  # a worker starting: from now on
+    try:
+        assert heard.get(timeout=3.0) == (True, 2)
+        # The worker user may publish on the channels it listens on, but what it says is not applied:
+        forged = b'{"version": 9223372036854775807, "config": {"enabled": false}}'
+        assert worker.publish(f"{key}:changes", forged) >= 1
+        unload = b'{"command": "unload", "model": "demo"}'
+        worker.publish(channel, unload)
+        log.read()
+        with pytest.raises(queue.Empty):
+            heard.get(timeout=1.0)
+        assert watcher.version == 2 and commands == []
+        # ...and it may write neither the config nor the command log.
+        for refused in (
+            lambda: worker.set(key, forged),
+            lambda: worker.xadd(control_log_key(channel), {"c": unload}),
+            lambda: worker.delete(control_log_key(channel)),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+        # What the control plane sends arrives, once.
+        control_command_publish(
+            client=web, channel=channel, command=ControlCommand(command="unload", model="m")
+        )
+        telemetry_config_publish(client=web, key=key, config=TelemetryConfigSchema(enabled=False), version=3)
+        log.read()
+        log.read()
+        assert commands == [ControlCommand(command="unload", model="m")]
+        assert heard.get(timeout=3.0) == (False, 3)
+    finally:
+        watcher.stop()

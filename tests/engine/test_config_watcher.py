@@ -75,3 +75,39 @@ def test_sync_republishes_after_redis_lost_the_config(redis_client: redis.Redis,
     redis_client.delete(settings.TELEMETRY_CONFIG_KEY)
     assert telemetry_config_sync() is True
     assert redis_client.exists(settings.TELEMETRY_CONFIG_KEY)
+
+
+def test_what_a_message_on_the_channel_holds_is_never_applied_only_the_key(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    # Anyone who may subscribe may publish (Redis cannot separate the two): a forged config with
+    # the highest version makes the watcher read the key again, nothing more.
+    key = settings.TELEMETRY_CONFIG_KEY
+    telemetry_config_publish(
+        client=redis_client,
+        key=key,
+        config=TelemetryConfigSchema(enabled=True, prometheus_port=9700),
+        version=3,
+    )
+    heard: queue.Queue[tuple[bool, int, int]] = queue.Queue()
+    watcher = TelemetryConfigWatcher(
+        client=redis_client, key=key, on_change=lambda c, v: heard.put((c.enabled, c.prometheus_port, v))
+    ).start()
+    try:
+        assert heard.get(timeout=2.0) == (True, 9700, 3)
+        forged = b'{"version": 9223372036854775807, "config": {"enabled": false}}'
+        for _ in range(2_000):  # a flood: handled as a few reads of the key
+            redis_client.publish(f"{key}:changes", forged)
+        with pytest.raises(queue.Empty):
+            heard.get(timeout=1.0)
+        assert watcher.version == 3
+        # The control plane's next save is applied as usual.
+        telemetry_config_publish(
+            client=redis_client,
+            key=key,
+            config=TelemetryConfigSchema(enabled=True, prometheus_port=9701),
+            version=4,
+        )
+        assert heard.get(timeout=2.0) == (True, 9701, 4)
+    finally:
+        watcher.stop()

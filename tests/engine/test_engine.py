@@ -352,3 +352,38 @@ def test_a_fast_generations_batches_keep_every_token_and_latency(
     assert recorder.sample("kr_serve_tokens_generated_total", **labels) == 300
     gaps = recorder.sample("kr_serve_inter_token_latency_seconds_sum", **labels)
     assert 0 < gaps <= (completed["timestamp"] - started["timestamp"]) / 1000
+
+
+def test_a_path_that_is_not_a_model_gets_one_answer_whatever_it_holds(
+    recorder: Recorder, tmp_path: Path, demo_model: Path
+) -> None:
+    # An error event every reader sees must not tell whether a directory exists on a worker, nor
+    # what it holds; and no code from a model directory is ever imported.
+    import shutil
+
+    secrets = tmp_path / "ssh"
+    secrets.mkdir()
+    (secrets / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text('{"model_type": "llama"}')
+    with_code = tmp_path / "with-code"
+    shutil.copytree(demo_model, with_code)
+    marker = tmp_path / "imported"
+    (with_code / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((with_code / "config.json").read_text())
+    (with_code / "config.json").write_text(json.dumps({**config, "model_file": "evil.py"}))
+    messages = set()
+    for path in (tmp_path / "missing", secrets, no_weights, with_code, secrets / "id_ed25519"):
+        request = GenerationRequest(model=str(path), prompt="a", max_tokens=2)
+        with pytest.raises(EngineError) as info:
+            recorder.engine.generate(request)
+        assert info.value.code == "ModelNotFound"
+        messages.add(info.value.message.replace(str(path), "<path>"))
+    assert len(messages) == 1, messages
+    assert not marker.exists()
+    errors = [
+        e["payload"]["error"].replace(e["payload"].get("model", ""), "<path>")
+        for e in recorder.events("error")
+    ]
+    assert len(set(errors)) == 1

@@ -11,6 +11,7 @@ from django.contrib.auth.models import User
 from rest_framework.test import APIClient
 
 from mlxserve.roles import ADMIN_GROUP, OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
+from events.models import RegisteredModel
 from tests.factories import make_envelope, role_user, token_client
 
 pytestmark = pytest.mark.django_db
@@ -85,6 +86,7 @@ def test_each_role_gets_what_its_work_needs(
 ) -> None:
     if body == "envelope":
         body = make_envelope("tokenGenerated")
+    RegisteredModel.objects.get_or_create(name="demo", defaults={"path": "/models/demo"})
     response = call(client_for(role), method, path, body)
     assert response.status_code == expected[role], response.content
     if response.status_code in (401, 403):

@@ -14,7 +14,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from events.ingest import EventIngester
-from events.models import Event, RegisteredModel
+from events.models import Event, Generation, RegisteredModel
 from mlxserve.roles import OPERATOR_GROUP
 from tests.factories import (
     CONFIG_KEY,
@@ -100,12 +100,57 @@ def test_a_queued_generation_runs_on_a_worker_and_reads_back_whole(
     assert Event.objects.get(type="modelUnloaded").payload == {"model": "demo", "reason": "manual"}
 
 
-def test_an_unknown_model_gives_a_failed_generation(
-    celery_worker: Any, operator_client: APIClient, reader_client: APIClient, redis_client: redis.Redis
+def test_only_registered_models_are_generated(operator_client: APIClient, tmp_path: Path) -> None:
+    # An operator cannot make a worker load whatever directory its host holds.
+    RegisteredModel.objects.create(name="demo", path=str(tmp_path / "demo"))
+    for model in ("/root/.ssh", "no-such-model", str(tmp_path), "demo/../../etc"):
+        response = operator_client.post("/api/generations/", {"model": model, "prompt": "x"}, format="json")
+        assert response.status_code == 400, model
+        [issue] = response.json()["details"]["issues"]
+        assert (issue["path"], issue["code"]) == (["model"], "unknown_model")
+        assert issue["message"].startswith(f"Unknown model '{model}': only registered models are generated")
+    assert not Generation.objects.exists()
+    # By its name or by the path it was registered with; the worker is told the registered name.
+    for model in ("demo", str(tmp_path / "demo")):
+        response = operator_client.post("/api/generations/", {"model": model, "prompt": "x"}, format="json")
+        assert response.status_code == 202
+        assert Generation.objects.get(pk=response.json()["generationId"]).model == "demo"
+
+
+@pytest.mark.parametrize(
+    ("path", "accepted"),
+    [
+        ("/Users/ml/models/qwen-0.5b", True),
+        ("mlx-community/Qwen2.5-0.5B-Instruct-4bit", True),
+        ("relative/dir/x", False),
+        ("/models/../../root/.ssh", False),
+        ("/models/a\nb", False),
+        ("~/models/x", False),
+        ("", False),
+    ],
+)
+def test_a_registered_path_is_absolute_or_a_repo_id(path: str, accepted: bool) -> None:
+    from django.core.management import CommandError, call_command
+
+    if accepted:
+        call_command("register_model", "m", path, stdout=io.StringIO())
+        assert RegisteredModel.objects.get(name="m").path == path
+        return
+    refusal = "This field cannot be blank" if not path else "A model path is an absolute directory path"
+    with pytest.raises(CommandError, match=f"path: {refusal}"):
+        call_command("register_model", "m", path, stdout=io.StringIO())
+    assert not RegisteredModel.objects.exists()
+
+
+def test_a_registered_model_missing_on_the_worker_gives_a_failed_generation(
+    celery_worker: Any,
+    operator_client: APIClient,
+    reader_client: APIClient,
+    redis_client: redis.Redis,
+    tmp_path: Path,
 ) -> None:
-    response = operator_client.post(
-        "/api/generations/", {"model": "no-such-model", "prompt": "x"}, format="json"
-    )
+    RegisteredModel.objects.create(name="gone", path=str(tmp_path / "not-there"))
+    response = operator_client.post("/api/generations/", {"model": "gone", "prompt": "x"}, format="json")
     generation_id = response.json()["generationId"]
     ingest_until(redis_client, lambda: generation(reader_client, generation_id)["state"] == "failed")
     detail = generation(reader_client, generation_id)
@@ -130,6 +175,8 @@ def test_the_generate_command_streams_tokens_and_a_summary(
             ingester.step()
         connection.close()
 
+    # Named by the path it was registered with.
+    RegisteredModel.objects.create(name="demo", path=str(module_demo_model))
     thread = threading.Thread(target=ingest)
     thread.start()
     out, err = io.StringIO(), io.StringIO()

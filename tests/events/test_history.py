@@ -153,6 +153,9 @@ def test_prompt_hashes_follow_their_own_key_not_the_secret_key(settings: Any) ->
 
 
 def test_the_default_policy_hashes(operator_client: APIClient) -> None:
+    from events.models import RegisteredModel
+
+    RegisteredModel.objects.create(name="demo", path="/models/demo")
     assert PromptPolicy.objects.get(pk=1).mode == "hash"
     response = operator_client.post(
         "/api/generations/",

@@ -22,7 +22,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
-            "--model", required=True, help="A registry name, a model directory or a cached repo id."
+            "--model",
+            required=True,
+            help="A registered model: its name, or the directory or cached repo id it was registered with.",
         )
         parser.add_argument("--prompt", required=True)
         parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
