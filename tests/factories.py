@@ -32,7 +32,8 @@ from mlxserve.engine.engine import Engine
 from mlxserve.engine.metrics import WorkerMetrics
 from mlxserve.service import CELERY_WORKER_ARGS
 
-TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+# Another database (MLXSERVE_TEST_REDIS_URL) lets two checkouts' suites run side by side.
+TEST_REDIS_URL = os.environ.get("MLXSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 def stream_envelopes(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
