@@ -1,43 +1,80 @@
+"""The Celery task: the only bridge from Django to the engine.
+
+A worker trusts nothing its queue holds: Celery's queue is written by anyone with the broker's
+credentials, every worker host included. Arguments are decoded by a strict declaration before
+anything runs; a task that cannot run ends its generation ``failed`` with an ``error`` event (when
+a generation id can be read at all), and a generation whose attempts keep dying with their worker
+is not handed on without end (``MLXSERVE_MAX_ATTEMPTS``).
+"""
+
 from __future__ import annotations
 
-from typing import Any
+import logging
+import uuid
+from typing import Annotated, Any
 
+import msgspec
 from celery import shared_task
+from django.conf import settings
 
-from mlxserve.contract.events import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from mlxserve.contract.events import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    Prompt,
+)
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.engine import GenerationRequest
 from mlxserve.worker import worker_runtime
 
+logger = logging.getLogger(__name__)
+
 ATTEMPTS_TTL_SECONDS = 7 * 24 * 3600
 
 
+class GenerationTask(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The task's keyword arguments, as ``events.generations.generation_queue`` sends them; the
+    bounds are the API's (``GenerationOrder``)."""
+
+    generation_id: uuid.UUID
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+    model_path: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
+    prompt: Prompt
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=32768)] = DEFAULT_MAX_TOKENS
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=10)] = DEFAULT_TEMPERATURE
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = DEFAULT_TOP_P
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
+
+
 @shared_task(name="mlxserve.generation_run", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generation_run(
-    *,
-    generation_id: str,
-    model: str,
-    model_path: str | None,
-    prompt: Any,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_p: float = DEFAULT_TOP_P,
-    seed: int | None = None,
-) -> dict[str, Any]:
+def generation_run(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run one generation attempt on this worker. A redelivery (its worker died) is a new attempt."""
     runtime = worker_runtime()
+    try:
+        if args:
+            raise msgspec.ValidationError("Positional arguments are not accepted")
+        task = msgspec.convert(kwargs, GenerationTask, strict=True)
+    except msgspec.ValidationError as exc:
+        return _refused(runtime, kwargs, f"Invalid generation task: {exc}")
+    generation_id = str(task.generation_id)
     key = f"mlxserve:generation:{generation_id}:attempts"
     attempt = int(runtime.client.incr(key))  # type: ignore[arg-type]
     runtime.client.expire(key, ATTEMPTS_TTL_SECONDS)
+    if attempt > settings.MAX_ATTEMPTS:
+        message = (
+            f"Not run again: attempt {attempt} of a generation whose earlier attempts never finished "
+            f"(their worker died each time; at most {settings.MAX_ATTEMPTS} attempts)"
+        )
+        return _refused(runtime, kwargs, message, code="TooManyAttempts", attempt=attempt)
     request = GenerationRequest(
         generation_id=generation_id,
-        model=model,
-        model_path=model_path,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
+        model=task.model,
+        model_path=task.model_path,
+        prompt=task.prompt,
+        max_tokens=task.max_tokens,
+        temperature=task.temperature,
+        top_p=task.top_p,
+        seed=task.seed,
         attempt=attempt,
     )
     try:
@@ -46,3 +83,35 @@ def generation_run(
         # Already told through an ``error`` event; a failed generation is not retried.
         return {"generationId": generation_id, "state": "failed", "code": exc.code, "attempt": attempt}
     return {"generationId": generation_id, "state": "completed", "tokens": result.tokens, "attempt": attempt}
+
+
+def _refused(
+    runtime: Any,
+    kwargs: dict[str, Any],
+    message: str,
+    *,
+    code: str = "InvalidTask",
+    attempt: int | None = None,
+) -> dict[str, Any]:
+    """End the generation ``failed`` with an ``error`` event (when its id can be read), counted and
+    logged, instead of raising before the engine (the generation stayed ``queued`` for ever)."""
+    generation_id = _readable_id(kwargs.get("generation_id"))
+    model = kwargs.get("model")
+    logger.error("Generation task refused (%s, generation %s): %s", code, generation_id, message)
+    runtime.metrics.series(runtime.metrics.errors, code=code).inc()
+    runtime.emitter.error(
+        error=message[:2000],
+        code=code,
+        model=model[:1000] if isinstance(model, str) and model else msgspec.UNSET,
+        generation_id=generation_id,
+        seq=0,
+        metadata={"attempt": attempt} if attempt is not None else msgspec.UNSET,
+    )
+    return {"generationId": generation_id, "state": "failed", "code": code}
+
+
+def _readable_id(value: Any) -> str | None:
+    try:
+        return str(uuid.UUID(str(value)))
+    except (ValueError, TypeError, AttributeError):
+        return None

@@ -317,6 +317,11 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A task whose worker vanished (killed, host lost) goes back on the queue after
 # this long. It must exceed the longest generation, or a running one is re-run.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("MLXSERVE_TASK_VISIBILITY_TIMEOUT", 3600)}
+# A generation whose attempts keep dying with their worker (out of memory, say) is not handed to
+# the next worker past this many attempts: the next one ends it with an error event instead.
+MAX_ATTEMPTS = env_int("MLXSERVE_MAX_ATTEMPTS", 3)
+if MAX_ATTEMPTS < 1:
+    raise ImproperlyConfigured(f"MLXSERVE_MAX_ATTEMPTS must be at least 1, got {MAX_ATTEMPTS}")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 LOGGING = {

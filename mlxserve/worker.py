@@ -17,6 +17,7 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutdown
 from django.conf import settings
 
+from mlxserve import broker
 from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime, default_source
 
 logger = logging.getLogger(__name__)
@@ -72,3 +73,11 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
     }
     values.update(overrides)
     return RuntimeSettings(**values)
+
+
+def _count_quarantined(queue: str) -> None:
+    if _runtime is not None:
+        _runtime.metrics.series(_runtime.metrics.errors, code="PoisonMessage").inc()
+
+
+broker.on_quarantine.append(_count_quarantined)
