@@ -66,7 +66,7 @@ def test_garbage_on_the_queue_is_quarantined_and_the_worker_carries_on(
     for item in garbage:
         redis_client.lpush("celery", item)
     # A message kombu can deliver whose body is not JSON, and one for a task nobody has: Celery's own.
-    envelope = {
+    envelope: dict[str, Any] = {
         "body": "bm90IGpzb24=",
         "content-encoding": "utf-8",
         "content-type": "application/json",
@@ -98,7 +98,7 @@ def test_a_task_with_bad_arguments_ends_its_generation_failed(
     worker: tuple[Any, Path], redis_client: redis.Redis, module_demo_model: Path
 ) -> None:
     process, _ = worker
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "wrong type": {"generation_id": str(uuid.uuid4()), "model": 5, "prompt": "x"},
         "missing prompt": {"generation_id": str(uuid.uuid4()), "model": str(module_demo_model)},
         "unknown argument": {"generation_id": str(uuid.uuid4()), "model": "m", "prompt": "x", "evil": 1},
