@@ -50,12 +50,68 @@ def source_refusal(producer: str | None, source: str) -> IntakeRefused | None:
     )
 
 
+# Admit the sources of a post to the account's set of recent sources (a sorted set: source -> when
+# last used), unless that would pass the limit; returns the sources refused. One round trip, atomic.
+_SOURCES = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local limit = tonumber(ARGV[3])
+local count = redis.call('ZCARD', KEYS[1])
+local refused = {}
+for i = 5, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+  elseif count < limit then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+    count = count + 1
+  else
+    table.insert(refused, ARGV[i])
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return refused
+"""
+
+
+def sources_admit(*, client: redis.Redis, producer: str, sources: Sequence[str]) -> set[str]:
+    """Which of ``sources`` the producer may not post as: each account posts as at most
+    ``MLXSERVE_SOURCES_PER_PRODUCER`` distinct sources over ``MLXSERVE_WORKER_FORGET_AFTER``
+    (shared by every web process through Redis), so what one account can make grow (worker rows,
+    series, pages) is bounded. New sources are admitted in the order given."""
+    if not sources:
+        return set()
+    now_ms = time.time_ns() // 1_000_000
+    window_ms = settings.WORKER_FORGET_AFTER_S * 1000
+    refused: Any = client.eval(  # type: ignore[no-untyped-call]
+        _SOURCES,
+        1,
+        f"mlxserve:producer-sources:{producer}",
+        now_ms,
+        now_ms - window_ms,
+        settings.SOURCES_PER_PRODUCER,
+        settings.WORKER_FORGET_AFTER_S,
+        *sources,
+    )
+    return {s.decode() if isinstance(s, bytes) else str(s) for s in refused or []}
+
+
+def _too_many_sources(producer: str, source: str) -> IntakeRefused:
+    return IntakeRefused(
+        403,
+        "Forbidden",
+        f"Producer '{producer}' already posts as {settings.SOURCES_PER_PRODUCER} sources "
+        f"(MLXSERVE_SOURCES_PER_PRODUCER); a new one, '{source[:200]}', is refused until one of them "
+        "has been silent for MLXSERVE_WORKER_FORGET_AFTER",
+    )
+
+
 def event_submit(*, client: redis.Redis, stream: str, data: Any, account: str, producer: str | None) -> str:
     """One envelope: validate it, check its source and the budget, append it. Returns its id."""
     envelope = envelope_validate(data, now_ms=redis_clock.now_ms(client))
     refusal = source_refusal(producer, envelope.source)
     if refusal is not None:
         raise refusal
+    if producer is not None and sources_admit(client=client, producer=producer, sources=[envelope.source]):
+        raise _too_many_sources(producer, envelope.source)
     _admit(client, stream, account, 1)
     stream_append(client, stream, [envelope_encode(envelope)])
     return str(envelope.id)
@@ -70,6 +126,7 @@ def event_submit_batch(
         raise ValidationFailed([Issue([], message, "too_big")])
     outcome = BatchOutcome(accepted=[], rejected=[])
     valid: list[Envelope] = []
+    indexes: list[int] = []
     now_ms = redis_clock.now_ms(client)  # the receiving clock: Redis's, as the ingester's check
     for index, item in enumerate(items):
         try:
@@ -82,6 +139,18 @@ def event_submit_batch(
             outcome.rejected.append(Rejected(index=index, error=refusal.as_error()))
             continue
         valid.append(envelope)
+        indexes.append(index)
+    if producer is not None and valid:
+        refused_sources = sources_admit(
+            client=client, producer=producer, sources=list(dict.fromkeys(e.source for e in valid))
+        )
+        if refused_sources:
+            for index, envelope in zip(indexes, valid, strict=True):
+                if envelope.source in refused_sources:
+                    error = _too_many_sources(producer, envelope.source).as_error()
+                    outcome.rejected.append(Rejected(index=index, error=error))
+            valid = [e for e in valid if e.source not in refused_sources]
+            outcome.rejected.sort(key=lambda r: r.index)
     if valid:
         _admit(client, stream, account, len(valid))
     # One stream entry for the whole batch, as workers send theirs.

@@ -13,13 +13,15 @@ from collections.abc import Iterator
 import redis
 from django.conf import settings
 from django.db import DatabaseError
+from django.db.models import Count
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
 from events.fleet import FLEET_METRICS, HISTOGRAM_BUCKETS, bucket_label, fleet_counters_read
 from events.ingest import stream_lag
-from events.models import DeadLetter
-from events.selectors import workers_list
+from events.models import DeadLetter, Worker
+from events.selectors import DEAD_LETTERS_COUNTED, heard_since
+from events.storage import dead_letters_total
 from mlxserve.contract.events import RUNTIME_STATES
 from mlxserve.redis_conn import redis_client
 
@@ -59,9 +61,12 @@ class IngestCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         try:
-            # Dead letters are never deleted (a replay marks them), so the count only grows.
-            total = DeadLetter.objects.count()
-            waiting = DeadLetter.objects.filter(replayed_at__isnull=True).count()
+            # Counted as they are stored (a running total), and those waiting counted up to a cap:
+            # a scrape never counts the whole table.
+            total = dead_letters_total()
+            waiting = (
+                DeadLetter.objects.filter(replayed_at__isnull=True).order_by()[:DEAD_LETTERS_COUNTED].count()
+            )
         except DatabaseError as exc:
             logger.warning("Dead-letter metrics unavailable: %s", exc)
         else:
@@ -89,27 +94,37 @@ class FleetCollector(Collector):
         return iter(())  # nothing queried while Django starts
 
     def collect(self) -> Iterator[Metric]:
+        # Bounded work and series whatever the fleet holds: counts are counted by the database,
+        # and a series per worker only for the MLXSERVE_METRIC_LABEL_LIMIT most recently heard.
         try:
             rows = list(fleet_counters_read())
-            workers = workers_list()
+            counts = dict(Worker.objects.order_by().values_list("status").annotate(n=Count("id")))
+            silent = Worker.objects.filter(last_heard_at__lt=heard_since()).exclude(status="shutdown").count()
+            recent = list(
+                Worker.objects.order_by("-last_heard_at", "source").values_list(
+                    "source", "status", "last_heard_at"
+                )[: settings.METRIC_LABEL_LIMIT]
+            )
         except DatabaseError as exc:
             logger.warning("Fleet metrics unavailable: %s", exc)
             return
         yield from _families(rows)
         by_state = dict.fromkeys(WORKER_STATES, 0)
+        for status, n in counts.items():
+            state = status or "unknown"
+            by_state[state] = by_state.get(state, 0) + n
         stale = GaugeMetricFamily(
             "mlxserve_fleet_workers_stale", "Workers silent for three heartbeat intervals or more"
         )
         heard = GaugeMetricFamily(
             "mlxserve_fleet_worker_last_heard_timestamp_seconds",
-            "When each worker was last heard from (any event), Unix seconds",
+            "When each worker was last heard from (any event), Unix seconds; the "
+            "MLXSERVE_METRIC_LABEL_LIMIT most recently heard",
             labels=["source", "status"],
         )
-        for worker in workers:
-            state = worker.status or "unknown"
-            by_state[state] = by_state.get(state, 0) + 1
-            heard.add_metric([worker.source, state], worker.last_heard_at / 1000)
-        stale.add_metric([], sum(1 for w in workers if w.stale and w.status != "shutdown"))
+        for source, status, last_heard_at in recent:
+            heard.add_metric([source, status or "unknown"], last_heard_at / 1000)
+        stale.add_metric([], silent)
         by_status = GaugeMetricFamily(
             "mlxserve_fleet_workers", "Workers by their last runtimeStatus", labels=["status"]
         )

@@ -76,4 +76,20 @@ def events_retention_apply(
         # left to show are counted no more.
         rollups_prune(now_ms - min(longest, MAX_KEEP_DAYS) * 86_400_000)
     activity_prune(now_ms)
+    workers_forget(now_ms)
     return deleted
+
+
+def workers_forget(now_ms: int) -> int:
+    """Delete the workers not heard from for ``MLXSERVE_WORKER_FORGET_AFTER`` (a worker comes back
+    with its next event): the fleet's pages and series hold the live fleet, not every source
+    ever seen."""
+    from django.conf import settings
+
+    from events.models import Worker
+
+    cutoff = now_ms - settings.WORKER_FORGET_AFTER_S * 1000
+    forgotten, _ = Worker.objects.filter(last_heard_at__lt=cutoff).delete()
+    if forgotten:
+        logger.info("Forgot %d workers not heard from since %d", forgotten, cutoff)
+    return forgotten

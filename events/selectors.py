@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -413,7 +413,8 @@ def fleet_overview(
     )
 
 
-def workers_list() -> list[WorkerOut]:
+def workers_out(workers: Iterable[Worker]) -> list[WorkerOut]:
+    """Worker rows as the API shows them (``stale`` worked out now)."""
     interval_ms = heartbeat_interval_ms()
     now_ms = time.time_ns() // 1_000_000
     return [
@@ -426,7 +427,7 @@ def workers_list() -> list[WorkerOut]:
             last_heard_at=w.last_heard_at,
             stale=worker_is_stale(w, interval_ms=interval_ms, now_ms=now_ms),
         )
-        for w in Worker.objects.order_by("source")
+        for w in workers
     ]
 
 

@@ -33,6 +33,7 @@ from events.models import (
 )
 from events.privacy import prompt_policy_get, prompt_redact
 from events.rollups import first_tokens, rollups_add
+from events.upsert import upsert_adding
 from mlxserve.contract.events import (
     TIMESTAMP_MAX_AHEAD_MS,
     Envelope,
@@ -222,9 +223,7 @@ def events_store(
     with transaction.atomic():
         _generations_lock([envelope for envelope, _, _ in pending.values()])
         stored = _store_refusing(list(pending.values()), now, dead, policy)
-        # One letter per item of an entry: a redelivered entry (stored, then not acknowledged;
-        # or claimed by a second ingester) adds none.
-        DeadLetter.objects.bulk_create(dead, ignore_conflicts=True)
+        dead_letters_keep(dead)
     invalid = len(dead) - len(refused)
     return StoreOutcome(stored=stored, duplicates=len(entries) - invalid - stored, dead_letters=dead)
 
@@ -253,6 +252,42 @@ def _generations_lock(envelopes: Sequence[Envelope]) -> None:
             # unnest hands the keys over in the array's (sorted) order: every ingester takes them
             # in the same order, so none waits on another in a cycle.
             cursor.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", [keys])
+
+
+DEAD_LETTERS_SERIES = ("mlxserve_dead_letters_total", "{}")
+
+
+def dead_letters_keep(dead: Sequence[DeadLetter]) -> int:
+    """Store the letters not stored before and add them to the running total the control plane's
+    ``/metrics`` reads (a scrape never counts the table). One letter per item of an entry: a
+    redelivered entry (stored, then not acknowledged; or claimed by a second ingester) adds
+    none. Returns how many were new."""
+    if not dead:
+        return 0
+    labels = sorted({letter.stream_id for letter in dead})
+    stored: set[str] = set()
+    for start in range(0, len(labels), 500):
+        chunk = labels[start : start + 500]
+        stored.update(DeadLetter.objects.filter(stream_id__in=chunk).values_list("stream_id", flat=True))
+    fresh: dict[str, DeadLetter] = {}
+    for letter in dead:
+        if letter.stream_id not in stored:
+            fresh.setdefault(letter.stream_id, letter)
+    DeadLetter.objects.bulk_create(list(fresh.values()), ignore_conflicts=True)
+    if fresh:
+        upsert_adding(
+            FleetCounter._meta.db_table,
+            ("name", "labels"),
+            ("value",),
+            [(*DEAD_LETTERS_SERIES, float(len(fresh)))],
+        )
+    return len(fresh)
+
+
+def dead_letters_total() -> float:
+    name, labels = DEAD_LETTERS_SERIES
+    row = FleetCounter.objects.filter(name=name, labels=labels).values_list("value", flat=True).first()
+    return float(row or 0)
 
 
 def receiving_clock_ms(entry_id: str, now_ms: int) -> int:

@@ -28,7 +28,7 @@ from events.dead_letters import ReplayRefused, dead_letter_replay
 from events.filters import EpochMsFilter, EventFilter
 from events.generations import generation_queue
 from events.intake import IntakeRefused, event_submit, event_submit_batch
-from events.models import DeadLetter, Event
+from events.models import DeadLetter, Event, Worker
 from events.pagination import EventKeysetPagination
 from events.responses import (
     Accepted,
@@ -48,7 +48,7 @@ from events.selectors import (
     events_export,
     events_stats,
     generation_detail,
-    workers_list,
+    workers_out,
 )
 from mlxserve.api import (
     CanOperate,
@@ -237,12 +237,41 @@ class GenerationDetailView(APIView):
         return Response(detail)
 
 
-class WorkerListView(APIView):
-    """Every worker seen: last runtimeStatus, when last heard from, stale after three missed heartbeats."""
+class WorkerCursorPagination(CursorPagination):
+    """Workers by source, a page at a time (``?limit=``, at most 1000)."""
 
-    @extend_schema(responses={200: struct_schema(list[WorkerOut]), **ERROR_RESPONSES})
-    def get(self, request: Request) -> Response:
-        return Response(workers_list())
+    page_size = 100
+    page_size_query_param = "limit"
+    max_page_size = 1000
+    ordering = ("source",)
+
+    def decode_cursor(self, request: Request) -> Any:
+        encoded = request.query_params.get(self.cursor_query_param)
+        if encoded is None or encoded == "":
+            return None
+        try:
+            cursor = super().decode_cursor(request) if _is_our_cursor(encoded) else None
+        except NotFound:
+            cursor = None
+        position = getattr(cursor, "position", None)
+        if cursor is None or (position is not None and (len(position) > 200 or "\x00" in position)):
+            raise ValidationFailed([Issue(["cursor"], "Invalid cursor", "invalid_cursor")])
+        return cursor
+
+
+class WorkerListView(generics.ListAPIView[Worker]):
+    """Each worker heard from (and not yet forgotten), by source, cursor-paginated."""
+
+    permission_classes = [CanRead]
+    serializer_class = struct_serializer(WorkerOut)
+    pagination_class = WorkerCursorPagination
+
+    def get_queryset(self) -> QuerySet[Worker]:
+        return Worker.objects.all()
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        page = self.paginate_queryset(self.get_queryset()) or []
+        return self.get_paginated_response(workers_out(page))
 
 
 class WorkerUnloadView(APIView):

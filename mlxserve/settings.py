@@ -241,6 +241,16 @@ if PRODUCER_EVENT_RATE and not re.fullmatch(r"\d+/(s|sec|m|min|h|hour|d|day)", P
     )
 # Past this many stream entries not yet stored, posts get 503 instead of filling Redis (0: no limit).
 STREAM_BACKLOG_LIMIT = env_int("MLXSERVE_STREAM_BACKLOG_LIMIT", 100_000)
+# Distinct sources one producer account may post as (``N/...``), over MLXSERVE_WORKER_FORGET_AFTER:
+# what one account can make grow (worker rows, series, admin pages) is bounded.
+SOURCES_PER_PRODUCER = env_int("MLXSERVE_SOURCES_PER_PRODUCER", 100)
+# A worker not heard from for this many seconds is forgotten (its row deleted by the hourly pass);
+# it comes back with its next event.
+WORKER_FORGET_AFTER_S = env_int("MLXSERVE_WORKER_FORGET_AFTER", 7 * 86400)
+if SOURCES_PER_PRODUCER < 1 or WORKER_FORGET_AFTER_S < 60:
+    raise ImproperlyConfigured(
+        "MLXSERVE_SOURCES_PER_PRODUCER must be at least 1, MLXSERVE_WORKER_FORGET_AFTER at least 60 (seconds)"
+    )
 
 # Distinct values of one label of one metric with their own series (fleet and worker metrics);
 # later ones are counted under "__overflow__". Registered model names always have their own.

@@ -238,7 +238,7 @@ def test_workers_go_stale_after_three_missed_heartbeats(reader_client: APIClient
     now = time.time_ns() // 1_000_000
     Worker.objects.create(source="fresh/w", status="ready", last_heard_at=now - 2500)
     Worker.objects.create(source="silent/w", status="busy", last_heard_at=now - 3500)
-    workers = {w["source"]: w for w in reader_client.get("/api/workers/").json()}
+    workers = {w["source"]: w for w in reader_client.get("/api/workers/").json()["results"]}
     assert workers["fresh/w"]["stale"] is False
     assert workers["silent/w"]["stale"] is True
     assert workers["silent/w"]["status"] == "busy"

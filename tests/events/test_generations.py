@@ -90,7 +90,7 @@ def test_a_queued_generation_runs_on_a_worker_and_reads_back_whole(
     assert [a["state"] for a in detail["attempts"]] == ["completed"]
     assert Event.objects.filter(type="modelLoaded", model="demo").count() == 1
 
-    workers = reader_client.get("/api/workers/").json()
+    workers = reader_client.get("/api/workers/").json()["results"]
     [worker] = [w for w in workers if w["source"] == "test-host/celery-worker"]
     assert worker["status"] == "ready" and worker["modelsLoaded"] == 1 and worker["stale"] is False
 
