@@ -20,6 +20,7 @@ from events.fleet import fleet_labels_fold
 from events.retention import events_retention_apply
 from events.storage import DATABASE_ERRORS, StoreOutcome, events_store, storage_ready, transient_conflict
 from mlxserve.contract.stream import (
+    ENTRY_MAX_BYTES,
     EntryContents,
     EntryFields,
     entry_envelopes,
@@ -105,6 +106,17 @@ class EventIngester:
                 contents.refused.append(
                     (entry_id, b"", error_object("EntryDeleted", ENTRY_DELETED, "entry_deleted"))
                 )
+            elif (size := sum(len(name) + len(value) for name, value in fields)) > ENTRY_MAX_BYTES:
+                # Never decoded: a producer's 500 MB entry costs the ingester a length, not a parse.
+                logger.error(
+                    "Stream entry %s holds %d bytes, past the limit of %d", entry_id, size, ENTRY_MAX_BYTES
+                )
+                message = (
+                    f"The stream entry holds {size} bytes, past the limit of {ENTRY_MAX_BYTES}: "
+                    "its first 64 KiB are kept"
+                )
+                body = b"".join(value for _, value in fields)[:65536]
+                contents.refused.append((entry_id, body, error_object("EntryTooLarge", message, "too_big")))
             elif entry_id in poisoned:
                 _deliveries_refuse(entry_id, fields, poisoned[entry_id], contents)
             else:

@@ -18,7 +18,7 @@ from django.conf import settings
 
 from events.responses import BatchOutcome, Rejected
 from mlxserve.contract.events import Envelope, envelope_encode, envelope_validate
-from mlxserve.contract.stream import stream_append, stream_append_batch, stream_backlog
+from mlxserve.contract.stream import backlog_refusal, stream_append, stream_append_batch
 from mlxserve.contract.validation import Issue, ValidationFailed
 from mlxserve.redis_conn import redis_clock
 
@@ -161,14 +161,16 @@ def event_submit_batch(
 
 def _admit(client: redis.Redis, stream: str, account: str, events: int) -> None:
     """Refuse the post (nothing kept) when the backlog is past its limit or the budget would be."""
-    backlog = stream_backlog(client=client, stream=stream, group=settings.EVENTS_CONSUMER_GROUP)
-    if settings.STREAM_BACKLOG_LIMIT and backlog >= settings.STREAM_BACKLOG_LIMIT:
+    refusal = backlog_refusal(
+        client=client,
+        stream=stream,
+        group=settings.EVENTS_CONSUMER_GROUP,
+        max_entries=settings.STREAM_BACKLOG_LIMIT,
+        max_bytes=settings.STREAM_BACKLOG_BYTES,
+    )
+    if refusal is not None:
         raise IntakeRefused(
-            503,
-            "Unavailable",
-            f"The event stream holds {backlog} entries not yet stored (limit "
-            f"{settings.STREAM_BACKLOG_LIMIT}); nothing was accepted, retry later",
-            retry_after=5,
+            503, "Unavailable", f"The event stream is full: {refusal}; nothing was accepted, retry later", 5
         )
     if settings.PRODUCER_EVENT_RATE:
         budget_spend(client=client, account=account, events=events, rate=settings.PRODUCER_EVENT_RATE)

@@ -241,6 +241,8 @@ if PRODUCER_EVENT_RATE and not re.fullmatch(r"\d+/(s|sec|m|min|h|hour|d|day)", P
     )
 # Past this many stream entries not yet stored, posts get 503 instead of filling Redis (0: no limit).
 STREAM_BACKLOG_LIMIT = env_int("MLXSERVE_STREAM_BACKLOG_LIMIT", 100_000)
+# ...and bytes of stream in Redis (sampled MEMORY USAGE): entries alone do not bound memory.
+STREAM_BACKLOG_BYTES = env_int("MLXSERVE_STREAM_BACKLOG_BYTES", 256 * 1024 * 1024)
 # Distinct sources one producer account may post as (``N/...``), over MLXSERVE_WORKER_FORGET_AFTER:
 # what one account can make grow (worker rows, series, admin pages) is bounded.
 SOURCES_PER_PRODUCER = env_int("MLXSERVE_SOURCES_PER_PRODUCER", 100)

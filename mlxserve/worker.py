@@ -67,6 +67,7 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
         "heartbeat_seconds": settings.WORKER_HEARTBEAT_SECONDS,
         "publish_linger_seconds": settings.WORKER_PUBLISH_LINGER_MS / 1000,
         "stream_backlog_limit": settings.STREAM_BACKLOG_LIMIT,
+        "stream_backlog_bytes": settings.STREAM_BACKLOG_BYTES,
         "consumer_group": settings.EVENTS_CONSUMER_GROUP,
         "spool_max_bytes": settings.WORKER_SPOOL_MAX_BYTES,
         "metrics_port_offset": settings.WORKER_METRICS_PORT_OFFSET,

@@ -52,6 +52,36 @@ def stream_backlog(*, client: redis.Redis, stream: str, group: str) -> int:
     return int(client.xlen(stream))
 
 
+# What one stream entry may hold, all its fields together. Producers keep under it (an API post is
+# at most 1 MiB; a worker's batch stops short of it); the ingester keeps a larger entry as a dead
+# letter without decoding it (its first 64 KiB shown).
+ENTRY_MAX_BYTES = 4 * 1024 * 1024
+
+
+def stream_bytes(*, client: redis.Redis, stream: str) -> int:
+    """The stream's memory in Redis (``MEMORY USAGE``, sampled: a few nodes read, whatever its
+    length), 0 when there is no stream."""
+    used: Any = client.memory_usage(stream, samples=5)
+    return int(used or 0)
+
+
+def backlog_refusal(
+    *, client: redis.Redis, stream: str, group: str, max_entries: int, max_bytes: int
+) -> str | None:
+    """Why nothing more may be written to the stream now, or None: past ``max_entries`` entries
+    not yet stored, or past ``max_bytes`` of stream in Redis (0 turns either check off). Entries
+    alone would not bound memory: one entry may hold thousands of events."""
+    if max_entries:
+        backlog = stream_backlog(client=client, stream=stream, group=group)
+        if backlog >= max_entries:
+            return f"the stream holds {backlog} entries not yet stored (limit {max_entries})"
+    if max_bytes:
+        used = stream_bytes(client=client, stream=stream)
+        if used >= max_bytes:
+            return f"the stream takes {used} bytes of Redis (limit {max_bytes})"
+    return None
+
+
 def stream_ensure_group(client: redis.Redis, stream: str, group: str) -> None:
     """Create the consumer group (and the stream) if missing; from the start of the stream."""
     try:

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -25,7 +25,7 @@ import msgspec
 import redis
 
 from mlxserve.contract.events import EnvelopeBase
-from mlxserve.contract.stream import stream_append_batch, stream_backlog
+from mlxserve.contract.stream import ENTRY_MAX_BYTES, backlog_refusal, stream_append_batch
 from mlxserve.engine.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,18 @@ class _Spool:
         self.lock.close()
 
 
+def _within_entry(bodies: Iterable[bytes], max_bytes: int = ENTRY_MAX_BYTES // 2) -> list[bytes]:
+    """The first of ``bodies`` that fit one stream entry well under its bound (at least one)."""
+    batch: list[bytes] = []
+    size = 0
+    for body in bodies:
+        size += len(body) + 1
+        if batch and size > max_bytes:
+            break
+        batch.append(body)
+    return batch
+
+
 class BacklogFull(redis.RedisError):
     """The stream's backlog is past its limit: kept and sent later, as when Redis is away."""
 
@@ -204,6 +216,7 @@ class BufferedPublisher:
         linger: float = 0.25,
         breaker: CircuitBreaker | None = None,
         backlog_limit: int = 0,
+        backlog_bytes: int = 0,
         group: str = "",
         spool_max_bytes: int = 0,
     ) -> None:
@@ -216,6 +229,7 @@ class BufferedPublisher:
         # (memory, then the spool) as when Redis is unreachable, rather than fill the Redis
         # that Celery and every other worker share.
         self.backlog_limit = backlog_limit
+        self.backlog_bytes = backlog_bytes
         self.group = group
         self.metrics = metrics
         self.max_memory = max_memory
@@ -339,7 +353,7 @@ class BufferedPublisher:
                     self._orphan_delivered, orphan, len(orphan_bodies), orphan_offset
                 )
             if self._memory:
-                batch = [self._memory[i] for i in range(min(self.batch_size, len(self._memory)))]
+                batch = _within_entry(self._memory[i] for i in range(min(self.batch_size, len(self._memory))))
 
                 def done_memory() -> None:
                     for _ in batch:
@@ -371,12 +385,16 @@ class BufferedPublisher:
         m.ipc_requests_in_flight.inc()
         started = time.perf_counter()
         try:
-            if self.backlog_limit:
-                backlog = stream_backlog(client=self.client, stream=self.stream, group=self.group)
-                if backlog >= self.backlog_limit:
-                    raise BacklogFull(
-                        f"the stream holds {backlog} entries not yet stored (limit {self.backlog_limit})"
-                    )
+            if self.backlog_limit or self.backlog_bytes:
+                refusal = backlog_refusal(
+                    client=self.client,
+                    stream=self.stream,
+                    group=self.group,
+                    max_entries=self.backlog_limit,
+                    max_bytes=self.backlog_bytes,
+                )
+                if refusal is not None:
+                    raise BacklogFull(refusal)
             stream_append_batch(self.client, self.stream, bodies)
         finally:
             m.ipc_requests_in_flight.dec()

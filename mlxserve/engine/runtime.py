@@ -51,6 +51,7 @@ class RuntimeSettings:
     publish_linger_seconds: float = 0.25
     # Hold events back past this many stream entries not yet stored by the group (0: never).
     stream_backlog_limit: int = 0
+    stream_backlog_bytes: int = 0
     consumer_group: str = ""
     spool_max_bytes: int = 0
     metrics_port_offset: int = 0  # added to prometheusPort: several workers on one host
@@ -109,6 +110,7 @@ class WorkerRuntime:
             metrics=self.metrics,
             linger=settings.publish_linger_seconds,
             backlog_limit=settings.stream_backlog_limit,
+            backlog_bytes=settings.stream_backlog_bytes,
             group=settings.consumer_group,
             spool_max_bytes=settings.spool_max_bytes,
         )

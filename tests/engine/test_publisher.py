@@ -254,3 +254,35 @@ def test_batches_of_token_events_past_the_memory_bound_keep_their_order(
         "runtimeStatus"
     ] * 2
     assert [e["id"] for e in events if e["type"] == "runtimeStatus"] == ids
+
+
+def test_past_the_streams_bytes_in_redis_events_wait_locally_too(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    # Entries alone would not bound memory (one entry may hold thousands of events): a stream
+    # holding more bytes than allowed gets nothing more until the ingester trims it.
+    client = redis.Redis.from_url(own_redis.url)
+    client.xgroup_create(STREAM, "ingest", id="0", mkstream=True)
+    client.xadd(STREAM, {"b": b"[" + b"1," * 100_000 + b"1]"})  # one entry, 200 KB
+    publisher = publisher_for(
+        own_redis, tmp_path / "spool", max_memory=100, backlog_limit=1_000, group="ingest", linger=0.05
+    )
+    publisher.backlog_bytes = 100_000
+    ids = emit_runtime_statuses(EngineEventEmitter(source="h/w", publisher=publisher), 10)
+    time.sleep(1.0)
+    assert client.xlen(STREAM) == 1 and publisher.pending() == 10
+    client.delete(STREAM)  # stored and trimmed
+    client.xgroup_create(STREAM, "ingest", id="0", mkstream=True)
+    assert publisher.flush(timeout=20)
+    publisher.close()
+    assert [e["id"] for e in stream_events(client) if "id" in e] == ids
+
+
+def test_a_batch_stops_short_of_what_one_entry_may_hold() -> None:
+    from mlxserve.contract.stream import ENTRY_MAX_BYTES
+    from mlxserve.engine.publisher import _within_entry
+
+    bodies = [b"x" * (700 * 1024)] * 5
+    batch = _within_entry(bodies)
+    assert len(batch) == 2 and sum(map(len, batch)) < ENTRY_MAX_BYTES
+    assert _within_entry([b"y" * (ENTRY_MAX_BYTES // 2 + 10)]) == [b"y" * (ENTRY_MAX_BYTES // 2 + 10)]

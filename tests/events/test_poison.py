@@ -588,3 +588,27 @@ def test_the_ingester_checks_the_future_against_when_redis_received_the_entry(se
     for index, (entry_id, envelope, stored) in enumerate(cases):
         outcome = events_store([(entry_id.replace("-0", f"-{index}"), msgspec.json.encode(envelope))])
         assert outcome.stored == int(stored), (entry_id, envelope["timestamp"] - true_now)
+
+
+def test_an_entry_past_the_size_bound_is_kept_unread_and_the_stream_goes_on(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    from mlxserve.contract.stream import ENTRY_MAX_BYTES
+
+    huge = b"[" + b'"x",' * (ENTRY_MAX_BYTES // 4) + b'"x"]'
+    entry = xadd(redis_client, settings, {BATCH_FIELD: huge})
+    drain(ingester(redis_client, settings))
+    letter = DeadLetter.objects.get()
+    assert letter.stream_id == entry and letter.error["code"] == "EntryTooLarge"
+    assert len(letter.body) == 65536
+    assert_a_good_event_still_goes_through(redis_client, settings)
+
+
+def test_past_the_streams_bytes_in_redis_posts_get_503(admin_client: APIClient, settings: Any) -> None:
+    settings.STREAM_BACKLOG_BYTES = 1
+    assert (
+        admin_client.post("/api/events/", make_envelope(timestamp=now_ms()), format="json").status_code == 202
+    )
+    refused = admin_client.post("/api/events/", make_envelope(timestamp=now_ms()), format="json")
+    assert refused.status_code == 503 and refused["Retry-After"] == "5"
+    assert refused.json()["message"].startswith("The event stream is full: the stream takes ")
