@@ -10,13 +10,14 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from django.db import OperationalError, close_old_connections
 
 from events.fleet import fleet_labels_fold
+from events.models import WorkerHost
 from events.retention import events_retention_apply
 from events.storage import DATABASE_ERRORS, StoreOutcome, events_store, storage_ready, transient_conflict
 from mlxserve.contract.stream import (
@@ -33,7 +34,8 @@ from telemetry.services import telemetry_config_sync
 
 logger = logging.getLogger(__name__)
 
-# A stream entry as read: its id and its fields as pairs, or None where it was deleted.
+# A stream entry as read: its label (its id on the shared stream, ``<host>/<id>`` on a host's own
+# stream), and its fields as pairs, or None where it was deleted.
 Entry = tuple[str, list[tuple[bytes, bytes]] | None]
 
 ENTRY_DELETED = (
@@ -71,10 +73,12 @@ class EventIngester:
     # A batch that meets a deadlock or a serialization failure is tried again in place this many times.
     conflict_retries: int = 10
     _verify_database: bool = False
-    _group_ready: bool = False
     _entries_per_read: int = 10
     _next_claim: float = 0.0
     _reader: redis.Redis | None = None
+    # Worker hosts with a stream of their own (``<stream>:<host>``), read beside the shared one.
+    hosts: tuple[str, ...] = ()
+    _ready_streams: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         # Reads on the same connections, each entry's fields kept as Redis sent them (pairs, in
@@ -83,10 +87,24 @@ class EventIngester:
         self._reader.set_response_callback("XREADGROUP", xreadgroup_pairs)
         self._reader.set_response_callback("XAUTOCLAIM", xautoclaim_pairs)
 
+    @property
+    def streams(self) -> list[str]:
+        """The shared stream (the API, workers without a stream of their own), then each host's."""
+        return [self.stream, *(host_stream(self.stream, host) for host in self.hosts)]
+
+    def _stream_of(self, label: str) -> tuple[str, str]:
+        """(stream, entry id) of an entry's label."""
+        host, _, entry_id = label.rpartition("/")
+        return (host_stream(self.stream, host) if host else self.stream), entry_id
+
+    def _label(self, stream: str, entry_id: str) -> str:
+        return entry_id if stream == self.stream else f"{stream.removeprefix(self.stream + ':')}/{entry_id}"
+
     def step(self) -> StoreOutcome:
-        if not self._group_ready:
-            stream_ensure_group(self.client, self.stream, self.group)
-            self._group_ready = True
+        for stream in self.streams:
+            if stream not in self._ready_streams:
+                stream_ensure_group(self.client, stream, self.group)
+                self._ready_streams.add(stream)
         if self._verify_database:
             # Reading pending entries again counts as one more delivery of each: do it only
             # once the database answers, so an outage never makes good entries look poisoned.
@@ -125,7 +143,14 @@ class EventIngester:
         self._entries_per_read = max(1, min(1000, self.batch_size // per_entry))
         try:
             outcome = self._store(contents)
-            self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
+            by_stream: dict[str, list[str]] = {}
+            for label, _ in entries:
+                stream, entry_id = self._stream_of(label)
+                by_stream.setdefault(stream, []).append(entry_id)
+            pipe = self.client.pipeline(transaction=False)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.group, *ids)
+            pipe.execute()
         except Exception:
             # Not stored, or stored and not acknowledged (Redis went away between
             # the two): read our pending entries again next turn; the insert skips repeats.
@@ -150,22 +175,26 @@ class EventIngester:
     def _poisoned(self, entries: list[Entry]) -> dict[str, int]:
         """Entries delivered more than ``max_deliveries`` times, with their counts: every
         delivery before failed or took the ingester down with it."""
-        ids = [entry_id for entry_id, _ in entries]
-        rows: Any = self.client.xpending_range(
-            self.stream,
-            self.group,
-            min=min(ids, key=_id_tuple),
-            max=max(ids, key=_id_tuple),
-            count=max(len(ids), 1000),
-            consumername=self.consumer,
-        )
-        wanted = set(ids)
-        return {
-            key: int(row["times_delivered"])
-            for row in rows
-            if (key := _text(row["message_id"])) in wanted
-            and int(row["times_delivered"]) > self.max_deliveries
-        }
+        by_stream: dict[str, list[str]] = {}
+        for label, _ in entries:
+            stream, entry_id = self._stream_of(label)
+            by_stream.setdefault(stream, []).append(entry_id)
+        poisoned: dict[str, int] = {}
+        for stream, ids in by_stream.items():
+            rows: Any = self.client.xpending_range(
+                stream,
+                self.group,
+                min=min(ids, key=_id_tuple),
+                max=max(ids, key=_id_tuple),
+                count=max(len(ids), 1000),
+                consumername=self.consumer,
+            )
+            wanted = set(ids)
+            for row in rows:
+                key = _text(row["message_id"])
+                if key in wanted and int(row["times_delivered"]) > self.max_deliveries:
+                    poisoned[self._label(stream, key)] = int(row["times_delivered"])
+        return poisoned
 
     def _read(self) -> tuple[list[Entry], bool]:
         """Entries to store, and whether they were delivered before (pending or claimed)."""
@@ -190,34 +219,60 @@ class EventIngester:
         delivered: trimming by length (MAXLEN) could drop those, MINID below
         the oldest of them cannot.
         """
-        floor = safe_trim_id(client=self.client, stream=self.stream, group=self.group)
-        if floor is None:
-            return 0
-        return int(self.client.xtrim(self.stream, minid=floor, approximate=False))
+        trimmed = 0
+        for stream in self.streams:
+            floor = safe_trim_id(client=self.client, stream=stream, group=self.group)
+            if floor is not None:
+                try:
+                    trimmed += int(self.client.xtrim(stream, minid=floor, approximate=False))
+                except redis.ResponseError as exc:  # one stream's oddity stops no other's trim
+                    logger.error("Could not trim %s to %s: %s", stream, floor, exc)
+        return trimmed
 
     def _xread(self, start: str, block: int | None) -> list[Entry]:
         assert self._reader is not None
         response: Any = self._reader.xreadgroup(
-            self.group, self.consumer, {self.stream: start}, count=self._entries_per_read, block=block
+            self.group,
+            self.consumer,
+            dict.fromkeys(self.streams, start),
+            count=self._entries_per_read,
+            block=block,
         )
         # An entry deleted while pending comes back with no fields (None): kept as such.
-        return [(_text(entry_id), fields) for _stream, items in response or [] for entry_id, fields in items]
+        return [
+            (self._label(_text(stream), _text(entry_id)), fields)
+            for stream, items in response or []
+            for entry_id, fields in items
+        ]
 
     def _claim(self) -> list[Entry]:
         """Take over entries another consumer read and never acknowledged (it died)."""
         assert self._reader is not None
-        response: Any = self._reader.xautoclaim(
-            self.stream,
-            self.group,
-            self.consumer,
-            min_idle_time=self.claim_idle_ms,
-            start_id="0-0",
-            count=self._entries_per_read,
-        )
-        # Redis 7 leaves deleted entries out of the claimed ones, drops them from the group
-        # and names them apart: they come back here as deleted (no fields).
-        claimed = [(_text(entry_id), fields) for entry_id, fields in response[1]]
-        return claimed + [(_text(entry_id), None) for entry_id in response[2]]
+        claimed: list[Entry] = []
+        for stream in self.streams:
+            response: Any = self._reader.xautoclaim(
+                stream,
+                self.group,
+                self.consumer,
+                min_idle_time=self.claim_idle_ms,
+                start_id="0-0",
+                count=self._entries_per_read,
+            )
+            # Redis 7 leaves deleted entries out of the claimed ones, drops them from the group
+            # and names them apart: they come back here as deleted (no fields).
+            claimed += [(self._label(stream, _text(entry_id)), fields) for entry_id, fields in response[1]]
+            claimed += [(self._label(stream, _text(entry_id)), None) for entry_id in response[2]]
+        return claimed
+
+
+def worker_hosts() -> tuple[str, ...]:
+    """The worker hosts with a stream of their own (``manage.py create_worker_host``)."""
+    return tuple(WorkerHost.objects.order_by("name").values_list("name", flat=True))
+
+
+def host_stream(stream: str, host: str) -> str:
+    """A worker host's own stream: only it (its ACL user) may append to it."""
+    return f"{stream}:{host}"
 
 
 def _deliveries_refuse(entry_id: str, fields: EntryFields, deliveries: int, into: EntryContents) -> None:
@@ -243,6 +298,9 @@ def _id_tuple(entry_id: Any) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+ID_PART_MAX = 2**64 - 1  # a stream id is two unsigned 64-bit integers
+
+
 def safe_trim_id(*, client: redis.Redis, stream: str, group: str) -> str | None:
     """The oldest entry id the group still needs (pending, or not yet delivered), or None if unknown."""
     try:
@@ -258,9 +316,12 @@ def safe_trim_id(*, client: redis.Redis, stream: str, group: str) -> str | None:
         return None
     if pending["pending"]:
         return str(pending["min"].decode() if isinstance(pending["min"], bytes) else pending["min"])
-    # Nothing pending: everything up to the last delivered entry is acknowledged.
+    # Nothing pending: everything up to the last delivered entry is acknowledged. (The id after it,
+    # unless it is the last of the id space, as a producer may make it: then up to it.)
     ms, seq = _id_tuple(info["last-delivered-id"])
-    return f"{ms}-{seq + 1}"
+    if seq < ID_PART_MAX:
+        return f"{ms}-{seq + 1}"
+    return f"{ms + 1}-0" if ms < ID_PART_MAX else f"{ms}-{seq}"
 
 
 def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int]:
@@ -299,6 +360,20 @@ def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int
             lag["undelivered"] = int(undelivered) if undelivered is not None else int(length)
     lag["lag_ms"] = max(lag["oldest_pending_ms"], lag["oldest_undelivered_ms"])
     return lag
+
+
+def streams_lag(*, client: redis.Redis, streams: list[str], group: str) -> dict[str, int]:
+    """``stream_lag`` over several streams: counts added up, ages the oldest of them."""
+    total = dict.fromkeys(
+        ("length", "pending", "oldest_pending_ms", "undelivered", "oldest_undelivered_ms", "lag_ms"), 0
+    )
+    for stream in streams:
+        lag = stream_lag(client=client, stream=stream, group=group)
+        for key in ("length", "pending", "undelivered"):
+            total[key] += lag[key]
+        for key in ("oldest_pending_ms", "oldest_undelivered_ms", "lag_ms"):
+            total[key] = max(total[key], lag[key])
+    return total
 
 
 def _text(value: Any) -> str:
@@ -379,6 +454,7 @@ def _ingest_loop(
         try:
             if time.monotonic() >= next_sync:
                 telemetry_config_sync()
+                ingester.hosts = worker_hosts()  # a host added since is read from now on
                 next_sync = time.monotonic() + 5
             if time.monotonic() >= next_retention:
                 removed = {k: v for k, v in events_retention_apply().items() if v}
@@ -409,7 +485,7 @@ def _ingest_loop(
         if elapsed >= log_every:
             try:
                 trimmed = ingester.trim()
-                lag = stream_lag(client=ingester.client, stream=ingester.stream, group=ingester.group)
+                lag = streams_lag(client=ingester.client, streams=ingester.streams, group=ingester.group)
             except redis.RedisError:
                 continue  # reported by the next step's retry
             busy = window_stored or window_dead or trimmed or lag["pending"] or lag["undelivered"]

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import REGISTRY, Collector
 
 from events.fleet import FLEET_METRICS, HISTOGRAM_BUCKETS, bucket_label, fleet_counters_read
-from events.ingest import stream_lag
+from events.ingest import host_stream, streams_lag, worker_hosts
 from events.models import DeadLetter, Worker
 from events.selectors import DEAD_LETTERS_COUNTED, heard_since
 from events.storage import dead_letters_total
@@ -73,10 +73,12 @@ class IngestCollector(Collector):
             yield CounterMetricFamily(*DEAD_LETTERS, value=total)
             yield GaugeMetricFamily(*DEAD_LETTERS_WAITING, value=waiting)
         try:
-            lag = stream_lag(
-                client=redis_client(), stream=settings.EVENTS_STREAM, group=settings.EVENTS_CONSUMER_GROUP
-            )
-        except redis.RedisError as exc:
+            streams = [
+                settings.EVENTS_STREAM,
+                *(host_stream(settings.EVENTS_STREAM, h) for h in worker_hosts()),
+            ]
+            lag = streams_lag(client=redis_client(), streams=streams, group=settings.EVENTS_CONSUMER_GROUP)
+        except (redis.RedisError, DatabaseError) as exc:
             logger.warning("Ingest lag metrics unavailable: %s", exc)
             return
         for name, help_text, key, scale in INGEST_GAUGES:

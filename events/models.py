@@ -53,9 +53,10 @@ class DeadLetter(models.Model):
     """A stream entry the ingester could not store as an event, kept with its error."""
 
     stream_id = models.CharField(
-        max_length=64,
+        max_length=128,
         unique=True,
-        help_text="The Redis stream entry id (#n: the n-th envelope of a batch entry; @i: its i-th field). "
+        help_text="The Redis stream entry id (<host>/ on a host's own stream; #n: the n-th envelope of a "
+        "batch entry; @i: its i-th field). "
         "One letter per item of an entry, however often the entry is delivered.",
     )
     event_id = models.UUIDField(
@@ -95,6 +96,32 @@ def model_path_validator(value: str) -> None:
 
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class WorkerHost(models.Model):
+    """A worker host with an event stream of its own (``<MLXSERVE_EVENTS_STREAM>:<name>``) and a Redis
+    user that may append to that stream alone (``python manage.py create_worker_host``). What its
+    credentials can do to the events stays on that stream: the events on it must carry the host's
+    name as their source (``<name>`` or ``<name>/...``)."""
+
+    name = models.CharField(
+        max_length=48,
+        unique=True,
+        validators=[
+            RegexValidator(
+                r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,47}\Z",
+                "A host name is letters, digits and . _ - (starting with a letter or digit), at most 48",
+                code="invalid_host",
+            )
+        ],
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class RegisteredModel(models.Model):

@@ -217,6 +217,17 @@ def events_store(
         except ValidationFailed as exc:
             dead.append(_dead_letter(entry_id, body, exc.as_error(), policy))
             continue
+        host = entry_id.partition("/")[0] if "/" in entry_id else None
+        if host is not None and not (envelope.source == host or envelope.source.startswith(host + "/")):
+            # On a host's own stream only that host's events: its credentials cannot speak for another.
+            message = (
+                f"Events on worker host '{host}''s stream must have source '{host}' or '{host}/...'; "
+                f"this one's is '{envelope.source[:200]}'"
+            )
+            dead.append(
+                _dead_letter(entry_id, body, error_object("Forbidden", message, "foreign_source"), policy)
+            )
+            continue
         if isinstance(envelope, GenerationStartedEnvelope):
             envelope = _prompt_redacted(envelope, policy)
         pending.setdefault(envelope.id, (envelope, entry_id, body))
@@ -294,7 +305,7 @@ def receiving_clock_ms(entry_id: str, now_ms: int) -> int:
     """What "now" is for an entry's "not in the future" check: when Redis received it (its id's
     time, the clock the API checked against), or this host's clock if later. An entry id set by
     hand in the future counts as at most ten minutes ahead of this host's clock."""
-    received = entry_id.split("-", 1)[0]
+    received = entry_id.rpartition("/")[2].split("-", 1)[0]
     if not (received.isascii() and received.isdigit() and len(received) <= 19):
         return now_ms
     return max(now_ms, min(int(received), now_ms + TIMESTAMP_MAX_AHEAD_MS))

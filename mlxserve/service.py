@@ -46,7 +46,13 @@ CELERY_WORKER_ARGS = (
     "--loglevel=INFO",
 )
 # What a worker's environment may carry from ``--env`` or this process's environment.
-PASSED_ON = ("REDIS_URL", "CELERY_BROKER_URL", "HF_HUB_CACHE", "OTEL_EXPORTER_OTLP_ENDPOINT")
+PASSED_ON = (
+    "REDIS_URL",
+    "CELERY_BROKER_URL",
+    "HF_HUB_CACHE",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "MLXSERVE_EVENTS_STREAM",
+)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ loopback port, a certificate authority made by the test, a real Celery worker as
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -265,3 +266,82 @@ def test_a_worker_host_cannot_set_another_workers_config_or_send_it_commands(
         assert heard.get(timeout=3.0) == (False, 3)
     finally:
         watcher.stop()
+
+
+def test_a_worker_host_with_a_stream_of_its_own_can_lose_or_forge_only_its_own_events(
+    tls_redis: dict[str, str], settings: Any
+) -> None:
+    import io
+
+    from django.core.management import call_command
+
+    from events.ingest import EventIngester
+    from events.models import DeadLetter
+    from tests.factories import make_envelope
+
+    settings.EVENTS_STREAM = "mlxserve:events"
+    shown = io.StringIO()
+    for host, password in (("mac-a", "a-secret"), ("mac-b", "b-secret")):
+        call_command(
+            "create_worker_host", host, password=password, redis_admin_url=tls_redis["admin"], stdout=shown
+        )
+    assert "MLXSERVE_EVENTS_STREAM=mlxserve:events:mac-a" in shown.getvalue()
+    assert shown.getvalue().splitlines()[0].startswith("user worker-mac-a on >a-secret ~celery*")
+    as_host = {
+        host: redis.Redis.from_url(
+            tls_redis["worker"].replace("worker:worker-secret@", f"worker-{host}:{host[-1]}-secret@")
+        )
+        for host in ("mac-a", "mac-b")
+    }
+    a, b = as_host["mac-a"], as_host["mac-b"]
+    web = redis.Redis.from_url(tls_redis["web"])
+
+    def event(source: str) -> dict[str, Any]:
+        return make_envelope(
+            "runtimeStatus",
+            source=source,
+            timestamp=int(time.time() * 1000),
+            generationId=None,
+            payload={"status": "ready", "modelsLoaded": 0},
+        )
+
+    def xadd(client: redis.Redis, stream: str, envelope: dict[str, Any]) -> None:
+        client.xadd(stream, {"e": json.dumps(envelope)})
+
+    ingester = EventIngester(
+        client=redis.Redis.from_url(tls_redis["ingester"]),
+        stream="mlxserve:events",
+        group="mlxserve-ingest",
+        consumer="i1",
+        block_ms=50,
+        hosts=("mac-a", "mac-b"),
+    )
+    mine, forged = event("mac-a/w1"), event("mac-b/w1")
+    xadd(a, "mlxserve:events:mac-a", mine)
+    xadd(a, "mlxserve:events:mac-a", forged)  # speaking for another host: kept as a dead letter
+    for _ in range(3):
+        ingester.step()
+    assert Event.objects.filter(pk=mine["id"]).exists() and not Event.objects.filter(pk=forged["id"]).exists()
+    assert DeadLetter.objects.get().error["details"]["issues"][0]["code"] == "foreign_source"
+    # Host a's credentials reach neither the shared stream nor b's...
+    for refused in (
+        lambda: xadd(a, "mlxserve:events", event("mac-a/w1")),
+        lambda: xadd(a, "mlxserve:events:mac-b", event("mac-a/w1")),
+        lambda: a.xtrim("mlxserve:events:mac-b", maxlen=0),
+        lambda: a.delete("mlxserve:events:mac-a"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()
+    # ...and what they can do to their own stream (empty it, block it at the top of the id space)
+    # costs that host alone: b's events and the API's are stored as before.
+    a.execute_command("XADD", "mlxserve:events:mac-a", "MAXLEN", "0", "*", "e", "x")
+    a.execute_command("XADD", "mlxserve:events:mac-a", "18446744073709551615-18446744073709551615", "e", "x")
+    with pytest.raises(redis.ResponseError):
+        xadd(a, "mlxserve:events:mac-a", event("mac-a/w1"))
+    theirs, posted = event("mac-b/w1"), event("api-host/x")
+    xadd(b, "mlxserve:events:mac-b", theirs)
+    xadd(web, "mlxserve:events", posted)
+    for _ in range(3):
+        ingester.step()
+    assert Event.objects.filter(pk__in=[theirs["id"], posted["id"]]).count() == 2
+    assert ingester.trim() >= 0
