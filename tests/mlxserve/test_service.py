@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import plistlib
+import re
 import shlex
 import signal
 import stat
@@ -275,3 +276,24 @@ def test_a_worker_runs_a_generation_with_none_of_the_web_only_packages_importabl
 
         until(completed, process, log)
     assert "is not in the worker install" not in log.read_text()
+
+
+def test_a_system_unit_runs_as_its_own_user_confined(tmp_path: Path) -> None:
+    # Units from `install --system` ran as root: now as `mlxserve`, with systemd's hardening, as
+    # `systemd-analyze security` scores it (it rates a unit with none of it 9.6, "UNSAFE").
+    layout = service.Layout(manager="systemd", home=tmp_path, system=True)
+    worker = service.Worker(n=1, source="mac/worker-1", checkout=tmp_path, python=Path(sys.executable))
+    unit = tmp_path / "mlxserve-worker-1.service"
+    unit.write_text(service.systemd_unit(worker, layout))
+    text = unit.read_text()
+    assert "User=mlxserve" in text and "NoNewPrivileges=yes" in text and "ProtectSystem=strict" in text
+    assert f"ReadWritePaths={layout.data_dir} {layout.log_dir}" in text
+    analysis = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True, text=True
+    )
+    assert analysis.returncode == 0, analysis.stderr
+    [score] = re.findall(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", analysis.stdout)
+    assert float(score[0]) <= 2.0 and score[1] == "OK", analysis.stdout[-2000:]
+    # A user unit (no root to drop) is as before: no User= line.
+    user_unit = service.systemd_unit(worker, service.Layout(manager="systemd", home=tmp_path))
+    assert "User=" not in user_unit and "ProtectSystem" not in user_unit
