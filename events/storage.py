@@ -17,7 +17,9 @@ from functools import lru_cache
 from typing import Any
 
 import msgspec
+from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from events.fleet import fleet_counters_add
@@ -501,6 +503,38 @@ def _storage_error(exc: Exception) -> dict[str, Any]:
     return error_object("StorageFailed", f"The database refused the event: {exc}".strip(), "storage_failed")
 
 
+def _new_workers_admitted(heard: dict[str, int]) -> set[str]:
+    """The sources of this batch that get a worker row made: at most
+    ``MLXSERVE_SOURCES_PER_PRODUCER`` rows per host or producer (the source's first part, ``N`` of
+    ``N/...``), whatever writes the stream: a host's credentials on the stream, like a producer's
+    on the API, cannot make the fleet's rows (and pages, and series) grow without bound. Their
+    events are stored all the same."""
+    known: set[str] = set()
+    names = sorted(heard)
+    for start in range(0, len(names), 500):
+        known.update(
+            Worker.objects.filter(source__in=names[start : start + 500]).values_list("source", flat=True)
+        )
+    fresh = [source for source in names if source not in known]
+    admitted: set[str] = set()
+    by_prefix: dict[str, list[str]] = {}
+    for source in fresh:
+        by_prefix.setdefault(source.split("/", 1)[0], []).append(source)
+    limit = settings.SOURCES_PER_PRODUCER
+    for prefix, sources in by_prefix.items():
+        rows = Worker.objects.filter(Q(source=prefix) | Q(source__startswith=prefix + "/")).count()
+        room = max(0, limit - rows)
+        admitted.update(sources[:room])
+        if len(sources) > room:
+            logger.warning(
+                "%d new sources of %s get no worker row: it has %d (MLXSERVE_SOURCES_PER_PRODUCER)",
+                len(sources) - room,
+                prefix,
+                rows,
+            )
+    return admitted
+
+
 def workers_note(events: Iterable[Envelope]) -> None:
     """Bring each source's worker row up to date: when last heard, last runtime status.
 
@@ -522,9 +556,10 @@ def workers_note(events: Iterable[Envelope]) -> None:
             errors[event.source] = event
     if not heard:
         return
+    new = _new_workers_admitted(heard)
     # Rows written in source order: two ingesters updating the same workers wait on each other
     # in one order, never in a cycle (a deadlock).
-    Worker.objects.bulk_create([Worker(source=s) for s in sorted(heard)], ignore_conflicts=True)
+    Worker.objects.bulk_create([Worker(source=s) for s in sorted(new)], ignore_conflicts=True)
     for source, timestamp in sorted(heard.items()):
         Worker.objects.filter(source=source, last_heard_at__lt=timestamp).update(last_heard_at=timestamp)
     for source, error in sorted(errors.items()):

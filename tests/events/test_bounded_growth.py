@@ -165,3 +165,20 @@ def test_the_openapi_schema_is_generated_once_per_process(anon_client: APIClient
     for query in ("", "?format=json", "?version=1", "?version=2"):
         assert anon_client.get(f"/api/schema/{query}").status_code == 200
     assert len(calls) == 1
+
+
+def test_a_host_writing_the_stream_itself_makes_at_most_its_share_of_workers(settings: Any) -> None:
+    # The stream is written by worker hosts' credentials, not through the API's source budget: the
+    # ingester makes at most MLXSERVE_SOURCES_PER_PRODUCER worker rows per host, and stores every event.
+    settings.SOURCES_PER_PRODUCER = 10
+    from events.models import Event
+
+    envelopes = [make_envelope(source=f"rogue/{i}", timestamp=now_ms()) for i in range(300)]
+    envelopes += [make_envelope(source="honest/w1", timestamp=now_ms())]
+    for start in range(0, len(envelopes), 50):
+        events_store(
+            [(f"{start}-{i}", msgspec.json.encode(e)) for i, e in enumerate(envelopes[start : start + 50])]
+        )
+    assert Event.objects.count() == 301
+    assert Worker.objects.filter(source__startswith="rogue/").count() == 10
+    assert Worker.objects.filter(source="honest/w1").exists()
