@@ -182,3 +182,36 @@ def test_a_host_writing_the_stream_itself_makes_at_most_its_share_of_workers(set
     assert Event.objects.count() == 301
     assert Worker.objects.filter(source__startswith="rogue/").count() == 10
     assert Worker.objects.filter(source="honest/w1").exists()
+
+
+def test_with_the_ingester_stopped_posts_stop_at_the_backlog_bound_and_none_accepted_is_lost(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    # Three producers post batches while no ingester runs: the stream grows to its byte bound (one
+    # entry past it at most), then every post is 503 with nothing kept; once the ingester runs,
+    # every event answered 202/207-accepted is stored.
+    from events.models import Event
+
+    settings.STREAM_BACKLOG_BYTES = 400_000
+    settings.STREAM_BACKLOG_LIMIT = 0  # the byte bound alone
+    producers = {name: producer(name) for name in ("p1", "p2", "p3")}
+    accepted: list[str] = []
+    refused = 0
+    for _round in range(40):
+        for name, client in producers.items():
+            batch = [make_envelope(source=f"{name}/w", timestamp=now_ms()) for _ in range(100)]
+            answer = client.post("/api/events/", batch, format="json")
+            if answer.status_code == 503:
+                refused += 1
+                assert answer["Retry-After"] == "5"
+                continue
+            assert answer.status_code == 207, answer.content
+            accepted += answer.json()["accepted"]
+    assert refused > 0 and accepted
+    used = int(redis_client.memory_usage(settings.EVENTS_STREAM) or 0)
+    assert used < 400_000 + 100_000, used  # the bound, and the entry that crossed it
+    worker = ingester(redis_client, settings)
+    for _ in range(50):
+        if worker.step().stored == 0 and Event.objects.count() >= len(accepted):
+            break
+    assert set(map(str, Event.objects.values_list("id", flat=True))) == set(accepted)
