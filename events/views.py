@@ -75,18 +75,19 @@ from mlxserve.redis_conn import redis_client
 ENVELOPE_SCHEMA = struct_schema(Envelope)
 
 
-class IntegerCursorPagination(CursorPagination):
-    """Cursor pages over an integer column: a cursor is a position, not an offset, so pages
-    stay stable while new rows arrive. ``?limit=`` sets the page size."""
+class StrictCursorPagination(CursorPagination):
+    """DRF's cursor pages, with every cursor checked: one this API did not write is a 400, never
+    DRF's 404, a first page, or a position passed to the query unchecked. ``?limit=`` sets the
+    page size."""
 
     page_size = 100
     page_size_query_param = "limit"
     max_page_size = 1000
 
+    def position_ok(self, position: Any) -> bool:
+        raise NotImplementedError
+
     def decode_cursor(self, request: Request) -> Any:
-        # DRF answers a malformed cursor with 404 and reads any base64 it can as the first
-        # page; its position reaches the query unchecked. A cursor is only ever one this
-        # API wrote: anything else is a bad parameter, 400.
         encoded = request.query_params.get(self.cursor_query_param)
         if encoded is None or encoded == "":
             return None
@@ -94,9 +95,17 @@ class IntegerCursorPagination(CursorPagination):
             cursor = super().decode_cursor(request) if _is_our_cursor(encoded) else None
         except NotFound:
             cursor = None
-        if cursor is None or not _is_int64(cursor.position):
+        if cursor is None or (cursor.position is not None and not self.position_ok(cursor.position)):
             raise ValidationFailed([Issue(["cursor"], "Invalid cursor", "invalid_cursor")])
         return cursor
+
+
+class IntegerCursorPagination(StrictCursorPagination):
+    """Cursor pages over an integer column: a cursor is a position, not an offset, so pages
+    stay stable while new rows arrive."""
+
+    def position_ok(self, position: Any) -> bool:
+        return _is_int64(position)
 
 
 def _is_our_cursor(encoded: str) -> bool:
@@ -237,26 +246,13 @@ class GenerationDetailView(APIView):
         return Response(detail)
 
 
-class WorkerCursorPagination(CursorPagination):
-    """Workers by source, a page at a time (``?limit=``, at most 1000)."""
+class WorkerCursorPagination(StrictCursorPagination):
+    """Workers by source (unique), a page at a time."""
 
-    page_size = 100
-    page_size_query_param = "limit"
-    max_page_size = 1000
     ordering = ("source",)
 
-    def decode_cursor(self, request: Request) -> Any:
-        encoded = request.query_params.get(self.cursor_query_param)
-        if encoded is None or encoded == "":
-            return None
-        try:
-            cursor = super().decode_cursor(request) if _is_our_cursor(encoded) else None
-        except NotFound:
-            cursor = None
-        position = getattr(cursor, "position", None)
-        if cursor is None or (position is not None and (len(position) > 200 or "\x00" in position)):
-            raise ValidationFailed([Issue(["cursor"], "Invalid cursor", "invalid_cursor")])
-        return cursor
+    def position_ok(self, position: Any) -> bool:
+        return len(position) <= 200 and "\x00" not in position
 
 
 class WorkerListView(generics.ListAPIView[Worker]):

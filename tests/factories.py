@@ -423,3 +423,14 @@ ACCEPTED = [
     ("runtimeStatus", "activeTasks", 0),
     ("runtimeStatus", "activeTasks", DROP),
 ]
+
+
+def ingest_until(redis_client: redis.Redis, condition: Any, timeout: float = 60.0) -> None:
+    """Run an ingester on the test stream (group ``test-ingest``) until ``condition()`` holds."""
+    ingester = EventIngester(
+        client=redis_client, stream=STREAM, group="test-ingest", consumer="t", block_ms=100
+    )
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the worker's events"
+        ingester.step()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from tests.factories import (
     RedisServer,
     celery_worker_running,
     generation_queue_on,
+    ingest_until,
     token_client,
 )
 
@@ -39,16 +39,6 @@ def operator_client(db: Any) -> APIClient:
 @pytest.fixture(autouse=True)
 def _names(settings: Any) -> None:
     settings.WORKER_CONTROL_CHANNEL = CONTROL
-
-
-def ingest_until(redis_client: redis.Redis, condition: Any, timeout: float = 60.0) -> None:
-    ingester = EventIngester(
-        client=redis_client, stream=STREAM, group="test-ingest", consumer="t", block_ms=100
-    )
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the worker's events"
-        ingester.step()
 
 
 def generation(client: APIClient, generation_id: str) -> dict[str, Any]:

@@ -6,7 +6,6 @@ that takes them carries on with the next generation; every generation that canno
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +15,9 @@ import pytest
 import redis
 from kombu import Connection
 
-from events.ingest import EventIngester
 from events.models import Event
 from mlxserve.broker import QUARANTINE
-from tests.factories import STREAM, TEST_REDIS_URL, celery_worker_running, generation_queue_on
+from tests.factories import TEST_REDIS_URL, celery_worker_running, generation_queue_on, ingest_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,16 +27,6 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path
     log_dir = tmp_path_factory.mktemp("poisoned-worker")
     with celery_worker_running(log_dir, "poison-host/w1", MLXSERVE_MAX_ATTEMPTS="2") as process:
         yield process, log_dir / "worker.log"
-
-
-def ingest_until(redis_client: redis.Redis, condition: Any, timeout: float = 60.0) -> None:
-    ingester = EventIngester(
-        client=redis_client, stream=STREAM, group="test-ingest", consumer="t", block_ms=100
-    )
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the worker's events"
-        ingester.step()
 
 
 def completed(generation_id: str) -> bool:
