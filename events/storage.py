@@ -37,6 +37,7 @@ from events.privacy import prompt_policy_get, prompt_redact
 from events.rollups import first_tokens, rollups_add
 from events.upsert import upsert_adding
 from mlxserve.contract.events import (
+    TIMESTAMP_FUTURE_MESSAGE,
     TIMESTAMP_MAX_AHEAD_MS,
     Envelope,
     ErrorEnvelope,
@@ -45,7 +46,7 @@ from mlxserve.contract.events import (
     TokenGeneratedEnvelope,
     envelope_decode,
 )
-from mlxserve.contract.validation import INT64_MAX, ValidationFailed, error_object, json_parse
+from mlxserve.contract.validation import INT64_MAX, Issue, ValidationFailed, error_object, json_parse
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +214,16 @@ def events_store(
     pending: dict[Any, tuple[Envelope, str, bytes]] = {}
     policy = prompt_policy_get()
     dead: list[DeadLetter] = [_dead_letter(label, body, error, policy) for label, body, error in refused]
+    # Decoded against the latest "now" an entry can have (this host's clock plus ten minutes); only
+    # an event past this host's own rule is checked again against when Redis received its entry.
+    latest = now_ms + TIMESTAMP_MAX_AHEAD_MS
     for entry_id, body in entries:
         try:
-            envelope = envelope_decode(storable_body(body), now_ms=receiving_clock_ms(entry_id, now_ms))
+            envelope = envelope_decode(storable_body(body), now_ms=latest)
+            if envelope.timestamp > now_ms + TIMESTAMP_MAX_AHEAD_MS and envelope.timestamp > (
+                receiving_clock_ms(entry_id, now_ms) + TIMESTAMP_MAX_AHEAD_MS
+            ):
+                raise ValidationFailed([Issue(["timestamp"], TIMESTAMP_FUTURE_MESSAGE, "in_future")])
         except ValidationFailed as exc:
             dead.append(_dead_letter(entry_id, body, exc.as_error(), policy))
             continue
@@ -241,6 +249,9 @@ def events_store(
     return StoreOutcome(stored=stored, duplicates=len(entries) - invalid - stored, dead_letters=dead)
 
 
+_LOCKED_TYPES = frozenset({GenerationStartedEnvelope, TokenGeneratedEnvelope})
+
+
 def _generations_lock(envelopes: Sequence[Envelope]) -> None:
     """On PostgreSQL, one transaction at a time stores events of a given generation: each takes
     a lock per generation its batch holds a start or a token of (advisory, released at commit),
@@ -252,14 +263,9 @@ def _generations_lock(envelopes: Sequence[Envelope]) -> None:
     """
     if connection.vendor != "postgresql":
         return
-    keys = sorted(
-        {
-            int.from_bytes(e.generation_id.bytes[:8], "big", signed=True)
-            for e in envelopes
-            if isinstance(e, GenerationStartedEnvelope | TokenGeneratedEnvelope)
-            and e.generation_id is not None
-        }
-    )
+    generations = {e.generation_id for e in envelopes if type(e) in _LOCKED_TYPES}
+    generations.discard(None)
+    keys = sorted(int.from_bytes(g.bytes[:8], "big", signed=True) for g in generations if g is not None)
     if keys:
         with connection.cursor() as cursor:
             # unnest hands the keys over in the array's (sorted) order: every ingester takes them
