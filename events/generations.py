@@ -13,6 +13,7 @@ from events.models import (
     RegisteredModel,
 )
 from events.privacy import prompt_policy_get, prompt_redact
+from events.signing import task_sign
 from events.storage import storable_body
 from mlxserve.contract.events import (
     GenerationOrder,
@@ -72,16 +73,18 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
     )
     try:
         generation_run.apply_async(
-            kwargs={
-                "generation_id": str(generation.id),
-                "model": registered.name,
-                "model_path": registered.path,
-                "prompt": order.prompt,
-                "max_tokens": order.max_tokens,
-                "temperature": order.temperature,
-                "top_p": order.top_p,
-                "seed": order.seed,
-            },
+            kwargs=task_sign(
+                {
+                    "generation_id": str(generation.id),
+                    "model": registered.name,
+                    "model_path": registered.path,
+                    "prompt": order.prompt,
+                    "max_tokens": order.max_tokens,
+                    "temperature": order.temperature,
+                    "top_p": order.top_p,
+                    "seed": order.seed,
+                }
+            ),
             retry=False,
         )
     except Exception:

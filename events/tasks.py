@@ -17,6 +17,7 @@ import msgspec
 from celery import shared_task
 from django.conf import settings
 
+from events.signing import task_signature_refusal
 from mlxserve.contract.events import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -44,12 +45,21 @@ class GenerationTask(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     temperature: Annotated[float, msgspec.Meta(ge=0, le=10)] = DEFAULT_TEMPERATURE
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = DEFAULT_TOP_P
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
+    signature: str | None = None  # events.signing
 
 
 @shared_task(name="mlxserve.generation_run", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def generation_run(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run one generation attempt on this worker. A redelivery (its worker died) is a new attempt."""
     runtime = worker_runtime()
+    if (refusal := task_signature_refusal(kwargs)) is not None:
+        # Not the control plane's: nothing is run and nothing is said for the generation it names
+        # (a forged task must not fail someone else's generation either). Logged and counted.
+        logger.error(
+            "Generation task refused: %s (it names generation %r)", refusal, kwargs.get("generation_id")
+        )
+        runtime.metrics.series(runtime.metrics.errors, code="UnsignedTask").inc()
+        return {"generationId": None, "state": "refused", "code": "UnsignedTask"}
     try:
         if args:
             raise msgspec.ValidationError("Positional arguments are not accepted")

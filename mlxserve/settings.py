@@ -331,6 +331,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("MLXSERVE_TASK_VISIBILITY_TIMEOUT", 3600)}
 # A generation whose attempts keep dying with their worker (out of memory, say) is not handed to
 # the next worker past this many attempts: the next one ends it with an error event instead.
+# Signed generation tasks (events.signing): the control plane's Ed25519 key, and on workers its
+# public half; a worker with a verify key runs only tasks the control plane signed.
+TASK_SIGNING_KEY = env_str("MLXSERVE_TASK_SIGNING_KEY", "")
+TASK_VERIFY_KEY = env_str("MLXSERVE_TASK_VERIFY_KEY", "")
 MAX_ATTEMPTS = env_int("MLXSERVE_MAX_ATTEMPTS", 3)
 if MAX_ATTEMPTS < 1:
     raise ImproperlyConfigured(f"MLXSERVE_MAX_ATTEMPTS must be at least 1, got {MAX_ATTEMPTS}")
