@@ -67,13 +67,23 @@ def generation_run(*args: Any, **kwargs: Any) -> dict[str, Any]:
     except msgspec.ValidationError as exc:
         return _refused(runtime, kwargs, f"Invalid generation task: {exc}")
     generation_id = str(task.generation_id)
+    # Two counts: the generation's attempts across the fleet (the number events carry), and this
+    # host's own, which bounds the retries. A worker host may add to the first (the Celery rights
+    # workers share), never to another host's own count: so it can make another's attempt numbers
+    # odd, not end its generation.
     key = f"mlxserve:generation:{generation_id}:attempts"
-    attempt = int(runtime.client.incr(key))  # type: ignore[arg-type]
-    runtime.client.expire(key, ATTEMPTS_TTL_SECONDS)
-    if attempt > settings.MAX_ATTEMPTS:
+    own_key = f"{key}:{runtime.settings.source.split('/', 1)[0]}"
+    pipe = runtime.client.pipeline(transaction=False)
+    pipe.incr(key)
+    pipe.expire(key, ATTEMPTS_TTL_SECONDS)
+    pipe.incr(own_key)
+    pipe.expire(own_key, ATTEMPTS_TTL_SECONDS)
+    attempt, _, own_attempts, _ = pipe.execute()
+    attempt, own_attempts = int(attempt), int(own_attempts)
+    if own_attempts > settings.MAX_ATTEMPTS:
         message = (
-            f"Not run again: attempt {attempt} of a generation whose earlier attempts never finished "
-            f"(their worker died each time; at most {settings.MAX_ATTEMPTS} attempts)"
+            f"Not run again: attempt {own_attempts} on this host of a generation whose earlier attempts "
+            f"never finished (their worker died each time; at most {settings.MAX_ATTEMPTS} attempts a host)"
         )
         return _refused(runtime, kwargs, message, code="TooManyAttempts", attempt=attempt)
     request = GenerationRequest(

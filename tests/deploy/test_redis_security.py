@@ -329,9 +329,12 @@ def test_a_worker_host_with_a_stream_of_its_own_can_lose_or_forge_only_its_own_e
         lambda: xadd(a, "mlxserve:events:mac-b", event("mac-a/w1")),
         lambda: a.xtrim("mlxserve:events:mac-b", maxlen=0),
         lambda: a.delete("mlxserve:events:mac-a"),
+        lambda: a.incrby("mlxserve:generation:g1:attempts:mac-b", 100),  # another host's retry bound
     ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             refused()
+    assert a.incrby("mlxserve:generation:g1:attempts", 1) == 1  # the fleet's count: numbers only
+    assert a.incrby("mlxserve:generation:g1:attempts:mac-a", 1) == 1
     # ...and what they can do to their own stream (empty it, block it at the top of the id space)
     # costs that host alone: b's events and the API's are stored as before.
     a.execute_command("XADD", "mlxserve:events:mac-a", "MAXLEN", "0", "*", "e", "x")

@@ -124,9 +124,25 @@ def test_a_generation_whose_attempts_keep_dying_is_not_handed_on_without_end(
     # delivery ends the generation instead of running it again.
     generation_id = str(uuid.uuid4())
     redis_client.set(f"mlxserve:generation:{generation_id}:attempts", 2)
+    redis_client.set(f"mlxserve:generation:{generation_id}:attempts:poison-host", 2)
     queue_task(generation_id=generation_id, model=str(module_demo_model), prompt="Hi", max_tokens=4)
     ingest_until(redis_client, lambda: Event.objects.filter(generation_id=generation_id).exists())
     [error] = Event.objects.filter(generation_id=generation_id)
     assert (error.type, error.payload["code"]) == ("error", "TooManyAttempts")
     assert error.payload["metadata"] == {"attempt": 3}
-    assert "at most 2 attempts" in error.payload["error"]
+    assert "at most 2 attempts a host" in error.payload["error"]
+
+
+def test_another_host_adding_to_the_fleet_count_does_not_end_a_generation(
+    worker: tuple[Any, Path], redis_client: redis.Redis, module_demo_model: Path
+) -> None:
+    # The fleet-wide count is writable by every worker host; only this host's own count bounds it.
+    generation_id = str(uuid.uuid4())
+    redis_client.set(f"mlxserve:generation:{generation_id}:attempts", 1000)
+    queue_task(generation_id=generation_id, model=str(module_demo_model), prompt="Hi", max_tokens=4)
+    ingest_until(
+        redis_client,
+        lambda: Event.objects.filter(generation_id=generation_id, type="generationCompleted").exists(),
+    )
+    started = Event.objects.get(generation_id=generation_id, type="generationStarted")
+    assert started.payload["metadata"]["attempt"] == 1001  # only the number is odd
