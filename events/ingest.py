@@ -111,7 +111,12 @@ class EventIngester:
             if not storage_ready():
                 raise OperationalError("The database is unreachable or incomplete; pending entries wait")
             self._verify_database = False
-        entries, redelivered = self._read()
+        try:
+            entries, redelivered = self._read()
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis lost its groups (a restart with no persistence): made again
+                self._ready_streams.clear()
+            raise
         if not entries:
             return StoreOutcome()
         contents = EntryContents()

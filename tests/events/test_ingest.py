@@ -367,3 +367,18 @@ def test_a_retention_period_the_ingester_cannot_apply_is_never_accepted(settings
     RetentionPolicy.objects.filter(pk=policy.pk).update(keep_days=1_000_000)
     assert events_retention_apply(now_ms=T0)["tokenGenerated"] == 0
     assert fleet_labels_fold() == 0
+
+
+@pytest.mark.django_db
+def test_a_consumer_group_lost_with_redis_is_made_again(redis_client: redis.Redis, settings: Any) -> None:
+    from events.ingest import PAUSING_ERRORS
+
+    worker = ingester(redis_client, settings)
+    append(redis_client, settings, make_envelope(timestamp=T0))
+    worker.step()
+    redis_client.delete(settings.EVENTS_STREAM)  # what a restart of a Redis that keeps nothing leaves
+    append(redis_client, settings, after := make_envelope(timestamp=T0 + 1))
+    with pytest.raises(PAUSING_ERRORS):
+        worker.step()  # NOGROUP: the loop waits a moment...
+    worker.step()  # ...and the group is made again
+    assert Event.objects.filter(pk=after["id"]).exists()
