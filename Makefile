@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # Tests run against both databases; this one is used for the PostgreSQL pass.
 TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/mlxserve
 
-.PHONY: run test lint typecheck pytest pytest-sqlite pytest-postgres bench clean
+.PHONY: run test test-quick lint typecheck pytest pytest-sqlite pytest-postgres bench clean
 
 $(VENV)/.installed: requirements-worker.txt requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ run: $(VENV)/.installed
 	./bin/run
 
 test: $(VENV)/.installed lint typecheck pytest
+
+# The edit-test loop: everything but the tests that start servers and workers (marked `slow` in
+# tests/conftest.py), SQLite only, no coverage: under two minutes here. `make test` is the gate.
+test-quick: $(VENV)/.installed
+	env -u DATABASE_URL $(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

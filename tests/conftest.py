@@ -32,6 +32,37 @@ os.environ.setdefault("SECRET_KEY", django_settings.SECRET_KEY)
 os.environ.setdefault("MLXSERVE_PROMPT_HASH_KEY", django_settings.PROMPT_HASH_KEY)
 
 
+# Modules that start real servers and workers (Celery workers generating with mlx-lm, gunicorn,
+# Prometheus, Chromium, a TLS Redis, the ingester as a process, `make run`) or load tables in bulk:
+# `slow`. `make test-quick` (pytest -m "not slow") leaves them out for the edit-test loop; `make
+# test` runs everything.
+SLOW_MODULES = frozenset(
+    {
+        "tests/deploy/test_prometheus.py",
+        "tests/deploy/test_redis_security.py",
+        "tests/events/test_browser.py",
+        "tests/events/test_generations.py",
+        "tests/events/test_ingest_crash.py",
+        "tests/events/test_ingest_process.py",
+        "tests/events/test_list_plans.py",
+        "tests/events/test_plan_everywhere.py",
+        "tests/events/test_poison_tasks.py",
+        "tests/events/test_signed_tasks.py",
+        "tests/mlxserve/test_api_fuzz.py",
+        "tests/mlxserve/test_make_run.py",
+        "tests/mlxserve/test_request_limit.py",
+        "tests/mlxserve/test_service.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(str(config.rootpath))
+    for item in items:
+        if str(Path(str(item.path)).relative_to(root)) in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _celery_on_the_test_redis() -> None:
     """Queue tasks where the tests' workers listen (settings were read before the fixtures ran)."""
