@@ -23,22 +23,26 @@ from mlxserve.contract.validation import Issue, ValidationFailed, validate
 logger = logging.getLogger(__name__)
 
 
-def registered_model(model: str) -> RegisteredModel:
+def registered_model(model: str, *, may_register: bool = False) -> RegisteredModel:
     """The registry entry a request names: by its name, or by its path (a directory or a cached
-    repo id, as staff registered it). Nothing else is generated: an operator cannot make a worker
-    load whatever directory its host holds."""
+    repo id, as staff registered it). An operator cannot make a worker load whatever directory its
+    host holds: nothing else is generated for them. Those who may register models (staff, and the
+    ``generate`` command on the control plane) may also name a directory or a cached repo id
+    directly, as if registered under that name (kept unsaved; the worker checks it as any other)."""
     found = (
         RegisteredModel.objects.filter(name=model).first()
         or RegisteredModel.objects.filter(path=model).first()
     )
+    if found is None and may_register:
+        return RegisteredModel(name=model, path="")
     if found is None:
         shown = model[:200]
         raise ValidationFailed(
             [
                 Issue(
                     ["model"],
-                    f"Unknown model '{shown}': only registered models are generated (staff register "
-                    "them in the admin, Registered models, or with manage.py register_model)",
+                    f"Unknown model '{shown}': only registered models are generated for operators (staff "
+                    "register them in the admin, Registered models, or with manage.py register_model)",
                     "unknown_model",
                 )
             ]
@@ -58,7 +62,9 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
     order = validate(data, GenerationOrder)
     if "\x00" in order.model:
         raise ValidationFailed([Issue(["model"], "Cannot contain NUL characters", "invalid")])
-    registered = registered_model(order.model)
+    # The command line (no user) runs on the control plane, where registering is at hand anyway.
+    may_register = user is None or bool(getattr(user, "is_staff", False))
+    registered = registered_model(order.model, may_register=may_register)
     generation = Generation.objects.create(
         id=uuid.uuid4(),
         model=registered.name,
@@ -77,7 +83,7 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
                 {
                     "generation_id": str(generation.id),
                     "model": registered.name,
-                    "model_path": registered.path,
+                    "model_path": registered.path or None,
                     "prompt": order.prompt,
                     "max_tokens": order.max_tokens,
                     "temperature": order.temperature,

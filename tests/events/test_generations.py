@@ -277,3 +277,15 @@ def test_the_celery_broker_may_be_another_redis_than_the_event_stream(
     # Celery's bindings live on the broker's Redis only.
     assert redis.Redis.from_url(own_redis.url).keys("_kombu.binding.*")
     assert not redis_client.keys("_kombu.binding.*")
+
+
+def test_staff_may_name_an_unregistered_directory_as_the_contract_allows(
+    staff_client: APIClient, tmp_path: Path
+) -> None:
+    # `model` is a registry name, a local directory or a cached repo id: staff, who may register
+    # models anyway, may name one directly; the worker checks it as any other.
+    response = staff_client.post("/api/generations/", {"model": str(tmp_path), "prompt": "x"}, format="json")
+    assert response.status_code == 202
+    recorded = Generation.objects.get(pk=response.json()["generationId"])
+    assert (recorded.model, recorded.model_path) == (str(tmp_path), "")
+    assert not RegisteredModel.objects.exists()
