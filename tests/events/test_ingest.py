@@ -382,3 +382,33 @@ def test_a_consumer_group_lost_with_redis_is_made_again(redis_client: redis.Redi
         worker.step()  # NOGROUP: the loop waits a moment...
     worker.step()  # ...and the group is made again
     assert Event.objects.filter(pk=after["id"]).exists()
+
+
+@pytest.mark.django_db
+def test_the_ingester_reads_a_worker_hosts_stream_from_when_it_is_made(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    # `create_worker_host` adds a row; the running ingester reads that host's stream from its next
+    # five-second refresh (here its first turn), and the control plane's lag figures count it.
+    from django.test import Client
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from events.ingest import host_stream, ingest_run
+    from events.models import WorkerHost
+
+    def samples() -> dict[str, float]:
+        text = Client().get("/metrics").content.decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    WorkerHost.objects.create(name="mac-a")
+    worker = ingester(redis_client, settings)
+    assert ingest_run(worker, stopping=lambda: False, exit_when_idle=True, retention_every=0) == (0, 0)
+    theirs = make_envelope(source="mac-a/w1", timestamp=T0)
+    stream_append_batch(
+        redis_client, host_stream(settings.EVENTS_STREAM, "mac-a"), [msgspec.json.encode(theirs)]
+    )
+    before = samples()
+    assert (before["mlxserve_ingest_stream_length"], before["mlxserve_ingest_undelivered"]) == (1, 1)
+    assert ingest_run(worker, stopping=lambda: False, exit_when_idle=True, retention_every=0) == (1, 0)
+    assert Event.objects.filter(pk=theirs["id"]).exists()
+    assert samples()["mlxserve_ingest_undelivered"] == 0
