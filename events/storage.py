@@ -264,7 +264,6 @@ def _generations_lock(envelopes: Sequence[Envelope]) -> None:
     if connection.vendor != "postgresql":
         return
     generations = {e.generation_id for e in envelopes if type(e) in _LOCKED_TYPES}
-    generations.discard(None)
     keys = sorted(int.from_bytes(g.bytes[:8], "big", signed=True) for g in generations if g is not None)
     if keys:
         with connection.cursor() as cursor:

@@ -22,6 +22,11 @@ from mlxserve.contract.events import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
+    OrderMaxTokens,
+    OrderModel,
+    OrderSeed,
+    OrderTemperature,
+    OrderTopP,
     Prompt,
 )
 from mlxserve.contract.validation import EngineError
@@ -34,17 +39,17 @@ ATTEMPTS_TTL_SECONDS = 7 * 24 * 3600
 
 
 class GenerationTask(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The task's keyword arguments, as ``events.generations.generation_queue`` sends them; the
-    bounds are the API's (``GenerationOrder``)."""
+    """The task's keyword arguments, as ``events.generations.generation_queue`` sends them: the
+    order's fields (declared once, in the contract), snake_case, with the generation's id."""
 
     generation_id: uuid.UUID
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+    model: OrderModel
     model_path: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
     prompt: Prompt
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=32768)] = DEFAULT_MAX_TOKENS
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=10)] = DEFAULT_TEMPERATURE
-    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = DEFAULT_TOP_P
-    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
+    max_tokens: OrderMaxTokens = DEFAULT_MAX_TOKENS
+    temperature: OrderTemperature = DEFAULT_TEMPERATURE
+    top_p: OrderTopP = DEFAULT_TOP_P
+    seed: OrderSeed | None = None
     signature: str | None = None  # events.signing
 
 

@@ -497,10 +497,19 @@ DEFAULT_TEMPERATURE = 0.0
 DEFAULT_TOP_P = 0.0  # 0 turns nucleus sampling off, as in mlx_lm.sample_utils.make_sampler
 
 
+# A generation request's fields, declared once: the API's order (below) and the task a worker
+# accepts (events.tasks.GenerationTask) both hold them.
+OrderModel = Annotated[str, Meta(min_length=1, max_length=1000)]
+OrderMaxTokens = Annotated[int, Meta(ge=1, le=32768)]
+OrderTemperature = Annotated[float, Meta(ge=0, le=10)]
+OrderTopP = Annotated[float, Meta(ge=0, le=1)]
+OrderSeed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+
+
 class GenerationOrder(msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True):
-    model: Annotated[str, Meta(min_length=1, max_length=1000)]
+    model: OrderModel
     prompt: Prompt
-    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = DEFAULT_MAX_TOKENS
-    temperature: Annotated[float, Meta(ge=0, le=10)] = DEFAULT_TEMPERATURE
-    top_p: Annotated[float, Meta(ge=0, le=1)] = DEFAULT_TOP_P
-    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    max_tokens: OrderMaxTokens = DEFAULT_MAX_TOKENS
+    temperature: OrderTemperature = DEFAULT_TEMPERATURE
+    top_p: OrderTopP = DEFAULT_TOP_P
+    seed: OrderSeed | None = None

@@ -348,3 +348,13 @@ def test_a_worker_host_with_a_stream_of_its_own_can_lose_or_forge_only_its_own_e
         ingester.step()
     assert Event.objects.filter(pk__in=[theirs["id"], posted["id"]]).count() == 2
     assert ingester.trim() >= 0
+
+
+def test_the_shipped_worker_user_has_the_rules_create_worker_host_narrows(settings: Any) -> None:
+    from events.management.commands.create_worker_host import acl_rules
+
+    settings.EVENTS_STREAM, settings.TELEMETRY_CONFIG_KEY = "mlxserve:events", "mlxserve:telemetry:config"
+    settings.WORKER_CONTROL_CHANNEL = "mlxserve:control"
+
+    [line] = [line for line in ACL.read_text().splitlines() if line.startswith("user worker ")]
+    assert line == f"user worker on >CHANGE-ME-WORKER {acl_rules(None)}"

@@ -15,19 +15,23 @@ from events.models import WorkerHost
 # What a worker host's Redis user may do: Celery's queues and bookkeeping; on the event stream of
 # its own, append and look (never trim, delete or read another's); read the config and the command
 # log; the generations' attempt counts and its own (never another host's: those bound the
-# retries). The shared `worker` user of deploy/redis/users.acl, narrowed to the host's own.
+# retries). The shared `worker` user of deploy/redis/users.acl is the same rules on the shared
+# stream and every counter (a test holds the file to them).
 ACL_RULES = (
     "~celery* ~_kombu.* ~unacked* &* +@all -@dangerous +info "
     "(~{stream} +xadd +xlen +xinfo|groups +xinfo|stream +memory|usage) "
     "(%R~{config_key} +get) (%R~{control_log} +xrange +xrevrange) "
-    "(~mlxserve:generation:*:attempts ~mlxserve:generation:*:attempts:{host} +incrby +expire)"
+    "({counters} +incrby +expire)"
 )
 
 
-def acl_rules(host: str) -> str:
+def acl_rules(host: str | None) -> str:
+    """A worker host's rules; ``None``: the shared `worker` user's."""
     return ACL_RULES.format(
-        host=host,
-        stream=host_stream(settings.EVENTS_STREAM, host),
+        stream=settings.EVENTS_STREAM if host is None else host_stream(settings.EVENTS_STREAM, host),
+        counters="~mlxserve:generation:*"
+        if host is None
+        else f"~mlxserve:generation:*:attempts ~mlxserve:generation:*:attempts:{host}",
         config_key=settings.TELEMETRY_CONFIG_KEY,
         control_log=f"{settings.WORKER_CONTROL_CHANNEL}:log",
     )
