@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import msgspec
+from django.conf import settings
 
 from events.models import (
     Generation,
@@ -18,7 +19,9 @@ from events.storage import storable_body
 from mlxserve.contract.events import (
     GenerationOrder,
 )
+from mlxserve.contract.serving import model_queue, serving_key
 from mlxserve.contract.validation import Issue, ValidationFailed, validate
+from mlxserve.redis_conn import redis_client, redis_clock
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +53,65 @@ def registered_model(model: str, *, may_register: bool = False) -> RegisteredMod
     return found
 
 
+class ModelNotServed(Exception):
+    """No live worker serves the model: a request for it is refused at once, never queued."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"No live worker serves model '{model[:200]}' (a worker declares its models with "
+            "MLXSERVE_WORKER_MODELS)"
+        )
+
+
+def generation_route(model: str) -> str | None:
+    """The Celery queue of a task for ``model``: its own queue when a live worker declared it, else
+    the default queue (``None``) when a live worker takes every model. Raises ``ModelNotServed``.
+    Claims are read by Redis's clock, the one workers renew them by."""
+    client = redis_client()
+    now_ms = redis_clock.now_ms(client)
+    pipe = client.pipeline(transaction=False)
+    pipe.zcount(serving_key(model), now_ms, "+inf")
+    pipe.zcount(serving_key(None), now_ms, "+inf")
+    own, anyone = pipe.execute()
+    if own:
+        return model_queue(model)
+    if anyone:
+        return None
+    raise ModelNotServed(model)
+
+
 def generation_queue(*, data: Any, user: Any = None) -> Generation:
-    """Validate a generation request, record it and queue it for a worker.
+    """Validate a generation request (``POST /api/generations/``), record it and queue it for a
+    worker that serves its model.
 
     ``model`` may name a registry entry; the worker gets the path it stands for.
-    Raises ``ValidationFailed``, or ``kombu``/``redis`` errors if the broker is down
-    (then nothing is recorded).
+    Raises ``ValidationFailed``, ``ModelNotServed``, or ``kombu``/``redis`` errors if the broker
+    is down (then nothing is recorded).
     """
+    order = validate(data, GenerationOrder)
+    return generation_submit(order, user=user)
+
+
+def generation_submit(
+    order: GenerationOrder,
+    *,
+    user: Any = None,
+    serving: dict[str, Any] | None = None,
+    generation_id: uuid.UUID | None = None,
+) -> Generation:
+    """Record a validated order and queue it (``serving``: the task's serving fields, for /v1/,
+    whose requests name the generation's id before it is queued)."""
     from events.tasks import generation_run
 
-    order = validate(data, GenerationOrder)
     if "\x00" in order.model:
         raise ValidationFailed([Issue(["model"], "Cannot contain NUL characters", "invalid")])
     # The command line (no user) runs on the control plane, where registering is at hand anyway.
     may_register = user is None or bool(getattr(user, "is_staff", False))
     registered = registered_model(order.model, may_register=may_register)
+    queue = generation_route(registered.name)
+    client = redis_client()
     generation = Generation.objects.create(
-        id=uuid.uuid4(),
+        id=generation_id or uuid.uuid4(),
         model=registered.name,
         model_path=registered.path,
         # Stored as the events are: an escaped NUL (PostgreSQL cannot hold one) becomes U+FFFD.
@@ -75,24 +120,23 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
         ),
         max_tokens=order.max_tokens,
         options={"temperature": order.temperature, "topP": order.top_p, "seed": order.seed},
-        requested_by=user if user is not None and user.is_authenticated else None,
+        requested_by=user if user is not None and getattr(user, "is_authenticated", False) else None,
     )
+    task = {
+        "generation_id": str(generation.id),
+        "model": registered.name,
+        "model_path": registered.path or None,
+        "prompt": order.prompt,
+        "max_tokens": order.max_tokens,
+        "temperature": order.temperature,
+        "top_p": order.top_p,
+        "seed": order.seed,
+        "queued_at_ms": redis_clock.now_ms(client),
+        "queue_timeout_ms": settings.QUEUE_TIMEOUT_S * 1000,
+        **(serving or {}),
+    }
     try:
-        generation_run.apply_async(
-            kwargs=task_sign(
-                {
-                    "generation_id": str(generation.id),
-                    "model": registered.name,
-                    "model_path": registered.path or None,
-                    "prompt": order.prompt,
-                    "max_tokens": order.max_tokens,
-                    "temperature": order.temperature,
-                    "top_p": order.top_p,
-                    "seed": order.seed,
-                }
-            ),
-            retry=False,
-        )
+        generation_run.apply_async(kwargs=task_sign(task), retry=False, **({"queue": queue} if queue else {}))
     except Exception:
         generation.delete()
         raise

@@ -29,8 +29,10 @@ from mlxserve.contract.events import (
     OrderTopP,
     Prompt,
 )
+from mlxserve.contract.serving import EpochMs, QueueTimeoutMs, StopSequences, TopLogprobs
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.engine import GenerationRequest
+from mlxserve.engine.reply import GenerationReply
 from mlxserve.worker import worker_runtime
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,13 @@ class GenerationTask(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     temperature: OrderTemperature = DEFAULT_TEMPERATURE
     top_p: OrderTopP = DEFAULT_TOP_P
     seed: OrderSeed | None = None
+    # Serving (the /v1/ endpoints): cut at these, answer on the reply channel, drop if taken late.
+    stop: StopSequences = []
+    logprobs: bool = False
+    top_logprobs: TopLogprobs = 0
+    reply: bool = False
+    queued_at_ms: EpochMs | None = None  # Redis's clock when queued
+    queue_timeout_ms: QueueTimeoutMs | None = None
     signature: str | None = None  # events.signing
 
 
@@ -101,9 +110,28 @@ def generation_run(*args: Any, **kwargs: Any) -> dict[str, Any]:
         top_p=task.top_p,
         seed=task.seed,
         attempt=attempt,
+        stop=tuple(task.stop),
     )
+    if task.queued_at_ms is not None and task.queue_timeout_ms is not None:
+        seconds, micros = runtime.client.time()
+        if seconds * 1000 + micros // 1000 > task.queued_at_ms + task.queue_timeout_ms:
+            runtime.engine.dropped(request, "queue-timeout")
+            return {"generationId": generation_id, "state": "dropped", "attempt": attempt}
+    reply = None
+    if task.reply:
+        reply = GenerationReply(
+            runtime.client,
+            generation_id,
+            worker=runtime.settings.source,
+            stop=task.stop,
+            logprobs=task.logprobs,
+            top_logprobs=task.top_logprobs,
+        )
+        if not reply.start():
+            runtime.engine.dropped(request, "client-gone")
+            return {"generationId": generation_id, "state": "dropped", "attempt": attempt}
     try:
-        result = runtime.engine.generate(request)
+        result = runtime.engine.generate(request, reply=reply)
     except EngineError as exc:
         # Already told through an ``error`` event; a failed generation is not retried.
         return {"generationId": generation_id, "state": "failed", "code": exc.code, "attempt": attempt}

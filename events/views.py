@@ -26,7 +26,7 @@ from rest_framework.views import APIView
 
 from events.dead_letters import ReplayRefused, dead_letter_replay
 from events.filters import EpochMsFilter, EventFilter
-from events.generations import generation_queue
+from events.generations import ModelNotServed, generation_queue
 from events.intake import IntakeRefused, event_submit, event_submit_batch
 from events.models import DeadLetter, Event, Worker
 from events.pagination import EventKeysetPagination
@@ -222,12 +222,18 @@ class GenerationCreateView(APIView):
         responses={
             202: OpenApiResponse(response=struct_schema(GenerationQueued), description="Queued"),
             **WRITE_ERROR_RESPONSES,
-            503: OpenApiResponse(response=ERROR_SCHEMA, description="The broker (Redis) is unreachable"),
+            503: OpenApiResponse(
+                response=ERROR_SCHEMA, description="No live worker serves the model, or Redis is unreachable"
+            ),
         },
     )
     def post(self, request: Request) -> Response:
         try:
             generation = generation_queue(data=request.data, user=request.user)
+        except ModelNotServed as exc:
+            return Response(
+                error_body("ModelNotServed", str(exc)), status=status.HTTP_503_SERVICE_UNAVAILABLE
+            )
         except (OperationalError, OSError) as exc:
             raise redis.ConnectionError(str(exc)) from exc
         return Response(GenerationQueued(generation_id=str(generation.id)), status=status.HTTP_202_ACCEPTED)

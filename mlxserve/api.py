@@ -7,7 +7,7 @@ validation failures carry their ``details`` as well.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
+from django.utils.deprecation import MiddlewareMixin
 from django.utils.functional import Promise
 from rest_framework import exceptions, status
 from rest_framework.parsers import BaseParser
@@ -181,7 +182,7 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
     return page_not_found(request, exception or Exception("Not found"))
 
 
-class RequestSizeLimitMiddleware:
+class RequestSizeLimitMiddleware(MiddlewareMixin):
     """413 for a body over ``MAX_REQUEST_BYTES``, decided from Content-Length; nothing is parsed.
     411 for a chunked body (no Content-Length), which Django would read as empty.
 
@@ -191,10 +192,7 @@ class RequestSizeLimitMiddleware:
     nginx's lingering close is for). Past that bound the connection is closed unread.
     """
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
-
-    def __call__(self, request: HttpRequest) -> HttpResponse:
+    def process_request(self, request: HttpRequest) -> HttpResponse | None:
         if request.META.get("HTTP_TRANSFER_ENCODING", "").strip():
             # Django reads a body by its Content-Length: a chunked body (no length) would be
             # read as empty, and a PATCH of it answered 200 with nothing changed. 411, as
@@ -217,20 +215,17 @@ class RequestSizeLimitMiddleware:
             if not _body_drained(request, length):
                 response["Connection"] = "close"
             return response
-        return self.get_response(request)
+        return None
 
 
-class NulParameterMiddleware:
+class NulParameterMiddleware(MiddlewareMixin):
     """400 for a query parameter holding a NUL character, on every page (the admin's filters included).
 
     No stored value can hold one (PostgreSQL refuses NUL in text), so such a parameter can only
     be a probe; passed on, it would make the database driver raise instead of finding nothing.
     """
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
-
-    def __call__(self, request: HttpRequest) -> HttpResponse:
+    def process_request(self, request: HttpRequest) -> HttpResponse | None:
         for key, values in request.GET.lists():
             if "\x00" in key or any("\x00" in value for value in values):
                 issue = Issue(
@@ -239,7 +234,7 @@ class NulParameterMiddleware:
                 if request.path.startswith("/api/"):
                     return JsonResponse(ValidationFailed([issue]).as_error(), status=400)
                 return HttpResponseBadRequest("Query parameters cannot contain NUL characters")
-        return self.get_response(request)
+        return None
 
 
 def _body_drained(request: HttpRequest, length: int) -> bool:

@@ -1,4 +1,4 @@
-"""gunicorn settings for the control plane (``gunicorn -c python:mlxserve.gunicorn_conf``).
+"""gunicorn settings for the control plane (``gunicorn mlxserve.asgi:application -c python:mlxserve.gunicorn_conf``).
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set, every web process writes its metrics to
 files there and ``/metrics`` adds them up (prometheus_client's multiprocess
@@ -15,6 +15,9 @@ from typing import Any
 
 from prometheus_client import multiprocess
 
+# uvicorn's ASGI workers (``gunicorn mlxserve.asgi:application -c python:mlxserve.gunicorn_conf``):
+# an open stream (a /v1/ request generating) holds a coroutine, not a process.
+worker_class = "uvicorn_worker.UvicornWorker"
 graceful_timeout = 5
 
 

@@ -118,12 +118,13 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "telemetry",
     "events",
+    "serving",
 ]
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "servestatic.middleware.ServeStaticMiddleware",
     "mlxserve.api.RequestSizeLimitMiddleware",
     "mlxserve.api.NulParameterMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -194,7 +195,7 @@ STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 STATIC_ROOT.mkdir(exist_ok=True)
 # Serve the admin's files straight from the apps: no collectstatic step to forget.
-WHITENOISE_USE_FINDERS = True
+SERVESTATIC_USE_FINDERS = True
 
 # -- the API --------------------------------------------------------------------
 
@@ -315,6 +316,23 @@ if WORKER_HEARTBEAT_SECONDS < 0:
         f"MLXSERVE_HEARTBEAT_SECONDS must be 0 (follow the config) or more, got {WORKER_HEARTBEAT_SECONDS}"
     )
 DEMO_MODEL_DIR = env_str("MLXSERVE_DEMO_MODEL_DIR", str(VAR_DIR / "demo-model"))
+# The models a worker serves, by registered name, comma-separated: it takes tasks from those models'
+# queues only. Empty: every model, from the default queue.
+WORKER_MODELS = tuple(
+    name.strip() for name in env_str("MLXSERVE_WORKER_MODELS", "").split(",") if name.strip()
+)
+
+# Serving (the /v1/ endpoints, and POST /api/generations/). A request still in the queue after
+# MLXSERVE_QUEUE_TIMEOUT_S fails (503), and a worker that takes it later drops it; one still
+# generating after MLXSERVE_REQUEST_TIMEOUT_S is stopped.
+QUEUE_TIMEOUT_S = env_int("MLXSERVE_QUEUE_TIMEOUT_S", 60)
+REQUEST_TIMEOUT_S = env_int("MLXSERVE_REQUEST_TIMEOUT_S", 600)
+if not 1 <= QUEUE_TIMEOUT_S <= 86400 or not 1 <= REQUEST_TIMEOUT_S <= 86400:
+    raise ImproperlyConfigured(
+        "MLXSERVE_QUEUE_TIMEOUT_S and MLXSERVE_REQUEST_TIMEOUT_S must be from 1 to 86400 (seconds)"
+    )
+# What /v1/models says owns the models.
+SERVING_OWNER = env_str("MLXSERVE_SERVING_OWNER", "mlxserve")
 
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = None

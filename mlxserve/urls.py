@@ -11,6 +11,7 @@ urlpatterns = [
     path("api/", include("events.urls")),
     path("api/schema/", SchemaView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("v1/", include("serving.urls")),  # the OpenAI-compatible endpoints
     path("metrics", metrics, name="prometheus-django-metrics"),
 ]
 

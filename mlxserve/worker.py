@@ -14,10 +14,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 from django.conf import settings
 
 from mlxserve import broker
+from mlxserve.contract.serving import model_queue
 from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime, default_source
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,21 @@ def worker_runtime() -> WorkerRuntime:
             source = settings.WORKER_SOURCE or default_source(_nodename)
             _runtime = WorkerRuntime(runtime_settings_from_django(source=source)).start()
         return _runtime
+
+
+@celeryd_after_setup.connect
+def _serve_declared_models(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
+    """With MLXSERVE_WORKER_MODELS, take tasks from those models' queues only (not the default
+    queue, which holds tasks for any model)."""
+    if not settings.WORKER_MODELS or instance is None:
+        return
+    queues = instance.app.amqp.queues
+    for model in settings.WORKER_MODELS:
+        queues.select_add(model_queue(model))
+    queues.deselect(instance.app.conf.task_default_queue)
+    logger.info(
+        "Serving %s from queues %s", ", ".join(settings.WORKER_MODELS), ", ".join(queues.consume_from)
+    )
 
 
 @worker_ready.connect
@@ -71,6 +87,7 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
         "consumer_group": settings.EVENTS_CONSUMER_GROUP,
         "spool_max_bytes": settings.WORKER_SPOOL_MAX_BYTES,
         "metrics_port_offset": settings.WORKER_METRICS_PORT_OFFSET,
+        "models": settings.WORKER_MODELS,
     }
     values.update(overrides)
     return RuntimeSettings(**values)

@@ -29,6 +29,10 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _corpus() -> Iterator[str]:
@@ -70,6 +74,8 @@ def _train_tokenizer(directory: Path) -> int:
                 "unk_token": "<unk>",
                 "model_max_length": DEFAULT_ARGS["max_position_embeddings"],
                 "clean_up_tokenization_spaces": False,
+                # A chat template, so chat requests are rendered as with a real chat model.
+                "chat_template": CHAT_TEMPLATE,
             },
             indent=2,
         )

@@ -7,7 +7,6 @@ code path where the thing happens.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import threading
@@ -15,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from msgspec import UNSET
@@ -26,15 +24,22 @@ from mlxserve.contract.events import (
     DEFAULT_TOP_P,
     tokens_per_second,
 )
+from mlxserve.contract.serving import ReplyToken
 from mlxserve.contract.telemetry import LABEL_VALUE_LENGTH
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.metrics import WorkerMetrics, observe_many
+from mlxserve.engine.models import (
+    LoadedModel,
+    ModelCache,
+    files_fingerprint,
+    parameters_counted,
+    quantization_of,
+    resolve_model_path,
+)
+from mlxserve.engine.reply import GenerationReply
 
 logger = logging.getLogger(__name__)
-
-# Files whose change on disk means a loaded copy no longer matches the model.
-WATCHED_SUFFIXES = (".safetensors", ".json", ".model", ".tiktoken", ".jinja", ".txt")
 
 
 # A generation's token events are recorded as the tokens come (a clock read and a list append)
@@ -134,6 +139,26 @@ def _logprobs_gathered(rows: list[tuple[Any, int]]) -> list[float]:
     return values  # type: ignore[return-value] # a 1-d array's list
 
 
+def _reply_token(reply: GenerationReply, response: Any, logprob: Any, tokenizer: Any) -> ReplyToken:
+    """One token as its client gets it: the text, and when asked its log-probability (read now
+    where the telemetry kept the row) and the ``top_logprobs`` most likely tokens."""
+    if not reply.logprobs:
+        return ReplyToken(response.text)
+    if type(logprob) is tuple:
+        row, token = logprob
+        logprob = row[token].item()
+    top = None
+    if reply.top_logprobs:
+        import mlx.core as mx
+
+        row = response.logprobs
+        ids = mx.argpartition(-row, kth=reply.top_logprobs - 1)[: reply.top_logprobs]
+        values = row[ids].astype(mx.float32).tolist()
+        pairs = sorted(zip(ids.tolist(), values, strict=True), key=lambda pair: -pair[1])  # type: ignore[arg-type]
+        top = [(tokenizer.decode([i]), float(v)) for i, v in pairs]
+    return ReplyToken(response.text, float(logprob), top)
+
+
 @dataclass
 class TelemetryCost:
     """What telemetry costs the generation thread: nanoseconds spent after each token on
@@ -157,6 +182,7 @@ class GenerationRequest:
     seed: int | None = None
     generation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     attempt: int = 1
+    stop: tuple[str, ...] = ()  # stop sequences (cut on the reply; the events keep every token)
 
 
 @dataclass
@@ -173,196 +199,6 @@ class GenerationResult:
 @dataclass
 class _Progress:
     seq: int = 0  # the last seq emitted for the generation under way
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    path: Path
-    model: Any
-    tokenizer: Any
-    size_bytes: int
-    parameters: int
-    quantization: Quantization
-    fingerprint: dict[str, tuple[int, int]]
-
-
-def files_fingerprint(path: Path) -> dict[str, tuple[int, int]]:
-    """(mtime_ns, size) of the model's own files: cheap to take before every use."""
-    result = {}
-    for child in path.iterdir():
-        if child.suffix in WATCHED_SUFFIXES and child.is_file():
-            stat = child.stat()
-            result[child.name] = (stat.st_mtime_ns, stat.st_size)
-    return result
-
-
-def resolve_model_path(model: str, model_path: str | None) -> Path:
-    """A local directory, or a Hugging Face repo already in the local cache, that holds an MLX
-    model and no code of its own (``usable_model_dir``). Never downloads.
-
-    Whatever is missing (the directory, its config, its weights), the answer is the same: an
-    ``error`` event every reader sees must not tell whether some path exists on a worker."""
-    target = model_path or model
-    candidate = Path(target).expanduser()
-    path: Path | None = candidate.resolve() if candidate.is_dir() else None
-    if path is None and "/" in target and not target.startswith(("/", ".", "~")):
-        try:
-            from mlx_lm.utils import hf_repo_to_path
-
-            path = Path(hf_repo_to_path(target))
-        except Exception:  # not in the local cache: huggingface_hub raises several kinds
-            path = None
-    refusal = "not found" if path is None else usable_model_dir(path)
-    if refusal:
-        # Why, only in this worker's own log (its host's operator reads it), not in the event.
-        logger.warning("Model %r (%s) refused: %s", model, target, refusal)
-        raise EngineError(
-            "ModelNotFound",
-            f"Model {model!r} not found: no MLX model (a config.json and .safetensors weights, "
-            "no code) at its path or in the local Hugging Face cache of this worker",
-        )
-    assert path is not None
-    return path
-
-
-def usable_model_dir(path: Path) -> str | None:
-    """Why ``path`` is not a model mlx-lm may load here, or None: it must hold a ``config.json``
-    (a JSON object that names no ``model_file``: no code from a model directory is ever run)
-    and ``.safetensors`` weights."""
-    config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "no readable config.json"
-    if not isinstance(config, dict):
-        return "config.json is not an object"
-    if "model_file" in config or "auto_map" in config:
-        return "config.json asks for code to be run (model_file or auto_map)"
-    if not any(path.glob("*.safetensors")):
-        return "no .safetensors weights"
-    return None
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """How a model's weights are stored, from its config (mlx-lm writes ``quantization``:
-    ``bits``, ``group_size``, ``mode``; Hugging Face ``quantization_config``)."""
-
-    bits: int | None = None  # None: not quantized
-    group_size: int | None = None
-    mode: str | None = None
-    layers: dict[str, int] = field(default_factory=dict)  # per-layer bits where they differ
-
-    @property
-    def seed_value(self) -> str | None:
-        """The contract's ``quantization`` (``none``, ``int4``, ``int8``), or None when it has
-        no name for this one (3, 5, 6 bits, float modes such as ``mxfp4``)."""
-        if self.bits is None:
-            return "none"
-        if self.mode in (None, "affine") and self.bits in (4, 8):
-            return f"int{self.bits}"
-        return None
-
-    def as_metadata(self) -> dict[str, Any]:
-        return {"bits": self.bits, "groupSize": self.group_size, "mode": self.mode} if self.bits else {}
-
-    def labels(self) -> dict[str, str]:
-        """The worker metric's labels: empty strings for a model stored unquantized."""
-        return {
-            "bits": str(self.bits or ""),
-            "group_size": str(self.group_size or ""),
-            "mode": (self.mode or "affine") if self.bits else "",
-        }
-
-    def bits_of(self, layer: str) -> int | None:
-        return self.layers.get(layer, self.bits)
-
-
-def quantization_of(config: dict[str, Any]) -> Quantization:
-    quant = config.get("quantization") or config.get("quantization_config") or {}
-    if not isinstance(quant, dict) or not isinstance(quant.get("bits"), int):
-        return Quantization()
-    layers = {
-        name: spec["bits"]
-        for name, spec in quant.items()
-        if isinstance(spec, dict) and isinstance(spec.get("bits"), int)
-    }
-    group_size = quant.get("group_size")
-    mode = quant.get("mode") if isinstance(quant.get("mode"), str) else None
-    return Quantization(
-        bits=quant["bits"],
-        group_size=group_size if isinstance(group_size, int) else None,
-        mode=mode,
-        layers=layers,
-    )
-
-
-def parameters_counted(named_weights: list[tuple[str, Any]], quantization: Quantization) -> int:
-    """Parameters, counted from the weights as the unquantized model has them: a quantized
-    layer's packed ``uint32`` words hold 32/bits weights each, and its ``scales`` and
-    ``biases`` are how it is stored, not parameters."""
-    packed = {
-        name.removesuffix(".weight")
-        for name, w in named_weights
-        if quantization.bits and name.endswith(".weight") and str(w.dtype) == "mlx.core.uint32"
-    }
-    total = 0
-    for name, w in named_weights:
-        layer, _, kind = name.rpartition(".")
-        if layer in packed and kind in ("scales", "biases"):
-            continue
-        size = int(w.size)
-        if layer in packed and kind == "weight":
-            size = size * 32 // (quantization.bits_of(layer) or 32)
-        total += size
-    return total
-
-
-class ModelCache:
-    """Loaded models, least recently used first out; bounded by count and by bytes."""
-
-    def __init__(self, *, max_models: int = 2, max_bytes: int = 0) -> None:
-        self.max_models = max_models
-        self.max_bytes = max_bytes  # 0: no byte limit
-        self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._models)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._models
-
-    def names(self) -> list[str]:
-        return list(self._models)
-
-    def get(self, name: str) -> LoadedModel | None:
-        loaded = self._models.get(name)
-        if loaded is not None:
-            self._models.move_to_end(name)
-        return loaded
-
-    def peek(self, name: str) -> LoadedModel | None:
-        return self._models.get(name)
-
-    def put(self, loaded: LoadedModel) -> None:
-        self._models[loaded.name] = loaded
-
-    def pop(self, name: str) -> LoadedModel | None:
-        return self._models.pop(name, None)
-
-    def victims_for(self, incoming_bytes: int) -> list[str]:
-        """Which models to evict (oldest first) to make room for one of ``incoming_bytes``."""
-        names = list(self._models)
-        victims: list[str] = []
-        total = sum(m.size_bytes for m in self._models.values())
-        while names and (
-            len(names) + 1 > self.max_models or (self.max_bytes and total + incoming_bytes > self.max_bytes)
-        ):
-            name = names.pop(0)
-            victims.append(name)
-            total -= self._models[name].size_bytes
-        return victims
 
 
 class Engine:
@@ -538,9 +374,14 @@ class Engine:
     # -- generation -------------------------------------------------------------------
 
     def generate(
-        self, request: GenerationRequest, on_token: Callable[[str], None] | None = None
+        self,
+        request: GenerationRequest,
+        on_token: Callable[[str], None] | None = None,
+        reply: GenerationReply | None = None,
     ) -> GenerationResult:
-        """Run one generation, emitting its events; raises ``EngineError`` after emitting ``error``."""
+        """Run one generation, emitting its events; raises ``EngineError`` after emitting ``error``.
+        With ``reply``, its client is answered as the tokens come (``mlxserve.engine.reply``), and
+        the generation stops when the client leaves or a stop sequence is met."""
         if request.model_path is not None:  # the control plane resolved a registered name
             self.metrics.label_budget.registered_models.add(request.model[:LABEL_VALUE_LENGTH])
         with self._lock:
@@ -548,12 +389,16 @@ class Engine:
             self._status("busy")
         progress = _Progress()
         try:
-            return self._generate(request, on_token, progress)
+            return self._generate(request, on_token, progress, reply)
         except EngineError as exc:
             self._failed(request, exc.code, str(exc), progress.seq + 1)
+            if reply is not None:
+                reply.fail(exc.code, str(exc))
             raise
         except Exception as exc:
             self._failed(request, "GenerationFailed", f"{type(exc).__name__}: {exc}", progress.seq + 1)
+            if reply is not None:
+                reply.fail("GenerationFailed", f"{type(exc).__name__}: {exc}")
             raise EngineError("GenerationFailed", str(exc)) from exc
         finally:
             with self._lock:
@@ -574,8 +419,34 @@ class Engine:
         with self._lock:
             self._status("error", code=code)
 
+    def dropped(self, request: GenerationRequest, why: str) -> GenerationResult:
+        """End a generation taken too late (nobody waits for it any more, or its time in the queue
+        ran out) without loading anything: ``generationStarted`` then ``generationCompleted``
+        with no token, ``finishReason: "cancelled"`` (``metadata.dropped`` says why)."""
+        self.emitter.generation_started(
+            generation_id=request.generation_id,
+            model=request.model,
+            prompt=request.prompt,
+            max_tokens=request.max_tokens,
+            metadata={"attempt": request.attempt, "dropped": why},
+        )
+        self.emitter.generation_completed(
+            generation_id=request.generation_id,
+            seq=1,
+            model=request.model,
+            tokens_generated=0,
+            duration_ms=0.0,
+            metadata={"attempt": request.attempt, "finishReason": "cancelled", "dropped": why},
+        )
+        logger.info("Generation %s dropped without generating: %s", request.generation_id, why)
+        return GenerationResult(request.generation_id, "", 0, 0.0, None, 0.0, "cancelled")
+
     def _generate(
-        self, request: GenerationRequest, on_token: Callable[[str], None] | None, progress: _Progress
+        self,
+        request: GenerationRequest,
+        on_token: Callable[[str], None] | None,
+        progress: _Progress,
+        reply: GenerationReply | None,
     ) -> GenerationResult:
         import mlx.core as mx
         from mlx_lm import stream_generate
@@ -615,6 +486,7 @@ class Engine:
         perf_counter_ns = time.perf_counter_ns
         flushed_ns = perf_counter_ns()  # when tokens were last sent: none waits longer than the linger
         read_logprob: Callable[[Any, int], Any]  # chosen by the first token's dtype
+        prompt_tokens = 0
         try:
             for response in stream_generate(
                 loaded.model, loaded.tokenizer, prompt, max_tokens=request.max_tokens, sampler=sampler
@@ -624,7 +496,8 @@ class Engine:
                 progress.seq = seq
                 if seq == 1:
                     read_logprob = _logprob_reader(response.logprobs.dtype)
-                waiting.append((now_ns, response.text, read_logprob(response.logprobs, response.token)))
+                logprob = read_logprob(response.logprobs, response.token)
+                waiting.append((now_ns, response.text, logprob))
                 if len(waiting) >= TOKEN_BATCH or now_ns - flushed_ns >= TOKEN_BATCH_LINGER_NS or seq == 1:
                     if seq == 1:
                         first_token_at = now_ns / 1e9
@@ -638,6 +511,11 @@ class Engine:
                 if on_token is not None:
                     on_token(response.text)
                 finish_reason = response.finish_reason
+                if reply is not None:
+                    prompt_tokens = response.prompt_tokens
+                    if reply.token(_reply_token(reply, response, logprob, loaded.tokenizer)):
+                        finish_reason = "cancelled" if reply.cancelled.is_set() else "stop"
+                        break
             if seq:
                 last_token_at = now_ns / 1e9
                 flush_started_ns = perf_counter_ns()
@@ -669,6 +547,8 @@ class Engine:
                 "timeToFirstTokenMs": round((first_token_at - started) * 1000, 3) if first_token_at else None,
             },
         )
+        if reply is not None:
+            reply.end(finish_reason or "stop", prompt_tokens)
         return GenerationResult(
             generation_id=gid,
             text="".join(pieces),

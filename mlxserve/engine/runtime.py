@@ -22,9 +22,11 @@ from mlxserve.contract.telemetry import DEFAULT_METRIC_LABEL_LIMIT, TelemetryCon
 from mlxserve.engine.bridge import TelemetryBridge
 from mlxserve.engine.config_watcher import TelemetryConfigWatcher
 from mlxserve.engine.emitter import EngineEventEmitter
-from mlxserve.engine.engine import Engine, ModelCache
+from mlxserve.engine.engine import Engine
 from mlxserve.engine.metrics import WorkerMetrics
+from mlxserve.engine.models import ModelCache
 from mlxserve.engine.publisher import BufferedPublisher
+from mlxserve.engine.reply import ServingClaim
 from mlxserve.engine.subscription import Subscription
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class RuntimeSettings:
     consumer_group: str = ""
     spool_max_bytes: int = 0
     metrics_port_offset: int = 0  # added to prometheusPort: several workers on one host
+    models: tuple[str, ...] = ()  # the models this worker serves (empty: every model, the default queue)
 
 
 class ControlLog:
@@ -129,6 +132,7 @@ class WorkerRuntime:
             cache=ModelCache(max_models=settings.max_models, max_bytes=settings.max_model_bytes),
         )
         self.config: TelemetryConfigSchema | None = None
+        self.serving = ServingClaim(self.client, settings.source, list(settings.models) or None)
         self._watcher = TelemetryConfigWatcher(
             client=self.client, key=settings.config_key, on_change=self.apply_config
         )
@@ -147,6 +151,7 @@ class WorkerRuntime:
     def start(self) -> WorkerRuntime:
         self.bridge.start()
         self.engine.start()
+        self.serving.start()
         self._watcher.start()
         self._control.start()
         logger.info("Worker runtime %s started", self.settings.source)
@@ -173,6 +178,7 @@ class WorkerRuntime:
             logger.warning("Unknown control command %r", command.command)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self.serving.stop()  # first: no request is routed here any more
         self._control.stop()
         self._watcher.stop()
         self.engine.shutdown()

@@ -301,7 +301,7 @@ def test_metrics_add_up_across_gunicorn_processes_and_leave_no_stale_series(tmp_
         server = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "gunicorn"),
-                "mlxserve.wsgi:application",
+                "mlxserve.asgi:application",
                 "-c",
                 "python:mlxserve.gunicorn_conf",
                 "--bind",

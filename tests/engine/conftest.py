@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mlxserve.engine.demo_model import create_demo_model
-from mlxserve.engine.engine import ModelCache
+from mlxserve.engine.models import ModelCache
 from tests.factories import Recorder
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.demo_model import create_demo_model
-from mlxserve.engine.engine import GenerationRequest, ModelCache, quantization_of
+from mlxserve.engine.engine import GenerationRequest
+from mlxserve.engine.models import ModelCache, quantization_of
 from tests.factories import Recorder
 
 

@@ -24,7 +24,9 @@ def gunicorn_port(tmp_path: Path) -> Iterator[int]:
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "gunicorn"),
-            "mlxserve.wsgi:application",
+            "mlxserve.asgi:application",
+            "-c",
+            "python:mlxserve.gunicorn_conf",
             "--bind",
             f"127.0.0.1:{port}",
         ],

@@ -18,10 +18,10 @@ from events.models import WorkerHost
 # retries). The shared `worker` user of deploy/redis/users.acl is the same rules on the shared
 # stream and every counter (a test holds the file to them).
 ACL_RULES = (
-    "~celery* ~_kombu.* ~unacked* &* +@all -@dangerous +info "
+    "~celery* ~_kombu.* ~unacked* ~mlxserve.model.* &* +@all -@dangerous +info "
     "(~{stream} +xadd +xlen +xinfo|groups +xinfo|stream +memory|usage) "
     "(%R~{config_key} +get) (%R~{control_log} +xrange +xrevrange) "
-    "({counters} +incrby +expire)"
+    "({counters} +incrby +expire) (~mlxserve:serving:* +zadd +zrem +zremrangebyscore)"
 )
 
 

@@ -1,0 +1,74 @@
+"""The ASGI application (``gunicorn -k uvicorn_worker.UvicornWorker mlxserve.asgi:application``).
+
+Django reads a request's whole body before any middleware runs: the size limit is applied here,
+from the headers, so an oversized or chunked body is answered (413, 411) unread, as
+``RequestSizeLimitMiddleware`` does under WSGI.
+"""
+
+import json
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mlxserve.settings")
+
+django_application = get_asgi_application()
+
+from django.conf import settings  # noqa: E402  (after the settings are loaded)
+
+from mlxserve.production import production_keys_require  # noqa: E402
+
+production_keys_require("web server")
+
+
+def _refusal(path: str, status: int, code: str, message: str) -> bytes:
+    if path.startswith("/v1/"):
+        kind = "invalid_request_error"
+        return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    return json.dumps({"code": code, "message": message}).encode()
+
+
+async def _drained(receive):  # type: ignore[no-untyped-def]
+    """Read the body and throw it away: a server that closes a connection with unread data on it
+    makes the kernel send a reset, and the client sees that instead of the 413."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def application(scope, receive, send):  # type: ignore[no-untyped-def] # the ASGI signature
+    if scope["type"] == "http":
+        headers = dict(scope["headers"])
+        refusal = None
+        if headers.get(b"transfer-encoding", b"").strip():
+            refusal = (411, "LengthRequired", "A request body must be sent with Content-Length, not chunked")
+        else:
+            try:
+                length = int(headers.get(b"content-length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                refusal = (400, "BadRequest", "Invalid Content-Length header")
+            elif length > settings.MAX_REQUEST_BYTES:
+                message = f"Request body exceeds the limit of {settings.MAX_REQUEST_BYTES} bytes"
+                refusal = (413, "PayloadTooLarge", message)
+                if length <= settings.REQUEST_DRAIN_BYTES:
+                    await _drained(receive)
+        if refusal is not None:
+            status, code, message = refusal
+            body = _refusal(scope["path"], status, code, message)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+    await django_application(scope, receive, send)
