@@ -15,6 +15,7 @@ from django.contrib.auth.models import Group, User
 from rest_framework.test import APIClient
 
 from mlxserve.engine.demo_model import create_demo_model
+from mlxserve.engine.reply import ServingClaim
 from mlxserve.redis_conn import redis_for_url
 from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
 from tests.factories import (
@@ -52,6 +53,7 @@ SLOW_MODULES = frozenset(
         "tests/mlxserve/test_make_run.py",
         "tests/mlxserve/test_request_limit.py",
         "tests/mlxserve/test_service.py",
+        "tests/serving/test_openai.py",
     }
 )
 
@@ -91,6 +93,16 @@ def redis_client(settings: Any) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.flushdb()
+
+
+@pytest.fixture
+def any_model_served(redis_client: redis.Redis) -> Iterator[ServingClaim]:
+    """The claim a live worker with no MLXSERVE_WORKER_MODELS keeps (it serves every model), with no
+    worker behind it: generations are accepted and their tasks wait in the default queue."""
+    claim = ServingClaim(redis_client, "test-host/idle-worker", None)
+    claim.renew()
+    yield claim
+    claim.stop()
 
 
 @pytest.fixture
@@ -153,9 +165,19 @@ def module_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+def celery_worker_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
     with celery_worker_running(tmp_path_factory.mktemp("worker"), "test-host/celery-worker") as process:
         yield process
+
+
+@pytest.fixture
+def celery_worker(
+    celery_worker_process: subprocess.Popen[bytes], redis_client: redis.Redis
+) -> subprocess.Popen[bytes]:
+    """The module's worker (every model, the default queue), its claim to serve renewed now: each
+    test starts on an emptied Redis, and the worker renews its claim only every few seconds."""
+    ServingClaim(redis_client, "test-host/celery-worker", None).renew()
+    return celery_worker_process
 
 
 # -- the ingester, on the test stream --------------------------------------------

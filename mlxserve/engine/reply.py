@@ -215,17 +215,20 @@ class ServingClaim:
         pipe.execute()
 
     def start(self) -> None:
+        """Claim now (the worker is ready to be sent requests once this returns), then renew."""
+        self._renew_or_say()
         self._thread = threading.Thread(target=self._run, name="serving-claim", daemon=True)
         self._thread.start()
 
+    def _renew_or_say(self) -> None:
+        try:
+            self.renew()
+        except redis.RedisError:
+            logger.warning("Could not renew this worker's serving claim", exc_info=True)
+
     def _run(self) -> None:
-        while True:
-            try:
-                self.renew()
-            except redis.RedisError:
-                logger.warning("Could not renew this worker's serving claim", exc_info=True)
-            if self._stop.wait(SERVING_RENEW_S):
-                return
+        while not self._stop.wait(SERVING_RENEW_S):
+            self._renew_or_say()
 
     def stop(self) -> None:
         self._stop.set()

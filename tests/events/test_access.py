@@ -82,7 +82,7 @@ ENDPOINTS: list[tuple[str, str, Any, dict[str, int]]] = [
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize(("method", "path", "body", "expected"), ENDPOINTS, ids=lambda v: str(v)[:40])
 def test_each_role_gets_what_its_work_needs(
-    role: str, method: str, path: str, body: Any, expected: dict[str, int]
+    role: str, method: str, path: str, body: Any, expected: dict[str, int], any_model_served: object
 ) -> None:
     if body == "envelope":
         body = make_envelope("tokenGenerated")

@@ -152,7 +152,7 @@ def test_prompt_hashes_follow_their_own_key_not_the_secret_key(settings: Any) ->
     assert prompt_redact("call me at 555-0100", current) == HASH_PREFIX + expected
 
 
-def test_the_default_policy_hashes(operator_client: APIClient) -> None:
+def test_the_default_policy_hashes(operator_client: APIClient, any_model_served: object) -> None:
     from events.models import RegisteredModel
 
     RegisteredModel.objects.create(name="demo", path="/models/demo")

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 from django.core.management.base import BaseCommand, CommandError
 
-from events.generations import generation_queue
+from events.generations import ModelNotServed, generation_queue
 from events.responses import GenerationOut
 from events.selectors import generation_detail, generation_latest_tokens
 from mlxserve.contract.events import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
@@ -43,12 +43,24 @@ class Command(BaseCommand):
         }
         if options["seed"] is not None:
             order["seed"] = options["seed"]
-        try:
-            generation = generation_queue(data=order)
-        except ValidationFailed as exc:
-            raise CommandError(json.dumps(exc.as_error())) from None
-        self.stderr.write(f"Queued generation {generation.id}; waiting for a worker ...")
         deadline = time.monotonic() + options["timeout"]
+        waiting_said = False
+        while True:
+            try:
+                generation = generation_queue(data=order)
+                break
+            except ValidationFailed as exc:
+                raise CommandError(json.dumps(exc.as_error())) from None
+            except ModelNotServed as exc:
+                # A worker just started (make run) claims its models within a few seconds: wait
+                # for one, saying so, up to the timeout.
+                if time.monotonic() >= deadline:
+                    raise CommandError(str(exc)) from None
+                if not waiting_said:
+                    self.stderr.write(f"{exc}: waiting for a worker that serves it ...")
+                    waiting_said = True
+                time.sleep(0.5)
+        self.stderr.write(f"Queued generation {generation.id}; waiting for a worker ...")
         shown_seq, shown_attempt = 0, 0
         while time.monotonic() < deadline:
             attempt, tokens = generation_latest_tokens(generation_id=generation.id)
