@@ -1,4 +1,5 @@
-"""gunicorn settings for the control plane (``gunicorn mlxserve.asgi:application -c python:mlxserve.gunicorn_conf``).
+"""gunicorn settings for the control plane:
+``gunicorn mlxserve.asgi:application -c python:mlxserve.gunicorn_conf``.
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set, every web process writes its metrics to
 files there and ``/metrics`` adds them up (prometheus_client's multiprocess

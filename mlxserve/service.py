@@ -53,6 +53,7 @@ PASSED_ON = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "MLXSERVE_EVENTS_STREAM",
     "MLXSERVE_TASK_VERIFY_KEY",
+    "MLXSERVE_WORKER_MODELS",
 )
 
 
@@ -504,6 +505,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add.add_argument(
         "--system", action="store_true", help="systemd: a system unit (as root) rather than a user one"
     )
+    add.add_argument(
+        "--models",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="the registered models these workers serve (MLXSERVE_WORKER_MODELS; default: every model)",
+    )
     add.add_argument("--no-start", action="store_true", help="write the files only")
     for name, help_text in (("status", "what is installed and running"), ("uninstall", "stop and remove")):
         one = sub.add_parser(name, help=help_text)
@@ -525,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= args.workers <= 64:
         parser.error("--workers must be from 1 to 64")
     extra = dict(item.split("=", 1) for item in args.env if "=" in item)
+    if args.models:
+        if any(not name or "," in name or len(name) > 200 or not name.isprintable() for name in args.models):
+            parser.error("--models takes registered model names (1 to 200 printable characters, no commas)")
+        extra["MLXSERVE_WORKER_MODELS"] = ",".join(args.models)
     return install(
         layout=layout,
         workers=args.workers,

@@ -1,4 +1,4 @@
-"""A generation's reply: stop sequences cut across tokens, and the client's leaving noticed, on a real Redis."""
+"""A generation's reply: stop sequences cut across tokens, the client's leaving noticed (a real Redis)."""
 
 from __future__ import annotations
 

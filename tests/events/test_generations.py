@@ -90,7 +90,9 @@ def test_a_queued_generation_runs_on_a_worker_and_reads_back_whole(
     assert Event.objects.get(type="modelUnloaded").payload == {"model": "demo", "reason": "manual"}
 
 
-def test_only_registered_models_are_generated(operator_client: APIClient, tmp_path: Path) -> None:
+def test_only_registered_models_are_generated(
+    operator_client: APIClient, tmp_path: Path, any_model_served: object
+) -> None:
     # An operator cannot make a worker load whatever directory its host holds.
     RegisteredModel.objects.create(name="demo", path=str(tmp_path / "demo"))
     for model in ("/root/.ssh", "no-such-model", str(tmp_path), "demo/../../etc"):
@@ -280,7 +282,7 @@ def test_the_celery_broker_may_be_another_redis_than_the_event_stream(
 
 
 def test_staff_may_name_an_unregistered_directory_as_the_contract_allows(
-    staff_client: APIClient, tmp_path: Path
+    staff_client: APIClient, tmp_path: Path, any_model_served: object
 ) -> None:
     # `model` is a registry name, a local directory or a cached repo id: staff, who may register
     # models anyway, may name one directly; the worker checks it as any other.

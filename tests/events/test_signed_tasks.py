@@ -17,6 +17,7 @@ from rest_framework.test import APIClient
 
 from events.models import Event, RegisteredModel
 from events.signing import task_sign, task_signature_refusal
+from mlxserve.engine.reply import ServingClaim
 from tests.factories import celery_worker_running, ingest_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -84,6 +85,7 @@ def test_a_worker_with_the_verify_key_runs_only_what_the_control_plane_signed(
 
     settings.TASK_SIGNING_KEY = SIGNING
     RegisteredModel.objects.create(name="demo", path=str(module_demo_model))
+    ServingClaim(redis_client, "signed-host/w1", None).renew()  # the module's worker, on the emptied Redis
     # A worker host queues tasks itself: unsigned, and a signed one it copied and changed.
     forged, tampered = arguments(model_path=str(module_demo_model)), task_sign(arguments())
     tampered["model_path"] = str(module_demo_model)

@@ -66,7 +66,9 @@ def staff_token(db: Any) -> str:
 
 @schema.parametrize()
 @FUZZ
-def test_every_operation_answers_within_its_schema(case: Any, staff_token: str, any_model_served: Any) -> None:
+def test_every_operation_answers_within_its_schema(
+    case: Any, staff_token: str, any_model_served: Any
+) -> None:
     case.call_and_validate(
         headers={"Authorization": f"Token {staff_token}"},
         checks=[

@@ -71,6 +71,23 @@ def test_systemd_units_verify_and_keep_secrets_in_a_0600_file(tmp_path: Path, ow
     assert layout.installed() == [1, 2]
 
 
+def test_install_models_makes_the_workers_serve_those_only(
+    tmp_path: Path, own_redis: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home/.config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "home/.local/share"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "home/.local/state"))
+    code = service.main(
+        ["install", "--redis-url", own_redis.url, "--models", "demo", "qwen-0.5b", "--no-start"]
+    )
+    assert code == 0
+    env = service.env_file_read(tmp_path / "home/.config/mlxserve/worker.env")
+    assert env["MLXSERVE_WORKER_MODELS"] == "demo,qwen-0.5b"
+    with pytest.raises(SystemExit):
+        service.main(["install", "--redis-url", own_redis.url, "--models", "a,b", "--no-start"])
+
+
 def test_launchd_agents_parse_with_the_keys_launchd_needs(tmp_path: Path, own_redis: Any) -> None:
     layout = installed(tmp_path, "launchd", own_redis.url, workers=2)
     home = tmp_path / "home"

@@ -14,7 +14,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pytest
@@ -22,6 +22,7 @@ import redis
 import uvicorn
 from django.contrib.auth.models import Group, User
 from django.core.management import call_command
+from openai.types.chat import ChatCompletionMessageParam
 
 from events.models import Event, Generation, RegisteredModel
 from events.selectors import generation_detail
@@ -115,7 +116,10 @@ def client(stack: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=stack, api_key=api_key(), max_retries=0, timeout=60)
 
 
-CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello"}]
+CHAT: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say hello"},
+]
 
 
 def stored_generation(redis_client: redis.Redis, generation_id: str) -> Any:
@@ -188,7 +192,7 @@ def test_a_stream_carries_the_role_then_each_delta_then_the_reason_and_the_usage
     deltas = [c for c in chunks[1:] if c.choices and c.choices[0].delta.content]
     assert 1 <= len(deltas) <= 16
     for chunk in deltas:
-        assert chunk.choices[0].logprobs is not None
+        assert chunk.choices[0].logprobs is not None and chunk.choices[0].logprobs.content
         entry = chunk.choices[0].logprobs.content[0]
         assert entry.token == chunk.choices[0].delta.content and entry.logprob <= 0
         assert len(entry.top_logprobs) == 3
@@ -222,7 +226,8 @@ def test_completions_stop_before_a_stop_sequence_and_say_so(client: openai.OpenA
     choice = cut.choices[0]
     assert choice.finish_reason == "stop"
     assert choice.text == text[: text.index(stop)]
-    assert choice.logprobs is not None and "".join(choice.logprobs.tokens) == choice.text
+    assert choice.logprobs is not None and choice.logprobs.tokens and choice.logprobs.token_logprobs
+    assert "".join(choice.logprobs.tokens) == choice.text
     assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
     streamed = client.completions.create(
         model="demo", prompt="Once upon a time", max_tokens=24, temperature=0, stop=stop, stream=True
@@ -269,7 +274,7 @@ def test_bad_requests_get_openai_errors_the_client_raises_typed(client: openai.O
         client.chat.completions.create(model="demo", messages=CHAT, extra_body={"best_friend": 1})
     assert unknown.value.param == "best_friend"
     with pytest.raises(openai.BadRequestError) as role:
-        client.chat.completions.create(model="demo", messages=[{"role": "tool", "content": "x"}])
+        client.chat.completions.create(model="demo", messages=[cast(Any, {"role": "tool", "content": "x"})])
     assert role.value.param is not None and role.value.param.startswith("messages[0]")
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="demo", messages=CHAT, stop=["a", "b", "c", "d", "e"])
