@@ -44,7 +44,10 @@ def _lookup(key: str) -> Caller | None:
             "This key's account may not generate (it needs to be an operator or staff).",
             code="permission_denied",
         )
-    ApiKey.objects.filter(pk=row.pk).update(last_used_at=timezone.now())
+    now = timezone.now()
+    if row.last_used_at is None or (now - row.last_used_at).total_seconds() >= 60:
+        # A minute's resolution is what the admin shows: not a write per request.
+        ApiKey.objects.filter(pk=row.pk).update(last_used_at=now)
     return Caller(
         key_id=row.pk,
         name=row.name,

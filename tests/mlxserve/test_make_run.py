@@ -21,6 +21,42 @@ from tests.factories import free_port
 ROOT = Path(django_settings.BASE_DIR)
 
 
+def readme_openai_session_works(port: int, env: dict[str, str]) -> None:
+    """The README's first session with the openai client, as written there, against this `make run`."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## A first session with the `openai` client") :]
+    shell = section[section.index("```sh\n") + 6 : section.index("```\n")]
+    python = section[section.index("```python\n") + 10 :]
+    python = python[: python.index("```\n")]
+    base = f"http://127.0.0.1:{port}"
+    streamed = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + shell.replace("http://127.0.0.1:8000", base)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    events = [line for line in streamed.stdout.splitlines() if line.startswith("data: ")]
+    assert events[0].startswith('data: {"id":"chatcmpl-') and '"role":"assistant"' in events[0]
+    assert '"finish_reason":"length"' in events[-2] and events[-1] == "data: [DONE]"
+    key = subprocess.run(
+        [".venv/bin/python", "manage.py", "create_api_key", "readme-python"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    program = python.replace("http://127.0.0.1:8000", base).replace("<the key>", key)
+    run = subprocess.run(
+        [".venv/bin/python", "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "completion_tokens=16" in run.stdout
+
+
 def test_make_run_starts_a_private_redis_where_none_runs(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL", "CELERY_BROKER_URL"}}
@@ -58,6 +94,7 @@ def test_make_run_starts_a_private_redis_where_none_runs(tmp_path: Path) -> None
         assert re.search(r"completed: 48 tokens", text), text
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/schema/", timeout=10) as response:
             assert response.status == 200
+        readme_openai_session_works(port, {**env, "REDIS_URL": redis_url})
     finally:
         process.send_signal(signal.SIGTERM)
         rest, _ = process.communicate(timeout=60)
