@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 from django.conf import settings
+from kombu import Exchange, Queue
 
 from events.models import (
     Generation,
@@ -80,6 +81,17 @@ def generation_route(model: str) -> str | None:
     raise ModelNotServed(model)
 
 
+def _direct(name: str | None) -> Queue:
+    """The queue, reached through the nameless exchange: the message goes straight to the queue's
+    list, whatever bindings Redis holds. (Through a named exchange, a Redis that lost its
+    ``_kombu.binding.*`` keys, restarted without persistence say, would route every task to
+    kombu's dead-letter list until each worker restarted.)"""
+    from mlxserve.celery import app
+
+    name = name or app.conf.task_default_queue
+    return Queue(name, Exchange(""), routing_key=name)
+
+
 def generation_queue(*, data: Any, user: Any = None) -> Generation:
     """Validate a generation request (``POST /api/generations/``), record it and queue it for a
     worker that serves its model.
@@ -136,7 +148,7 @@ def generation_submit(
         **(serving or {}),
     }
     try:
-        generation_run.apply_async(kwargs=task_sign(task), retry=False, **({"queue": queue} if queue else {}))
+        generation_run.apply_async(kwargs=task_sign(task), retry=False, queue=_direct(queue))
     except Exception:
         generation.delete()
         raise

@@ -32,6 +32,11 @@ _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReplyHub] = weakref.
 LOST = ReplyError(
     code="ReplyLost", message="The control plane lost its connection to Redis during the generation"
 )
+# What one request holds of its reply: a worker (a buggy one, or a host gone bad) cannot make a web
+# process hold more. A message is a batch of tokens, so a long generation read slowly fits.
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_WAITING_MESSAGES = 65536
+OVERFLOW = ReplyError(code="ReplyOverflow", message="The worker's reply was more than a request may hold")
 
 
 def async_redis() -> aioredis.Redis:
@@ -71,7 +76,7 @@ class ReplyHub:
     ) -> AsyncIterator[asyncio.Queue[bytes | ReplyError]]:
         """Subscribe to a generation's replies for the duration of the block."""
         channel = reply_channel(generation_id)
-        queue: asyncio.Queue[bytes | ReplyError] = asyncio.Queue()
+        queue: asyncio.Queue[bytes | ReplyError] = asyncio.Queue(MAX_WAITING_MESSAGES + 1)
         confirmed = asyncio.Event()
         self.queues[channel] = queue
         self.confirmed[channel] = confirmed
@@ -83,7 +88,8 @@ class ReplyHub:
             if self.reader is None or self.reader.done():
                 self.reader = asyncio.create_task(self._read(), name="reply-hub")
             self.wake.set()
-            await asyncio.wait_for(confirmed.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see serving.views._messages
+                await confirmed.wait()
             yield queue
         finally:
             self.queues.pop(channel, None)
@@ -104,7 +110,8 @@ class ReplyHub:
             if not self.queues:
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), 30)
+                    async with asyncio.timeout(30):
+                        await self.wake.wait()
                 continue
             try:
                 message = await self.pubsub.get_message(timeout=1.0)
@@ -127,5 +134,15 @@ class ReplyHub:
                     event.set()
             elif message["type"] == "message":
                 listener = self.queues.get(channel)
-                if listener is not None:
-                    listener.put_nowait(message["data"])
+                if listener is None:
+                    continue
+                data = message["data"]
+                if len(data) > MAX_MESSAGE_BYTES or listener.qsize() >= MAX_WAITING_MESSAGES:
+                    # An error ends the request; it unsubscribes, so the worker stops at its next publish.
+                    self.queues.pop(channel, None)
+                    listener.put_nowait(OVERFLOW)
+                    logger.warning(
+                        "Reply on %s refused: a message over 1 MiB or over 65,536 waiting", channel
+                    )
+                    continue
+                listener.put_nowait(data)

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -204,12 +203,16 @@ async def _serve(
         )
         deadline = arrived + settings.REQUEST_TIMEOUT_S
         if order.stream:
-            body = _stream(replies, answer, operation, stack, caller, label, arrived, deadline)
-            response = StreamingHttpResponse(body, content_type="text/event-stream")
+            end = _StreamEnd(stack, caller, label, arrived)
+            task = asyncio.current_task()
+            if task is not None:
+                task.add_done_callback(end.when_done)
+            response = StreamingHttpResponse(
+                _stream(replies, answer, operation, end, deadline), content_type="text/event-stream"
+            )
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the chunks back
             response["x-request-id"] = request_id
-            _close_if_dropped(response, stack)
             return response
         async with stack:
             async for message in _messages(replies, deadline):
@@ -249,18 +252,6 @@ async def _serve(
         await asyncio.shield(stack.aclose())
         metrics.requests_total.labels(**label, status="cancelled").inc()
         raise
-
-
-def _close_if_dropped(response: StreamingHttpResponse, stack: contextlib.AsyncExitStack) -> None:
-    """A client gone before the stream's first chunk never starts its body: unsubscribe anyway
-    when the response is dropped (the worker stops at its next ping)."""
-    loop = asyncio.get_running_loop()
-
-    def close() -> None:
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: loop.create_task(stack.aclose()))
-
-    weakref.finalize(response, close)
 
 
 async def _taken(replies: asyncio.Queue[Any], timeout: float) -> None:
@@ -311,7 +302,10 @@ async def _messages(replies: asyncio.Queue[Any], deadline: float) -> AsyncIterat
             )
             return
         try:
-            message = _decoded(await asyncio.wait_for(replies.get(), min(left, WORKER_SILENCE_S)))
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that comes
+            # as the message does (the client's leaving), and the request would never end.
+            async with asyncio.timeout(min(left, WORKER_SILENCE_S)):
+                message = _decoded(await replies.get())
         except TimeoutError:
             if deadline - time.perf_counter() <= 0:
                 continue
@@ -328,18 +322,40 @@ async def _messages(replies: asyncio.Queue[Any], deadline: float) -> AsyncIterat
             return
 
 
+class _StreamEnd:
+    """What ends a streamed request, once, however it ends: unsubscribe (which stops the worker),
+    count it, spend its tokens. The body's generator ends it when it finishes; the request's task
+    ends it when that is done, since a client that leaves while a chunk is being sent cancels the
+    task with the generator suspended at a ``yield``: its ``finally`` would wait for the garbage
+    collector (minutes), and the worker would generate on for nobody."""
+
+    def __init__(
+        self, stack: contextlib.AsyncExitStack, caller: Caller, label: dict[str, str], arrived: float
+    ) -> None:
+        self.stack, self.caller, self.label, self.arrived = stack, caller, label, arrived
+        self.status = "cancelled"  # until the stream says otherwise
+        self.tokens = 0
+        self.ended = False
+
+    def when_done(self, task: asyncio.Task[Any]) -> None:
+        if not self.ended:
+            task.get_loop().create_task(self.end())
+
+    async def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        await self.stack.aclose()
+        metrics.requests_total.labels(**self.label, status=self.status).inc()
+        metrics.request_duration.labels(**self.label).observe(time.perf_counter() - self.arrived)
+        with contextlib.suppress(redis.RedisError, OSError):
+            await budget_spend(self.caller, self.tokens)
+
+
 async def _stream(
-    replies: asyncio.Queue[Any],
-    answer: Answer,
-    operation: str,
-    stack: contextlib.AsyncExitStack,
-    caller: Caller,
-    label: dict[str, str],
-    arrived: float,
-    deadline: float,
+    replies: asyncio.Queue[Any], answer: Answer, operation: str, end: _StreamEnd, deadline: float
 ) -> AsyncIterator[bytes]:
     chunks = chat_chunks if operation == "chat" else completion_chunks
-    status = "200"
     try:
         if operation == "chat":
             yield sse(chunks(answer, None))  # the role, at once
@@ -347,7 +363,7 @@ async def _stream(
             if isinstance(message, ReplyTokens):
                 if not answer.first_seen and message.tokens:
                     answer.first_seen = True
-                    metrics.time_to_first_token.labels(**label).observe(time.perf_counter() - arrived)
+                    metrics.time_to_first_token.labels(**end.label).observe(time.perf_counter() - end.arrived)
                 parts = []
                 for token in message.tokens:
                     parts.append(sse(chunks(answer, token)))
@@ -355,20 +371,15 @@ async def _stream(
                 yield b"".join(parts)
             else:
                 answer.take(message)
+                end.tokens = answer.prompt_tokens + answer.completion_tokens
         if answer.error is not None:
-            status = str(answer.error.status)
+            end.status = str(answer.error.status)
             yield sse(answer.error.body())
         else:
             yield sse(chunks(answer, None, final=True))
             if answer.include_usage:
                 yield sse(chunks(answer, None, usage=True))
         yield b"data: [DONE]\n\n"
-    except asyncio.CancelledError:
-        status = "cancelled"
-        raise
+        end.status = "200" if answer.error is None else end.status
     finally:
-        await asyncio.shield(stack.aclose())
-        metrics.requests_total.labels(**label, status=status).inc()
-        metrics.request_duration.labels(**label).observe(time.perf_counter() - arrived)
-        with contextlib.suppress(redis.RedisError, OSError):
-            await asyncio.shield(budget_spend(caller, answer.prompt_tokens + answer.completion_tokens))
+        await asyncio.shield(end.end())

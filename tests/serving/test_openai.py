@@ -26,6 +26,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from events.models import Event, Generation, RegisteredModel
 from events.selectors import generation_detail
+from mlxserve.contract.serving import reply_channel
 from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.engine.reply import ServingClaim
 from mlxserve.roles import OPERATOR_GROUP, VIEWER_GROUP
@@ -213,8 +214,8 @@ def test_completions_stop_before_a_stop_sequence_and_say_so(client: openai.OpenA
     whole = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=24, temperature=0)
     text = whole.choices[0].text
     assert whole.choices[0].finish_reason == "length" and whole.object == "text_completion"
-    stop = text[10:13]
-    assert stop and stop in text
+    # A stop sequence that first occurs well into the text (greedy text of random weights repeats itself).
+    stop = next(text[p : p + 3] for p in range(8, len(text) - 3) if text.index(text[p : p + 3]) == p)
     cut = client.completions.create(
         model="demo",
         prompt="Once upon a time",
@@ -227,7 +228,7 @@ def test_completions_stop_before_a_stop_sequence_and_say_so(client: openai.OpenA
     assert choice.finish_reason == "stop"
     assert choice.text == text[: text.index(stop)]
     assert choice.logprobs is not None and choice.logprobs.tokens and choice.logprobs.token_logprobs
-    assert "".join(choice.logprobs.tokens) == choice.text
+    assert len(choice.text) >= 8 and "".join(choice.logprobs.tokens) == choice.text
     assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
     streamed = client.completions.create(
         model="demo", prompt="Once upon a time", max_tokens=24, temperature=0, stop=stop, stream=True
@@ -334,7 +335,9 @@ def test_a_model_no_live_worker_serves_is_503_at_once(
 def test_a_client_leaving_mid_stream_frees_the_worker(
     client: openai.OpenAI, redis_client: redis.Redis
 ) -> None:
-    stream = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=5000, stream=True)
+    stream = client.chat.completions.create(
+        model="demo", messages=CHAT, max_tokens=5000, temperature=0, stream=True
+    )
     generation_id = ""
     for index, chunk in enumerate(stream):
         generation_id = chunk.id.removeprefix("chatcmpl-")
@@ -363,7 +366,9 @@ def test_a_request_waiting_past_the_queue_timeout_fails_and_is_dropped_unrun(
     client: openai.OpenAI, redis_client: redis.Redis, settings: Any
 ) -> None:
     settings.QUEUE_TIMEOUT_S = 1
-    busy = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=20000, stream=True)
+    busy = client.chat.completions.create(
+        model="demo", messages=CHAT, max_tokens=20000, temperature=0, stream=True
+    )
     next(iter(busy))  # the worker is generating it
     with pytest.raises(openai.InternalServerError) as late:
         client.chat.completions.create(model="demo", messages=CHAT, max_tokens=4)
@@ -425,3 +430,45 @@ def test_create_api_key_refuses_what_it_cannot_apply(db: Any) -> None:
     row = ApiKey.objects.get(name="fresh")
     assert row.user.groups.filter(name=OPERATOR_GROUP).exists() and not row.user.has_usable_password()
     assert key.startswith("mlx-") and row.digest != key and key.startswith(row.prefix)
+
+
+def test_junk_on_a_reply_channel_ends_that_request_with_an_error_and_nothing_else(
+    client: openai.OpenAI, redis_client: redis.Redis
+) -> None:
+    # What a worker host's credentials can publish: a malformed reply, an oversized one.
+    for junk in (
+        b"\xff not a reply",
+        b'{"kind": "tokens", "tokens": [["' + b"x" * (2 * 1024 * 1024) + b'"]]}',
+    ):
+        stream = client.chat.completions.create(
+            model="demo", messages=CHAT, max_tokens=20000, temperature=0, stream=True
+        )
+        generation_id = next(iter(stream)).id.removeprefix("chatcmpl-")
+        redis_client.publish(reply_channel(generation_id), junk)
+        with pytest.raises(openai.APIError) as ended:
+            for _ in stream:
+                pass
+        assert ended.value.code in ("MalformedReply", "ReplyOverflow")
+        completed = stored_generation(redis_client, generation_id)
+        assert completed.state == "completed"  # the worker stopped it: nobody listened any more
+    # The web process and the worker serve the next request as ever.
+    assert (
+        client.completions.create(model="demo", prompt="Hi", max_tokens=2).choices[0].finish_reason
+        == "length"
+    )
+
+
+def test_tasks_reach_their_queue_even_when_redis_lost_its_routing_tables(
+    client: openai.OpenAI, redis_client: redis.Redis
+) -> None:
+    # As after a Redis restart without persistence: kombu's exchange bindings are gone.
+    for key in redis_client.scan_iter("_kombu.binding.*"):
+        redis_client.delete(key)
+    started = time.monotonic()
+    for model in ("demo", "other"):
+        assert (
+            client.completions.create(model=model, prompt="Hi", max_tokens=2).choices[0].finish_reason
+            == "length"
+        )
+    assert time.monotonic() - started < 30
+    assert not redis_client.exists("ae.undeliver")  # kombu's list for what no binding routes
