@@ -229,6 +229,53 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
             ),
         ],
     ),
+    (
+        "Serving (the OpenAI-compatible /v1/ endpoints, as clients see them)",
+        [
+            (
+                "Requests per second, by outcome",
+                "reqps",
+                [("{{status}}", f"sum by (status) (rate(mlxserve_openai_requests_total{M}{RI}))")],
+                6,
+            ),
+            (
+                "Time to first token p95",
+                "s",
+                [
+                    (
+                        "{{model}}",
+                        "histogram_quantile(0.95, sum by (model, le) "
+                        f"(rate(gen_ai_server_time_to_first_token_seconds_bucket{M}{RI})))",
+                    )
+                ],
+                6,
+            ),
+            (
+                "Time in the queue p95",
+                "s",
+                [
+                    (
+                        "{{model}}",
+                        "histogram_quantile(0.95, sum by (model, le) "
+                        f"(rate(mlxserve_openai_queue_seconds_bucket{M}{RI})))",
+                    )
+                ],
+                6,
+            ),
+            (
+                "Request duration p95",
+                "s",
+                [
+                    (
+                        "{{model}}",
+                        "histogram_quantile(0.95, sum by (model, le) "
+                        f"(rate(gen_ai_server_request_duration_seconds_bucket{M}{RI})))",
+                    )
+                ],
+                6,
+            ),
+        ],
+    ),
 ]
 
 

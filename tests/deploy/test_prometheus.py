@@ -9,6 +9,7 @@ plane's /metrics is also checked under gunicorn with several processes.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -26,10 +27,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import redis
 import yaml
 from django.conf import settings as django_settings
+from django.core.management import call_command
 from django.db import connection
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
@@ -207,6 +210,11 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_and_alert_query(
 
         RegisteredModel.objects.create(name="demo", path=str(module_demo_model))
         RegisteredModel.objects.create(name="no-such-model", path=str(module_demo_model) + "-gone")
+        key = io.StringIO()
+        call_command("create_api_key", "prometheus-test", stdout=key, stderr=io.StringIO())
+        serving = openai.OpenAI(
+            base_url=f"{live_server.url}/v1", api_key=key.getvalue().strip(), max_retries=0
+        )
         queries = dashboard_queries() + alert_queries()
         missing: list[str] = queries
 
@@ -218,7 +226,7 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_and_alert_query(
         # Work goes on while Prometheus watches: rates and quantiles need counts that grow
         # between scrapes (a series first seen at its final value has no rate). Every other
         # round unloads the model first, so loads are seen to grow too; one request fails.
-        deadline, round_ = time.monotonic() + 180, 0
+        deadline, round_, served_tokens = time.monotonic() + 180, 0, 0
         while not all_have_data():
             assert time.monotonic() < deadline, "no data for:\n" + "\n".join(missing)
             if round_ % 2:
@@ -229,12 +237,21 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_and_alert_query(
             response = operator_client.post("/api/generations/", order, format="json")
             assert response.status_code == 202
             wait_for(generation_done(response.json()["generationId"]), 60, lambda: "generation stuck")
+            # And one through the OpenAI-compatible endpoint, for the serving panels.
+            served = serving.completions.create(model="demo", prompt="Hi", max_tokens=2)
+            assert served.usage is not None
+            served_tokens += served.usage.completion_tokens
             round_ += 1
             time.sleep(1.5)
 
         # The figures are the fleet's, not just present: what Prometheus reads is what was stored.
-        stored_tokens = Event.objects.filter(type="tokenGenerated").count()
-        assert stored_tokens == 48 * (round_ - 1)
+        expected_tokens = 48 * (round_ - 1) + served_tokens
+        wait_for(
+            lambda: Event.objects.filter(type="tokenGenerated").count() == expected_tokens,
+            30,
+            lambda: f"{Event.objects.filter(type='tokenGenerated').count()} tokens, not {expected_tokens}",
+        )
+        stored_tokens = expected_tokens
         wait_for(
             lambda: (
                 prometheus.values('sum(mlxserve_fleet_tokens_total{model="demo"})') == [stored_tokens]
