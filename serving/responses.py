@@ -57,6 +57,18 @@ class Answer:
         }
 
 
+def _head(answer: Answer, id_prefix: str, kind: str) -> dict[str, Any]:
+    """What every response and chunk of a request begins with: its id (the generation's), kind, time,
+    model."""
+    return {
+        "id": f"{id_prefix}-{answer.request_id}",
+        "object": kind,
+        "created": answer.created,
+        "model": answer.model,
+        "system_fingerprint": None,
+    }
+
+
 def _chat_logprob(token: ReplyToken) -> dict[str, Any]:
     return {
         "token": token.text,
@@ -71,17 +83,9 @@ def chat_chunks(
 ) -> dict[str, Any]:
     """A ``chat.completion.chunk``: the role (no token), a token's delta, the last one (``final``)
     or the usage one (``choices: []``)."""
-    chunk: dict[str, Any] = {
-        "id": f"chatcmpl-{answer.request_id}",
-        "object": "chat.completion.chunk",
-        "created": answer.created,
-        "model": answer.model,
-        "system_fingerprint": None,
-    }
+    chunk = _head(answer, "chatcmpl", "chat.completion.chunk")
     if usage:
-        chunk["choices"] = []
-        chunk["usage"] = answer.usage()
-        return chunk
+        return {**chunk, "choices": [], "usage": answer.usage()}
     if final:
         choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": answer.finish_reason}
     elif token is None:
@@ -105,11 +109,7 @@ def chat_response(answer: Answer) -> dict[str, Any]:
         {"content": [_chat_logprob(t) for t in answer.tokens], "refusal": None} if answer.logprobs else None
     )
     return {
-        "id": f"chatcmpl-{answer.request_id}",
-        "object": "chat.completion",
-        "created": answer.created,
-        "model": answer.model,
-        "system_fingerprint": None,
+        **_head(answer, "chatcmpl", "chat.completion"),
         "choices": [
             {
                 "index": 0,
@@ -142,17 +142,9 @@ def _completion_logprobs(tokens: list[ReplyToken], offset: int) -> dict[str, Any
 def completion_chunks(
     answer: Answer, token: ReplyToken | None, *, final: bool = False, usage: bool = False
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": f"cmpl-{answer.request_id}",
-        "object": "text_completion",
-        "created": answer.created,
-        "model": answer.model,
-        "system_fingerprint": None,
-    }
+    chunk = _head(answer, "cmpl", "text_completion")
     if usage:
-        chunk["choices"] = []
-        chunk["usage"] = answer.usage()
-        return chunk
+        return {**chunk, "choices": [], "usage": answer.usage()}
     if final or token is None:
         choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": answer.finish_reason}
     else:
@@ -167,11 +159,7 @@ def completion_chunks(
 
 def completion_response(answer: Answer) -> dict[str, Any]:
     return {
-        "id": f"cmpl-{answer.request_id}",
-        "object": "text_completion",
-        "created": answer.created,
-        "model": answer.model,
-        "system_fingerprint": None,
+        **_head(answer, "cmpl", "text_completion"),
         "choices": [
             {
                 "index": 0,

@@ -472,3 +472,41 @@ def test_tasks_reach_their_queue_even_when_redis_lost_its_routing_tables(
         )
     assert time.monotonic() - started < 30
     assert not redis_client.exists("ae.undeliver")  # kombu's list for what no binding routes
+
+
+def test_a_non_streamed_request_whose_client_leaves_stops_its_generation(
+    client: openai.OpenAI, stack: str, redis_client: redis.Redis
+) -> None:
+    import socket
+
+    host, port = stack.removeprefix("http://").removesuffix("/v1").split(":")
+    body = json.dumps({"model": "demo", "prompt": "Hi", "max_tokens": 20000, "temperature": 0}).encode()
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {client.api_key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 30
+        while not Generation.objects.filter(model="demo").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # generating, the answer not sent yet
+    generation_id = str(Generation.objects.get(model="demo").pk)
+    stored = stored_generation(redis_client, generation_id)
+    completed = Event.objects.get(generation_id=generation_id, type="generationCompleted")
+    assert completed.payload["metadata"]["finishReason"] == "cancelled"
+    assert 0 < stored.tokens < 20000
+
+
+def test_a_request_past_its_time_limit_is_stopped(
+    client: openai.OpenAI, redis_client: redis.Redis, settings: Any
+) -> None:
+    settings.REQUEST_TIMEOUT_S = 1
+    with pytest.raises(openai.APIStatusError) as late:
+        client.completions.create(model="demo", prompt="Hi", max_tokens=20000, temperature=0)
+    assert late.value.status_code == 504 and late.value.code == "RequestTimeout"
+    generation_id = late.value.response.headers["x-request-id"]
+    stored_generation(redis_client, generation_id)
+    completed = Event.objects.get(generation_id=generation_id, type="generationCompleted")
+    assert completed.payload["metadata"]["finishReason"] == "cancelled"
