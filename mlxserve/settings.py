@@ -172,6 +172,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 30,
     }
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_int("MLXSERVE_DB_POOL_SIZE", 10):
+    # Under ASGI (the web server) each request's database work runs on a thread of its own: a
+    # connection kept per thread (CONN_MAX_AGE) would be one per request, left to the garbage
+    # collector. So, as Django advises for ASGI, no persistent connections but psycopg's pool, per
+    # process; MLXSERVE_DB_POOL_SIZE=0 goes back to DATABASE_CONN_MAX_AGE.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env_int("MLXSERVE_DB_POOL_SIZE", 10),
+        "timeout": 10,
+    }
 if DATABASES["default"]["ENGINE"] in ("django.db.backends.postgresql", "django.db.backends.sqlite3"):
     # django-prometheus's wrappers of the same backends: queries, errors and new
     # connections by database on /metrics.
