@@ -40,7 +40,8 @@ def readme_openai_session_works(port: int, env: dict[str, str]) -> None:
     assert streamed.returncode == 0, streamed.stderr
     events = [line for line in streamed.stdout.splitlines() if line.startswith("data: ")]
     assert events[0].startswith('data: {"id":"chatcmpl-') and '"role":"assistant"' in events[0]
-    assert '"finish_reason":"length"' in events[-2] and events[-1] == "data: [DONE]"
+    # The demo model samples at temperature 1 here: it may meet its end-of-sequence token before 16 tokens.
+    assert re.search(r'"finish_reason":"(length|stop)"', events[-2]) and events[-1] == "data: [DONE]"
     key = subprocess.run(
         [".venv/bin/python", "manage.py", "create_api_key", "readme-python"],
         cwd=ROOT,
@@ -54,7 +55,7 @@ def readme_openai_session_works(port: int, env: dict[str, str]) -> None:
         [".venv/bin/python", "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0, run.stderr
-    assert "completion_tokens=16" in run.stdout
+    assert re.search(r"CompletionUsage\(completion_tokens=\d+, prompt_tokens=\d+", run.stdout), run.stdout
 
 
 def test_make_run_starts_a_private_redis_where_none_runs(tmp_path: Path) -> None:

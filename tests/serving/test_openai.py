@@ -242,7 +242,9 @@ def test_the_async_client_streams_several_at_once(stack: str) -> None:
     key = api_key("async-team")
 
     async def one(client: openai.AsyncOpenAI, model: str) -> tuple[str, int]:
-        stream = await client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, stream=True)
+        stream = await client.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=8, temperature=0, stream=True
+        )
         pieces = [chunk async for chunk in stream]
         return pieces[-1].choices[0].finish_reason or "", len(pieces)
 
@@ -303,7 +305,9 @@ def test_a_key_outside_its_budget_or_models_or_role_is_refused(stack: str) -> No
         limited.completions.create(model="demo", prompt="Hi", max_tokens=1)
     assert 1 <= int(refused.value.response.headers["retry-after"]) <= 60
     tokens = openai.OpenAI(base_url=stack, api_key=api_key("ten-tokens", tokens_per_minute=10), max_retries=0)
-    tokens.completions.create(model="demo", prompt="Hi there", max_tokens=8)  # spends the budget
+    tokens.completions.create(
+        model="demo", prompt="Hi there", max_tokens=8, temperature=0
+    )  # spends the budget
     with pytest.raises(openai.RateLimitError):
         tokens.completions.create(model="demo", prompt="Hi", max_tokens=1)
     only_other = openai.OpenAI(base_url=stack, api_key=api_key("other-only", models=["other"]), max_retries=0)
@@ -346,7 +350,7 @@ def test_a_client_leaving_mid_stream_frees_the_worker(
     left = time.monotonic()
     stream.close()
     # The worker is free: the next request is answered at once, not after 5,000 tokens.
-    quick = client.completions.create(model="demo", prompt="Hi", max_tokens=2)
+    quick = client.completions.create(model="demo", prompt="Hi", max_tokens=2, temperature=0)
     assert quick.choices[0].finish_reason == "length"
     assert time.monotonic() - left < 10
     stored = stored_generation(redis_client, generation_id)
@@ -383,9 +387,9 @@ def test_a_request_waiting_past_the_queue_timeout_fails_and_is_dropped_unrun(
 
 
 def test_metrics_count_the_requests_as_clients_see_them(client: openai.OpenAI, stack: str) -> None:
-    client.completions.create(model="demo", prompt="Hi", max_tokens=2)
+    client.completions.create(model="demo", prompt="Hi", max_tokens=2, temperature=0)
     with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+        client.completions.create(model="nope", prompt="Hi", max_tokens=2, temperature=0)
     _, text = http(stack.removesuffix("/v1") + "/metrics")
     assert 'mlxserve_openai_requests_total{model="demo",operation="text_completion",status="200"}' in text
     assert 'mlxserve_openai_requests_total{model="-",operation="text_completion",status="404"}' in text
@@ -453,7 +457,9 @@ def test_junk_on_a_reply_channel_ends_that_request_with_an_error_and_nothing_els
         assert completed.state == "completed"  # the worker stopped it: nobody listened any more
     # The web process and the worker serve the next request as ever.
     assert (
-        client.completions.create(model="demo", prompt="Hi", max_tokens=2).choices[0].finish_reason
+        client.completions.create(model="demo", prompt="Hi", max_tokens=2, temperature=0)
+        .choices[0]
+        .finish_reason
         == "length"
     )
 
@@ -467,7 +473,9 @@ def test_tasks_reach_their_queue_even_when_redis_lost_its_routing_tables(
     started = time.monotonic()
     for model in ("demo", "other"):
         assert (
-            client.completions.create(model=model, prompt="Hi", max_tokens=2).choices[0].finish_reason
+            client.completions.create(model=model, prompt="Hi", max_tokens=2, temperature=0)
+            .choices[0]
+            .finish_reason
             == "length"
         )
     assert time.monotonic() - started < 30
