@@ -332,6 +332,22 @@ DEMO_MODEL_DIR = env_str("MLXSERVE_DEMO_MODEL_DIR", str(VAR_DIR / "demo-model"))
 WORKER_MODELS = tuple(
     name.strip() for name in env_str("MLXSERVE_WORKER_MODELS", "").split(",") if name.strip()
 )
+# Generations a worker runs at once (continuous batching, docs/workers.md). Default: one per 2 GiB
+# of the machine's memory, from 1 to 32. 1 runs one at a time on Celery's solo pool; more run
+# Celery's thread pool, whose threads only wait while one thread generates for all of them.
+WORKER_CONCURRENCY = env_int(
+    "MLXSERVE_WORKER_CONCURRENCY",
+    max(1, min(32, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**31)),
+)
+if not 1 <= WORKER_CONCURRENCY <= 256:
+    raise ImproperlyConfigured(f"MLXSERVE_WORKER_CONCURRENCY must be from 1 to 256, got {WORKER_CONCURRENCY}")
+# Bytes of key-value cache a worker's generations may hold together; 0: 80% of what mlx may use on
+# the machine (Metal's recommended working set on a Mac), less the loaded models' weights.
+WORKER_KV_BYTES = env_int("MLXSERVE_WORKER_KV_BYTES", 0)
+if WORKER_KV_BYTES < 0:
+    raise ImproperlyConfigured(
+        f"MLXSERVE_WORKER_KV_BYTES must be 0 (from the machine) or more, got {WORKER_KV_BYTES}"
+    )
 
 # Serving (the /v1/ endpoints, and POST /api/generations/). A request still in the queue after
 # MLXSERVE_QUEUE_TIMEOUT_S fails (503), and a worker that takes it later drops it; one still
@@ -350,10 +366,12 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 # Generations are long: acknowledge after the work, give a task back if its
-# worker dies, and take one task at a time.
+# worker dies.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # a worker holds as many tasks as it has room for, no more
+CELERY_WORKER_POOL = "solo" if WORKER_CONCURRENCY == 1 else "threads"
+CELERY_WORKER_CONCURRENCY = WORKER_CONCURRENCY
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A task whose worker vanished (killed, host lost) goes back on the queue after
 # this long. It must exceed the longest generation, or a running one is re-run.

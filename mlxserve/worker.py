@@ -88,6 +88,8 @@ def runtime_settings_from_django(**overrides: Any) -> RuntimeSettings:
         "spool_max_bytes": settings.WORKER_SPOOL_MAX_BYTES,
         "metrics_port_offset": settings.WORKER_METRICS_PORT_OFFSET,
         "models": settings.WORKER_MODELS,
+        "concurrency": settings.WORKER_CONCURRENCY,
+        "kv_bytes": settings.WORKER_KV_BYTES,
     }
     values.update(overrides)
     return RuntimeSettings(**values)

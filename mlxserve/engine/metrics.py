@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 IPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
+GENERATION_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
@@ -130,6 +131,21 @@ class WorkerMetrics:
             "kr_serve_generation_errors",
             "Generations that failed, by error code",
             ["model", "code"],
+            registry=r,
+        )
+        # Continuous batching (engine.scheduler), as vLLM's num_requests_running / _waiting
+        self.requests_running = Gauge(
+            "kr_serve_requests_running", "Generations this worker is running now", registry=r
+        )
+        self.requests_waiting = Gauge(
+            "kr_serve_requests_waiting",
+            "Generations this worker has taken that wait for room (concurrency or memory)",
+            registry=r,
+        )
+        self.generation_batch_size = Histogram(
+            "kr_serve_generation_batch_size",
+            "Sequences that made a token in one generation step (1: a generation running alone)",
+            buckets=GENERATION_BATCH_BUCKETS,
             registry=r,
         )
         self.time_to_first_token = Histogram(

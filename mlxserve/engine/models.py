@@ -28,6 +28,7 @@ class LoadedModel:
     parameters: int
     quantization: Quantization
     fingerprint: dict[str, tuple[int, int]]
+    kv_bytes_per_token: int | None = None  # measured on first use (engine.scheduler)
 
 
 def files_fingerprint(path: Path) -> dict[str, tuple[int, int]]:

@@ -58,6 +58,8 @@ class RuntimeSettings:
     spool_max_bytes: int = 0
     metrics_port_offset: int = 0  # added to prometheusPort: several workers on one host
     models: tuple[str, ...] = ()  # the models this worker serves (empty: every model, the default queue)
+    concurrency: int = 1  # generations at once (engine.scheduler)
+    kv_bytes: int = 0  # key-value cache memory for them; 0: from the machine
 
 
 class ControlLog:
@@ -130,6 +132,8 @@ class WorkerRuntime:
             emitter=self.emitter,
             metrics=self.metrics,
             cache=ModelCache(max_models=settings.max_models, max_bytes=settings.max_model_bytes),
+            concurrency=settings.concurrency,
+            kv_bytes=settings.kv_bytes,
         )
         self.config: TelemetryConfigSchema | None = None
         self.serving = ServingClaim(self.client, settings.source, list(settings.models) or None)
