@@ -126,8 +126,6 @@ def stack(work: Path, port: int) -> Iterator[tuple[str, dict[str, str], list[int
                 "-A",
                 "mlxserve",
                 "worker",
-                "--pool=solo",
-                "--concurrency=1",
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",

@@ -34,15 +34,14 @@ UNIT = "mlxserve-worker"  # systemd units: mlxserve-worker-<n>.service
 # How long the service manager waits for a generation to finish on stop before it kills the
 # worker (Celery gives the task back to the queue then: late acknowledgement).
 STOP_TIMEOUT_S = 300
-# ``celery -A mlxserve worker`` as the README runs it: one process, no fork (mlx and Metal).
+# ``celery -A mlxserve worker`` as the README runs it: one process, no fork (mlx and Metal); its
+# pool and concurrency come from MLXSERVE_WORKER_CONCURRENCY (settings).
 CELERY_WORKER_ARGS = (
     "-m",
     "celery",
     "-A",
     "mlxserve",
     "worker",
-    "--pool=solo",
-    "--concurrency=1",
     "--loglevel=INFO",
 )
 # What a worker's environment may carry from ``--env`` or this process's environment.
@@ -54,6 +53,8 @@ PASSED_ON = (
     "MLXSERVE_EVENTS_STREAM",
     "MLXSERVE_TASK_VERIFY_KEY",
     "MLXSERVE_WORKER_MODELS",
+    "MLXSERVE_WORKER_CONCURRENCY",
+    "MLXSERVE_WORKER_KV_BYTES",
 )
 
 

@@ -2,9 +2,12 @@
 
 Celery's ``worker_ready`` starts it (``runtimeStatus: ready``), its
 ``worker_shutdown`` stops it (models unloaded with ``shutdown``, then
-``runtimeStatus: shutdown``, then the publisher drained). Run the worker with
-``--pool=solo``: one process, no fork, which mlx on macOS needs once Metal is
-initialised (see README).
+``runtimeStatus: shutdown``, then the publisher drained). The worker is one process, no
+fork, which mlx on macOS needs once Metal is initialised: Celery's solo pool when it runs one
+generation at a time (``MLXSERVE_WORKER_CONCURRENCY=1``), its thread pool otherwise, whose
+threads hand their generations to the engine's one generation thread and wait
+(``mlxserve.engine.scheduler``). A warm shutdown (SIGTERM) waits for the running tasks, hence
+for their generations, before the runtime stops.
 """
 
 from __future__ import annotations

@@ -203,12 +203,18 @@ async def _serve(
         )
         deadline = arrived + settings.REQUEST_TIMEOUT_S
         if order.stream:
+            # The headers wait for the generation's first message: a request its worker refuses
+            # (past the model's context, say) gets its HTTP status, not a 200 and an error chunk.
+            messages = _messages(replies, deadline)
+            first = await anext(messages)
+            if isinstance(first, ReplyError):
+                raise _generation_error(first)
             end = _StreamEnd(stack, caller, label, arrived)
             task = asyncio.current_task()
             if task is not None:
                 task.add_done_callback(end.when_done)
             response = StreamingHttpResponse(
-                _stream(replies, answer, operation, end, deadline), content_type="text/event-stream"
+                _stream(_chained(first, messages), answer, operation, end), content_type="text/event-stream"
             )
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the chunks back
@@ -283,7 +289,19 @@ def _decoded(raw: Any) -> Any:
         return ReplyError(code="MalformedReply", message="The worker sent a reply this server cannot read")
 
 
+# What a worker refuses before generating because of the request itself: a client error (400),
+# with OpenAI's code for a context too long.
+_REFUSED = {
+    "ContextLengthExceeded": "context_length_exceeded",
+    "RequestTooLarge": "request_too_large",
+    "InvalidPrompt": "invalid_prompt",
+}
+
+
 def _generation_error(message: ReplyError) -> OpenAIError:
+    if message.code in _REFUSED:
+        param = None if message.code == "InvalidPrompt" else "max_tokens"
+        return OpenAIError(400, message.message, param=param, code=_REFUSED[message.code])
     return OpenAIError(
         500, f"The generation failed on its worker ({message.code}): {message.message}", code=message.code
     )
@@ -352,14 +370,20 @@ class _StreamEnd:
             await budget_spend(self.caller, self.tokens)
 
 
+async def _chained(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for message in rest:
+        yield message
+
+
 async def _stream(
-    replies: asyncio.Queue[Any], answer: Answer, operation: str, end: _StreamEnd, deadline: float
+    messages: AsyncIterator[Any], answer: Answer, operation: str, end: _StreamEnd
 ) -> AsyncIterator[bytes]:
     chunks = chat_chunks if operation == "chat" else completion_chunks
     try:
         if operation == "chat":
             yield sse(chunks(answer, None))  # the role, at once
-        async for message in _messages(replies, deadline):
+        async for message in messages:
             if isinstance(message, ReplyTokens):
                 if not answer.first_seen and message.tokens:
                     answer.first_seen = True

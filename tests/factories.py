@@ -153,7 +153,7 @@ STREAM, CONFIG_KEY, CONTROL = "test:events", "test:telemetry:config", "test:cont
 
 @contextlib.contextmanager
 def celery_worker_running(log_dir: Path, source: str, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``celery -A mlxserve worker --pool=solo``, as the README runs it, on the test Redis
+    """``celery -A mlxserve worker``, as the README runs it, on the test Redis
     (``env`` adds to or overrides the worker's environment)."""
     log = log_dir / "worker.log"
     worker_env = {

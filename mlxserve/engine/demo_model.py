@@ -24,7 +24,7 @@ DEFAULT_ARGS: dict[str, Any] = {
     "num_key_value_heads": 2,
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
-    "max_position_embeddings": 2048,
+    "max_position_embeddings": 32768,  # room for any max_tokens the contract allows
     "tie_word_embeddings": True,
 }
 VOCAB_SIZE = 2048

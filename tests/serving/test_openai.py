@@ -68,7 +68,10 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Two workers: one serves ``demo``, one ``other`` (each takes its model's queue only)."""
     with (
         celery_worker_running(
-            tmp_path_factory.mktemp("demo-worker"), DEMO_WORKER, MLXSERVE_WORKER_MODELS="demo"
+            tmp_path_factory.mktemp("demo-worker"),
+            DEMO_WORKER,
+            MLXSERVE_WORKER_MODELS="demo",
+            MLXSERVE_WORKER_CONCURRENCY="2",
         ),
         celery_worker_running(
             tmp_path_factory.mktemp("other-worker"), OTHER_WORKER, MLXSERVE_WORKER_MODELS="other"
@@ -370,15 +373,18 @@ def test_a_request_waiting_past_the_queue_timeout_fails_and_is_dropped_unrun(
     client: openai.OpenAI, redis_client: redis.Redis, settings: Any
 ) -> None:
     settings.QUEUE_TIMEOUT_S = 1
-    busy = client.chat.completions.create(
-        model="demo", messages=CHAT, max_tokens=20000, temperature=0, stream=True
-    )
-    next(iter(busy))  # the worker is generating it
+    busy = [
+        client.chat.completions.create(model="demo", messages=CHAT, max_tokens=20000, temperature=0, stream=True)
+        for _ in range(2)
+    ]
+    for stream in busy:
+        next(iter(stream))  # the worker (concurrency 2) is generating both: it takes no third
     with pytest.raises(openai.InternalServerError) as late:
         client.chat.completions.create(model="demo", messages=CHAT, max_tokens=4)
     assert late.value.status_code == 503 and late.value.code == "queue_timeout"
     generation_id = late.value.response.headers["x-request-id"]
-    busy.close()
+    for stream in busy:
+        stream.close()
     stored = stored_generation(redis_client, generation_id)
     completed = Event.objects.get(generation_id=generation_id, type="generationCompleted")
     assert completed.payload["metadata"]["finishReason"] == "cancelled"
