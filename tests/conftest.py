@@ -156,7 +156,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-# -- a real worker (celery, as many generations at once as the machine allows) on the test Redis ----------------------------------
+# -- a real worker (celery, as many generations at once as the machine allows) on the test Redis ---
 
 
 @pytest.fixture(scope="module")

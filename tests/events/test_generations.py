@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from tests.factories import (
     celery_worker_running,
     generation_queue_on,
     ingest_until,
+    stream_envelopes,
     token_client,
 )
 
@@ -291,3 +294,48 @@ def test_staff_may_name_an_unregistered_directory_as_the_contract_allows(
     recorded = Generation.objects.get(pk=response.json()["generationId"])
     assert (recorded.model, recorded.model_path) == (str(tmp_path), "")
     assert not RegisteredModel.objects.exists()
+
+
+def test_a_worker_takes_as_many_tasks_as_it_runs_and_a_sigterm_finishes_them_losing_nothing(
+    own_redis: RedisServer, module_demo_model: Path, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    def ends() -> dict[str, dict[str, Any]]:
+        return {
+            e["generationId"]: e
+            for e in stream_envelopes(redis_client, STREAM)
+            if e["type"] == "generationCompleted"
+        }
+
+    def started() -> set[str]:
+        return {
+            e["generationId"]
+            for e in stream_envelopes(redis_client, STREAM)
+            if e["type"] == "generationStarted"
+        }
+
+    env = {"CELERY_BROKER_URL": own_redis.url, "MLXSERVE_WORKER_CONCURRENCY": "4"}
+    with celery_worker_running(tmp_path, "test-host/batching", **env) as process:
+        queued = [generation_queue_on(own_redis.url, module_demo_model, max_tokens=2000) for _ in range(8)]
+        deadline = time.monotonic() + 60
+        while len(started()) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # long enough for a fifth to start, were the worker to take one
+        running = started()
+        assert len(running) == 4 and not ends()  # four at once, in one batch; the other four wait in Redis
+        process.send_signal(signal.SIGTERM)  # a warm shutdown, as systemctl stop / launchctl bootout do
+        process.wait(120)
+    finished = ends()
+    assert set(finished) == running  # the running four finished, whole, before the worker stopped
+    assert all(e["payload"]["tokensGenerated"] == 2000 for e in finished.values())
+    assert started() == running  # none of the waiting four was begun
+    with celery_worker_running(tmp_path, "test-host/batching-2", **env):
+        deadline = time.monotonic() + 120
+        while len(ends()) < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert set(ends()) == set(queued)
+    tokens = [e for e in stream_envelopes(redis_client, STREAM) if e["type"] == "tokenGenerated"]
+    for generation_id in queued:
+        seqs = [e["seq"] for e in tokens if e["generationId"] == generation_id]
+        assert seqs == list(range(1, 2001))  # every token of every generation, once, in order

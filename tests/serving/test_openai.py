@@ -374,7 +374,9 @@ def test_a_request_waiting_past_the_queue_timeout_fails_and_is_dropped_unrun(
 ) -> None:
     settings.QUEUE_TIMEOUT_S = 1
     busy = [
-        client.chat.completions.create(model="demo", messages=CHAT, max_tokens=20000, temperature=0, stream=True)
+        client.chat.completions.create(
+            model="demo", messages=CHAT, max_tokens=20000, temperature=0, stream=True
+        )
         for _ in range(2)
     ]
     for stream in busy:
