@@ -369,7 +369,10 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # worker dies.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # a worker holds as many tasks as it has room for, no more
+# A worker holds as many tasks as it has room for, no more: kombu's Redis transport alone reserves one
+# more than the prefetch count now and then (seen here), which worker_disable_prefetch stops.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_DISABLE_PREFETCH = True
 CELERY_WORKER_POOL = "solo" if WORKER_CONCURRENCY == 1 else "threads"
 CELERY_WORKER_CONCURRENCY = WORKER_CONCURRENCY
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
