@@ -33,7 +33,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from mlxserve.contract.validation import EngineError
-from mlxserve.engine.sequence import Sequence
+from mlxserve.engine.sequence import KeyedSampler, Sequence
 
 if TYPE_CHECKING:
     from mlxserve.engine.engine import Engine
@@ -83,6 +83,11 @@ def model_context(loaded: LoadedModel) -> int | None:
     args = getattr(loaded.model, "args", None)
     value = getattr(args, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _rewind(sampler: Any) -> None:
+    if isinstance(sampler, KeyedSampler):
+        sampler.rewind()
 
 
 class _ModelRun:
@@ -162,7 +167,7 @@ class _ModelRun:
             self._join(sequence, list(sequence.prompt_ids), None, None)
             return
         trim_prompt_cache(sequence.cache, 1)
-        sequence.sampler.rewind()
+        _rewind(sequence.sampler)
         history = sequence.prompt_ids + sequence.tokens[:-1]
         self._join(sequence, [sequence.tokens[-1]], sequence.cache, history)
 
@@ -175,7 +180,7 @@ class _ModelRun:
         cache, _ = caches[sequence.uid]
         self._close_batch()
         trim_prompt_cache(cache, 1)
-        sequence.sampler.rewind()
+        _rewind(sequence.sampler)
         self._run_alone(sequence, [sequence.tokens[-1]], cache)
 
     def step(self) -> list[tuple[Sequence, int, Any, bool]]:

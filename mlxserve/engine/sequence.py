@@ -82,6 +82,16 @@ class KeyedSampler:
             self.key, self._previous = self._previous, None
 
 
+def sampler_for(temperature: float, top_p: float, seed: int | None) -> Any:
+    """Greedy generations share mlx-lm's one argmax sampler (a batch of them samples in one op, as
+    mlx-lm's own batches do); the others get a ``KeyedSampler`` each."""
+    if temperature == 0:
+        from mlx_lm.sample_utils import greedy_sampler
+
+        return greedy_sampler
+    return KeyedSampler(temperature, top_p, seed)
+
+
 class TokenEvents:
     """One generation's tokenGenerated events and per-token metrics, a batch at a time.
 
@@ -233,7 +243,7 @@ class Sequence:
         self.kv_tokens = len(prompt_ids) + request.max_tokens
         self.detokenizer = loaded.tokenizer.detokenizer
         self.eos = set(loaded.tokenizer.eos_token_ids)
-        self.sampler = KeyedSampler(request.temperature, request.top_p, request.seed)
+        self.sampler = sampler_for(request.temperature, request.top_p, request.seed)
         self.events = TokenEvents(
             emitter,
             request.generation_id,
