@@ -43,10 +43,7 @@ class Answer:
             self.prompt_tokens, self.completion_tokens = message.prompt_tokens, message.completion_tokens
             self.done = True
         elif isinstance(message, ReplyError):
-            status = 504 if message.code == "RequestTimeout" else 500
-            self.error = OpenAIError(
-                status, f"The generation failed ({message.code}): {message.message}", code=message.code
-            )
+            self.error = generation_error(message)
             self.done = True
 
     def usage(self) -> dict[str, int]:
@@ -55,6 +52,27 @@ class Answer:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+
+# What a worker refuses before generating because of the request itself: a client error (400),
+# with OpenAI's code for a context too long.
+_REFUSED = {
+    "ContextLengthExceeded": "context_length_exceeded",
+    "RequestTooLarge": "request_too_large",
+    "InvalidPrompt": "invalid_prompt",
+}
+
+
+def generation_error(message: ReplyError) -> OpenAIError:
+    """The client's error for a worker's: 400 for a request it refused, 504 past the time limit,
+    500 for a failure."""
+    if message.code in _REFUSED:
+        param = None if message.code == "InvalidPrompt" else "max_tokens"
+        return OpenAIError(400, message.message, param=param, code=_REFUSED[message.code])
+    status = 504 if message.code == "RequestTimeout" else 500
+    return OpenAIError(
+        status, f"The generation failed ({message.code}): {message.message}", code=message.code
+    )
 
 
 def _head(answer: Answer, id_prefix: str, kind: str) -> dict[str, Any]:

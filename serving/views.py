@@ -45,7 +45,15 @@ from serving import metrics
 from serving.keys import Caller, budget_admit, budget_spend, caller_authenticate
 from serving.replies import async_redis, reply_hub
 from serving.requests import ChatRequest, CompletionRequest, OpenAIError, Order, order_parse
-from serving.responses import Answer, chat_chunks, chat_response, completion_chunks, completion_response, sse
+from serving.responses import (
+    Answer,
+    chat_chunks,
+    chat_response,
+    completion_chunks,
+    completion_response,
+    generation_error,
+    sse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +216,7 @@ async def _serve(
             messages = _messages(replies, deadline)
             first = await anext(messages)
             if isinstance(first, ReplyError):
-                raise _generation_error(first)
+                raise generation_error(first)
             end = _StreamEnd(stack, caller, label, arrived)
             task = asyncio.current_task()
             if task is not None:
@@ -269,7 +277,7 @@ async def _taken(replies: asyncio.Queue[Any], timeout: float) -> None:
                 if isinstance(message, ReplyStart):
                     return
                 if isinstance(message, ReplyError):
-                    raise _generation_error(message)
+                    raise generation_error(message)
     except TimeoutError:
         raise OpenAIError(
             503,
@@ -287,24 +295,6 @@ def _decoded(raw: Any) -> Any:
         return reply_decoder.decode(raw)
     except msgspec.DecodeError:
         return ReplyError(code="MalformedReply", message="The worker sent a reply this server cannot read")
-
-
-# What a worker refuses before generating because of the request itself: a client error (400),
-# with OpenAI's code for a context too long.
-_REFUSED = {
-    "ContextLengthExceeded": "context_length_exceeded",
-    "RequestTooLarge": "request_too_large",
-    "InvalidPrompt": "invalid_prompt",
-}
-
-
-def _generation_error(message: ReplyError) -> OpenAIError:
-    if message.code in _REFUSED:
-        param = None if message.code == "InvalidPrompt" else "max_tokens"
-        return OpenAIError(400, message.message, param=param, code=_REFUSED[message.code])
-    return OpenAIError(
-        500, f"The generation failed on its worker ({message.code}): {message.message}", code=message.code
-    )
 
 
 async def _messages(replies: asyncio.Queue[Any], deadline: float) -> AsyncIterator[Any]:

@@ -259,6 +259,22 @@ def test_the_async_client_streams_several_at_once(stack: str) -> None:
         assert reason == "length" and count >= 3  # the role, a delta at least, the reason
 
 
+def test_a_request_past_the_models_context_is_a_400_streamed_or_not(client: openai.OpenAI) -> None:
+    # The demo model's context is 32,768 tokens: the prompt and max_tokens together cannot fit.
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            answer = client.chat.completions.create(
+                model="demo", messages=CHAT, max_tokens=32768, stream=stream
+            )
+            if stream:
+                list(cast(Any, answer))
+        assert refused.value.code == "context_length_exceeded" and refused.value.param == "max_tokens"
+        assert "maximum context length is 32768 tokens" in refused.value.message
+    # The worker goes on serving.
+    served = client.completions.create(model="demo", prompt="Hi", max_tokens=3, temperature=0)
+    assert served.usage is not None and served.usage.completion_tokens == 3
+
+
 def test_each_worker_gets_only_its_own_models_requests(
     client: openai.OpenAI, redis_client: redis.Redis
 ) -> None:
