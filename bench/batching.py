@@ -152,10 +152,13 @@ def main() -> None:
             going.wait()
             time.sleep(0.05)
         first: list[float] = []
+
+        def on_token(_text: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+
         started = time.perf_counter()
-        engine.generate(
-            request(long_prompt, 8), on_token=lambda _t: first or first.append(time.perf_counter())
-        )
+        engine.generate(request(long_prompt, 8), on_token=on_token)
         if runner is not None:
             runner.join()
         return first[0] - started
@@ -183,7 +186,9 @@ def main() -> None:
                 b, a = engine_batch(texts), mlx_batch(texts)
             else:
                 a, b = mlx_batch(texts), engine_batch(texts)
-            theirs.append(a), ours.append(b), ratios.append(b / a)
+            theirs.append(a)
+            ours.append(b)
+            ratios.append(b / a)
             print(
                 f"  {count} at once, round {round_number + 1}: "
                 f"mlx-lm {a:8.1f} tok/s, engine {b:8.1f}  {b / a:.3f}"
@@ -203,7 +208,8 @@ def main() -> None:
     joins, bars = [], []
     for _ in range(args.rounds):
         alone, joined, extra = first_token_s(False), first_token_s(True), prefill_and_step_s()
-        joins.append(joined * 1000), bars.append((alone + extra) * 1000)
+        joins.append(joined * 1000)
+        bars.append((alone + extra) * 1000)
         print(
             f"  TTFT alone {alone * 1000:.1f} ms, joining {joined * 1000:.1f} ms, "
             f"bar {(alone + extra) * 1000:.1f} ms"

@@ -36,7 +36,6 @@ from mlxserve.contract.validation import EngineError
 from mlxserve.engine.sequence import KeyedSampler, Sequence
 
 if TYPE_CHECKING:
-    from mlxserve.engine.engine import Engine
     from mlxserve.engine.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -232,9 +231,13 @@ class _ModelRun:
 
 
 class Scheduler:
-    """The generation thread of an engine: admission, steps, ends (see the module's text)."""
+    """The generation thread of an engine: admission, steps, ends (see the module's text).
 
-    def __init__(self, engine: Engine, *, concurrency: int, kv_bytes: int = 0) -> None:
+    ``engine`` is the ``Engine`` it works for (its emitter, metrics, model cache, ``load``,
+    ``prompt_text``, ``completed`` and ``failed``), typed loosely: the engine module imports this one.
+    """
+
+    def __init__(self, engine: Any, *, concurrency: int, kv_bytes: int = 0) -> None:
         self.engine = engine
         self.concurrency = max(1, concurrency)
         self.kv_bytes = kv_bytes  # 0: KV_MEMORY_FRACTION of the machine, less the loaded models
@@ -362,7 +365,8 @@ class Scheduler:
                 if not self._wired_on:  # Metal's wired memory limit while working (a no-op elsewhere)
                     from mlx_lm.generate import generation_stream, wired_limit
 
-                    self._wired.enter_context(wired_limit(sequence.loaded.model, [generation_stream]))
+                    streams: list[Any] = [generation_stream]
+                    self._wired.enter_context(wired_limit(sequence.loaded.model, streams))
                     self._wired_on = True
             try:
                 run.add(sequence)
