@@ -45,26 +45,33 @@ BAR = 0.995  # the contract's bar is 0.98; issue 14 raised it
 
 
 class CpuMeter:
-    """CPU time spent per token while one side runs: the generation thread's (this one), the
-    other Python threads' (the event publisher, the metrics server, the config watcher;
-    mlx's own compute threads are not Python threads and are not counted), and the Redis
-    server's (``INFO cpu``)."""
+    """CPU time spent per token while one side runs: the generation thread's (this one for bare
+    mlx-lm; the engine's scheduler thread, ``engine-generation``, for the engine), the other
+    Python threads' (the event publisher, the metrics server, the config watcher, and this one
+    waiting for the engine; mlx's own compute threads are not Python threads and are not
+    counted), and the Redis server's (``INFO cpu``)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.totals: dict[tuple[str, str], float] = {}
         self.tokens: dict[str, int] = {}
 
-    def _threads_ns(self) -> int:
-        total = 0
+    @staticmethod
+    def _threads_ns() -> tuple[int, int]:
+        """CPU nanoseconds of the generation threads (this one, the engine's) and of the rest."""
+        generation = other = 0
         for thread in threading.enumerate():
-            if thread is threading.main_thread() or thread.ident is None:
+            if thread.ident is None:
                 continue
             try:
-                total += time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
+                used = time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
             except (OSError, AttributeError):  # the thread ended meanwhile; no such clock (macOS)
                 continue
-        return total
+            if thread is threading.main_thread() or thread.name == "engine-generation":
+                generation += used
+            else:
+                other += used
+        return generation, other
 
     def _redis_s(self) -> float:
         info = self.client.info("cpu")
@@ -73,13 +80,14 @@ class CpuMeter:
     @contextlib.contextmanager
     def measuring(self, side: str) -> Iterator[list[int]]:
         tokens = [0]
-        main, threads, server = time.thread_time_ns(), self._threads_ns(), self._redis_s()
+        (main, threads), server = self._threads_ns(), self._redis_s()
         try:
             yield tokens
         finally:
+            main_after, threads_after = self._threads_ns()
             for name, value in (
-                ("main", (time.thread_time_ns() - main) / 1000),
-                ("threads", (self._threads_ns() - threads) / 1000),
+                ("main", (main_after - main) / 1000),
+                ("threads", (threads_after - threads) / 1000),
                 ("redis", (self._redis_s() - server) * 1e6),
             ):
                 self.totals[(side, name)] = self.totals.get((side, name), 0.0) + value

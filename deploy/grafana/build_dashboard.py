@@ -276,6 +276,32 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
             ),
         ],
     ),
+    (
+        "Batching (each worker's generations at once)",
+        [
+            (
+                "Generations running and waiting, by worker",
+                "short",
+                [
+                    ("running {{instance}}", "sum by (instance) (kr_serve_requests_running)"),
+                    ("waiting {{instance}}", "sum by (instance) (kr_serve_requests_waiting)"),
+                ],
+                12,
+            ),
+            (
+                "Sequences per generation step (mean)",
+                "short",
+                [
+                    (
+                        "{{instance}}",
+                        f"sum by (instance) (rate(kr_serve_generation_batch_size_sum{RI})) / "
+                        f"sum by (instance) (rate(kr_serve_generation_batch_size_count{RI}))",
+                    )
+                ],
+                12,
+            ),
+        ],
+    ),
 ]
 
 

@@ -107,6 +107,8 @@ def test_eight_at_once_each_get_the_tokens_they_get_alone_with_their_own_events(
         "kr_serve_generation_batch_size_count"
     )
     assert batching.sample("kr_serve_requests_running") == 0
+    # runtimeStatus counted them while they ran.
+    assert max(e["payload"]["activeTasks"] for e in batching.events("runtimeStatus")) >= 4
 
 
 def test_a_generation_running_alone_is_joined_mid_way_and_finishes_alone_with_the_same_tokens(
