@@ -369,8 +369,9 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # worker dies.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
-# A worker holds as many tasks as it has room for, no more: kombu's Redis transport alone reserves one
-# more than the prefetch count now and then (seen here), which worker_disable_prefetch stops.
+# A worker holds as many tasks as it has room for, no more: with late acknowledgement and a multiplier
+# of 1 the prefetch count is the pool's size, and worker_disable_prefetch (Redis brokers) also has the
+# consumer fetch only while fewer tasks are reserved than the pool has threads.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_DISABLE_PREFETCH = True
 CELERY_WORKER_POOL = "solo" if WORKER_CONCURRENCY == 1 else "threads"

@@ -183,14 +183,20 @@ def celery_worker_running(log_dir: Path, source: str, **env: str) -> Iterator[su
             stderr=subprocess.STDOUT,
             cwd=Path(django_settings.BASE_DIR),
         )
-        deadline = time.monotonic() + 60
-        while b"ready." not in log.read_bytes():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield process
-        process.terminate()
-        process.wait(30)
+        try:
+            deadline = time.monotonic() + 60
+            while b"ready." not in log.read_bytes():
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            yield process
+        finally:  # a failing test must not leave its worker writing into the next one's Redis
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
     assert f"Worker runtime {source} stopped".encode() in log.read_bytes()
 
 
