@@ -264,9 +264,6 @@ class Sequence:
         self.n = n = self.n + 1
         self.tokens.append(token)
         self.batch_tokens += 1
-        if self.read_logprob is None:
-            self.read_logprob = logprob_reader(row.dtype)
-        logprob = self.read_logprob(row, token)
         detokenizer = self.detokenizer
         finish = None
         if token in self.eos:
@@ -278,6 +275,10 @@ class Sequence:
                 detokenizer.finalize()
                 finish = "length"
         text = detokenizer.last_segment
+        telemetry_ns = time.perf_counter_ns()  # from here to the flush: what telemetry costs a token
+        if self.read_logprob is None:
+            self.read_logprob = logprob_reader(row.dtype)
+        logprob = self.read_logprob(row, token)
         waiting = self.events.waiting
         waiting.append((now_ns, text, logprob))
         if len(waiting) >= TOKEN_BATCH or now_ns - self.flushed_ns >= TOKEN_BATCH_LINGER_NS or n == 1:
@@ -287,7 +288,7 @@ class Sequence:
             self.events.flush()
             self.flushed_ns = now_ns
         self.last_ns = now_ns
-        self.telemetry_ns += time.perf_counter_ns() - now_ns
+        self.telemetry_ns += time.perf_counter_ns() - telemetry_ns
         self.pieces.append(text)
         if self.on_token is not None:
             self.on_token(text)
