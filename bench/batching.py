@@ -72,6 +72,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled, unseeded")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/12"))
     args = parser.parse_args()
 
@@ -97,13 +98,21 @@ def main() -> None:
     engine = runtime.engine
     loaded = engine.load(str(model_dir))
     greedy = make_sampler(temp=0.0)
+    sampler = make_sampler(temp=args.temperature)
 
     def request(prompt: str, max_tokens: int = args.tokens) -> GenerationRequest:
-        return GenerationRequest(model=str(model_dir), prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+        return GenerationRequest(
+            model=str(model_dir), prompt=prompt, max_tokens=max_tokens, temperature=args.temperature
+        )
 
     def mlx_batch(texts: list[str]) -> float:
         ids = [loaded.tokenizer.encode(t) for t in texts]
-        generator = BatchGenerator(loaded.model, sampler=greedy, completion_batch_size=len(texts))
+        generator = BatchGenerator(
+            loaded.model,
+            sampler=sampler,
+            completion_batch_size=len(texts),
+            stop_tokens=[[token] for token in loaded.tokenizer.eos_token_ids],  # as the engine stops
+        )
         started, made = time.perf_counter(), 0
         generator.insert(ids, [args.tokens] * len(ids))
         while responses := generator.next_generated():
@@ -128,7 +137,7 @@ def main() -> None:
     def bare_alone() -> float:
         started, made = time.perf_counter(), 0
         for _ in stream_generate(
-            loaded.model, loaded.tokenizer, prompts(1)[0], max_tokens=args.tokens, sampler=greedy
+            loaded.model, loaded.tokenizer, prompts(1)[0], max_tokens=args.tokens, sampler=sampler
         ):
             made += 1
         return made / (time.perf_counter() - started)
@@ -177,7 +186,8 @@ def main() -> None:
     for warm in (mlx_batch, engine_batch):
         warm(prompts(8))
     bare_alone(), engine_alone()
-    print(f"demo model, {args.tokens} tokens a request, greedy, {args.rounds} interleaved rounds")
+    sampling = f"temperature {args.temperature:g}, unseeded" if args.temperature else "greedy"
+    print(f"demo model, {args.tokens} tokens a request, {sampling}, {args.rounds} interleaved rounds")
     for count in (8, 32):
         texts = prompts(count)
         ratios, ours, theirs = [], [], []

@@ -11,6 +11,7 @@ whatever else runs beside it.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable
@@ -83,13 +84,24 @@ class KeyedSampler:
 
 
 def sampler_for(temperature: float, top_p: float, seed: int | None) -> Any:
-    """Greedy generations share mlx-lm's one argmax sampler (a batch of them samples in one op, as
-    mlx-lm's own batches do); the others get a ``KeyedSampler`` each."""
+    """Generations that need no key of their own share one sampler per setting: the greedy ones
+    mlx-lm's argmax, unseeded ones mlx-lm's ``make_sampler`` (mlx's global key), so a batch of them
+    samples in one op, as mlx-lm's own batches do (mlx-lm samples a batch in one call only when
+    every row has the same sampler). A seeded one gets a ``KeyedSampler``: its tokens are its seed's."""
     if temperature == 0:
         from mlx_lm.sample_utils import greedy_sampler
 
         return greedy_sampler
+    if seed is None:
+        return _shared_sampler(temperature, top_p)
     return KeyedSampler(temperature, top_p, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_sampler(temperature: float, top_p: float) -> Any:
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp=temperature, top_p=top_p)
 
 
 class TokenEvents:
