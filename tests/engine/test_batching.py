@@ -225,3 +225,19 @@ def test_memory_refuses_what_never_fits_and_queues_what_fits_alone(demo_model: P
         )
     finally:
         recorder.engine.shutdown()
+
+
+def test_unseeded_sampled_requests_share_a_sampler_and_batch(batching: Recorder, demo_model: Path) -> None:
+    requests = [
+        GenerationRequest(model=str(demo_model), prompt=f"Sampled {i}", max_tokens=30, temperature=1.0)
+        for i in range(4)
+    ]
+    results = _all_at_once(batching, requests)
+    for request in requests:
+        result = results[requests.index(request)]
+        assert isinstance(result, GenerationResult) and 1 <= result.tokens <= 30
+        tokens = [e for e in _events_of(batching, request.generation_id) if e["type"] == "tokenGenerated"]
+        assert [e["seq"] for e in tokens] == list(range(1, result.tokens + 1))
+    assert batching.sample("kr_serve_generation_batch_size_bucket", le="1.0") < batching.sample(
+        "kr_serve_generation_batch_size_count"
+    )
