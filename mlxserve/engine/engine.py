@@ -36,6 +36,7 @@ from mlxserve.engine.models import (
     quantization_of,
     resolve_model_path,
 )
+from mlxserve.engine.publisher import DEFAULT_LINGER_S
 from mlxserve.engine.reply import GenerationReply
 from mlxserve.engine.scheduler import Scheduler
 from mlxserve.engine.sequence import Sequence, TelemetryCost
@@ -79,6 +80,7 @@ class Engine:
         watch_seconds: float = 2.0,
         concurrency: int = 1,
         kv_bytes: int = 0,
+        token_linger_s: float = DEFAULT_LINGER_S,
     ) -> None:
         self.emitter = emitter
         self.metrics = metrics
@@ -93,6 +95,7 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self.telemetry_cost = TelemetryCost()
         self.status_metadata: dict[str, Any] = {}  # sent with every runtimeStatus
+        self.token_linger_ns = int(token_linger_s * 1e9)  # a generation's token events wait at most this
         self.scheduler = Scheduler(self, concurrency=concurrency, kv_bytes=kv_bytes)
 
     # -- lifecycle ------------------------------------------------------------------

@@ -30,6 +30,10 @@ from mlxserve.engine.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
+# How long events gather before a batch goes to Redis (MLXSERVE_PUBLISH_LINGER_MS), and so how long a
+# generation's token events wait on the generation thread before they leave (engine.sequence).
+DEFAULT_LINGER_S = 0.25
+
 
 class CircuitBreaker:
     """closed -> (``threshold`` failures) -> open -> (cool-down) -> half_open -> closed or open.
@@ -213,7 +217,7 @@ class BufferedPublisher:
         metrics: WorkerMetrics,
         max_memory: int = 50_000,
         batch_size: int = 500,
-        linger: float = 0.25,
+        linger: float = DEFAULT_LINGER_S,
         breaker: CircuitBreaker | None = None,
         backlog_limit: int = 0,
         backlog_bytes: int = 0,

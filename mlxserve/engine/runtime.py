@@ -25,7 +25,7 @@ from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.engine import Engine
 from mlxserve.engine.metrics import WorkerMetrics
 from mlxserve.engine.models import ModelCache
-from mlxserve.engine.publisher import BufferedPublisher
+from mlxserve.engine.publisher import DEFAULT_LINGER_S, BufferedPublisher
 from mlxserve.engine.reply import ServingClaim
 from mlxserve.engine.subscription import Subscription
 
@@ -50,7 +50,7 @@ class RuntimeSettings:
     metrics_host: str = "0.0.0.0"
     heartbeat_seconds: float = 0  # 0: the config's exportIntervalMs
     metric_label_limit: int = DEFAULT_METRIC_LABEL_LIMIT
-    publish_linger_seconds: float = 0.25
+    publish_linger_seconds: float = DEFAULT_LINGER_S
     # Hold events back past this many stream entries not yet stored by the group (0: never).
     stream_backlog_limit: int = 0
     stream_backlog_bytes: int = 0
@@ -134,6 +134,7 @@ class WorkerRuntime:
             cache=ModelCache(max_models=settings.max_models, max_bytes=settings.max_model_bytes),
             concurrency=settings.concurrency,
             kv_bytes=settings.kv_bytes,
+            token_linger_s=settings.publish_linger_seconds,
         )
         self.config: TelemetryConfigSchema | None = None
         self.serving = ServingClaim(self.client, settings.source, list(settings.models) or None)

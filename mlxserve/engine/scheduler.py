@@ -407,7 +407,7 @@ class Scheduler:
                 f"more than this worker can hold ({budget / 2**20:.0f} MiB): lower max_tokens or "
                 "shorten the prompt",
             )
-        sequence.prepare(loaded, ids, self.engine.emitter, self.engine.metrics)
+        sequence.prepare(loaded, ids, self.engine.emitter, self.engine.metrics, self.engine.token_linger_ns)
 
     def _budget(self) -> int:
         if self.kv_bytes:

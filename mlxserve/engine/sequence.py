@@ -24,13 +24,13 @@ from mlxserve.engine.metrics import observe_many
 from mlxserve.engine.reply import GenerationReply
 
 # A generation's token events are recorded as the tokens come (a clock read and a list append)
-# and sent a batch at a time: when this many are waiting, when the last batch left this long
-# ago (a slow model's tokens leave one by one), at the first token and at the end. A batch
-# costs about 200 µs however small (between mlx-lm's steps its code runs cold) plus about
-# 10 µs a token, so batches are as long as the publisher's own linger allows: a token's event
-# reaches Redis at most half a second after the token (bench/generation_overhead.py).
+# and sent a batch at a time: when this many are waiting, when the last batch left the
+# publisher's linger ago (a slow model's tokens leave one by one; the engine's
+# ``token_linger_s``), at the first token and at the end. A batch costs about 200 µs however
+# small (between mlx-lm's steps its code runs cold) plus about 10 µs a token, so batches are as
+# long as the publisher's own linger allows: a token's event reaches Redis at most two lingers
+# after the token (bench/generation_overhead.py).
 TOKEN_BATCH = 128
-TOKEN_BATCH_LINGER_NS = 250_000_000
 
 
 @dataclass
@@ -249,7 +249,9 @@ class Sequence:
         self.last_ns: int | None = None
         self.telemetry_ns = 0
 
-    def prepare(self, loaded: Any, prompt_ids: list[int], emitter: EngineEventEmitter, metrics: Any) -> None:
+    def prepare(
+        self, loaded: Any, prompt_ids: list[int], emitter: EngineEventEmitter, metrics: Any, linger_ns: int
+    ) -> None:
         request = self.request
         self.loaded, self.prompt_ids = loaded, prompt_ids
         self.kv_tokens = len(prompt_ids) + request.max_tokens
@@ -265,6 +267,7 @@ class Sequence:
         )
         self.ttft = metrics.series(metrics.time_to_first_token, model=request.model)
         self.flushed_ns = time.perf_counter_ns()
+        self.linger_ns = linger_ns
         self.read_logprob: Callable[[Any, int], Any] | None = None
 
     @property
@@ -293,7 +296,7 @@ class Sequence:
         logprob = self.read_logprob(row, token)
         waiting = self.events.waiting
         waiting.append((now_ns, text, logprob))
-        if len(waiting) >= TOKEN_BATCH or now_ns - self.flushed_ns >= TOKEN_BATCH_LINGER_NS or n == 1:
+        if len(waiting) >= TOKEN_BATCH or now_ns - self.flushed_ns >= self.linger_ns or n == 1:
             if n == 1:
                 self.first_ns = now_ns
                 self.ttft.observe(now_ns / 1e9 - self.submitted)
