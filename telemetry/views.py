@@ -14,7 +14,12 @@ from mlxserve.contract.validation import Issue, ValidationFailed
 from mlxserve.openapi import ERROR_RESPONSES, WRITE_ERROR_RESPONSES
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
 from telemetry.serializers import TelemetryConfigChangeSerializer, TelemetryConfigSerializer
-from telemetry.services import telemetry_config_get, telemetry_config_save
+from telemetry.services import (
+    ConfigSaved,
+    telemetry_config_get,
+    telemetry_config_patch,
+    telemetry_config_replace,
+)
 
 
 class HistoryPagination(PageNumberPagination):
@@ -45,7 +50,7 @@ class TelemetryConfigView(generics.GenericAPIView):  # type: ignore[type-arg]
         request=TelemetryConfigSerializer, responses={200: TelemetryConfigSerializer, **WRITE_ERROR_RESPONSES}
     )
     def put(self, request: Request) -> Response:
-        return self._save(request.data)
+        return self._answer(telemetry_config_replace(data=request.data, user=request.user, via="api"))
 
     @extend_schema(
         # PATCH: the same fields, none of them required.
@@ -53,14 +58,10 @@ class TelemetryConfigView(generics.GenericAPIView):  # type: ignore[type-arg]
         responses={200: TelemetryConfigSerializer, **WRITE_ERROR_RESPONSES},
     )
     def patch(self, request: Request) -> Response:
-        if not isinstance(request.data, dict):
-            raise ValidationFailed([Issue([], "Must be an object", "invalid_type")])
-        return self._save({**telemetry_config_get().to_schema().to_wire(), **request.data})
+        return self._answer(telemetry_config_patch(data=request.data, user=request.user, via="api"))
 
-    def _save(self, data: Any) -> Response:
-        serializer = TelemetryConfigSerializer(data=data)
-        serializer.is_valid(raise_exception=True)  # the handler answers with the error object
-        saved = telemetry_config_save(serializer.validated_data, user=self.request.user, via="api")
+    @staticmethod
+    def _answer(saved: ConfigSaved) -> Response:
         return Response(TelemetryConfigSerializer(saved.config).data)
 
 
