@@ -33,10 +33,9 @@ from mlx_lm import stream_generate
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
-from mlxserve.contract.telemetry import TelemetryConfigSchema
+from bench.telemetry_on import runtime_with_telemetry
 from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.engine.engine import GenerationRequest
-from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime
 
 WORDS = [
     "the",
@@ -80,21 +79,7 @@ def main() -> None:
     model_dir = create_demo_model(workdir / "demo-model")
     client = redis.Redis.from_url(args.redis_url)
     stream = "bench:batching"
-    client.delete(stream)
-    runtime = WorkerRuntime(
-        RuntimeSettings(
-            redis_url=args.redis_url,
-            stream=stream,
-            config_key="bench:config",
-            control_channel="bench:control",
-            source="bench/worker",
-            spool_dir=workdir / "spool",
-            metrics_host="127.0.0.1",
-            concurrency=32,
-        ),
-        client=client,
-    ).start()
-    runtime.apply_config(TelemetryConfigSchema(enabled=True, prometheus_port=19465), version=1)
+    runtime = runtime_with_telemetry(client, args.redis_url, stream, workdir, 19465, concurrency=32)
     engine = runtime.engine
     loaded = engine.load(str(model_dir))
     greedy = make_sampler(temp=0.0)

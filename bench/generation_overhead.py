@@ -35,11 +35,10 @@ import redis
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
+from bench.telemetry_on import runtime_with_telemetry
 from mlxserve.contract.stream import stream_envelope_bodies
-from mlxserve.contract.telemetry import TelemetryConfigSchema
 from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.engine.engine import GenerationRequest
-from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime
 
 BAR = 0.995  # the contract's bar is 0.98; issue 14 raised it
 
@@ -119,20 +118,7 @@ def main() -> int:
     model_dir = Path(args.model) if args.model else create_demo_model(workdir / "demo-model")
     client = redis.Redis.from_url(args.redis_url)
     stream = "bench:generation-overhead"
-    client.delete(stream)
-    runtime = WorkerRuntime(
-        RuntimeSettings(
-            redis_url=args.redis_url,
-            stream=stream,
-            config_key="bench:config",
-            control_channel="bench:control",
-            source="bench/worker",
-            spool_dir=workdir / "spool",
-            metrics_host="127.0.0.1",
-        ),
-        client=client,
-    ).start()
-    runtime.apply_config(TelemetryConfigSchema(enabled=True, prometheus_port=19464), version=1)
+    runtime = runtime_with_telemetry(client, args.redis_url, stream, workdir, 19464)
     loaded = runtime.engine.load(str(model_dir))
     prompt = "The quick brown fox"
 
