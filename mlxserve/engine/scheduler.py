@@ -294,17 +294,11 @@ class Scheduler:
                     break
                 taken = list(self._submitted)
                 self._submitted.clear()
-            for sequence in taken:
-                self._take(sequence)
-            started = self._admit()
-            if not self._runs:
-                if self._waiting and not started:  # nothing runs, yet the first cannot start
-                    with self._changed:
-                        self._changed.wait(IDLE_WAIT_S)
-                continue
-            for name, run in list(self._runs.items()):
-                self._step(name, run)
-            self._observe()
+            try:
+                self._turn(taken)
+            except Exception:  # a bug of ours: logged, and the thread goes on serving the others
+                logger.exception("The generation loop failed a turn")
+                time.sleep(IDLE_WAIT_S)
         self._shutdown()
         self._stopped.set()
         # The thread never ends: when a thread that ran mlx-lm's BatchGenerator exits, mlx's
@@ -312,6 +306,19 @@ class Scheduler:
         # ("terminate called without an active exception", seen here on the CPU backend). Parked,
         # it costs a stack; the process's exit takes it with everything else.
         threading.Event().wait()
+
+    def _turn(self, taken: list[Sequence]) -> None:
+        """Take what was submitted, start what fits, and run one step of each model's run."""
+        for sequence in taken:
+            self._take(sequence)
+        started = self._admit()
+        if self._runs:
+            for name, run in list(self._runs.items()):
+                self._step(name, run)
+        elif self._waiting and not started:  # nothing runs, yet the first cannot start
+            with self._changed:
+                self._changed.wait(IDLE_WAIT_S)
+        self._observe()
 
     def _observe(self) -> None:
         metrics = self.engine.metrics
@@ -321,18 +328,22 @@ class Scheduler:
     def _take(self, sequence: Sequence) -> None:
         """A generation submitted: say it started (its own events begin here) and queue it."""
         request = sequence.request
-        self.engine.emitter.generation_started(
-            generation_id=request.generation_id,
-            model=request.model,
-            prompt=request.prompt,
-            max_tokens=request.max_tokens,
-            metadata={
-                "attempt": request.attempt,
-                "temperature": request.temperature,
-                "topP": request.top_p,
-                **({"seed": request.seed} if request.seed is not None else {}),
-            },
-        )
+        try:
+            self.engine.emitter.generation_started(
+                generation_id=request.generation_id,
+                model=request.model,
+                prompt=request.prompt,
+                max_tokens=request.max_tokens,
+                metadata={
+                    "attempt": request.attempt,
+                    "temperature": request.temperature,
+                    "topP": request.top_p,
+                    **({"seed": request.seed} if request.seed is not None else {}),
+                },
+            )
+        except Exception as exc:
+            self._fail(sequence, exc)
+            return
         self._waiting.append(sequence)
 
     def _admit(self) -> bool:

@@ -241,3 +241,17 @@ def test_unseeded_sampled_requests_share_a_sampler_and_batch(batching: Recorder,
     assert batching.sample("kr_serve_generation_batch_size_bucket", le="1.0") < batching.sample(
         "kr_serve_generation_batch_size_count"
     )
+
+
+def test_a_generation_whose_start_the_contract_refuses_fails_alone(
+    batching: Recorder, demo_model: Path
+) -> None:
+    with pytest.raises(EngineError) as refused:  # max_tokens 0: generationStarted breaks the contract
+        batching.engine.generate(GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=0))
+    assert refused.value.code == "InvalidParams"
+    (error,) = batching.events("error")
+    assert "maxTokens" in error["payload"]["error"]
+    assert (
+        batching.engine.generate(GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=3)).tokens
+        == 3
+    )
