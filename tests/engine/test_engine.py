@@ -198,12 +198,10 @@ def test_status_heartbeat_and_shutdown(demo_model: Path) -> None:
     recorder.engine.start()
     recorder.engine.load(str(demo_model))
     recorder.engine.set_heartbeat_interval(0.1)
-    time.sleep(0.35)
+    _wait_for(lambda: len(_heartbeats(recorder)) >= 2)  # every 0.1 s: two within a generous deadline
     recorder.engine.shutdown()
     statuses = recorder.events("runtimeStatus")
     assert statuses[0]["payload"] == {"status": "ready", "modelsLoaded": 0, "activeTasks": 0}
-    heartbeats = [s for s in statuses if (s["payload"].get("metadata") or {}).get("heartbeat")]
-    assert len(heartbeats) >= 2
     assert recorder.events("modelUnloaded")[-1]["payload"] == {"model": str(demo_model), "reason": "shutdown"}
     assert statuses[-1]["payload"]["status"] == "shutdown" and statuses[-1]["payload"]["modelsLoaded"] == 0
 
@@ -277,7 +275,7 @@ def test_every_status_after_a_config_says_its_version(demo_model: Path) -> None:
     recorder.engine.start()
     recorder.engine.set_config_version(7)  # as the runtime does when it applies a config
     recorder.engine.set_heartbeat_interval(0.1)
-    time.sleep(0.25)
+    _wait_for(lambda: len(_heartbeats(recorder)) >= 1)
     recorder.engine.shutdown()
     statuses = recorder.events("runtimeStatus")
     assert statuses[0]["payload"] == {"status": "ready", "modelsLoaded": 0, "activeTasks": 0}  # before
@@ -313,27 +311,32 @@ def test_half_precision_models_generate_with_each_tokens_logprob(dtype: str, tmp
     )
 
 
-def test_a_slow_models_tokens_leave_one_by_one(recorder: Recorder, demo_model: Path) -> None:
+def test_a_slow_models_tokens_leave_one_by_one(demo_model: Path) -> None:
     """Tokens are sent in batches only while they come fast: after a step as long as the batch
-    linger (250 ms) or longer, the token leaves at once (what a live view of the generation
-    shows); the first token always does."""
-    sent_when_handed: list[int] = []
+    linger (the publisher's, ``MLXSERVE_PUBLISH_LINGER_MS``) or longer, the token leaves at once
+    (what a live view of the generation shows); the first token always does."""
+    slow_recorder, fast_recorder = Recorder(token_linger_s=0.05), Recorder(token_linger_s=60)
+    try:
+        sent_when_handed: list[int] = []
 
-    def slow(text: str) -> None:
-        sent_when_handed.append(len(recorder.events("tokenGenerated")))
-        time.sleep(0.26)
+        def slow(text: str) -> None:
+            sent_when_handed.append(len(slow_recorder.events("tokenGenerated")))
+            time.sleep(0.06)  # a step longer than the linger
 
-    recorder.engine.generate(
-        GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=4), on_token=slow
-    )
-    assert sent_when_handed == [1, 2, 3, 4]
-    fast: list[int] = []
-    recorder.engine.generate(
-        GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=4),
-        on_token=lambda text: fast.append(len(recorder.events("tokenGenerated"))),
-    )
-    # The first sent at once; the next ones wait for a batch (unless the host stalls 250 ms).
-    assert fast[0] == 5 and min(fast[1:]) == 5 and len(recorder.events("tokenGenerated")) == 8
+        slow_recorder.engine.generate(
+            GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=4), on_token=slow
+        )
+        assert sent_when_handed == [1, 2, 3, 4]
+        fast: list[int] = []
+        fast_recorder.engine.generate(
+            GenerationRequest(model=str(demo_model), prompt="Hi", max_tokens=4),
+            on_token=lambda text: fast.append(len(fast_recorder.events("tokenGenerated"))),
+        )
+        # The first sent at once; the next ones wait for the batch, sent at the end.
+        assert fast == [1, 1, 1, 1] and len(fast_recorder.events("tokenGenerated")) == 4
+    finally:
+        slow_recorder.engine.shutdown()
+        fast_recorder.engine.shutdown()
 
 
 def test_a_fast_generations_batches_keep_every_token_and_latency(
@@ -388,3 +391,16 @@ def test_a_path_that_is_not_a_model_gets_one_answer_whatever_it_holds(
         for e in recorder.events("error")
     ]
     assert len(set(errors)) == 1
+
+
+def _heartbeats(recorder: Recorder) -> list[dict[str, Any]]:
+    return [
+        s for s in recorder.events("runtimeStatus") if (s["payload"].get("metadata") or {}).get("heartbeat")
+    ]
+
+
+def _wait_for(condition: Any, deadline_s: float = 10.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.01)
