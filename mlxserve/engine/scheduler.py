@@ -250,6 +250,8 @@ class Scheduler:
         self._stopped = threading.Event()
         self._wired = contextlib.ExitStack()
         self._wired_on = False
+        self._machine_bytes: int | None = None  # read once, at the first admission
+        self._gauges = (-1, -1)  # running and waiting as last set
 
     # -- the callers' side -------------------------------------------------------------
 
@@ -321,9 +323,12 @@ class Scheduler:
         self._observe()
 
     def _observe(self) -> None:
-        metrics = self.engine.metrics
-        metrics.requests_running.set(self.running)
-        metrics.requests_waiting.set(self.waiting)
+        """The running and waiting gauges, set when they change (not at every step)."""
+        gauges = (self.running, self.waiting)
+        if gauges != self._gauges:
+            self._gauges = gauges
+            self.engine.metrics.requests_running.set(gauges[0])
+            self.engine.metrics.requests_waiting.set(gauges[1])
 
     def _take(self, sequence: Sequence) -> None:
         """A generation submitted: say it started (its own events begin here) and queue it."""
@@ -423,9 +428,11 @@ class Scheduler:
     def _budget(self) -> int:
         if self.kv_bytes:
             return self.kv_bytes
+        if self._machine_bytes is None:
+            self._machine_bytes = machine_memory_bytes()
         cache = self.engine.cache
         weights = sum(loaded.size_bytes for name in cache.names() if (loaded := cache.peek(name)) is not None)
-        return max(0, int(machine_memory_bytes() * KV_MEMORY_FRACTION) - weights)
+        return max(0, int(self._machine_bytes * KV_MEMORY_FRACTION) - weights)
 
     def _fits(self, sequence: Sequence) -> bool:
         """Would the key-value caches of everything running, with this one, fit? A batch holds

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,24 +57,23 @@ class KeyedSampler:
     Temperature 0 is the argmax and draws nothing.
     """
 
-    __slots__ = ("_previous", "key", "temperature", "top_p")
+    __slots__ = ("_mx", "_previous", "_top_p", "key", "temperature", "top_p")
 
     def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
         import mlx.core as mx
+        from mlx_lm.sample_utils import apply_top_p
 
-        self.temperature, self.top_p = temperature, top_p
+        self._mx, self.temperature, self.top_p = mx, temperature, top_p
+        self._top_p = (lambda logprobs: apply_top_p(logprobs, top_p)) if 0 < top_p < 1 else None
         self.key = mx.random.key(seed if seed is not None else secrets.randbits(63))
         self._previous: Any = None
 
     def __call__(self, logprobs: Any) -> Any:
-        import mlx.core as mx
-
+        mx = self._mx
         if self.temperature == 0:
             return mx.argmax(logprobs, axis=-1)
-        if 0 < self.top_p < 1:
-            from mlx_lm.sample_utils import apply_top_p
-
-            logprobs = apply_top_p(logprobs, self.top_p)
+        if self._top_p is not None:
+            logprobs = self._top_p(logprobs)
         self._previous = self.key
         self.key, draw = mx.random.split(self.key)
         return mx.random.categorical(logprobs * (1.0 / self.temperature), key=draw)
@@ -226,8 +226,6 @@ class Sequence:
         reply: GenerationReply | None,
         on_token: Callable[[str], None] | None,
     ) -> None:
-        import threading
-
         self.request, self.reply, self.on_token = request, reply, on_token
         self.submitted = time.perf_counter()
         self.done = threading.Event()
