@@ -6,7 +6,7 @@ import django_filters
 from django import forms
 from django.db.models import QuerySet
 
-from events.models import MODEL_COLUMN_LENGTH, Event
+from events.models import MODEL_COLUMN_LENGTH, EventRecord
 from mlxserve.contract.events import EVENT_TYPES
 from mlxserve.contract.validation import INT64_MAX
 
@@ -32,9 +32,9 @@ class EventFilter(django_filters.FilterSet):
     until = EpochMsFilter(field_name="timestamp", lookup_expr="lte", help_text="epoch ms, inclusive")
 
     class Meta:
-        model = Event
+        model = EventRecord
         fields = ["type", "model", "source", "generationId", "since", "until"]
 
-    def filter_model(self, queryset: QuerySet[Event], name: str, value: str) -> QuerySet[Event]:
+    def filter_model(self, queryset: QuerySet[EventRecord], name: str, value: str) -> QuerySet[EventRecord]:
         # The column holds the first 200 characters of the name (see Event.model).
         return queryset.filter(model=value[:MODEL_COLUMN_LENGTH])

@@ -15,8 +15,9 @@ MODEL_COLUMN_LENGTH = 200
 MAX_KEEP_DAYS = 36_500
 
 
-class Event(models.Model):
-    """One stored event: the envelope, its payload kept as sent.
+class EventRecord(models.Model):
+    """One stored event as sent: the envelope, its payload as JSON (every type but the compact
+    token events, which are ``TokenEvent`` rows).
 
     ``model`` is copied out of the payload (cut to 200 characters) so the list
     can be filtered on an indexed column; the payload keeps the whole name.
@@ -33,6 +34,7 @@ class Event(models.Model):
     ingested_at = models.DateTimeField()
 
     class Meta:
+        db_table = "events_event"
         ordering = ["-timestamp", "-seq"]
         # Each filter of the event list has an index in the list's own order (newest first,
         # then seq): the first page is the index's first rows, whatever the table holds and
@@ -44,6 +46,77 @@ class Event(models.Model):
             models.Index(fields=["source", "-timestamp", "-seq"], name="event_source_time_seq"),
             models.Index(fields=["generation_id", "-timestamp", "-seq"], name="event_generation_time_seq"),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.id}"
+
+
+class Channel(models.Model):
+    """A source and a model tokens came from: a token event row names its pair by this id
+    instead of repeating both names (a fleet has a few hundred pairs, not millions)."""
+
+    id = models.AutoField(primary_key=True)  # 32-bit: the token rows' column
+    source = models.CharField(max_length=200)
+    model = models.CharField(max_length=MODEL_COLUMN_LENGTH)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["source", "model"], name="channel_key")]
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.model}"
+
+
+class TokenEvent(models.Model):
+    """A ``tokenGenerated`` event in typed columns (no JSON): what nearly every event stored is.
+
+    The payload (``model``, ``token``, ``logprob``) is written out again, byte for byte as the
+    JSON form would have stored it, when the event is read. A token event this shape cannot
+    hold (metadata, a sequence number past 2^31, a model name past 200 characters) is an
+    ``EventRecord`` instead. ``id`` is not unique here: a redelivery is recognised by its
+    ``(id, timestamp)`` before it is written (``events.storage``).
+    """
+
+    id = models.UUIDField(primary_key=True)
+    generation_id = models.UUIDField()
+    timestamp = models.BigIntegerField()
+    seq = models.IntegerField()
+    channel = models.ForeignKey(Channel, on_delete=models.PROTECT, db_constraint=False, related_name="+")
+    token = models.TextField()
+    logprob = models.FloatField(null=True)
+    ingested_at = models.DateTimeField()
+
+    class Meta:
+        # Made by migration 0019 in SQL: partitioned on PostgreSQL, its indexes not Django's.
+        db_table = "events_token"
+
+    def __str__(self) -> str:
+        return f"tokenGenerated {self.id}"
+
+
+class Event(models.Model):
+    """Every stored event, whichever table holds it: a read-only view (``events_history``),
+    ``EventRecord`` rows and ``TokenEvent`` rows together, with the token events' payloads
+    built as JSON values. The API writes its answers from the tables' own columns
+    (``events.selectors``); the admin and ad-hoc queries read this.
+    """
+
+    id = models.UUIDField(primary_key=True)
+    type = models.CharField(max_length=32, choices=[(t, t) for t in EVENT_TYPES])
+    timestamp = models.BigIntegerField(help_text="When it happened, epoch milliseconds.")
+    source = models.CharField(max_length=200)
+    generation_id = models.UUIDField(null=True, blank=True)
+    seq = models.BigIntegerField()
+    model = models.CharField(max_length=MODEL_COLUMN_LENGTH, blank=True, default="")
+    payload = models.JSONField()
+    ingested_at = models.DateTimeField()
+    # Set on token event rows only: the payload's token and log-probability as stored.
+    token = models.TextField(null=True)
+    logprob = models.FloatField(null=True)
+
+    class Meta:
+        managed = False
+        db_table = "events_history"
+        ordering = ["-timestamp", "-seq"]
 
     def __str__(self) -> str:
         return f"{self.type} {self.id}"

@@ -13,15 +13,17 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from collections.abc import Sequence
 from typing import Any
 from urllib import parse
 
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.utils.urls import replace_query_param
 from rest_framework.views import APIView
 
+from events.history import after, row_key, rows_merged
 from mlxserve.contract.validation import Issue, ValidationFailed
 
 INT64 = range(-(2**63), 2**63)
@@ -41,16 +43,18 @@ class EventKeysetPagination(CursorPagination):
     ordering = ("-timestamp", "-seq", "-id")
 
     def paginate_queryset(
-        self, queryset: QuerySet[Any], request: Request, view: APIView | None = None
+        self, queryset: QuerySet[Any] | Sequence[QuerySet[Any]], request: Request, view: APIView | None = None
     ) -> list[Any] | None:
+        """One page of a queryset of ``event_values`` rows, or of several together (the event
+        tables, ``events.history``)."""
         self.request = request
         self.base_url = request.build_absolute_uri()
         self.page_size = self.get_page_size(request) or self.page_size
         key, self.reverse = self._cursor(request)
+        querysets = [queryset] if isinstance(queryset, QuerySet) else list(queryset)
         if key is not None:
-            queryset = queryset.filter(_beyond(key, newer=self.reverse))
-        order = [f.lstrip("-") if self.reverse else f for f in self.ordering]
-        rows = list(queryset.order_by(*order)[: self.page_size + 1])
+            querysets = [q.filter(after(key, newer=self.reverse)) for q in querysets]
+        rows = rows_merged(querysets, self.page_size + 1, newest_first=not self.reverse)
         more = len(rows) > self.page_size
         rows = rows[: self.page_size]
         if self.reverse:
@@ -59,8 +63,8 @@ class EventKeysetPagination(CursorPagination):
         # Backward: the other way round.
         self.has_next = more if not self.reverse else key is not None
         self.has_previous = key is not None if not self.reverse else more
-        self.first_key = _row_key(rows[0]) if rows else key
-        self.last_key = _row_key(rows[-1]) if rows else key
+        self.first_key = row_key(rows[0]) if rows else key
+        self.last_key = row_key(rows[-1]) if rows else key
         self.page = rows
         return rows
 
@@ -108,20 +112,3 @@ def _decoded(encoded: str) -> tuple[tuple[int, int, uuid.UUID], bool] | None:
     if timestamp not in INT64 or seq not in INT64:
         return None
     return (timestamp, seq, uuid.UUID(hex=match[3])), "r" in tokens
-
-
-def _beyond(key: tuple[int, int, uuid.UUID], *, newer: bool) -> Q:
-    """The rows after ``key`` in the list's order (older), or before it (``newer``). The bound on
-    ``timestamp`` alone is what an index range uses; the rest settles the ties."""
-    timestamp, seq, event_id = key
-    op = "gt" if newer else "lt"
-    edge = "gte" if newer else "lte"
-    return Q(**{f"timestamp__{edge}": timestamp}) & (
-        Q(**{f"timestamp__{op}": timestamp})
-        | Q(timestamp=timestamp, **{f"seq__{op}": seq})
-        | Q(timestamp=timestamp, seq=seq, **{f"id__{op}": event_id})
-    )
-
-
-def _row_key(row: dict[str, Any]) -> tuple[int, int, uuid.UUID]:
-    return int(row["timestamp"]), int(row["seq"]), uuid.UUID(row["id_text"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models import Max
 
-from events.models import MAX_KEEP_DAYS, Event
+from events.models import MAX_KEEP_DAYS, EventRecord, TokenEvent
 from events.rollups import activity_prune, rollups_prune
 
 logger = logging.getLogger(__name__)
@@ -33,43 +34,17 @@ def events_retention_apply(
     from events.models import RetentionPolicy
 
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-    table = Event._meta.db_table
     deleted: dict[str, int] = {}
-
-    def oldest_from(cursor: Any, event_type: str, since: int) -> int | None:
-        cursor.execute(
-            f"SELECT MIN(timestamp) FROM {table} WHERE type = %s AND timestamp >= %s", [event_type, since]
-        )
-        row = cursor.fetchone()
-        return None if row is None or row[0] is None else int(row[0])
-
     for policy in RetentionPolicy.objects.all():
         # A row written past the model's bound (by hand in SQL) is applied at the bound.
         keep_days = min(policy.keep_days, MAX_KEEP_DAYS)
         event_type, cutoff = policy.event_type, now_ms - keep_days * 86_400_000
-        deleted[event_type] = 0
-        window = 60_000  # ms; adjusted to the data's rate below
-        with connection.cursor() as cursor:
-            start = oldest_from(cursor, event_type, 0)
-        while start is not None and start < cutoff:
-            end = min(start + window, cutoff)
-            started = time.perf_counter()
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(
-                    f"DELETE FROM {table} WHERE type = %s AND timestamp >= %s AND timestamp < %s",
-                    [event_type, start, end],
-                )
-                count = max(cursor.rowcount, 0)
-            deleted[event_type] += count
-            if on_chunk is not None:
-                on_chunk(event_type, count, time.perf_counter() - started)
-            if count:
-                window = max(1, min(window * 8, int(window * chunk / count)))
-                start = end
-            else:
-                window *= 8
-                with connection.cursor() as cursor:
-                    start = oldest_from(cursor, event_type, end)
+        report = None if on_chunk is None else functools.partial(on_chunk, event_type)
+        deleted[event_type] = _delete_before(
+            EventRecord._meta.db_table, "type = %s AND ", [event_type], cutoff, chunk, report
+        )
+        if event_type == "tokenGenerated":
+            deleted[event_type] += _delete_before(TokenEvent._meta.db_table, "", [], cutoff, chunk, report)
     longest = RetentionPolicy.objects.aggregate(days=Max("keep_days"))["days"]
     if longest is not None:
         # Stats rollups are kept as long as the longest-kept events: hours with no event
@@ -77,6 +52,48 @@ def events_retention_apply(
         rollups_prune(now_ms - min(longest, MAX_KEEP_DAYS) * 86_400_000)
     activity_prune(now_ms)
     workers_forget(now_ms)
+    return deleted
+
+
+def _delete_before(
+    table: str,
+    where: str,
+    params: list[Any],
+    cutoff: int,
+    chunk: int,
+    on_chunk: Callable[[int, float], None] | None,
+) -> int:
+    """Delete the rows of ``table`` (matching ``where``) stamped before ``cutoff``, one time
+    window a transaction."""
+    deleted = 0
+
+    def oldest_from(since: int) -> int | None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT MIN(timestamp) FROM {table} WHERE {where}timestamp >= %s", [*params, since]
+            )
+            row = cursor.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    window = 60_000  # ms; adjusted to the data's rate below
+    start = oldest_from(0)
+    while start is not None and start < cutoff:
+        end = min(start + window, cutoff)
+        started = time.perf_counter()
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {table} WHERE {where}timestamp >= %s AND timestamp < %s", [*params, start, end]
+            )
+            count = max(cursor.rowcount, 0)
+        deleted += count
+        if on_chunk is not None:
+            on_chunk(count, time.perf_counter() - started)
+        if count:
+            window = max(1, min(window * 8, int(window * chunk / count)))
+            start = end
+        else:
+            window *= 8
+            start = oldest_from(end)
     return deleted
 
 

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from functools import lru_cache
-from typing import Any
 
-import msgspec
 from django.conf import settings
-from django.db.models import Count, Q, QuerySet, Sum, TextField
-from django.db.models.functions import Cast
+from django.db.models import Count, Sum
 
-from events.models import DeadLetter, Event, Generation, SourceMinute, Worker
+from events.history import StoredEvent, event_row, generation_events
+from events.models import DeadLetter, Generation, SourceMinute, Worker
 from events.responses import (
     AttemptOut,
     EventCounts,
-    EventOut,
     GenerationCounts,
     GenerationError,
     GenerationOut,
@@ -35,100 +30,6 @@ from telemetry.services import telemetry_config_get
 
 # A worker is stale after this many heartbeat intervals without a word.
 STALE_AFTER_HEARTBEATS = 3
-
-
-class StoredEvent(msgspec.Struct, gc=False):
-    """A stored event as the read paths use it: no model instance; the payload both
-    decoded (for the figures) and raw (written out as it is, never re-encoded)."""
-
-    id: str
-    type: str
-    timestamp: int
-    source: str
-    generation_id: str | None
-    seq: int
-    payload: dict[str, Any]
-    payload_raw: msgspec.Raw
-    ingested_at: str
-
-
-# Read as text, in SQL: parsing 500 timestamps and UUIDs into Python objects only to
-# print them again was most of a generation view's time.
-_AS_TEXT = {
-    "id_text": Cast("id", TextField()),
-    "generation_text": Cast("generation_id", TextField()),
-    "payload_text": Cast("payload", TextField()),
-    "ingested_text": Cast("ingested_at", TextField()),
-}
-_ROW_FIELDS = (
-    "id_text",
-    "type",
-    "timestamp",
-    "source",
-    "generation_text",
-    "seq",
-    "payload_text",
-    "ingested_text",
-)
-
-
-def event_values(queryset: QuerySet[Event]) -> QuerySet[Event, dict[str, Any]]:
-    """Plain rows (dicts), every column the API shows read as text; no model instances."""
-    return queryset.annotate(**_AS_TEXT).values(*_ROW_FIELDS)
-
-
-def _dashed(value: str | None) -> str | None:
-    # SQLite keeps a UUID as 32 hex digits; PostgreSQL's text is already dashed.
-    if value is None or len(value) != 32:
-        return value
-    return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
-
-
-@lru_cache(maxsize=4096)
-def _iso(value: str) -> str:
-    """A stored timestamp's text (either database's) as ISO 8601 UTC; a batch shares one."""
-    moment = datetime.fromisoformat(value)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def stored_event(row: dict[str, Any], decode: Callable[[str], dict[str, Any]] | None = None) -> StoredEvent:
-    """A row of ``event_values``; ``decode`` parses the payload when figures need it."""
-    text = row["payload_text"]
-    return StoredEvent(
-        id=_dashed(row["id_text"]) or "",
-        type=row["type"],
-        timestamp=row["timestamp"],
-        source=row["source"],
-        generation_id=_dashed(row["generation_text"]),
-        seq=row["seq"],
-        payload=decode(text) if decode else {},
-        payload_raw=msgspec.Raw(text.encode()),
-        ingested_at=_iso(row["ingested_text"]),
-    )
-
-
-def stored_events(queryset: QuerySet[Event]) -> list[StoredEvent]:
-    decode = msgspec.json.Decoder(dict[str, Any]).decode
-    return [stored_event(row, decode) for row in event_values(queryset)]
-
-
-def event_row(event: StoredEvent | dict[str, Any]) -> EventOut:
-    """An event as the API shows it (a ``StoredEvent``, or a row of ``event_values``); the
-    payload goes out as the database holds it (msgspec writes ``Raw`` as is)."""
-    if isinstance(event, dict):
-        event = stored_event(event)
-    return EventOut(
-        id=event.id,
-        type=event.type,
-        timestamp=event.timestamp,
-        source=event.source,
-        generation_id=event.generation_id,
-        seq=event.seq,
-        payload=event.payload_raw,
-        ingested_at=event.ingested_at,
-    )
 
 
 @dataclass
@@ -232,7 +133,7 @@ def generation_read(*, generation_id: uuid.UUID) -> tuple[GenerationOut, list[At
     """``generation_detail`` and the attempts it was made from (the admin page draws their
     tokens: text, log-probabilities, times)."""
     generation = Generation.objects.filter(pk=generation_id).first()
-    events = stored_events(Event.objects.filter(generation_id=generation_id).order_by("timestamp", "seq"))
+    events = generation_events(generation_id)
     if generation is None and not events:
         return None
     raw = _attempts(events)
@@ -252,7 +153,7 @@ def generation_read(*, generation_id: uuid.UUID) -> tuple[GenerationOut, list[At
 def generation_latest_tokens(*, generation_id: uuid.UUID) -> tuple[int, list[tuple[int, str]]]:
     """The number of the generation's latest attempt (0 before it starts) and that attempt's
     tokens stored so far as ``(seq, token)``, in ``seq`` order (there may be gaps still)."""
-    events = stored_events(Event.objects.filter(generation_id=generation_id).order_by("timestamp", "seq"))
+    events = generation_events(generation_id)
     attempts = _attempts(events)
     if not attempts:
         return 0, []
@@ -492,22 +393,3 @@ def events_stats(*, since: int, until: int, model: str | None = None, use_rollup
         duration_ms=LatencyFigures(count=observed("durationMs"), **percentiles("durationMs")),
         percentiles="exact" if figures.exact is not None else "buckets",
     )
-
-
-def events_export(queryset: QuerySet[Event], *, chunk: int = 2000) -> Iterator[bytes]:
-    """NDJSON lines of ``queryset``, oldest first, read in keyset chunks (no OFFSET, no long
-    transaction): memory stays flat whatever the range holds."""
-    ordered = queryset.annotate(**_AS_TEXT).order_by("timestamp", "seq", "id").values(*_ROW_FIELDS, "id")
-    last: tuple[int, int, Any] | None = None
-    while True:
-        page = ordered
-        if last is not None:
-            t, s, i = last
-            page = page.filter(timestamp__gte=t).filter(
-                Q(timestamp__gt=t) | Q(timestamp=t, seq__gt=s) | Q(timestamp=t, seq=s, id__gt=i)
-            )
-        rows = list(page[:chunk])
-        if not rows:
-            return
-        yield b"".join(msgspec.json.encode(event_row(e)) + b"\n" for e in rows)
-        last = (rows[-1]["timestamp"], rows[-1]["seq"], rows[-1]["id"])

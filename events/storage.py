@@ -12,8 +12,6 @@ import sqlite3
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -22,19 +20,22 @@ from django.db import DatabaseError, DataError, IntegrityError, connection, tran
 from django.db.models import Q
 from django.utils import timezone
 
+from events.copy import copy_text, copy_timestamp
 from events.fleet import fleet_counters_add
 from events.models import (
     MODEL_COLUMN_LENGTH,
     DeadLetter,
-    Event,
+    EventRecord,
     FleetCounter,
     PromptPolicy,
     SourceMinute,
     StatsRollup,
+    TokenEvent,
     Worker,
 )
 from events.privacy import prompt_policy_get, prompt_redact
 from events.rollups import first_tokens, rollups_add
+from events.tokens import token_compact, tokens_insert
 from events.upsert import upsert_adding
 from mlxserve.contract.events import (
     TIMESTAMP_FUTURE_MESSAGE,
@@ -104,7 +105,7 @@ def _insert_postgresql(rows: list[tuple[Any, ...]]) -> int:
     import psycopg.errors
 
     text = "".join(map(_copy_line, rows))
-    table, columns = Event._meta.db_table, ", ".join(_EVENT_COLUMNS)
+    table, columns = EventRecord._meta.db_table, ", ".join(_EVENT_COLUMNS)
     with connection.cursor() as cursor:
         raw = cursor.cursor  # the psycopg cursor, for COPY; its errors raised as Django's
         try:
@@ -135,35 +136,20 @@ def _insert_postgresql(rows: list[tuple[Any, ...]]) -> int:
     return int(inserted)
 
 
-_COPY_SPECIAL = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_text(value: str) -> str:
-    """A value in COPY's text format: backslash, tab, newline and CR escaped."""
-    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
-        return value.translate(_COPY_SPECIAL)
-    return value
-
-
-@lru_cache(maxsize=4)
-def _copy_timestamp(moment: datetime) -> str:
-    return moment.isoformat()  # the batch's rows share one ingested_at: formatted once
-
-
 def _copy_line(row: tuple[Any, ...]) -> str:
     ident, kind, timestamp, source, generation_id, seq, model, payload, now = row
     # UUIDs as 32 hex digits, which PostgreSQL reads as it reads the hyphenated form
     # (str(uuid) costs twice as much, and this runs for every event).
     generation = "\\N" if generation_id is None else generation_id.hex
     return (
-        f"{ident.hex}\t{kind}\t{timestamp}\t{_copy_text(source)}\t{generation}\t{seq}\t"
-        f"{_copy_text(model)}\t{_copy_text(payload)}\t{_copy_timestamp(now)}\n"
+        f"{ident.hex}\t{kind}\t{timestamp}\t{copy_text(source)}\t{generation}\t{seq}\t"
+        f"{copy_text(model)}\t{copy_text(payload)}\t{copy_timestamp(now)}\n"
     )
 
 
 def _insert_generic(rows: list[tuple[Any, ...]]) -> int:
     """Batched multi-row INSERT ... ON CONFLICT DO NOTHING (SQLite, or any other backend)."""
-    fields: list[Any] = [Event._meta.get_field(name) for name in _EVENT_COLUMNS]
+    fields: list[Any] = [EventRecord._meta.get_field(name) for name in _EVENT_COLUMNS]
     prepared = [
         tuple(
             f.get_db_prep_save(v, connection) if f.name != "payload" else v
@@ -171,7 +157,7 @@ def _insert_generic(rows: list[tuple[Any, ...]]) -> int:
         )
         for row in rows
     ]
-    table, columns = Event._meta.db_table, ", ".join(_EVENT_COLUMNS)
+    table, columns = EventRecord._meta.db_table, ", ".join(_EVENT_COLUMNS)
     placeholders = ", ".join(["%s"] * len(_EVENT_COLUMNS))
     inserted = 0
     with connection.cursor() as cursor:
@@ -319,11 +305,17 @@ def receiving_clock_ms(entry_id: str, now_ms: int) -> int:
 
 
 def _store_together(envelopes: list[Envelope], now: Any) -> int:
-    """Everything one batch writes: event rows, workers, fleet counters, stats rollups."""
-    stored = _insert_events([_event_values(e, now) for e in envelopes])
-    workers_note(envelopes)
+    """Everything one batch writes: event rows (token events in their compact table), workers,
+    fleet counters, stats rollups."""
+    tokens = [e for e in envelopes if type(e) is TokenGeneratedEnvelope and token_compact(e)]
+    records = [e for e in envelopes if not (type(e) is TokenGeneratedEnvelope and token_compact(e))]
+    stored = _insert_events([_event_values(e, now) for e in records])
     # Only events stored for the first time count: a redelivered entry adds nothing.
-    fresh = _stored_now(envelopes, stored, now)
+    fresh = _stored_now(records, stored, now)
+    fresh_tokens = tokens_insert(tokens, now)
+    stored += len(fresh_tokens)
+    fresh += fresh_tokens
+    workers_note(envelopes)
     firsts = first_tokens(fresh)  # looked up once, for the fleet histogram and the stats rollups
     fleet_counters_add(fresh, firsts)
     rollups_add(fresh, firsts)
@@ -398,7 +390,10 @@ def storage_ready() -> bool:
     Checked before a batch that failed is read again: until then the failure is the
     database's (down, restarting, a migration under way), and its events wait for it.
     """
-    tables = [m._meta.db_table for m in (Event, Worker, FleetCounter, StatsRollup, SourceMinute, DeadLetter)]
+    tables = [
+        m._meta.db_table
+        for m in (EventRecord, TokenEvent, Worker, FleetCounter, StatsRollup, SourceMinute, DeadLetter)
+    ]
     try:
         with transaction.atomic(), connection.cursor() as cursor:
             for table in tables:
@@ -427,7 +422,7 @@ def _stored_now(kept: list[Envelope], stored: int, now: Any) -> list[Envelope]:
     if stored == 0:
         return []
     fresh = set(
-        Event.objects.filter(id__in=[e.id for e in kept], ingested_at=now).values_list("id", flat=True)
+        EventRecord.objects.filter(id__in=[e.id for e in kept], ingested_at=now).values_list("id", flat=True)
     )
     return [e for e in kept if e.id in fresh]
 

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import StreamingHttpResponse
+from django_filters.utils import translate_validation
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from kombu.exceptions import OperationalError
@@ -27,8 +28,9 @@ from rest_framework.views import APIView
 from events.dead_letters import ReplayRefused, dead_letter_replay
 from events.filters import EpochMsFilter, EventFilter
 from events.generations import ModelNotServed, generation_queue
+from events.history import event_get, event_row, events_export, history
 from events.intake import IntakeRefused, event_submit, event_submit_batch
-from events.models import DeadLetter, Event, Worker
+from events.models import DeadLetter, EventRecord, Worker
 from events.pagination import EventKeysetPagination
 from events.responses import (
     Accepted,
@@ -43,9 +45,6 @@ from events.responses import (
     dead_letter_out,
 )
 from events.selectors import (
-    event_row,
-    event_values,
-    events_export,
     events_stats,
     generation_detail,
     workers_out,
@@ -131,21 +130,35 @@ def _is_int64(text: Any) -> bool:
     return -(2**63) <= int(text) < 2**63
 
 
-class EventListCreateView(generics.ListAPIView[Event]):
+def filtered_history(view: generics.GenericAPIView[EventRecord]) -> list[QuerySet[Any]]:
+    """The rows of both event tables the request's filters select (validated as DRF's filter
+    backend does: a bad value is a 400)."""
+    filterset = view.filterset_class(  # type: ignore[attr-defined]
+        view.request.query_params, queryset=view.get_queryset(), request=view.request
+    )
+    if not filterset.is_valid():
+        raise translate_validation(filterset.errors)
+    return history(filterset.qs, filterset.form.cleaned_data)
+
+
+class EventListCreateView(generics.ListAPIView[EventRecord]):
     """``GET`` the stored events (newest first, filtered); ``POST`` one envelope or an array."""
 
     serializer_class = struct_serializer(EventOut)
     pagination_class = EventKeysetPagination
     filterset_class = EventFilter
 
-    def get_queryset(self) -> QuerySet[Event]:
-        return Event.objects.all()
+    def get_queryset(self) -> QuerySet[EventRecord]:
+        return EventRecord.objects.all()
 
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         # Rows straight to JSON: the payload as the database's text (never parsed and
         # re-encoded), no serializer fields per row.
-        queryset = event_values(self.filter_queryset(self.get_queryset()))
-        page = self.paginate_queryset(queryset) or []
+        paginator = EventKeysetPagination()
+        self._paginator = paginator  # get_paginated_response's
+        page: builtins.list[Any] = (
+            paginator.paginate_queryset(filtered_history(self), request, view=self) or []
+        )
         return self.get_paginated_response([event_row(e) for e in page])
 
     def get_permissions(self) -> builtins.list[BasePermission]:
@@ -206,7 +219,7 @@ class EventDetailView(APIView):
 
     @extend_schema(responses={200: struct_schema(EventOut), **ERROR_RESPONSES, 404: error("No such event")})
     def get(self, request: Request, pk: uuid.UUID) -> Response:
-        row = event_values(Event.objects.filter(pk=pk)).first()
+        row = event_get(pk)
         if row is None:
             raise NotFound("No such event")
         return Response(event_row(row))
@@ -344,7 +357,7 @@ class EventExportFilter(EventFilter):
     since = EpochMsFilter(field_name="timestamp", lookup_expr="gte", required=True, help_text="epoch ms")
 
 
-class EventExportView(generics.GenericAPIView[Event]):
+class EventExportView(generics.GenericAPIView[EventRecord]):
     """Every event in a time range as NDJSON (one JSON object a line, oldest first), streamed.
 
     ``since`` is required; ``until`` and the other filters of the event list are optional.
@@ -354,8 +367,8 @@ class EventExportView(generics.GenericAPIView[Event]):
     filterset_class = EventExportFilter
     pagination_class = None
 
-    def get_queryset(self) -> QuerySet[Event]:
-        return Event.objects.all()
+    def get_queryset(self) -> QuerySet[EventRecord]:
+        return EventRecord.objects.all()
 
     @extend_schema(
         responses={
@@ -366,8 +379,9 @@ class EventExportView(generics.GenericAPIView[Event]):
         },
     )
     def get(self, request: Request) -> StreamingHttpResponse:
-        queryset = self.filter_queryset(self.get_queryset())
-        response = StreamingHttpResponse(events_export(queryset), content_type="application/x-ndjson")
+        response = StreamingHttpResponse(
+            events_export(filtered_history(self)), content_type="application/x-ndjson"
+        )
         response["Content-Disposition"] = 'attachment; filename="events.ndjson"'
         return response
 

@@ -69,7 +69,7 @@ def test_it_acknowledges_only_after_the_database_commit(redis_client: redis.Redi
     append(redis_client, settings, *events)
     worker = ingester(redis_client, settings)
     with connection.cursor() as cursor:
-        cursor.execute("ALTER TABLE events_event RENAME TO events_event_away")
+        cursor.execute("ALTER TABLE events_token RENAME TO events_token_away")
     try:
         with pytest.raises(DatabaseError):
             worker.step()
@@ -77,7 +77,7 @@ def test_it_acknowledges_only_after_the_database_commit(redis_client: redis.Redi
         assert pending(redis_client, settings) == 3
     finally:
         with connection.cursor() as cursor:
-            cursor.execute("ALTER TABLE events_event_away RENAME TO events_event")
+            cursor.execute("ALTER TABLE events_token_away RENAME TO events_token")
     assert Event.objects.count() == 0
     outcome = worker.step()  # the same ingester re-reads what it had pending
     assert outcome.stored == 3

@@ -128,7 +128,7 @@ def test_a_database_outage_acknowledges_nothing_and_the_ingester_recovers(
         fill(redis_client, settings.EVENTS_STREAM, 1_000)
         wait_for_count(1_000, timeout=60)
         with connection.cursor() as cursor:
-            cursor.execute("ALTER TABLE events_event RENAME TO events_event_away")
+            cursor.execute("ALTER TABLE events_token RENAME TO events_token_away")
         try:
             fill(redis_client, settings.EVENTS_STREAM, 2_000)
             time.sleep(3)
@@ -139,7 +139,7 @@ def test_a_database_outage_acknowledges_nothing_and_the_ingester_recovers(
             assert process.poll() is None, "the ingester must wait for the database, not die"
         finally:
             with connection.cursor() as cursor:
-                cursor.execute("ALTER TABLE events_event_away RENAME TO events_event")
+                cursor.execute("ALTER TABLE events_token_away RENAME TO events_token")
         wait_for_count(3_000, timeout=60)
         wait_until_nothing_pending(redis_client, settings)
     finally:

@@ -13,7 +13,7 @@ from django.db import connection
 from django.utils import timezone
 
 from events.filters import EventFilter
-from events.models import Event
+from events.models import EventRecord
 from tests.factories import T0
 
 pytestmark = pytest.mark.django_db
@@ -34,7 +34,7 @@ def history() -> None:
         start = T0 + g * 60_000
         for seq in range(TOKENS):
             rows.append(
-                Event(
+                EventRecord(
                     id=uuid.uuid4(),
                     type="tokenGenerated" if seq else "generationStarted",
                     timestamp=start + seq * 10,
@@ -47,7 +47,7 @@ def history() -> None:
                 )
             )
     rows.append(
-        Event(
+        EventRecord(
             id=uuid.uuid4(),
             type="error",
             timestamp=T0 + 30,
@@ -58,9 +58,9 @@ def history() -> None:
             ingested_at=now,
         )
     )
-    Event.objects.bulk_create(rows, batch_size=2000)
+    EventRecord.objects.bulk_create(rows, batch_size=2000)
     with connection.cursor() as cursor:
-        cursor.execute(f"ANALYZE {Event._meta.db_table}")
+        cursor.execute(f"ANALYZE {EventRecord._meta.db_table}")
 
 
 FIRST_PAGES: dict[str, tuple[dict[str, str], set[str]]] = {
@@ -84,7 +84,8 @@ FIRST_PAGES: dict[str, tuple[dict[str, str], set[str]]] = {
 
 def first_page(params: dict[str, str]) -> Any:
     """The first page's query as the API builds it: filters, its order (ties by id), a row more."""
-    return EventFilter(params, queryset=Event.objects.all()).qs.order_by("-timestamp", "-seq", "-id")[:101]
+    records = EventFilter(params, queryset=EventRecord.objects.all()).qs
+    return records.order_by("-timestamp", "-seq", "-id")[:101]
 
 
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:

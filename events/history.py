@@ -1,0 +1,239 @@
+"""The stored events, from both tables they live in, as the API writes them and in one order.
+
+JSON events are ``EventRecord`` rows and token events ``TokenEvent`` rows. A read takes the
+rows it needs from each table (each query on its own indexes, in the list's order, with the
+same filters and cursor) and merges them: every answer is what one table holding all of them
+would give, byte for byte.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import msgspec
+from django.db.models import Case, F, FloatField, Q, QuerySet, TextField, Value, When
+from django.db.models.functions import Cast
+
+from events.models import MODEL_COLUMN_LENGTH, Channel, EventRecord, TokenEvent
+from events.responses import EventOut
+from events.tokens import token_payload
+
+TOKEN_TYPE = "tokenGenerated"
+Row = dict[str, Any]
+
+
+class StoredEvent(msgspec.Struct, gc=False):
+    """A stored event as the read paths use it: no model instance; the payload both
+    decoded (for the figures) and raw (written out as it is, never re-encoded)."""
+
+    id: str
+    type: str
+    timestamp: int
+    source: str
+    generation_id: str | None
+    seq: int
+    payload: dict[str, Any]
+    payload_raw: msgspec.Raw
+    ingested_at: str
+
+
+# Read as text, in SQL: parsing 500 timestamps and UUIDs into Python objects only to
+# print them again was most of a generation view's time. A token event's payload is
+# written from its columns (events.tokens), never cast.
+_AS_TEXT = {
+    "id_text": Cast("id", TextField()),
+    "generation_text": Cast("generation_id", TextField()),
+    "ingested_text": Cast("ingested_at", TextField()),
+}
+_ROW_FIELDS = (
+    "id_text",
+    "type",
+    "timestamp",
+    "source",
+    "generation_text",
+    "seq",
+    "payload_text",
+    "ingested_text",
+    "model",
+    "token",
+    "logprob",
+)
+
+
+def event_values(queryset: QuerySet[Any]) -> QuerySet[Any, Row]:
+    """Plain rows (dicts) of either table, or of the ``Event`` view: every column the API
+    shows read as text; no model instances."""
+    if queryset.model is TokenEvent:
+        columns: dict[str, Any] = {
+            "type": Value(TOKEN_TYPE, TextField()),
+            "source": F("channel__source"),
+            "model": F("channel__model"),
+            "payload_text": Value(None, TextField()),
+        }
+    elif queryset.model is EventRecord:
+        columns = {
+            "payload_text": Cast("payload", TextField()),
+            "token": Value(None, TextField()),
+            "logprob": Value(None, FloatField()),
+        }
+    else:  # the Event view
+        columns = {"payload_text": Case(When(token__isnull=True, then=Cast("payload", TextField())))}
+    return queryset.annotate(**_AS_TEXT, **columns).values(*_ROW_FIELDS)
+
+
+def _dashed(value: str | None) -> str | None:
+    # SQLite keeps a UUID as 32 hex digits; PostgreSQL's text is already dashed.
+    if value is None or len(value) != 32:
+        return value
+    return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
+
+
+@lru_cache(maxsize=4096)
+def _iso(value: str) -> str:
+    """A stored timestamp's text (either database's) as ISO 8601 UTC; a batch shares one."""
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def stored_event(row: Row, decode: Callable[[bytes], dict[str, Any]] | None = None) -> StoredEvent:
+    """A row of ``event_values``; ``decode`` parses the payload when figures need it."""
+    text = row["payload_text"]
+    raw = text.encode() if text is not None else token_payload(row["model"], row["token"], row["logprob"])
+    return StoredEvent(
+        id=_dashed(row["id_text"]) or "",
+        type=row["type"],
+        timestamp=row["timestamp"],
+        source=row["source"],
+        generation_id=_dashed(row["generation_text"]),
+        seq=row["seq"],
+        payload=decode(raw) if decode else {},
+        payload_raw=msgspec.Raw(raw),
+        ingested_at=_iso(row["ingested_text"]),
+    )
+
+
+def event_row(event: StoredEvent | Row) -> EventOut:
+    """An event as the API shows it (a ``StoredEvent``, or a row of ``event_values``); the
+    payload goes out as the database holds it (msgspec writes ``Raw`` as is)."""
+    if isinstance(event, dict):
+        event = stored_event(event)
+    return EventOut(
+        id=event.id,
+        type=event.type,
+        timestamp=event.timestamp,
+        source=event.source,
+        generation_id=event.generation_id,
+        seq=event.seq,
+        payload=event.payload_raw,
+        ingested_at=event.ingested_at,
+    )
+
+
+# -- which rows: the event list's filters on both tables ---------------------------------------
+
+
+def tokens_matching(filters: Mapping[str, Any]) -> QuerySet[TokenEvent] | None:
+    """The token events the event list's (validated) ``filters`` select; None when they can
+    hold none (another type asked for, or a source or model no token came from)."""
+    event_type, source, model = filters.get("type"), filters.get("source"), filters.get("model")
+    if event_type and event_type != TOKEN_TYPE:
+        return None
+    tokens = TokenEvent.objects.all()
+    if source or model:
+        # The pairs first (a small table), then the token rows by their ids.
+        channels = Channel.objects.all()
+        if source:
+            channels = channels.filter(source=source)
+        if model:
+            channels = channels.filter(model=model[:MODEL_COLUMN_LENGTH])
+        ids = list(channels.values_list("id", flat=True)[:10_000])
+        if not ids:
+            return None
+        tokens = tokens.filter(channel_id__in=ids)
+    if generation_id := filters.get("generationId"):
+        tokens = tokens.filter(generation_id=generation_id)
+    if (since := filters.get("since")) is not None:
+        tokens = tokens.filter(timestamp__gte=since)
+    if (until := filters.get("until")) is not None:
+        tokens = tokens.filter(timestamp__lte=until)
+    return tokens
+
+
+def history(records: QuerySet[EventRecord], filters: Mapping[str, Any]) -> list[QuerySet[Any, Row]]:
+    """The rows of both tables that ``filters`` select (``records`` already filtered by them)."""
+    sources = [event_values(records)]
+    if (tokens := tokens_matching(filters)) is not None:
+        sources.append(event_values(tokens))
+    return sources
+
+
+def row_key(row: Row) -> tuple[int, int, uuid.UUID]:
+    """A row's place in the event order: ``(timestamp, seq, id)``, which no two events share."""
+    return int(row["timestamp"]), int(row["seq"]), uuid.UUID(row["id_text"])
+
+
+def rows_merged(
+    querysets: Sequence[QuerySet[Any, Row]], limit: int, *, newest_first: bool = True
+) -> list[Row]:
+    """The first ``limit`` rows of ``querysets`` together, in the event order (newest first, or
+    oldest first): at most ``limit`` from each, merged."""
+    sign = "-" if newest_first else ""
+    order = [f"{sign}timestamp", f"{sign}seq", f"{sign}id"]
+    pages = [list(queryset.order_by(*order)[:limit]) for queryset in querysets]
+    if len(pages) == 1:
+        return pages[0]
+    return list(itertools.islice(heapq.merge(*pages, key=row_key, reverse=newest_first), limit))
+
+
+def after(key: tuple[int, int, uuid.UUID], *, newer: bool = False) -> Q:
+    """The rows after ``key`` in the list's order (older), or before it (``newer``). The bound on
+    ``timestamp`` alone is what an index range uses; the rest settles the ties."""
+    timestamp, seq, event_id = key
+    op = "gt" if newer else "lt"
+    edge = "gte" if newer else "lte"
+    return Q(**{f"timestamp__{edge}": timestamp}) & (
+        Q(**{f"timestamp__{op}": timestamp})
+        | Q(timestamp=timestamp, **{f"seq__{op}": seq})
+        | Q(timestamp=timestamp, seq=seq, **{f"id__{op}": event_id})
+    )
+
+
+def events_export(querysets: Sequence[QuerySet[Any, Row]], *, chunk: int = 2000) -> Iterator[bytes]:
+    """NDJSON lines of ``querysets`` together, oldest first, read in keyset chunks (no OFFSET,
+    no long transaction): memory stays flat whatever the range holds."""
+    last: tuple[int, int, uuid.UUID] | None = None
+    while True:
+        pages = querysets if last is None else [q.filter(after(last, newer=True)) for q in querysets]
+        rows = rows_merged(pages, chunk, newest_first=False)
+        if not rows:
+            return
+        yield b"".join(msgspec.json.encode(event_row(e)) + b"\n" for e in rows)
+        last = row_key(rows[-1])
+
+
+def event_get(event_id: uuid.UUID) -> Row | None:
+    """One stored event by id (the latest, if a producer reused the id with another timestamp)."""
+    rows = [
+        row
+        for model in (EventRecord, TokenEvent)
+        if (row := event_values(model.objects.filter(pk=event_id)).order_by("-timestamp").first())
+    ]
+    return max(rows, key=row_key, default=None)
+
+
+def generation_events(generation_id: uuid.UUID) -> list[StoredEvent]:
+    """A generation's events, oldest first, payloads decoded."""
+    decode = msgspec.json.Decoder(dict[str, Any]).decode
+    querysets = [
+        event_values(model.objects.filter(generation_id=generation_id)) for model in (EventRecord, TokenEvent)
+    ]
+    pages = [list(q.order_by("timestamp", "seq", "id")) for q in querysets]
+    return [stored_event(row, decode) for row in heapq.merge(*pages, key=row_key)]

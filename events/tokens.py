@@ -1,0 +1,157 @@
+"""Token events in typed columns: which ones fit, storing each once, and their payloads written
+out again byte for byte as the JSON form stores them.
+
+A token event is the row nearly every stored event is, so it is kept small (``TokenEvent``):
+its id, generation, time, sequence number, token, log-probability, when it was stored, and the
+(source, model) pair as a ``Channel`` id. What that shape cannot hold (metadata, a sequence
+number past 2^31, a model name past 200 characters) is stored as JSON with the other types.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from django.db import connection
+from msgspec import UNSET
+
+from events.copy import copy_text, copy_timestamp
+from events.models import MODEL_COLUMN_LENGTH, Channel, TokenEvent
+from mlxserve.contract.events import TokenGenerated, TokenGeneratedEnvelope
+
+INT32_MAX = 2**31 - 1
+
+
+def token_compact(envelope: TokenGeneratedEnvelope) -> bool:
+    """Whether this token event fits the typed columns."""
+    payload = envelope.payload
+    return (
+        payload.metadata is UNSET and envelope.seq <= INT32_MAX and len(payload.model) <= MODEL_COLUMN_LENGTH
+    )
+
+
+def channels_for(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The channel id of each (source, model), made where new (in pair order, so two ingesters
+    making the same ones wait on each other in one order). Read each batch, never cached: an id
+    remembered past a rollback or a restore would name a row that is not there."""
+    wanted = sorted(pairs)
+    found: dict[tuple[str, str], int] = {}
+
+    def read() -> None:
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = Channel.objects.filter(source__in={s for s, _ in chunk}, model__in={m for _, m in chunk})
+            for ident, source, model in rows.values_list("id", "source", "model"):
+                if (source, model) in pairs:
+                    found[(source, model)] = ident
+
+    read()
+    if missing := [pair for pair in wanted if pair not in found]:
+        Channel.objects.bulk_create([Channel(source=s, model=m) for s, m in missing], ignore_conflicts=True)
+        read()
+    return found
+
+
+def tokens_insert(tokens: Sequence[TokenGeneratedEnvelope], now: Any) -> list[TokenGeneratedEnvelope]:
+    """Store the token events not stored before; returns those stored now.
+
+    A redelivery carries the same envelope, so an event whose ``(id, timestamp)`` is stored
+    already is skipped: read first, under the batch's per-generation locks
+    (``events.storage``), so two ingesters storing the same entries store them once. A
+    producer that reuses an id with another timestamp has two events stored.
+    """
+    if not tokens:
+        return []
+    stored: set[tuple[uuid.UUID, int]] = set()
+    ids = sorted({e.id for e in tokens})
+    for start in range(0, len(ids), 1000):
+        rows = TokenEvent.objects.filter(id__in=ids[start : start + 1000]).values_list("id", "timestamp")
+        stored.update(rows)
+    fresh = [e for e in tokens if (e.id, e.timestamp) not in stored]
+    if not fresh:
+        return []
+    channels = channels_for({(e.source, e.payload.model) for e in fresh})
+    if connection.vendor == "postgresql":
+        _copy(fresh, channels, now)
+    else:
+        TokenEvent.objects.bulk_create(
+            [
+                TokenEvent(
+                    id=e.id,
+                    generation_id=e.generation_id,
+                    timestamp=e.timestamp,
+                    seq=e.seq,
+                    channel_id=channels[(e.source, e.payload.model)],
+                    token=e.payload.token,
+                    logprob=None if e.payload.logprob is UNSET else e.payload.logprob,
+                    ingested_at=now,
+                )
+                for e in fresh
+            ],
+            batch_size=500,
+        )
+    return fresh
+
+
+_COLUMNS = 'id, generation_id, "timestamp", logprob, ingested_at, seq, channel_id, token'
+
+
+def _copy(tokens: Sequence[TokenGeneratedEnvelope], channels: dict[tuple[str, str], int], now: Any) -> None:
+    at = copy_timestamp(now)
+    lines = []
+    for e in tokens:
+        p = e.payload
+        logprob = "\\N" if p.logprob is UNSET else repr(p.logprob)
+        channel = channels[(e.source, p.model)]
+        lines.append(
+            f"{e.id.hex}\t{e.generation_id.hex}\t{e.timestamp}\t{logprob}\t{at}\t{e.seq}\t{channel}\t"
+            f"{copy_text(p.token)}\n"
+        )
+    table = TokenEvent._meta.db_table
+    with (
+        connection.cursor() as cursor,
+        connection.wrap_database_errors,
+        cursor.cursor.copy(f"COPY {table} ({_COLUMNS}) FROM STDIN") as copy,
+    ):
+        copy.write("".join(lines))
+
+
+# -- the payload, as the JSON form would have stored it ---------------------------------------
+
+_JSONB_ESCAPES = {i: f"\\u{i:04x}" for i in range(32)} | {
+    ord("\b"): "\\b",
+    ord("\f"): "\\f",
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+    ord('"'): '\\"',
+    ord("\\"): "\\\\",
+}
+
+
+def _jsonb_string(value: str) -> str:
+    return '"' + value.translate(_JSONB_ESCAPES) + '"'
+
+
+def _jsonb_number(value: float) -> str:
+    """A float as jsonb prints the number msgspec wrote for it: a numeric, in plain notation
+    with the digits written (``1e-07`` is ``0.0000001``, ``-1.0`` is ``-1.0``), zero unsigned."""
+    number = Decimal(msgspec.json.encode(value).decode())
+    text = format(number, "f")
+    return text[1:] if number.is_zero() and text.startswith("-") else text
+
+
+def token_payload(model: str, token: str, logprob: float | None) -> bytes:
+    """A token event's payload as the JSON form stores it on this database: msgspec's bytes on
+    SQLite (a JSON text column), jsonb's text on PostgreSQL (keys by length, then by bytes)."""
+    if connection.vendor != "postgresql":
+        return msgspec.json.encode(
+            TokenGenerated(model=model, token=token, logprob=UNSET if logprob is None else logprob)
+        )
+    text = f'{{"model": {_jsonb_string(model)}, "token": {_jsonb_string(token)}'
+    if logprob is not None:
+        text += f', "logprob": {_jsonb_number(logprob)}'
+    return (text + "}").encode()
