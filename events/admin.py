@@ -119,7 +119,7 @@ class EventAdmin(ReadOnlyAdmin):
         "payload_pretty",
         "ingested_at",
     ]
-    exclude = ["payload"]
+    exclude = ["payload", "token", "logprob"]  # token and logprob: the view's, shown in the payload
     list_per_page = 100
     # No "x of N" count and no full-table COUNT(*) on every page load.
     show_full_result_count = False

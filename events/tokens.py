@@ -9,6 +9,7 @@ number past 2^31, a model name past 200 characters) is stored as JSON with the o
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Sequence
 from decimal import Decimal
@@ -26,11 +27,13 @@ INT32_MAX = 2**31 - 1
 
 
 def token_compact(envelope: TokenGeneratedEnvelope) -> bool:
-    """Whether this token event fits the typed columns."""
+    """Whether this token event fits the typed columns. (SQLite keeps -0.0 as an integer zero,
+    so there a log-probability of -0.0 keeps its sign as JSON.)"""
     payload = envelope.payload
-    return (
-        payload.metadata is UNSET and envelope.seq <= INT32_MAX and len(payload.model) <= MODEL_COLUMN_LENGTH
-    )
+    if payload.metadata is not UNSET or envelope.seq > INT32_MAX or len(payload.model) > MODEL_COLUMN_LENGTH:
+        return False
+    logprob = payload.logprob
+    return not (logprob == 0 and math.copysign(1, logprob) < 0 and connection.vendor == "sqlite")
 
 
 def channels_for(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
