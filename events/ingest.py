@@ -18,6 +18,7 @@ from django.db import OperationalError, close_old_connections
 
 from events.fleet import fleet_labels_fold
 from events.models import WorkerHost
+from events.partitions import partitions_ensure
 from events.retention import events_retention_apply
 from events.storage import DATABASE_ERRORS, StoreOutcome, events_store, storage_ready, transient_conflict
 from mlxserve.contract.stream import (
@@ -458,6 +459,8 @@ def _ingest_loop(
     while not stopping():
         try:
             if time.monotonic() >= next_sync:
+                if next_sync == 0.0:  # on starting: the days ahead have their partitions
+                    partitions_ensure(now_ms=time.time_ns() // 1_000_000)
                 telemetry_config_sync()
                 ingester.hosts = worker_hosts()  # a host added since is read from now on
                 next_sync = time.monotonic() + 5

@@ -12,6 +12,15 @@ from django.db import connection, transaction
 from django.db.models import Max
 
 from events.models import MAX_KEEP_DAYS, EventRecord, TokenEvent
+from events.partitions import (
+    Partition,
+    partition_drop,
+    partition_empty,
+    partitioned,
+    partitions_ensure,
+    partitions_of,
+    types_in,
+)
 from events.rollups import activity_prune, rollups_prune
 
 logger = logging.getLogger(__name__)
@@ -22,29 +31,45 @@ def events_retention_apply(
     now_ms: int | None = None,
     chunk: int = 10_000,
     on_chunk: Callable[[str, int, float], None] | None = None,
+    on_drop: Callable[[Partition], None] | None = None,
 ) -> dict[str, int]:
-    """Delete events past their type's kept-for period, about ``chunk`` rows a transaction.
+    """Apply the retention policies; returns the rows deleted, by type.
 
-    Each transaction deletes one time window, a range scan of the (type,
-    timestamp) index; the window widens or narrows to hold about ``chunk``
-    rows, and empty stretches are skipped with one index lookup. So no
-    transaction runs long (no long locks, no replica lag spike) and a run
-    costs what it deletes, not the size of the table.
+    On PostgreSQL the partitions of the days ahead are made first, then every partition whose
+    time is all past the policies of the events it holds is dropped whole (``on_drop`` told of
+    each): token events leave a day at a time, kept up to a day past their policy, and none is
+    ever deleted from a day's partition. What is left is deleted: events in the default
+    partition, in the partition of the time before partitions, and JSON events of a type whose
+    policy is shorter than those it shares its week with. SQLite deletes all of it.
+
+    Deletes go one time window a transaction, a range scan of the (type, timestamp) index; the
+    window widens or narrows to hold about ``chunk`` rows, and empty stretches are skipped with
+    one index lookup. So no transaction runs long (no long locks, no replica lag spike) and a
+    run costs what it deletes, not the size of the table.
     """
     from events.models import RetentionPolicy
 
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    # A row written past the model's bound (by hand in SQL) is applied at the bound.
+    cutoffs = {
+        p.event_type: now_ms - min(p.keep_days, MAX_KEEP_DAYS) * 86_400_000
+        for p in RetentionPolicy.objects.all()
+    }
+    token_tables = [TokenEvent._meta.db_table]
+    if partitioned():
+        partitions_ensure(now_ms=now_ms)
+        _partitions_retire(cutoffs, on_drop)
+        # In the token table, only the default partition is deleted from.
+        token_tables = [p.name for p in partitions_of(TokenEvent._meta.db_table) if p.default]
     deleted: dict[str, int] = {}
-    for policy in RetentionPolicy.objects.all():
-        # A row written past the model's bound (by hand in SQL) is applied at the bound.
-        keep_days = min(policy.keep_days, MAX_KEEP_DAYS)
-        event_type, cutoff = policy.event_type, now_ms - keep_days * 86_400_000
+    for event_type, cutoff in cutoffs.items():
         report = None if on_chunk is None else functools.partial(on_chunk, event_type)
         deleted[event_type] = _delete_before(
             EventRecord._meta.db_table, "type = %s AND ", [event_type], cutoff, chunk, report
         )
         if event_type == "tokenGenerated":
-            deleted[event_type] += _delete_before(TokenEvent._meta.db_table, "", [], cutoff, chunk, report)
+            for table in token_tables:
+                deleted[event_type] += _delete_before(table, "", [], cutoff, chunk, report)
     longest = RetentionPolicy.objects.aggregate(days=Max("keep_days"))["days"]
     if longest is not None:
         # Stats rollups are kept as long as the longest-kept events: hours with no event
@@ -53,6 +78,28 @@ def events_retention_apply(
     activity_prune(now_ms)
     workers_forget(now_ms)
     return deleted
+
+
+def _partitions_retire(cutoffs: dict[str, int], on_drop: Callable[[Partition], None] | None) -> None:
+    """Drop the partitions all past their events' policies (a type without a policy is kept for
+    good, so is a partition holding it); the partition of the time before partitions once empty."""
+
+    def past(partition: Partition, types: set[str]) -> bool:
+        upper = partition.upper
+        return upper is not None and all(t in cutoffs and upper <= cutoffs[t] for t in types)
+
+    for table in (TokenEvent._meta.db_table, EventRecord._meta.db_table):
+        for partition in partitions_of(table):
+            if partition.default or partition.upper is None:
+                continue
+            if partition.lower is None:
+                droppable = partition_empty(partition)
+            elif table == TokenEvent._meta.db_table:
+                droppable = past(partition, {"tokenGenerated"})
+            else:
+                droppable = past(partition, types_in(partition))
+            if droppable and partition_drop(table, partition) and on_drop is not None:
+                on_drop(partition)
 
 
 def _delete_before(

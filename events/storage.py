@@ -129,7 +129,7 @@ def _insert_postgresql(rows: list[tuple[Any, ...]]) -> int:
         cursor.execute(
             # In id order, so two ingesters storing the same entries wait on each other in one order.
             f"INSERT INTO {table} ({columns}) SELECT {columns} FROM event_staging ORDER BY id "
-            "ON CONFLICT (id) DO NOTHING"
+            "ON CONFLICT (id, timestamp) DO NOTHING"
         )
         inserted = cursor.rowcount
         cursor.execute("TRUNCATE event_staging")
@@ -165,7 +165,7 @@ def _insert_generic(rows: list[tuple[Any, ...]]) -> int:
             chunk = prepared[start : start + 100]
             values = ", ".join([f"({placeholders})"] * len(chunk))
             cursor.execute(
-                f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id) DO NOTHING",
+                f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id, timestamp) DO NOTHING",
                 [v for row in chunk for v in row],
             )
             inserted += max(cursor.rowcount, 0)

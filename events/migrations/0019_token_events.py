@@ -8,6 +8,8 @@ token events stored before this migration are read from it as before.
 import django.db.models.deletion
 from django.db import migrations, models
 
+from events.schema import HISTORY_VIEW
+
 TOKEN_TABLE = {
     "postgresql": [
         # Partitioned by time; every row goes to the default partition until time partitions
@@ -29,34 +31,6 @@ TOKEN_TABLE = {
         "CREATE INDEX token_generation ON events_token (generation_id)",
     ],
 }
-
-HISTORY_VIEW = {
-    "postgresql": """
-CREATE VIEW events_history AS
-SELECT id, type, "timestamp", source, generation_id, seq, model, payload, ingested_at,
-       NULL::text AS token, NULL::double precision AS logprob
-  FROM events_event
-UNION ALL
-SELECT t.id, 'tokenGenerated'::varchar(32), t."timestamp", c.source, t.generation_id, t.seq::bigint, c.model,
-       CASE WHEN t.logprob IS NULL THEN jsonb_build_object('model', c.model, 'token', t.token)
-            ELSE jsonb_build_object('model', c.model, 'token', t.token, 'logprob', t.logprob) END,
-       t.ingested_at, t.token, t.logprob
-  FROM events_token t JOIN events_channel c ON c.id = t.channel_id
-""",
-    "sqlite": """
-CREATE VIEW events_history AS
-SELECT id, type, "timestamp", source, generation_id, seq, model, payload, ingested_at,
-       NULL AS token, NULL AS logprob
-  FROM events_event
-UNION ALL
-SELECT t.id, 'tokenGenerated', t."timestamp", c.source, t.generation_id, t.seq, c.model,
-       CASE WHEN t.logprob IS NULL THEN json_object('model', c.model, 'token', t.token)
-            ELSE json_object('model', c.model, 'token', t.token, 'logprob', t.logprob) END,
-       t.ingested_at, t.token, t.logprob
-  FROM events_token t JOIN events_channel c ON c.id = t.channel_id
-""",
-}
-
 
 def _run(statements):
     def run(apps, schema_editor):
