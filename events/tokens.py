@@ -33,7 +33,8 @@ def token_compact(envelope: TokenGeneratedEnvelope) -> bool:
     if payload.metadata is not UNSET or envelope.seq > INT32_MAX or len(payload.model) > MODEL_COLUMN_LENGTH:
         return False
     logprob = payload.logprob
-    return not (logprob == 0 and math.copysign(1, logprob) < 0 and connection.vendor == "sqlite")
+    negative_zero = isinstance(logprob, float) and logprob == 0 and math.copysign(1, logprob) < 0
+    return not (negative_zero and connection.vendor == "sqlite")
 
 
 def channels_for(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:

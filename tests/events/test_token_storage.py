@@ -146,7 +146,7 @@ def answers(client: APIClient, admin: Client, envelopes: list[dict[str, Any]]) -
     for params in LISTS:
         got[f"list {params}"] = list(pages(client, params))
         export = client.get("/api/events/export/", {**params, "since": "0"})
-        got[f"export {params}"] = [b"".join(export.streaming_content)]
+        got[f"export {params}"] = [b"".join(export.streaming_content)]  # type: ignore[attr-defined]
     got["events"] = [client.get(f"/api/events/{e['id']}/").content for e in envelopes]
     got["generations"] = [client.get(f"/api/generations/{g}/").content for g in GENERATIONS]
     csrf = re.compile(rb'name="csrfmiddlewaretoken" value="[^"]*"')
