@@ -13,6 +13,7 @@ from django.db.models import Max
 
 from events.models import MAX_KEEP_DAYS, EventRecord, TokenEvent
 from events.partitions import (
+    DAY_MS,
     Partition,
     partition_drop,
     partition_empty,
@@ -52,9 +53,11 @@ def events_retention_apply(
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     # A row written past the model's bound (by hand in SQL) is applied at the bound.
     cutoffs = {
-        p.event_type: now_ms - min(p.keep_days, MAX_KEEP_DAYS) * 86_400_000
-        for p in RetentionPolicy.objects.all()
+        p.event_type: now_ms - min(p.keep_days, MAX_KEEP_DAYS) * DAY_MS for p in RetentionPolicy.objects.all()
     }
+    if "tokenGenerated" in cutoffs:
+        # Token events leave a whole day at a time (a partition on PostgreSQL; SQLite the same).
+        cutoffs["tokenGenerated"] -= cutoffs["tokenGenerated"] % DAY_MS
     token_tables = [TokenEvent._meta.db_table]
     if partitioned():
         partitions_ensure(now_ms=now_ms)
@@ -74,7 +77,7 @@ def events_retention_apply(
     if longest is not None:
         # Stats rollups are kept as long as the longest-kept events: hours with no event
         # left to show are counted no more.
-        rollups_prune(now_ms - min(longest, MAX_KEEP_DAYS) * 86_400_000)
+        rollups_prune(now_ms - min(longest, MAX_KEEP_DAYS) * DAY_MS)
     activity_prune(now_ms)
     workers_forget(now_ms)
     return deleted
