@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import random
@@ -29,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode, urlparse
 
@@ -44,55 +43,132 @@ SOURCES = [f"mac-studio-{i}/worker-1" for i in range(8)]
 TOKENS = 512
 
 
-def _row(
-    rng: random.Random, prefix: tuple[str, uuid.UUID, str], kind: str, ts: int, seq: int, payload: str
-) -> str:
-    """One COPY text line of events_event."""
-    source, gid, model = prefix
-    ident = uuid.UUID(int=rng.getrandbits(128), version=4)
-    return f"{ident}\t{kind}\t{ts}\t{source}\t{gid}\t{seq}\t{model}\t{payload}\t2026-11-26 00:00:00+00\n"
+CONCURRENT = 16  # generations running at once, their tokens interleaved in time as a fleet's are
 
 
-def fill(dsn: str, rows: int) -> None:
-    """COPY ``rows`` events in."""
+def _lines(rows: int, layout: str, channels: dict[tuple[str, str], int]) -> Iterator[tuple[str, str]]:
+    """(table, COPY line) of every event, in time order within each group of CONCURRENT
+    generations (the order the ingester writes them). ``layout`` "typed": token events as
+    events_token rows; "json": as events_event rows with a JSON payload (before issue 25)."""
+    rng = random.Random(7)
+    generations = max(rows // (TOKENS + 2), 1)
+    span = 30 * DAY_MS
+    at = "2026-11-26 00:00:00+00"
+    for group in range(0, generations, CONCURRENT):
+        batch: list[tuple[int, str, str]] = []
+        t_group = NOW_MS - span + group * span // generations
+        for g in range(group, min(group + CONCURRENT, generations)):
+            gid = uuid.UUID(int=rng.getrandbits(128), version=4)
+            source, model = SOURCES[g % len(SOURCES)], MODELS[g % len(MODELS)]
+            t0 = t_group + (g - group) * 37
+
+            def record(
+                kind: str,
+                ts: int,
+                seq: int,
+                payload: str,
+                source: str = source,
+                model: str = model,
+                gid: uuid.UUID = gid,
+                batch: list[tuple[int, str, str]] = batch,
+            ) -> None:
+                ident = uuid.UUID(int=rng.getrandbits(128), version=4)
+                line = f"{ident}\t{kind}\t{ts}\t{source}\t{gid}\t{seq}\t{model}\t{payload}\t{at}\n"
+                batch.append((ts, "events_event", line))
+
+            record("generationStarted", t0, 0, f'{{"model": "{model}", "prompt": "hmac-sha256:00"}}')
+            channel = channels.get((source, model), 0)
+            for seq in range(1, TOKENS + 1):
+                ts, logprob = t0 + 150 + seq * 20, -rng.random() * 4
+                if layout == "json":
+                    payload = f'{{"model": "{model}", "token": "t{seq}", "logprob": {logprob!r}}}'
+                    record("tokenGenerated", ts, seq, payload)
+                else:
+                    ident = uuid.UUID(int=rng.getrandbits(128), version=4)
+                    batch.append(
+                        (
+                            ts,
+                            "events_token",
+                            f"{ident.hex}\t{gid.hex}\t{ts}\t{logprob!r}\t{at}\t{seq}\t{channel}\tt{seq}\n",
+                        )
+                    )
+            completed = (
+                f'{{"model": "{model}", "tokensGenerated": {TOKENS}, "durationMs": {150 + TOKENS * 20}}}'
+            )
+            record("generationCompleted", t0 + 200 + TOKENS * 20, TOKENS + 1, completed)
+            if g % 97 == 0:
+                record(
+                    "error", t0 + 300, 0, f'{{"error": "Out of memory", "code": "OOM", "model": "{model}"}}'
+                )
+        batch.sort(key=lambda item: item[0])
+        yield from ((table, line) for _, table, line in batch)
+
+
+def fill(dsn: str, rows: int, layout: str) -> None:
+    """COPY ``rows`` events in, into the time partitions made for them first."""
     import psycopg
 
-    generations = max(rows // (TOKENS + 3), 1)
-    span = 30 * DAY_MS
-    rng = random.Random(7)
-    written = 0
     started = time.perf_counter()
+    token_columns = 'id, generation_id, "timestamp", logprob, ingested_at, seq, channel_id, token'
     columns = "id, type, timestamp, source, generation_id, seq, model, payload, ingested_at"
+    written = 0
     with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
-        with cursor.copy(f"COPY events_event ({columns}) FROM STDIN") as copy:
-            for g in range(generations):
-                gid = uuid.UUID(int=rng.getrandbits(128), version=4)
-                source, model = SOURCES[g % len(SOURCES)], MODELS[g % len(MODELS)]
-                t0 = NOW_MS - span + g * span // generations
-                prefix = (source, gid, model)
-                lines = io.StringIO()
-                started_payload = f'{{"model": "{model}", "prompt": "hmac-sha256:00"}}'
-                lines.write(_row(rng, prefix, "generationStarted", t0, 0, started_payload))
-                for seq in range(1, TOKENS + 1):
-                    token = f'{{"model": "{model}", "token": "t{seq}"}}'
-                    lines.write(_row(rng, prefix, "tokenGenerated", t0 + 150 + seq * 20, seq, token))
-                completed = (
-                    f'{{"model": "{model}", "tokensGenerated": {TOKENS}, "durationMs": {150 + TOKENS * 20}}}'
-                )
-                lines.write(
-                    _row(rng, prefix, "generationCompleted", t0 + 200 + TOKENS * 20, TOKENS + 1, completed)
-                )
-                if g % 97 == 0:
-                    error = f'{{"error": "Out of memory", "code": "OOM", "model": "{model}"}}'
-                    lines.write(_row(rng, prefix, "error", t0 + 300, 0, error))
-                copy.write(lines.getvalue())
-                written += TOKENS + 2 + (g % 97 == 0)
-                if g % 2000 == 0:
+        channels = {}
+        for g in range(len(SOURCES)):
+            pair = (SOURCES[g % len(SOURCES)], MODELS[g % len(MODELS)])
+            cursor.execute(
+                "INSERT INTO events_channel (source, model) VALUES (%s, %s) RETURNING id", list(pair)
+            )
+            channels[pair] = cursor.fetchone()[0]  # type: ignore[index]
+        buffers: dict[str, list[str]] = {"events_event": [], "events_token": []}
+
+        def flush() -> None:
+            for table, lines in buffers.items():
+                if lines:
+                    with cursor.copy(
+                        f"COPY {table} ({token_columns if table == 'events_token' else columns}) FROM STDIN"
+                    ) as copy:
+                        copy.write("".join(lines))
+                    lines.clear()
+            conn.commit()
+
+        for table, line in _lines(rows, layout, channels):
+            buffers[table].append(line)
+            written += 1
+            if written % 100_000 == 0:
+                flush()
+                if written % 2_000_000 == 0:
                     print(f"  {written:,} rows ({time.perf_counter() - started:.0f}s)", flush=True)
-        conn.commit()
+        flush()
+        # As autovacuum would after a bulk load (it is off on this machine): the plans users get.
         cursor.execute("ANALYZE events_event")
+        cursor.execute("ANALYZE events_token")
         conn.commit()
-    print(f"filled {written:,} events in {time.perf_counter() - started:.0f}s", flush=True)
+    print(f"filled {written:,} events ({layout}) in {time.perf_counter() - started:.0f}s", flush=True)
+
+
+PARTITIONS = """
+from events.partitions import partitions_ensure
+for day in range({days}, -2, -1):
+    partitions_ensure(now_ms={now} - day * 86_400_000)
+"""
+
+
+def sizes(dsn: str) -> dict[str, float]:
+    """Bytes on disk (heap, TOAST, every index) per stored event of each table, and its rows."""
+    import psycopg
+
+    figures: dict[str, float] = {}
+    with psycopg.connect(dsn) as conn:
+        for table in ("events_token", "events_event"):
+            total, count = conn.execute(
+                "SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0), coalesce(sum(c.reltuples), 0) "
+                "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = %s::regclass",
+                [table],
+            ).fetchone()  # type: ignore[misc]
+            figures[table] = float(total)
+            figures[f"{table} rows"] = float(count)
+    return figures
 
 
 class Client:
@@ -147,6 +223,12 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--keep", action="store_true", help="reuse a filled scratch database if present")
     parser.add_argument(
+        "--layout",
+        choices=["typed", "json"],
+        default="typed",
+        help="token events in typed columns (events_token, as stored now) or JSON rows (before issue 25)",
+    )
+    parser.add_argument(
         "--only", action="append", default=[], help="only the cases whose names start with this (repeatable)"
     )
     args = parser.parse_args()
@@ -154,12 +236,13 @@ def main() -> int:
 
     import psycopg
 
-    dsn = args.postgres.rsplit("/", 1)[0] + "/" + SCRATCH_DB
+    scratch = f"{SCRATCH_DB}_{args.layout}"
+    dsn = args.postgres.rsplit("/", 1)[0] + "/" + scratch
     with psycopg.connect(args.postgres, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [SCRATCH_DB]).fetchone()
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [scratch]).fetchone()
         if not (args.keep and exists):
-            conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DB}")
-            conn.execute(f"CREATE DATABASE {SCRATCH_DB}")
+            conn.execute(f"DROP DATABASE IF EXISTS {scratch}")
+            conn.execute(f"CREATE DATABASE {scratch}")
             exists = None
     env = {
         **os.environ,
@@ -172,8 +255,23 @@ def main() -> int:
     python = sys.executable
     subprocess.run([python, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
     if not exists:
+        script = PARTITIONS.format(days=31, now=NOW_MS)
+        subprocess.run([python, "manage.py", "shell", "-c", script], cwd=ROOT, env=env, check=True)
         print(f"filling {args.rows:,} events by COPY (indexes in place) ...", flush=True)
-        fill(dsn, args.rows)
+        fill(dsn, args.rows, args.layout)
+    on_disk = sizes(dsn)
+    tokens = on_disk["events_token rows"] or on_disk["events_event rows"]
+    per_token = (on_disk["events_token"] if args.layout == "typed" else on_disk["events_event"]) / max(
+        tokens, 1
+    )
+    print(
+        f"on disk ({args.layout}): token events {on_disk['events_token'] / 2**30:.2f} GiB for "
+        f"{on_disk['events_token rows']:,.0f} rows; JSON events "
+        f"{on_disk['events_event'] / 2**30:.2f} GiB for "
+        f"{on_disk['events_event rows']:,.0f} rows; {per_token:.0f} bytes a token event, indexes included "
+        "(bar: at most 200)",
+        flush=True,
+    )
     with psycopg.connect(dsn) as conn:
         rolled_up = conn.execute("SELECT 1 FROM events_statsrollup LIMIT 1").fetchone()
     if not rolled_up:
@@ -200,9 +298,6 @@ def main() -> int:
             )
         }
         gen = picked["middle"]
-        total = conn.execute(
-            "SELECT reltuples::bigint FROM pg_class WHERE relname = 'events_event'"
-        ).fetchone()
     generation_id = str(gen[0]) if gen else ""
     generations = {name: str(row[0]) for name, row in picked.items() if row}
     if "oldest" in generations:  # its admin page is the Generation row's (COPY made only events)
@@ -213,7 +308,7 @@ def main() -> int:
                 " VALUES (%s, %s, '', '\"hmac-sha256:00\"', 512, '{}', now()) ON CONFLICT (id) DO NOTHING",
                 [generations["oldest"], MODELS[0]],
             )
-    rows = int(total[0]) if total else args.rows
+    rows = int(on_disk["events_token rows"] + on_disk["events_event rows"]) or args.rows
     token = (
         subprocess.run(
             [python, "manage.py", "shell", "-c", BENCH_USER],
@@ -256,7 +351,58 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    if not ONLY:
+        retention_day(env, args.layout)
     return 0
+
+
+RETENTION_DAY = """
+import time
+from django.db import connection
+from events.partitions import partition_drop, partitions_of
+from events.retention import _delete_before
+if "{layout}" == "typed":
+    # The oldest day holding token events.
+    for oldest in [p for p in partitions_of("events_token") if p.lower is not None]:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT count(*) FROM {{oldest.name}}")
+            rows = cursor.fetchone()[0]
+        if rows:
+            break
+    started = time.perf_counter()
+    assert partition_drop("events_token", oldest)
+    seconds = time.perf_counter() - started
+    dead = 0
+else:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT min(timestamp) FROM events_event WHERE type = 'tokenGenerated'")
+        first = cursor.fetchone()[0]
+    end = first - first % 86_400_000 + 86_400_000
+    started = time.perf_counter()
+    rows = _delete_before("events_event", "type = %s AND ", ["tokenGenerated"], end, 10_000, None)
+    seconds = time.perf_counter() - started
+    dead = rows
+print(f"RETENTION {{rows}} {{seconds}} {{dead}}")
+"""
+
+
+def retention_day(env: dict[str, str], layout: str) -> None:
+    """One day of token events retired as retention does it: its partition dropped (typed), or
+    deleted a window at a time (json, before)."""
+    out = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", RETENTION_DAY.format(layout=layout)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    _, rows, seconds, dead = out.strip().splitlines()[-1].split()
+    print(
+        f"retention of the oldest day ({layout}): {int(rows):,} token events in {float(seconds):.3f} s, "
+        f"{int(dead):,} dead tuples left for VACUUM (bar: under 1 s, none)",
+        flush=True,
+    )
 
 
 BENCH_USER = """
