@@ -62,19 +62,19 @@ def channels_for(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
 def tokens_insert(tokens: Sequence[TokenGeneratedEnvelope], now: Any) -> list[TokenGeneratedEnvelope]:
     """Store the token events not stored before; returns those stored now.
 
-    A redelivery carries the same envelope, so an event whose ``(id, timestamp)`` is stored
-    already is skipped: read first, under the batch's per-generation locks
-    (``events.storage``), so two ingesters storing the same entries store them once. A
-    producer that reuses an id with another timestamp has two events stored.
+    An event whose id is stored already (a redelivery; or a producer reusing an id, at any
+    time) is skipped: read first (the hash index on ``id``), under the batch's per-generation
+    locks (``events.storage``), so two ingesters storing the same entries store them once.
     """
     if not tokens:
         return []
-    stored: set[tuple[uuid.UUID, int]] = set()
+    stored: set[uuid.UUID] = set()
     ids = sorted({e.id for e in tokens})
     for start in range(0, len(ids), 1000):
-        rows = TokenEvent.objects.filter(id__in=ids[start : start + 1000]).values_list("id", "timestamp")
-        stored.update(rows)
-    fresh = [e for e in tokens if (e.id, e.timestamp) not in stored]
+        stored.update(
+            TokenEvent.objects.filter(id__in=ids[start : start + 1000]).values_list("id", flat=True)
+        )
+    fresh = [e for e in tokens if e.id not in stored]
     if not fresh:
         return []
     channels = channels_for({(e.source, e.payload.model) for e in fresh})
