@@ -210,7 +210,10 @@ def test_a_redelivered_token_is_stored_once_and_so_is_an_id_reused_at_another_ti
     outcome = events_store([("3-0", msgspec.json.encode(later))])
     assert (outcome.stored, outcome.duplicates) == (0, 1)
     assert [e["timestamp"] for e in reader_client.get("/api/events/").json()["results"]] == [T0]
-    assert reader_client.get(f"/api/events/{token['id']}/").json()["payload"]["token"] == token["payload"]["token"]
+    assert (
+        reader_client.get(f"/api/events/{token['id']}/").json()["payload"]["token"]
+        == token["payload"]["token"]
+    )
 
 
 def test_a_token_stored_as_json_before_the_upgrade_reads_as_before(reader_client: APIClient) -> None:
