@@ -140,39 +140,42 @@ def event_row(event: StoredEvent | Row) -> EventOut:
 # -- which rows: the event list's filters on both tables ---------------------------------------
 
 
-def tokens_matching(filters: Mapping[str, Any]) -> QuerySet[TokenEvent] | None:
-    """The token events the event list's (validated) ``filters`` select; None when they can
-    hold none (another type asked for, or a source or model no token came from)."""
+# A source or model filter reads each (source, model) pair's rows off its own index, merged; past
+# this many pairs, one query sorts their rows instead.
+CHANNELS_MERGED = 32
+
+
+def tokens_matching(filters: Mapping[str, Any]) -> list[QuerySet[TokenEvent]]:
+    """The token events the event list's (validated) ``filters`` select: one queryset, or one
+    per (source, model) pair for a source or model filter (each in time order off the pair's
+    index); none when they can hold none (another type asked for, or no such source or model)."""
     event_type, source, model = filters.get("type"), filters.get("source"), filters.get("model")
     if event_type and event_type != TOKEN_TYPE:
-        return None
+        return []
     tokens = TokenEvent.objects.all()
-    if source or model:
-        # The pairs first (a small table), then the token rows by their ids.
-        channels = Channel.objects.all()
-        if source:
-            channels = channels.filter(source=source)
-        if model:
-            channels = channels.filter(model=model[:MODEL_COLUMN_LENGTH])
-        ids = list(channels.values_list("id", flat=True)[:10_000])
-        if not ids:
-            return None
-        tokens = tokens.filter(channel_id__in=ids)
     if generation_id := filters.get("generationId"):
         tokens = tokens.filter(generation_id=generation_id)
     if (since := filters.get("since")) is not None:
         tokens = tokens.filter(timestamp__gte=since)
     if (until := filters.get("until")) is not None:
         tokens = tokens.filter(timestamp__lte=until)
-    return tokens
+    if not (source or model):
+        return [tokens]
+    # The pairs first (a small table), then the token rows by their ids.
+    channels = Channel.objects.all()
+    if source:
+        channels = channels.filter(source=source)
+    if model:
+        channels = channels.filter(model=model[:MODEL_COLUMN_LENGTH])
+    ids = sorted(channels.values_list("id", flat=True))
+    if len(ids) > CHANNELS_MERGED or generation_id:
+        return [tokens.filter(channel_id__in=ids)] if ids else []
+    return [tokens.filter(channel_id=ident) for ident in ids]
 
 
 def history(records: QuerySet[EventRecord], filters: Mapping[str, Any]) -> list[QuerySet[Any, Row]]:
     """The rows of both tables that ``filters`` select (``records`` already filtered by them)."""
-    sources = [event_values(records)]
-    if (tokens := tokens_matching(filters)) is not None:
-        sources.append(event_values(tokens))
-    return sources
+    return [event_values(records), *map(event_values, tokens_matching(filters))]
 
 
 def row_key(row: Row) -> tuple[int, int, uuid.UUID]:

@@ -21,6 +21,7 @@ TOKEN_TABLE = {
         "CREATE INDEX token_id ON events_token USING hash (id)",
         'CREATE INDEX token_time ON events_token ("timestamp")',
         "CREATE INDEX token_generation ON events_token (generation_id)",
+        'CREATE INDEX token_channel_time ON events_token (channel_id, "timestamp")',
     ],
     "sqlite": [
         'CREATE TABLE events_token (id char(32) NOT NULL, generation_id char(32) NOT NULL, "timestamp" bigint '
@@ -29,6 +30,7 @@ TOKEN_TABLE = {
         "CREATE INDEX token_id ON events_token (id)",
         'CREATE INDEX token_time ON events_token ("timestamp")',
         "CREATE INDEX token_generation ON events_token (generation_id)",
+        'CREATE INDEX token_channel_time ON events_token (channel_id, "timestamp")',
     ],
 }
 
