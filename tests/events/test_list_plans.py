@@ -14,8 +14,8 @@ from django.utils import timezone
 
 from events.filters import EventFilter
 from events.history import tokens_matching
-from events.partitions import partitions_ensure
 from events.models import Channel, EventRecord, TokenEvent
+from events.partitions import partitions_ensure
 from tests.factories import T0
 
 pytestmark = pytest.mark.django_db
