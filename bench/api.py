@@ -24,6 +24,7 @@ import os
 import random
 import secrets
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ SOURCES = [f"mac-studio-{i}/worker-1" for i in range(8)]
 TOKENS = 512
 
 
+FLOAT32 = struct.Struct("<f")
 CONCURRENT = 16  # generations running at once, their tokens interleaved in time as a fleet's are
 
 
@@ -79,7 +81,8 @@ def _lines(rows: int, layout: str, channels: dict[tuple[str, str], int]) -> Iter
             record("generationStarted", t0, 0, f'{{"model": "{model}", "prompt": "hmac-sha256:00"}}')
             channel = channels.get((source, model), 0)
             for seq in range(1, TOKENS + 1):
-                ts, logprob = t0 + 150 + seq * 20, -rng.random() * 4
+                # A 32-bit float, as mlx computes it (and as the typed column holds it).
+                ts, logprob = t0 + 150 + seq * 20, FLOAT32.unpack(FLOAT32.pack(-rng.random() * 4))[0]
                 if layout == "json":
                     payload = f'{{"model": "{model}", "token": "t{seq}", "logprob": {logprob!r}}}'
                     record("tokenGenerated", ts, seq, payload)

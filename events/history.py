@@ -62,7 +62,7 @@ _ROW_FIELDS = (
     "ingested_text",
     "model",
     "token",
-    "logprob",
+    "logprob_value",
 )
 
 
@@ -71,6 +71,8 @@ def event_values(queryset: QuerySet[Any]) -> QuerySet[Any, Row]:
     shows read as text; no model instances."""
     if queryset.model is TokenEvent:
         columns: dict[str, Any] = {
+            # Read as a double: a 32-bit float's own text is its shortest, not the number stored.
+            "logprob_value": Cast("logprob", FloatField()),
             "type": Value(TOKEN_TYPE, TextField()),
             "source": F("channel__source"),
             "model": F("channel__model"),
@@ -80,10 +82,13 @@ def event_values(queryset: QuerySet[Any]) -> QuerySet[Any, Row]:
         columns = {
             "payload_text": Cast("payload", TextField()),
             "token": Value(None, TextField()),
-            "logprob": Value(None, FloatField()),
+            "logprob_value": Value(None, FloatField()),
         }
     else:  # the Event view
-        columns = {"payload_text": Case(When(token__isnull=True, then=Cast("payload", TextField())))}
+        columns = {
+            "payload_text": Case(When(token__isnull=True, then=Cast("payload", TextField()))),
+            "logprob_value": F("logprob"),
+        }
     return queryset.annotate(**_AS_TEXT, **columns).values(*_ROW_FIELDS)
 
 
@@ -106,7 +111,7 @@ def _iso(value: str) -> str:
 def stored_event(row: Row, decode: Callable[[bytes], dict[str, Any]] | None = None) -> StoredEvent:
     """A row of ``event_values``; ``decode`` parses the payload when figures need it."""
     text = row["payload_text"]
-    raw = text.encode() if text is not None else token_payload(row["model"], row["token"], row["logprob"])
+    raw = text.encode() if text is not None else token_payload(row["model"], row["token"], row["logprob_value"])
     return StoredEvent(
         id=_dashed(row["id_text"]) or "",
         type=row["type"],

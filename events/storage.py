@@ -35,7 +35,7 @@ from events.models import (
 )
 from events.privacy import prompt_policy_get, prompt_redact
 from events.rollups import first_tokens, rollups_add
-from events.tokens import token_compact, tokens_insert
+from events.tokens import tokens_insert, tokens_sorted
 from events.upsert import upsert_adding
 from mlxserve.contract.events import (
     TIMESTAMP_FUTURE_MESSAGE,
@@ -307,13 +307,12 @@ def receiving_clock_ms(entry_id: str, now_ms: int) -> int:
 def _store_together(envelopes: list[Envelope], now: Any) -> int:
     """Everything one batch writes: event rows (token events in their compact table), workers,
     fleet counters, stats rollups."""
-    tokens = [e for e in envelopes if type(e) is TokenGeneratedEnvelope and token_compact(e)]
-    records = [e for e in envelopes if not (type(e) is TokenGeneratedEnvelope and token_compact(e))]
+    tokens, records, channels = tokens_sorted(envelopes)
     records = _not_stored(records)
     stored = _insert_events([_event_values(e, now) for e in records])
     # Only events stored for the first time count: a redelivered entry adds nothing.
     fresh = _stored_now(records, stored, now)
-    fresh_tokens = tokens_insert(tokens, now)
+    fresh_tokens = tokens_insert(tokens, channels, now)
     stored += len(fresh_tokens)
     fresh += fresh_tokens
     workers_note(envelopes)

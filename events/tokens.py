@@ -10,6 +10,7 @@ number past 2^31, a model name past 200 characters) is stored as JSON with the o
 from __future__ import annotations
 
 import math
+import struct
 import uuid
 from collections.abc import Sequence
 from decimal import Decimal
@@ -21,20 +22,45 @@ from msgspec import UNSET
 
 from events.copy import copy_text, copy_timestamp
 from events.models import MODEL_COLUMN_LENGTH, Channel, TokenEvent
-from mlxserve.contract.events import TokenGenerated, TokenGeneratedEnvelope
+from mlxserve.contract.events import Envelope, TokenGenerated, TokenGeneratedEnvelope
 
 INT32_MAX = 2**31 - 1
+INT16_MAX = 2**15 - 1
+_FLOAT32 = struct.Struct("<f")
 
 
 def token_compact(envelope: TokenGeneratedEnvelope) -> bool:
-    """Whether this token event fits the typed columns. (SQLite keeps -0.0 as an integer zero,
-    so there a log-probability of -0.0 keeps its sign as JSON.)"""
+    """Whether this token event fits the typed columns: no metadata, a sequence number under
+    2^31, a model name of at most 200 characters, and a log-probability a 32-bit float holds
+    exactly (every one a worker sends: mlx computes them in 32 bits or fewer). SQLite keeps -0.0
+    as an integer zero, so there a log-probability of -0.0 keeps its sign as JSON."""
     payload = envelope.payload
     if payload.metadata is not UNSET or envelope.seq > INT32_MAX or len(payload.model) > MODEL_COLUMN_LENGTH:
         return False
     logprob = payload.logprob
-    negative_zero = isinstance(logprob, float) and logprob == 0 and math.copysign(1, logprob) < 0
-    return not (negative_zero and connection.vendor == "sqlite")
+    if isinstance(logprob, float):
+        try:
+            if _FLOAT32.unpack(_FLOAT32.pack(logprob))[0] != logprob:
+                return False
+        except OverflowError:
+            return False
+        if logprob == 0 and math.copysign(1, logprob) < 0 and connection.vendor == "sqlite":
+            return False
+    return True
+
+
+def tokens_sorted(
+    envelopes: Sequence[Envelope],
+) -> tuple[list[TokenGeneratedEnvelope], list[Envelope], dict[tuple[str, str], int]]:
+    """Which of ``envelopes`` go to the typed columns (with their channels) and which are JSON
+    rows. A pair past the 32,767th (the column is 16 bits) is stored as JSON."""
+    candidates = [e for e in envelopes if type(e) is TokenGeneratedEnvelope and token_compact(e)]
+    if not candidates:
+        return [], list(envelopes), {}
+    channels = channels_for({(e.source, e.payload.model) for e in candidates})
+    tokens = [e for e in candidates if channels[(e.source, e.payload.model)] <= INT16_MAX]
+    typed = {id(e) for e in tokens}
+    return tokens, [e for e in envelopes if id(e) not in typed], channels
 
 
 def channels_for(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -59,7 +85,9 @@ def channels_for(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
     return found
 
 
-def tokens_insert(tokens: Sequence[TokenGeneratedEnvelope], now: Any) -> list[TokenGeneratedEnvelope]:
+def tokens_insert(
+    tokens: Sequence[TokenGeneratedEnvelope], channels: dict[tuple[str, str], int], now: Any
+) -> list[TokenGeneratedEnvelope]:
     """Store the token events not stored before; returns those stored now.
 
     An event whose id is stored already (a redelivery; or a producer reusing an id, at any
@@ -77,7 +105,6 @@ def tokens_insert(tokens: Sequence[TokenGeneratedEnvelope], now: Any) -> list[To
     fresh = [e for e in tokens if e.id not in stored]
     if not fresh:
         return []
-    channels = channels_for({(e.source, e.payload.model) for e in fresh})
     if connection.vendor == "postgresql":
         _copy(fresh, channels, now)
     else:
