@@ -111,7 +111,10 @@ def _iso(value: str) -> str:
 def stored_event(row: Row, decode: Callable[[bytes], dict[str, Any]] | None = None) -> StoredEvent:
     """A row of ``event_values``; ``decode`` parses the payload when figures need it."""
     text = row["payload_text"]
-    raw = text.encode() if text is not None else token_payload(row["model"], row["token"], row["logprob_value"])
+    if text is not None:
+        raw = text.encode()
+    else:
+        raw = token_payload(row["model"], row["token"], row["logprob_value"])
     return StoredEvent(
         id=_dashed(row["id_text"]) or "",
         type=row["type"],

@@ -21,8 +21,8 @@ SELECT id, type, "timestamp", source, generation_id, seq, model, payload, ingest
 UNION ALL
 SELECT t.id, 'tokenGenerated'::varchar(32), t."timestamp", {source}, t.generation_id, t.seq::bigint, {model},
        CASE WHEN t.logprob IS NULL THEN jsonb_build_object('model', {model}, 'token', t.token)
-            ELSE jsonb_build_object('model', {model}, 'token', t.token, 'logprob', t.logprob::double precision) END,
-       t.ingested_at, t.token, t.logprob::double precision
+            ELSE jsonb_build_object('model', {model}, 'token', t.token, 'logprob', t.logprob::float8) END,
+       t.ingested_at, t.token, t.logprob::float8
   FROM events_token t
 """.format(**_NAMES),
     "sqlite": """
