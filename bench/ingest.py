@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import struct
 import sys
 import time
 import uuid
@@ -128,20 +129,22 @@ def main() -> int:
     client.flushdb()
     try:
         source = "bench-host/worker-1"
-
+        # The last minutes: the day's partition, where a worker's tokens go.
+        start_ms = int(time.time() * 1000) - args.events
         def envelope(i: int, generation: str) -> bytes:
             return msgspec.json.encode(
                 {
                     "id": str(uuid.uuid4()),
                     "type": "tokenGenerated",
-                    "timestamp": 1764115200000 + i,
+                    "timestamp": start_ms + i,
                     "source": source,
                     "generationId": generation,
                     "seq": i % 512 + 1,
                     "payload": {
                         "model": "llama-3-8b",
                         "token": f" tok{i % 997}",
-                        "logprob": -0.5 - (i % 7) / 10,
+                        # A 32-bit float, as mlx computes it.
+                        "logprob": struct.unpack("<f", struct.pack("<f", -0.5 - (i % 7) / 10))[0],
                     },
                 }
             )
