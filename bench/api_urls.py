@@ -2,20 +2,39 @@
 ``/bench/offset-events/``, the event list with offset pagination, and ``/bench/scan-stats/``,
 the stats endpoint reading every event in its window instead of the hourly rollups."""
 
+from typing import Any
+
+from django.db.models import QuerySet
 from django.urls import path
 from drf_spectacular.utils import extend_schema
+from rest_framework import generics
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from events.filters import EventFilter
+from events.history import event_row, event_values
+from events.models import Event
 from events.selectors import events_stats
-from events.views import EventListCreateView, StatsQuery, StatsView
+from events.views import StatsQuery, StatsView
+from mlxserve.api import CanRead
 from mlxserve.urls import urlpatterns as project_urlpatterns
 
 
-class OffsetEventList(EventListCreateView):
-    pagination_class = LimitOffsetPagination  # type: ignore[assignment]
-    http_method_names = ["get"]
+class OffsetEventList(generics.ListAPIView[Event]):
+    """The event list as it would be with offset pages, over the view of both event tables."""
+
+    permission_classes = [CanRead]
+    pagination_class = LimitOffsetPagination
+    filterset_class = EventFilter
+
+    def get_queryset(self) -> QuerySet[Event]:
+        return Event.objects.all()
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        rows = event_values(self.filter_queryset(self.get_queryset())).order_by("-timestamp", "-seq", "-id")
+        page = self.paginate_queryset(rows) or []
+        return self.get_paginated_response([event_row(e) for e in page])
 
 
 @extend_schema(exclude=True)

@@ -131,6 +131,7 @@ def main() -> int:
         source = "bench-host/worker-1"
         # The last minutes: the day's partition, where a worker's tokens go.
         start_ms = int(time.time() * 1000) - args.events
+
         def envelope(i: int, generation: str) -> bytes:
             return msgspec.json.encode(
                 {

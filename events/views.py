@@ -154,8 +154,8 @@ class EventListCreateView(generics.ListAPIView[EventRecord]):
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         # Rows straight to JSON: the payload as the database's text (never parsed and
         # re-encoded), no serializer fields per row.
-        paginator = EventKeysetPagination()
-        self._paginator = paginator  # get_paginated_response's
+        paginator = self.paginator
+        assert isinstance(paginator, EventKeysetPagination)
         page: builtins.list[Any] = (
             paginator.paginate_queryset(filtered_history(self), request, view=self) or []
         )
