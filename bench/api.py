@@ -335,6 +335,8 @@ def main() -> int:
             "2",
             "--log-level",
             "warning",
+            "--timeout",
+            "600",  # the baselines that read every event take seconds at 30 million
         ],
         cwd=ROOT,
         env=env,

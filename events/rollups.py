@@ -28,7 +28,16 @@ from django.db import transaction
 from django.db.models import Count, F, Sum
 from django.db.models.functions import Mod
 
-from events.models import MODEL_COLUMN_LENGTH, Event, SourceMinute, StatsCoverage, StatsRollup
+from events.models import (
+    MODEL_COLUMN_LENGTH,
+    Channel,
+    Event,
+    EventRecord,
+    SourceMinute,
+    StatsCoverage,
+    StatsRollup,
+    TokenEvent,
+)
 from events.upsert import upsert_adding
 from mlxserve.contract.events import (
     Envelope,
@@ -255,12 +264,21 @@ def window_tally(since: int, until: int, *, model: str | None = None) -> Tally:
     one GROUP BY for the counts, the ``generationCompleted`` payloads, and each attempt's
     first token by the generation index."""
     tally = Tally()
-    window = Event.objects.filter(timestamp__gte=since, timestamp__lte=until)
+    window = EventRecord.objects.filter(timestamp__gte=since, timestamp__lte=until)
+    tokens = TokenEvent.objects.filter(timestamp__gte=since, timestamp__lte=until)
+    channels = dict(Channel.objects.values_list("id", "model"))
     if model is not None:
         window = window.filter(model=model[:MODEL_COLUMN_LENGTH])
+        tokens = tokens.filter(
+            channel_id__in=[c for c, m in channels.items() if m == model[:MODEL_COLUMN_LENGTH]]
+        )
     hours = window.order_by().annotate(hour=F("timestamp") - Mod("timestamp", HOUR_MS))
     for row in hours.values("hour", "model", "type").annotate(n=Count("*")):
         tally.event(int(row["hour"]), row["model"], row["type"], row["n"])
+    # Token events by their (source, model) pair, a small number each hour; the pair's model.
+    token_hours = tokens.order_by().annotate(hour=F("timestamp") - Mod("timestamp", HOUR_MS))
+    for row in token_hours.values("hour", "channel_id").annotate(n=Count("*")):
+        tally.event(int(row["hour"]), channels.get(row["channel_id"], ""), "tokenGenerated", row["n"])
     completed = window.filter(type="generationCompleted")
     for ts, m, payload in completed.values_list("timestamp", "model", "payload"):
         if isinstance(payload, dict):
