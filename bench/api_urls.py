@@ -15,9 +15,11 @@ from rest_framework.response import Response
 from events.filters import EventFilter
 from events.history import event_row, event_values
 from events.models import Event
+from events.responses import EventOut
 from events.selectors import events_stats
 from events.views import StatsQuery, StatsView
 from mlxserve.api import CanRead
+from mlxserve.openapi import struct_serializer
 from mlxserve.urls import urlpatterns as project_urlpatterns
 
 
@@ -25,6 +27,7 @@ class OffsetEventList(generics.ListAPIView[Event]):
     """The event list as it would be with offset pages, over the view of both event tables."""
 
     permission_classes = [CanRead]
+    serializer_class = struct_serializer(EventOut)
     pagination_class = LimitOffsetPagination
     filterset_class = EventFilter
 
