@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from django.db import transaction
-from django.db.models import Count, F, Sum
+from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import Mod
 
 from events.models import (
@@ -157,7 +157,9 @@ def first_tokens(envelopes: Sequence[Envelope]) -> list[FirstToken]:
                 start.timestamp, _model_column(start.payload.model), token.timestamp, token.payload.model
             )
     # Starts whose first token was stored before; tokens whose start was stored before.
-    for gid, seq, ts, model in _stored_first_tokens({k for k in starts if k not in found}):
+    for gid, seq, ts, model in _stored_first_tokens(
+        {k: v.timestamp for k, v in starts.items() if k not in found}
+    ):
         start = starts[(gid, seq - 1)]
         found[(gid, seq - 1)] = FirstToken(start.timestamp, _model_column(start.payload.model), ts, model)
     # A token can be an attempt's first only if the one before it is not a token of the batch.
@@ -202,26 +204,47 @@ def batch_tally(envelopes: Sequence[Envelope], firsts: Sequence[FirstToken]) -> 
     return tally
 
 
+# A first token is looked for within a day of its start (a generation's time limit is far less):
+# bounded in time, a lookup reads the partition or two it can be in, not every one.
+FIRST_TOKEN_WITHIN_MS = 86_400_000
+
+
 def _stored_first_tokens(
-    attempts: set[tuple[uuid.UUID, int]],
+    attempts: dict[tuple[uuid.UUID, int], int],
 ) -> Iterable[tuple[uuid.UUID, int, int, str]]:
-    """(generation, seq, timestamp, model) of the stored tokens right after these attempts' starts."""
-    wanted = {(gid, seq + 1) for gid, seq in attempts}
-    items = sorted(attempts)
-    for start in range(0, len(items), 500):
-        chunk = items[start : start + 500]
-        rows = Event.objects.filter(
-            type="tokenGenerated",
-            generation_id__in={gid for gid, _ in chunk},
-            seq__in={seq + 1 for _, seq in chunk},
-        ).values_list("generation_id", "seq", "timestamp", "model")
-        yield from ((g, s, t, m) for g, s, t, m in rows if g is not None and (g, s) in wanted)
+    """(generation, seq, timestamp, model) of the stored tokens right after these attempts'
+    starts (``attempts``: (generation, start seq) -> the start's timestamp)."""
+    items = sorted(attempts.items())
+    models: dict[int, str] | None = None
+    for start in range(0, len(items), 100):
+        chunk = items[start : start + 100]
+        wanted = Q()
+        for (gid, seq), started in chunk:
+            wanted |= Q(
+                generation_id=gid,
+                seq=seq + 1,
+                timestamp__gte=started,
+                timestamp__lt=started + FIRST_TOKEN_WITHIN_MS,
+            )
+        # Both tables, each by its generation index (the view's per-row model would cost more).
+        rows = list(
+            EventRecord.objects.filter(wanted, type="tokenGenerated").values_list(
+                "generation_id", "seq", "timestamp", "model"
+            )
+        )
+        typed = list(
+            TokenEvent.objects.filter(wanted).values_list("generation_id", "seq", "timestamp", "channel_id")
+        )
+        if typed and models is None:
+            models = dict(Channel.objects.values_list("id", "model"))
+        rows += [(g, s, t, (models or {}).get(c, "")) for g, s, t, c in typed]
+        yield from ((g, s, t, m) for g, s, t, m in rows if g is not None)
 
 
 def _stored_starts(generation_ids: set[uuid.UUID]) -> Iterable[tuple[uuid.UUID, int, int, str]]:
     ids = sorted(generation_ids)
     for start in range(0, len(ids), 500):
-        rows = Event.objects.filter(
+        rows = EventRecord.objects.filter(
             type="generationStarted", generation_id__in=ids[start : start + 500]
         ).values_list("generation_id", "seq", "timestamp", "model")
         yield from ((g, s, t, m) for g, s, t, m in rows if g is not None)
@@ -292,7 +315,7 @@ def window_tally(since: int, until: int, *, model: str | None = None) -> Tally:
         for gid, seq, ts, m in attempts.values_list("generation_id", "seq", "timestamp", "model")
         if gid is not None
     }
-    for gid, seq, first, _ in _stored_first_tokens(set(starts)):
+    for gid, seq, first, _ in _stored_first_tokens({k: ts for k, (ts, _) in starts.items()}):
         started, m = starts[(gid, seq - 1)]
         if (ttft := time_to_first_token_ms(started, first)) is not None:
             tally.observe(started, m, "ttftMs", float(ttft))
