@@ -23,13 +23,18 @@ from mlxserve.openapi import struct_serializer
 from mlxserve.urls import urlpatterns as project_urlpatterns
 
 
+class ViewFilter(EventFilter):
+    class Meta(EventFilter.Meta):
+        model = Event  # type: ignore[assignment]
+
+
 class OffsetEventList(generics.ListAPIView[Event]):
     """The event list as it would be with offset pages, over the view of both event tables."""
 
     permission_classes = [CanRead]
     serializer_class = struct_serializer(EventOut)
     pagination_class = LimitOffsetPagination
-    filterset_class = EventFilter
+    filterset_class = ViewFilter
 
     def get_queryset(self) -> QuerySet[Event]:
         return Event.objects.all()
