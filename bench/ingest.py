@@ -198,7 +198,7 @@ def main() -> int:
         client.flushdb()
         connection.close()
         with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DB}")
+            conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DB} WITH (FORCE)")  # the pool's connections too
 
     print(
         f"ingester ({args.consumers} process(es)): {ingest_rate:,.0f} events/s "

@@ -35,7 +35,7 @@ from events.models import (
 )
 from events.privacy import prompt_policy_get, prompt_redact
 from events.rollups import first_tokens, rollups_add
-from events.tokens import tokens_insert, tokens_sorted
+from events.tokens import ids_stored, tokens_insert, tokens_sorted
 from events.upsert import upsert_adding
 from mlxserve.contract.events import (
     TIMESTAMP_FUTURE_MESSAGE,
@@ -329,12 +329,7 @@ def _not_stored(records: list[Envelope]) -> list[Envelope]:
     timestamp) is caught by the key itself all the same, even between two ingesters."""
     if not records:
         return records
-    ids = [e.id for e in records]
-    stored: set[uuid.UUID] = set()
-    for start in range(0, len(ids), 500):
-        stored.update(
-            EventRecord.objects.filter(id__in=ids[start : start + 500]).values_list("id", flat=True)
-        )
+    stored = ids_stored(EventRecord._meta.db_table, [e.id for e in records])
     return [e for e in records if e.id not in stored] if stored else records
 
 

@@ -96,12 +96,7 @@ def tokens_insert(
     """
     if not tokens:
         return []
-    stored: set[uuid.UUID] = set()
-    ids = sorted({e.id for e in tokens})
-    for start in range(0, len(ids), 1000):
-        stored.update(
-            TokenEvent.objects.filter(id__in=ids[start : start + 1000]).values_list("id", flat=True)
-        )
+    stored = ids_stored(TokenEvent._meta.db_table, sorted({e.id for e in tokens}))
     fresh = [e for e in tokens if e.id not in stored]
     if not fresh:
         return []
@@ -125,6 +120,23 @@ def tokens_insert(
             batch_size=500,
         )
     return fresh
+
+
+def ids_stored(table: str, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``ids`` ``table`` holds. On PostgreSQL the ids go as one uuid[] parameter: the
+    ORM's ``id IN (...)`` adapts each of a thousand ids on its own, most of a token's cost."""
+    if not ids:
+        return set()
+    found: set[uuid.UUID] = set()
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"SELECT id FROM {table} WHERE id = ANY(%s::uuid[])", [list(ids)])
+            return {row[0] for row in cursor.fetchall()}
+        for start in range(0, len(ids), 500):  # SQLite keeps a UUID as 32 hex digits
+            chunk = [i.hex for i in ids[start : start + 500]]
+            cursor.execute(f"SELECT id FROM {table} WHERE id IN ({', '.join(['%s'] * len(chunk))})", chunk)
+            found.update(uuid.UUID(hex=row[0]) for row in cursor.fetchall())
+    return found
 
 
 _COLUMNS = 'id, generation_id, "timestamp", logprob, ingested_at, seq, channel_id, token'
