@@ -15,13 +15,8 @@ MODEL_COLUMN_LENGTH = 200
 MAX_KEEP_DAYS = 36_500
 
 
-class EventRecord(models.Model):
-    """One stored event as sent: the envelope, its payload as JSON (every type but the compact
-    token events, which are ``TokenEvent`` rows).
-
-    ``model`` is copied out of the payload (cut to 200 characters) so the list
-    can be filtered on an indexed column; the payload keeps the whole name.
-    """
+class EventColumns(models.Model):
+    """What every stored event has, as the API shows it: the envelope, the payload, when stored."""
 
     id = models.UUIDField(primary_key=True, help_text="Set by the producer; the idempotency key.")
     type = models.CharField(max_length=32, choices=[(t, t) for t in EVENT_TYPES])
@@ -32,6 +27,18 @@ class EventRecord(models.Model):
     model = models.CharField(max_length=MODEL_COLUMN_LENGTH, blank=True, default="")
     payload = models.JSONField()
     ingested_at = models.DateTimeField()
+
+    class Meta:
+        abstract = True
+
+
+class EventRecord(EventColumns):
+    """One stored event as sent: the envelope, its payload as JSON (every type but the compact
+    token events, which are ``TokenEvent`` rows).
+
+    ``model`` is copied out of the payload (cut to 200 characters) so the list
+    can be filtered on an indexed column; the payload keeps the whole name.
+    """
 
     class Meta:
         db_table = "events_event"
@@ -93,22 +100,13 @@ class TokenEvent(models.Model):
         return f"tokenGenerated {self.id}"
 
 
-class Event(models.Model):
+class Event(EventColumns):
     """Every stored event, whichever table holds it: a read-only view (``events_history``),
     ``EventRecord`` rows and ``TokenEvent`` rows together, with the token events' payloads
     built as JSON values. The API writes its answers from the tables' own columns
-    (``events.selectors``); the admin and ad-hoc queries read this.
+    (``events.history``); the admin and ad-hoc queries read this.
     """
 
-    id = models.UUIDField(primary_key=True)
-    type = models.CharField(max_length=32, choices=[(t, t) for t in EVENT_TYPES])
-    timestamp = models.BigIntegerField(help_text="When it happened, epoch milliseconds.")
-    source = models.CharField(max_length=200)
-    generation_id = models.UUIDField(null=True, blank=True)
-    seq = models.BigIntegerField()
-    model = models.CharField(max_length=MODEL_COLUMN_LENGTH, blank=True, default="")
-    payload = models.JSONField()
-    ingested_at = models.DateTimeField()
     # Set on token event rows only: the payload's token and log-probability as stored.
     token = models.TextField(null=True)
     logprob = models.FloatField(null=True)
