@@ -9,6 +9,7 @@ number past 2^31, a model name past 200 characters) is stored as JSON with the o
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import uuid
@@ -182,15 +183,25 @@ def _jsonb_string(value: str) -> str:
 def _jsonb_number(value: float) -> str:
     """A float as jsonb prints the number msgspec wrote for it: a numeric, in plain notation
     with the digits written (``1e-07`` is ``0.0000001``, ``-1.0`` is ``-1.0``), zero unsigned."""
-    number = Decimal(msgspec.json.encode(value).decode())
-    text = format(number, "f")
-    return text[1:] if number.is_zero() and text.startswith("-") else text
+    text = msgspec.json.encode(value).decode()
+    if "e" not in text and "E" not in text:  # already plain: as jsonb prints it, but a signed zero
+        return text[1:] if text.startswith("-") and value == 0 else text
+    number = Decimal(text)
+    plain = format(number, "f")
+    return plain[1:] if number.is_zero() and plain.startswith("-") else plain
+
+
+@functools.cache
+def _jsonb() -> bool:
+    """Whether the JSON form is jsonb (PostgreSQL): asked once, as ``connection.vendor`` costs
+    3 µs a call and this runs for every token event read."""
+    return connection.vendor == "postgresql"
 
 
 def token_payload(model: str, token: str, logprob: float | None) -> bytes:
     """A token event's payload as the JSON form stores it on this database: msgspec's bytes on
     SQLite (a JSON text column), jsonb's text on PostgreSQL (keys by length, then by bytes)."""
-    if connection.vendor != "postgresql":
+    if not _jsonb():
         return msgspec.json.encode(
             TokenGenerated(model=model, token=token, logprob=UNSET if logprob is None else logprob)
         )

@@ -152,3 +152,19 @@ def test_a_metrics_port_offset_out_of_range_is_refused_at_start() -> None:
     result = manage("check", env={"MLXSERVE_METRICS_PORT_OFFSET": "2000"})
     assert result.returncode != 0
     assert "MLXSERVE_METRICS_PORT_OFFSET must be from 0 to 1000, got 2000" in result.stderr
+
+
+def test_postgresql_connections_start_no_parallel_workers_and_a_bad_number_is_refused(db: Any) -> None:
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW max_parallel_workers_per_gather")
+            assert cursor.fetchone() == ("0",)
+    env = {
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/postgres",
+        "MLXSERVE_DB_PARALLEL_WORKERS": "100",
+    }
+    result = manage("check", env=env)
+    assert result.returncode != 0
+    assert "MLXSERVE_DB_PARALLEL_WORKERS must be 0 to 64, got 100" in result.stderr
