@@ -200,18 +200,19 @@ def row_key(row: Row) -> tuple[int, int, uuid.UUID]:
     return int(row["timestamp"]), int(row["seq"]), uuid.UUID(row["id_text"])
 
 
+def in_event_order(queryset: QuerySet[Any, Any], *, newest_first: bool = True) -> QuerySet[Any, Any]:
+    """``queryset`` in the event order, by ``timestamp + 0`` where ``_by_generation`` asked for it."""
+    sign = "-" if newest_first else ""
+    by = "sort_timestamp" if "sort_timestamp" in queryset.query.annotations else "timestamp"
+    return queryset.order_by(f"{sign}{by}", f"{sign}seq", f"{sign}id")
+
+
 def rows_merged(
     querysets: Sequence[QuerySet[Any, Row]], limit: int, *, newest_first: bool = True
 ) -> list[Row]:
     """The first ``limit`` rows of ``querysets`` together, in the event order (newest first, or
     oldest first): at most ``limit`` from each, merged."""
-    sign = "-" if newest_first else ""
-
-    def ordered(queryset: QuerySet[Any, Row]) -> QuerySet[Any, Row]:
-        by = "sort_timestamp" if "sort_timestamp" in queryset.query.annotations else "timestamp"
-        return queryset.order_by(f"{sign}{by}", f"{sign}seq", f"{sign}id")
-
-    pages = [list(ordered(queryset)[:limit]) for queryset in querysets]
+    pages = [list(in_event_order(q, newest_first=newest_first)[:limit]) for q in querysets]
     if len(pages) == 1:
         return pages[0]
     return list(itertools.islice(heapq.merge(*pages, key=row_key, reverse=newest_first), limit))

@@ -253,3 +253,19 @@ def test_a_token_stored_as_json_before_the_upgrade_reads_as_before(reader_client
     listed = reader_client.get(f"/api/events/?generationId={token['generationId']}").json()["results"]
     assert [e["id"] for e in listed] == [newer["id"], token["id"]]
     assert listed[1]["payload"] == {"model": "m", "token": "t", "logprob": -1.0}
+
+
+def test_a_pair_past_the_16_bit_channel_ids_is_stored_as_json_and_reads_the_same(
+    reader_client: APIClient,
+) -> None:
+    # A fleet (or a producer) that has made 32,767 (source, model) pairs: the next ones' tokens
+    # cannot name theirs in 16 bits, and are stored as JSON rows, whole and readable.
+    token = make_envelope("tokenGenerated", timestamp=T0, seq=1, payload={"model": "far", "token": "t"})
+    Channel.objects.create(id=40_000, source=token["source"], model="far")
+    assert events_store([("1-0", msgspec.json.encode(token))]).stored == 1
+    assert not TokenEvent.objects.exists()
+    assert EventRecord.objects.filter(id=token["id"], type="tokenGenerated").exists()
+    assert reader_client.get(f"/api/events/{token['id']}/").json()["payload"] == {
+        "model": "far",
+        "token": "t",
+    }
