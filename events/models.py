@@ -357,9 +357,9 @@ class FleetLabelValue(models.Model):
         return f"{self.metric}{{{self.label}={self.value!r}}}"
 
 
-class StatsRollup(models.Model):
-    """One hour's tally for ``GET /api/stats/``: a count of events of one type, or of the
-    observations in one histogram bucket, for one model.
+class RollupColumns(models.Model):
+    """A count of events of one type, or of the observations in one histogram bucket, for one
+    model over one day, hour or minute (``StatsDay``, ``StatsRollup``, ``StatsMinute``).
 
     The ingester adds to these in the same transaction that stores the events (only
     events stored for the first time count), so they are exact under redelivery, like
@@ -367,11 +367,19 @@ class StatsRollup(models.Model):
     ``ttftMs``, ``tokensPerSecond``, ``durationMs`` (``bucket`` from ``events.rollups``).
     """
 
-    hour = models.BigIntegerField(help_text="The hour's start, epoch milliseconds.")
     model = models.CharField(max_length=MODEL_COLUMN_LENGTH, blank=True, default="")
     series = models.CharField(max_length=48)
     bucket = models.SmallIntegerField(default=0)
     count = models.BigIntegerField(default=0)
+
+    class Meta:
+        abstract = True
+
+
+class StatsRollup(RollupColumns):
+    """One hour's tally for ``GET /api/stats/``: a window's whole hours are read from here."""
+
+    hour = models.BigIntegerField(help_text="The hour's start, epoch milliseconds.")
 
     class Meta:
         constraints = [
@@ -383,12 +391,44 @@ class StatsRollup(models.Model):
         return f"{self.hour} {self.model} {self.series}[{self.bucket}] {self.count}"
 
 
+class StatsDay(RollupColumns):
+    """One day's tally (UTC): a window's whole days are read from here."""
+
+    day = models.BigIntegerField(help_text="The day's start (UTC), epoch milliseconds.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["day", "model", "series", "bucket"], name="stats_day_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model} {self.series}[{self.bucket}] {self.count}"
+
+
+class StatsMinute(RollupColumns):
+    """One minute's tally: the whole minutes of a window's partial first and last hours are
+    read from here, so a window reads at most half a minute of events at each end."""
+
+    minute = models.BigIntegerField(help_text="The minute's start, epoch milliseconds.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["minute", "model", "series", "bucket"], name="stats_minute_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.minute} {self.model} {self.series}[{self.bucket}] {self.count}"
+
+
 class StatsCoverage(SingletonModel):
-    """From which hour on the rollups hold every stored event. Hours before it (events
-    stored before the rollups existed) are counted from the events themselves until
-    ``rollup_events`` has built theirs."""
+    """From which hour on the hourly rollups, and the minute and day ones, hold every stored event.
+    Time before it (events stored before those rollups existed) is counted from the events
+    themselves until ``rollup_events`` has built theirs."""
 
     covered_from = models.BigIntegerField(default=0, help_text="An hour's start, epoch milliseconds.")
+    minutes_from = models.BigIntegerField(
+        default=0, help_text="An hour's start, epoch milliseconds: minute and day rollups from here on."
+    )
 
     class Meta(SingletonModel.Meta):
         verbose_name_plural = "stats coverage"

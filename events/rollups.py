@@ -1,14 +1,15 @@
-"""Hourly rollups behind ``GET /api/stats/``: what each hour held, per model, kept small.
+"""Rollups behind ``GET /api/stats/``: what each hour and each minute held, per model.
 
-Each hour keeps, per model, a count of events of each type and three histograms
-(time to first token, per-generation tokens/s, generation duration) in log-scale
-buckets, four to a doubling (each about 19% wide). The ingester adds a batch's
-share in the same transaction that stores it, counting only events stored for
-the first time, so the rollups are exact under redelivery. A stats window reads
-its whole hours from here and counts its partial first and last hours from the
-events (a range scan of at most two hours); percentiles then come from the
-buckets, within one bucket of the exact figure. A window with no whole hour is
-counted from the events alone and its percentiles are exact.
+Each hour, and each minute, keeps per model a count of events of each type and three
+histograms (time to first token, per-generation tokens/s, generation duration) in
+log-scale buckets, four to a doubling (each about 19% wide). The ingester adds a
+batch's share in the same transaction that stores it, counting only events stored
+for the first time, so the rollups are exact under redelivery. A stats window reads
+its whole hours from the hourly rollups, the whole minutes of its partial first and
+last hours from the minute rollups, and at most half a minute of events at each end
+(``_plan``); percentiles then come from the buckets, within one bucket of the exact
+figure. A window with no whole hour is counted from the events alone and its
+percentiles are exact.
 
 The same tally serves three callers: the ingester (a batch of envelopes), the
 stats endpoint (a window's edges) and ``rollup_events`` (hours stored before the
@@ -24,8 +25,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from django.db import transaction
-from django.db.models import Count, F, Q, Sum
+from django.db import connection, transaction
+from django.db.models import Case, Count, F, Q, Sum, When
 from django.db.models.functions import Mod
 
 from events.models import (
@@ -35,6 +36,8 @@ from events.models import (
     EventRecord,
     SourceMinute,
     StatsCoverage,
+    StatsDay,
+    StatsMinute,
     StatsRollup,
     TokenEvent,
 )
@@ -49,6 +52,7 @@ from mlxserve.contract.events import (
     tokens_per_second,
 )
 
+DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 MINUTE_MS = 60_000
 # Source minutes are kept this long (the views read the last hour; a day back for context).
@@ -82,6 +86,10 @@ def hour_of(timestamp: int) -> int:
     return timestamp - timestamp % HOUR_MS
 
 
+def minute_of(timestamp: int) -> int:
+    return timestamp - timestamp % MINUTE_MS
+
+
 def _model_column(model: object) -> str:
     """What ``Event.model`` holds for this payload model (the stats ``model`` filter's key)."""
     return model[:MODEL_COLUMN_LENGTH] if isinstance(model, str) else ""
@@ -98,7 +106,7 @@ def completed_throughput(throughput: object, tokens: object, duration_ms: object
 
 @dataclass
 class Tally:
-    """Counts and observations: ``counts[(hour, model, series, bucket)]``; observed values
+    """Counts and observations: ``counts[(minute, model, series, bucket)]``; observed values
     are kept too (``values[histogram]``) where they were read one by one."""
 
     counts: Counter[tuple[int, str, str, int]] = field(default_factory=Counter)
@@ -106,10 +114,10 @@ class Tally:
     activity: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # (source, minute) -> counts
 
     def event(self, timestamp: int, model: str, event_type: str, n: int = 1) -> None:
-        self.counts[(hour_of(timestamp), model, EVENTS_SERIES + event_type, 0)] += n
+        self.counts[(minute_of(timestamp), model, EVENTS_SERIES + event_type, 0)] += n
 
     def observe(self, timestamp: int, model: str, histogram: str, value: float) -> None:
-        self.counts[(hour_of(timestamp), model, histogram, bucket_of(value))] += 1
+        self.counts[(minute_of(timestamp), model, histogram, bucket_of(value))] += 1
         self.values[histogram].append(value)
 
     def completed(self, timestamp: int, model: str, duration_ms: object, rate: float | None) -> None:
@@ -177,14 +185,15 @@ def batch_tally(envelopes: Sequence[Envelope], firsts: Sequence[FirstToken]) -> 
     first token from ``firsts``, under the start's hour and model."""
     tally = Tally()
     # Per event only a tuple is counted (this runs for every event stored); keys are made
-    # once per distinct (hour, model, type) at the end.
+    # once per distinct (minute, model, type) at the end.
     per_type: Counter[tuple[int, object, type[Envelope]]] = Counter()
     activity = tally.activity
     for e in envelopes:
         ts = e.timestamp
         kind = type(e)
-        per_type[(ts - ts % HOUR_MS, getattr(e.payload, "model", ""), kind)] += 1
-        row = activity.get(key := (e.source, ts - ts % MINUTE_MS))
+        minute = ts - ts % MINUTE_MS
+        per_type[(minute, getattr(e.payload, "model", ""), kind)] += 1
+        row = activity.get(key := (e.source, minute))
         if row is None:
             row = activity[key] = [0, 0, 0]  # events, tokens, errors
         row[0] += 1
@@ -196,8 +205,8 @@ def batch_tally(envelopes: Sequence[Envelope], firsts: Sequence[FirstToken]) -> 
             p = e.payload
             rate = completed_throughput(p.throughput, p.tokens_generated, p.duration_ms)
             tally.completed(ts, _model_column(p.model), p.duration_ms, rate)
-    for (hour, model, kind), n in per_type.items():
-        tally.counts[(hour, _model_column(model), _SERIES_OF[kind], 0)] += n
+    for (minute, model, kind), n in per_type.items():
+        tally.counts[(minute, _model_column(model), _SERIES_OF[kind], 0)] += n
     for first in firsts:
         if (ttft := time_to_first_token_ms(first.started, first.token)) is not None:
             tally.observe(first.started, first.start_model, "ttftMs", float(ttft))
@@ -213,19 +222,24 @@ def _stored_first_tokens(
     attempts: dict[tuple[uuid.UUID, int], int],
 ) -> Iterable[tuple[uuid.UUID, int, int, str]]:
     """(generation, seq, timestamp, model) of the stored tokens right after these attempts'
-    starts (``attempts``: (generation, start seq) -> the start's timestamp)."""
+    starts (``attempts``: (generation, start seq) -> the start's timestamp), each within
+    ``FIRST_TOKEN_WITHIN_MS`` of its start.
+
+    One query a table for up to 500 attempts: their generations and next seqs as two lists
+    and one time range (so the partitions outside it are never read), each row then matched
+    to its attempt here (a list of generations by a list of seqs can pair one attempt's
+    generation with another's seq: those few rows are dropped)."""
     items = sorted(attempts.items())
     models: dict[int, str] | None = None
-    for start in range(0, len(items), 100):
-        chunk = items[start : start + 100]
-        wanted = Q()
-        for (gid, seq), started in chunk:
-            wanted |= Q(
-                generation_id=gid,
-                seq=seq + 1,
-                timestamp__gte=started,
-                timestamp__lt=started + FIRST_TOKEN_WITHIN_MS,
-            )
+    for start in range(0, len(items), 500):
+        chunk = dict(items[start : start + 500])
+        since = min(chunk.values())
+        wanted = Q(
+            generation_id__in={gid for gid, _ in chunk},
+            seq__in={seq + 1 for _, seq in chunk},
+            timestamp__gte=since,
+            timestamp__lt=max(chunk.values()) + FIRST_TOKEN_WITHIN_MS,
+        )
         # Both tables, each by its generation index (the view's per-row model would cost more).
         rows = list(
             EventRecord.objects.filter(wanted, type="tokenGenerated").values_list(
@@ -238,7 +252,10 @@ def _stored_first_tokens(
         if typed and models is None:
             models = dict(Channel.objects.values_list("id", "model"))
         rows += [(g, s, t, (models or {}).get(c, "")) for g, s, t, c in typed]
-        yield from ((g, s, t, m) for g, s, t, m in rows if g is not None)
+        for g, s, t, m in rows:
+            started = None if g is None else chunk.get((g, s - 1))
+            if g is not None and started is not None and started <= t < started + FIRST_TOKEN_WITHIN_MS:
+                yield g, s, t, m
 
 
 def _stored_starts(generation_ids: set[uuid.UUID]) -> Iterable[tuple[uuid.UUID, int, int, str]]:
@@ -270,38 +287,58 @@ def activity_prune(now_ms: int) -> int:
     return deleted
 
 
-def _upsert(counts: Counter[tuple[int, str, str, int]]) -> None:
-    upsert_adding(
-        StatsRollup._meta.db_table,
-        ("hour", "model", "series", "bucket"),
-        ("count",),
-        [(*key, n) for key, n in sorted(counts.items())],
-    )
+# Each width of rollup: its table and the column holding a unit's start. Widest first.
+ROLLUPS: tuple[tuple[int, type[StatsDay] | type[StatsRollup] | type[StatsMinute], str], ...] = (
+    (DAY_MS, StatsDay, "day"),
+    (HOUR_MS, StatsRollup, "hour"),
+    (MINUTE_MS, StatsMinute, "minute"),
+)
+
+
+def _upsert(
+    counts: Counter[tuple[int, str, str, int]], widths: Sequence[int] = (DAY_MS, HOUR_MS, MINUTE_MS)
+) -> None:
+    """Add minute-keyed ``counts`` to the rollups of ``widths``, each summed to its units."""
+    for width, table, key in ROLLUPS:
+        if width not in widths:
+            continue
+        rows: Counter[tuple[int, str, str, int]] = Counter()
+        for (minute, model, series, bucket), n in counts.items():
+            rows[(minute - minute % width, model, series, bucket)] += n
+        upsert_adding(
+            table._meta.db_table,
+            (key, "model", "series", "bucket"),
+            ("count",),
+            [(*k, n) for k, n in sorted(rows.items())],
+        )
 
 
 # -- counting a window from its events ------------------------------------------------
 
 
-def window_tally(since: int, until: int, *, model: str | None = None) -> Tally:
-    """The tally of the events stamped in ``[since, until]`` (epoch ms), read from the events:
-    one GROUP BY for the counts, the ``generationCompleted`` payloads, and each attempt's
-    first token by the generation index."""
+def window_tally(*spans: tuple[int, int], model: str | None = None) -> Tally:
+    """The tally of the events stamped in ``spans`` (each ``(since, until)``, epoch ms, both
+    included), read from the events: one GROUP BY for the counts of each table, the
+    ``generationCompleted`` payloads, and each attempt's first token by the generation index."""
     tally = Tally()
-    window = EventRecord.objects.filter(timestamp__gte=since, timestamp__lte=until)
-    tokens = TokenEvent.objects.filter(timestamp__gte=since, timestamp__lte=until)
+    stamped = Q()
+    for since, until in spans:
+        stamped |= Q(timestamp__gte=since, timestamp__lte=until)
+    window = EventRecord.objects.filter(stamped)
+    tokens = TokenEvent.objects.filter(stamped)
     channels = dict(Channel.objects.values_list("id", "model"))
     if model is not None:
         window = window.filter(model=model[:MODEL_COLUMN_LENGTH])
         tokens = tokens.filter(
             channel_id__in=[c for c, m in channels.items() if m == model[:MODEL_COLUMN_LENGTH]]
         )
-    hours = window.order_by().annotate(hour=F("timestamp") - Mod("timestamp", HOUR_MS))
-    for row in hours.values("hour", "model", "type").annotate(n=Count("*")):
-        tally.event(int(row["hour"]), row["model"], row["type"], row["n"])
-    # Token events by their (source, model) pair, a small number each hour; the pair's model.
-    token_hours = tokens.order_by().annotate(hour=F("timestamp") - Mod("timestamp", HOUR_MS))
-    for row in token_hours.values("hour", "channel_id").annotate(n=Count("*")):
-        tally.event(int(row["hour"]), channels.get(row["channel_id"], ""), "tokenGenerated", row["n"])
+    minutes = window.order_by().annotate(minute=F("timestamp") - Mod("timestamp", MINUTE_MS))
+    for row in minutes.values("minute", "model", "type").annotate(n=Count("*")):
+        tally.event(int(row["minute"]), row["model"], row["type"], row["n"])
+    # Token events by their (source, model) pair, a small number each minute; the pair's model.
+    token_minutes = tokens.order_by().annotate(minute=F("timestamp") - Mod("timestamp", MINUTE_MS))
+    for row in token_minutes.values("minute", "channel_id").annotate(n=Count("*")):
+        tally.event(int(row["minute"]), channels.get(row["channel_id"], ""), "tokenGenerated", row["n"])
     completed = window.filter(type="generationCompleted")
     for ts, m, payload in completed.values_list("timestamp", "model", "payload"):
         if isinstance(payload, dict):
@@ -334,55 +371,121 @@ class WindowFigures:
     exact: dict[str, list[float]] | None
 
 
+@dataclass(frozen=True)
+class _Part:
+    """Part of a window: ``[since, end)`` read from the rollups of ``width`` (hour or minute)
+    or, ``width`` 0, from the events; its counts added (``sign`` 1) or taken away (-1)."""
+
+    width: int
+    since: int
+    end: int
+    sign: int
+
+
+def _plan(since: int, end: int, levels: Sequence[tuple[int, int]], sign: int = 1) -> list[_Part]:
+    """``[since, end)`` as rollup ranges and event ranges. ``levels``: (width, covered from),
+    widest first. Each level takes the whole units it covers; a partial unit at either end
+    goes to the next level, or, when less of that unit lies outside the range than inside,
+    is taken whole and the part outside taken away (so events are read for at most half
+    the narrowest unit at each end)."""
+    if since >= end:
+        return []
+    if not levels:
+        return [_Part(0, since, end, sign)]
+    (width, covered), narrower = levels[0], levels[1:]
+    first = max(-(-since // width) * width, covered)
+    last = end // width * width
+    if first >= last:
+        return _plan(since, end, narrower, sign)
+    parts = [_Part(width, first, last, sign)]
+    if since < first:
+        edge = first - width
+        if covered <= edge and since - edge < first - since:
+            parts += [_Part(width, edge, first, sign), *_plan(edge, since, narrower, -sign)]
+        else:
+            parts += _plan(since, first, narrower, sign)
+    if last < end:
+        edge = last + width
+        if edge - end < end - last:
+            parts += [_Part(width, last, edge, sign), *_plan(end, edge, narrower, -sign)]
+        else:
+            parts += _plan(last, end, narrower, sign)
+    return parts
+
+
+def _snapshot(outermost: bool) -> None:
+    """Read the window in one snapshot: rollups and events that each hold a batch or not
+    (a batch stored between two reads would be counted in one and taken away in the other).
+    SQLite's read transaction is one already; PostgreSQL's must be asked for, first thing in
+    the transaction (inside a caller's transaction, the caller's isolation stands)."""
+    if outermost and connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+
 def window_figures(
     since: int, until: int, *, model: str | None = None, use_rollups: bool = True
 ) -> WindowFigures:
-    """Whole hours covered by the rollups from the rollups, the rest from the events.
-
-    A partial first or last hour is read from its events, or, when the part of that hour
-    outside the window is the smaller one, taken from the rollups less the events of that
-    part: at most half an hour of events is read at each end.
-    """
-    covered_from = StatsCoverage.load().covered_from if use_rollups else until + 1
-    first_whole = max(-(-since // HOUR_MS) * HOUR_MS, covered_from)
-    end_whole = (until + 1) // HOUR_MS * HOUR_MS  # hours ending at or before until
+    """``[since, until]`` (epoch ms) from the rollups where they cover it, the rest from the
+    events (``_plan``); a window with no whole hour from the events alone, exactly."""
     events: Counter[tuple[str, str]] = Counter()
     buckets: dict[str, Counter[int]] = {h: Counter() for h in HISTOGRAMS}
-    if first_whole >= end_whole:
-        tally = window_tally(since, until, model=model)
-        for (_, m, series, bucket), n in tally.counts.items():
-            _add(events, buckets, m, series, bucket, n)
-        return WindowFigures(events=events, buckets=buckets, exact=tally.values)
-    hours_from, hours_to = first_whole, end_whole
-    scans: list[tuple[int, int, int]] = []  # (since, until, +1 to add or -1 to take away)
-    if since < first_whole:
-        edge = first_whole - HOUR_MS
-        if covered_from <= edge < since and since - edge < first_whole - since:
-            hours_from = edge
-            scans.append((edge, since - 1, -1))
-        else:
-            scans.append((since, first_whole - 1, 1))
-    if end_whole <= until:
-        edge_end = end_whole + HOUR_MS
-        if edge_end - 1 - until < until + 1 - end_whole:
-            hours_to = edge_end
-            scans.append((until + 1, edge_end - 1, -1))
-        else:
-            scans.append((end_whole, until, 1))
-    rows = StatsRollup.objects.filter(hour__gte=hours_from, hour__lt=hours_to)
-    if model is not None:
-        rows = rows.filter(model=model[:MODEL_COLUMN_LENGTH])
-    for m, series, bucket, n in (
-        rows.order_by().values_list("model", "series", "bucket").annotate(n=Sum("count"))
-    ):
-        _add(events, buckets, m, series, bucket, int(n))
-    for start, end, sign in scans:
-        for (_, m, series, bucket), n in window_tally(start, end, model=model).counts.items():
-            _add(events, buckets, m, series, bucket, sign * n)
+    outermost = not connection.in_atomic_block
+    with transaction.atomic():
+        _snapshot(outermost)
+        coverage = StatsCoverage.load()
+        end = until + 1
+        covered_from = coverage.covered_from if use_rollups else end
+        if max(-(-since // HOUR_MS) * HOUR_MS, covered_from) >= end // HOUR_MS * HOUR_MS:
+            tally = window_tally((since, until), model=model)
+            for (_, m, series, bucket), n in tally.counts.items():
+                _add(events, buckets, m, series, bucket, n)
+            return WindowFigures(events=events, buckets=buckets, exact=tally.values)
+        minutes_from = max(coverage.minutes_from, covered_from)
+        levels = (
+            (DAY_MS, -(-minutes_from // DAY_MS) * DAY_MS),  # a day is whole from its first minute
+            (HOUR_MS, covered_from),
+            (MINUTE_MS, minutes_from),
+        )
+        parts = _plan(since, end, levels)
+        for width, table, column in ROLLUPS:
+            _add_rollups(events, buckets, [p for p in parts if p.width == width], table, column, model)
+        # The events' parts, one read: at most one part at each end, so a minute's sign is its part's.
+        read = [p for p in parts if p.width == 0]
+        if read:
+            tally = window_tally(*((p.since, p.end - 1) for p in read), model=model)
+            for (minute, m, series, bucket), n in tally.counts.items():
+                sign = next(p.sign for p in read if p.since < minute + MINUTE_MS and minute < p.end)
+                _add(events, buckets, m, series, bucket, sign * n)
     # Taken-away parts leave zero counts behind: a type with none in the window is not listed.
     for key in [k for k, n in events.items() if n == 0]:
         del events[key]
     return WindowFigures(events=events, buckets=buckets, exact=None)
+
+
+def _add_rollups(
+    events: Counter[tuple[str, str]],
+    buckets: dict[str, Counter[int]],
+    parts: Sequence[_Part],
+    table: type[StatsDay] | type[StatsRollup] | type[StatsMinute],
+    key: str,
+    model: str | None,
+) -> None:
+    """Add the rollups of ``parts`` (one width, disjoint), each with its sign, in one query."""
+    if not parts:
+        return
+    inside = Q()
+    signed = []
+    for part in parts:
+        span = Q(**{f"{key}__gte": part.since, f"{key}__lt": part.end})
+        inside |= span
+        signed.append(When(span, then=F("count") * part.sign))
+    rows = table.objects.filter(inside)
+    if model is not None:
+        rows = rows.filter(model=model[:MODEL_COLUMN_LENGTH])
+    total = Sum(Case(*signed)) if len(parts) > 1 else Sum(F("count") * parts[0].sign)
+    for m, series, bucket, n in rows.order_by().values_list("model", "series", "bucket").annotate(n=total):
+        _add(events, buckets, m, series, bucket, int(n))
 
 
 def _add(
@@ -426,10 +529,10 @@ def rollups_rebuild(
     everything: bool = False,
     on_hour: Callable[[int, int, int], None] | None = None,
 ) -> int:
-    """Build the rollups of the hours stored before they existed, newest first, one hour a
-    transaction, moving the coverage back as each is done (stats read it at once).
-    ``everything`` rebuilds every stored hour (events loaded around the ingester, by a
-    restore or a bulk load). ``on_hour(hour, events, hours_left)`` reports progress.
+    """Build the rollups (hourly, minute and daily) of the hours stored before they existed, newest
+    first, one hour a transaction, moving the coverage back as each is done (stats read it
+    at once). ``everything`` rebuilds every stored hour (events loaded around the ingester,
+    by a restore or a bulk load). ``on_hour(hour, events, hours_left)`` reports progress.
     Returns the hours built.
 
     Safe beside running ingesters: an hour's rows are replaced under the rows' locks,
@@ -438,31 +541,54 @@ def rollups_rebuild(
     coverage = StatsCoverage.load()
     oldest = Event.objects.order_by("timestamp").values_list("timestamp", flat=True).first()
     if oldest is None:
-        StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=0)
+        StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=0, minutes_from=0)
         return 0
-    hour, built = coverage.covered_from, 0
+    # An hour without its minutes is built again whole (after the upgrade that brought them).
+    hour, built = max(coverage.covered_from, coverage.minutes_from), 0
     if everything:
         newest = Event.objects.order_by("-timestamp").values_list("timestamp", flat=True).first() or 0
         hour = hour_of(newest) + HOUR_MS
-        StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=hour)
+        StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=hour, minutes_from=hour)
+    hours_from = min(coverage.covered_from, hour)
     stop = hour_of(oldest) if since_hour is None else max(hour_of(oldest), hour_of(since_hour))
     while hour > stop:
         hour -= HOUR_MS
+        hours_from = min(hours_from, hour)
         with transaction.atomic():
             StatsRollup.objects.filter(hour=hour).delete()
-            tally = window_tally(hour, hour + HOUR_MS - 1)
-            _upsert(tally.counts)
-            StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=hour)
+            StatsMinute.objects.filter(minute__gte=hour, minute__lt=hour + HOUR_MS).delete()
+            tally = window_tally((hour, hour + HOUR_MS - 1))
+            _upsert(tally.counts, (HOUR_MS, MINUTE_MS))
+            if hour % DAY_MS == 0 or hour == stop:  # the day's hours are done: its sum
+                _day_from_hours(hour - hour % DAY_MS)
+            StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=hours_from, minutes_from=hour)
         built += 1
         if on_hour is not None:
             events = sum(n for (_, _, s, _), n in tally.counts.items() if s.startswith(EVENTS_SERIES))
             on_hour(hour, events, (hour - stop) // HOUR_MS)
     if since_hour is None:
-        StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=0)
+        StatsCoverage.objects.filter(pk=coverage.pk).update(covered_from=0, minutes_from=0)
     return built
 
 
+def _day_from_hours(day: int) -> None:
+    """A day's rollups made again as the sum of its hours' (after those were rebuilt)."""
+    StatsDay.objects.filter(day=day).delete()
+    hours = StatsRollup.objects.filter(hour__gte=day, hour__lt=day + DAY_MS).order_by()
+    rows = hours.values_list("model", "series", "bucket").annotate(n=Sum("count"))
+    upsert_adding(
+        StatsDay._meta.db_table,
+        ("day", "model", "series", "bucket"),
+        ("count",),
+        sorted((day, m, series, bucket, n) for m, series, bucket, n in rows),
+    )
+
+
 def rollups_prune(before_ms: int) -> int:
-    """Delete the rollups of hours that end before ``before_ms`` (retention)."""
-    deleted, _ = StatsRollup.objects.filter(hour__lt=hour_of(before_ms)).delete()
+    """Delete the rollups of hours that end before ``before_ms`` (retention), their minutes, and
+    the days those hours were part of."""
+    cutoff = hour_of(before_ms)
+    deleted, _ = StatsRollup.objects.filter(hour__lt=cutoff).delete()
+    StatsMinute.objects.filter(minute__lt=cutoff).delete()
+    StatsDay.objects.filter(day__lt=cutoff).delete()
     return deleted

@@ -29,6 +29,7 @@ from events.models import (
     FleetCounter,
     PromptPolicy,
     SourceMinute,
+    StatsMinute,
     StatsRollup,
     TokenEvent,
     Worker,
@@ -403,7 +404,16 @@ def storage_ready() -> bool:
     """
     tables = [
         m._meta.db_table
-        for m in (EventRecord, TokenEvent, Worker, FleetCounter, StatsRollup, SourceMinute, DeadLetter)
+        for m in (
+            EventRecord,
+            TokenEvent,
+            Worker,
+            FleetCounter,
+            StatsRollup,
+            StatsMinute,
+            SourceMinute,
+            DeadLetter,
+        )
     ]
     try:
         with transaction.atomic(), connection.cursor() as cursor:

@@ -1,8 +1,10 @@
-"""Stats from hourly rollups: the same counts as reading every event, percentiles within one
-bucket, exact under redelivery and out-of-order batches, rebuilt for hours stored before."""
+"""Stats from hourly and minute rollups: the same counts as reading every event, percentiles
+within one bucket, exact under redelivery and out-of-order batches, rebuilt for hours stored
+before."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import uuid
@@ -15,13 +17,16 @@ import pytest
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from events.models import RetentionPolicy, StatsCoverage, StatsRollup
+from events.models import RetentionPolicy, StatsCoverage, StatsDay, StatsMinute, StatsRollup
 from events.retention import events_retention_apply
 from events.rollups import (
+    DAY_MS,
     HIGHEST_BUCKET,
     HOUR_MS,
     LOWEST_BUCKET,
+    MINUTE_MS,
     ZERO_BUCKET,
+    _plan,
     bucket_bounds,
     bucket_of,
     bucket_percentile,
@@ -170,6 +175,19 @@ def check(body: dict[str, Any], expected: dict[str, Any], *, exact: bool) -> Non
                 )
 
 
+def rollups() -> dict[str, list[tuple[Any, ...]]]:
+    """Every rollup row, by width."""
+    return {
+        key: sorted(table.objects.values_list(key, "model", "series", "bucket", "count"))
+        for table, key in ((StatsDay, "day"), (StatsRollup, "hour"), (StatsMinute, "minute"))
+    }
+
+
+def rollups_deleted() -> None:
+    for table in (StatsDay, StatsRollup, StatsMinute):
+        table.objects.all().delete()
+
+
 def stats(client: APIClient, since: int, until: int, model: str | None = None) -> dict[str, Any]:
     query = {"since": since, "until": until} | ({"model": model} if model else {})
     response = client.get("/api/stats/", query)
@@ -193,6 +211,8 @@ def day(db: Any) -> list[dict[str, Any]]:
         (T0 + 3_000_000, T0 + 4 * HOUR_MS + 3_000_000),  # the other way round: more in than out
         (T0 - HOUR_MS, T0 + 9 * HOUR_MS),  # wider than the data
         (T0 + 2 * HOUR_MS, T0 + 3 * HOUR_MS),  # one whole hour and one millisecond of the next
+        (T0 + 59_999, T0 + 2 * HOUR_MS + 1),  # a millisecond short of a minute, a millisecond past one
+        (T0 + 20_000, T0 + 3 * HOUR_MS + 45_000),  # more of the edge minutes in than out
     ],
 )
 @pytest.mark.parametrize("model", [None, "qwen", LONG_MODEL])
@@ -209,12 +229,78 @@ def test_a_window_with_no_whole_hour_is_read_from_the_events_exactly(
     check(stats(reader_client, since, until), truth(day, since, until), exact=True)
 
 
+@pytest.fixture
+def days(db: Any) -> list[dict[str, Any]]:
+    rng = random.Random(13)
+    events = fleet_day(rng, hours=60)
+    ingest(events, rng, redeliver=False)
+    return events
+
+
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [
+        (
+            T0 + 1_234_567,
+            T0 + 59 * HOUR_MS + 777_777,
+        ),  # two whole days, partial hours and minutes at the ends
+        (T0 + 5 * HOUR_MS, T0 + 48 * HOUR_MS + 30_000),  # more of the first day in than out: taken away
+        (T0 + 20 * HOUR_MS + 1, T0 + 47 * HOUR_MS - 1),  # no whole day
+    ],
+)
+@pytest.mark.parametrize("model", [None, "qwen"])
+def test_stats_over_whole_days_equal_reading_every_event(
+    days: list[dict[str, Any]], reader_client: APIClient, since: int, until: int, model: str | None
+) -> None:
+    assert len({d for d, *_ in rollups()["day"]}) == 3
+    check(stats(reader_client, since, until, model), truth(days, since, until, model), exact=False)
+
+
+def test_rollup_events_rebuilds_the_days_from_their_hours(days: list[dict[str, Any]]) -> None:
+    by_ingest = rollups()
+    rollups_deleted()
+    from events.rollups import rollups_rebuild
+
+    assert rollups_rebuild(everything=True) == 60
+    assert rollups() == by_ingest
+
+
+def test_hours_before_the_minute_rollups_read_their_partial_hours_from_the_events(
+    day: list[dict[str, Any]], reader_client: APIClient
+) -> None:
+    # As after the upgrade that brought minute rollups: the hours before it have none.
+    StatsMinute.objects.all().delete()
+    StatsCoverage.objects.update_or_create(pk=1, defaults={"minutes_from": T0 + 7 * HOUR_MS})
+    since, until = T0 + 1_234_567, T0 + 5 * HOUR_MS + 777_777
+    check(stats(reader_client, since, until), truth(day, since, until), exact=False)
+
+
+def test_a_stats_window_reads_at_most_half_a_minute_of_events_at_each_end() -> None:
+    """Whatever its edges, a window is its parts added and taken away exactly, and the events
+    read (part width 0) are at most half a minute at each end."""
+    rng = random.Random(5)
+    levels = ((DAY_MS, 0), (HOUR_MS, 0), (MINUTE_MS, 0))
+    for _ in range(2000):
+        since = rng.randrange(0, 3 * 86_400_000)
+        end = since + rng.choice([1, 59_999, 60_001, HOUR_MS + 1, rng.randrange(1, 30 * 86_400_000)])
+        parts = _plan(since, end, levels)
+        # Signed coverage at every boundary equals the window's: 1 inside, 0 outside.
+        points = sorted({p for part in parts for p in (part.since, part.end)} | {since, end})
+        for a, b in itertools.pairwise(points):
+            depth = sum(part.sign for part in parts if part.since <= a and b <= part.end)
+            assert depth == (1 if since <= a and b <= end else 0), (since, end, parts)
+        read = sum(part.end - part.since for part in parts if part.width == 0)
+        whole_hours = -(-since // HOUR_MS) * HOUR_MS < end // HOUR_MS * HOUR_MS
+        if whole_hours:
+            assert read <= MINUTE_MS, (since, end, parts)
+
+
 def test_redelivery_and_batch_order_do_not_change_the_rollups(db: Any) -> None:
     rng = random.Random(3)
     events = fleet_day(rng, hours=2)
     ingest(events, random.Random(1), redeliver=False)
-    once = sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
-    StatsRollup.objects.all().delete()
+    once = rollups()
+    rollups_deleted()
     # Everything again, in another order, with repeats: a fresh table must come out the same.
     from events.models import EventRecord, TokenEvent
 
@@ -222,18 +308,20 @@ def test_redelivery_and_batch_order_do_not_change_the_rollups(db: Any) -> None:
     TokenEvent.objects.all().delete()
     ingest(events, random.Random(2), redeliver=True)
     ingest(events, random.Random(4), redeliver=False)  # every entry redelivered once more
-    assert sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count")) == once
-    counted = sum(n for _, _, series, _, n in once if series.startswith("events:"))
+    assert rollups() == once
+    counted = sum(n for _, _, series, _, n in once["hour"] if series.startswith("events:"))
     assert counted == len(events)
 
 
 def test_rollup_events_builds_the_hours_stored_before_rollups_existed(
     day: list[dict[str, Any]], reader_client: APIClient
 ) -> None:
-    built_by_ingest = sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
+    built_by_ingest = rollups()
     # As after the upgrade's migration: no rollups, coverage from an hour after the data.
-    StatsRollup.objects.all().delete()
-    StatsCoverage.objects.update_or_create(pk=1, defaults={"covered_from": T0 + 7 * HOUR_MS})
+    rollups_deleted()
+    StatsCoverage.objects.update_or_create(
+        pk=1, defaults={"covered_from": T0 + 7 * HOUR_MS, "minutes_from": T0 + 7 * HOUR_MS}
+    )
     since, until = T0, T0 + 6 * HOUR_MS - 1
     before = stats(reader_client, since, until)
     check(before, truth(day, since, until), exact=True)  # read from the events meanwhile
@@ -243,12 +331,26 @@ def test_rollup_events_builds_the_hours_stored_before_rollups_existed(
     assert "Built 7 hours of rollups" in out.getvalue()
     assert "stats read rollups for every stored hour" in out.getvalue()
     assert "hours to go" in err.getvalue()  # progress while it runs
-    assert StatsCoverage.load().covered_from == 0
-    assert (
-        sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
-        == built_by_ingest
-    )
+    assert (StatsCoverage.load().covered_from, StatsCoverage.load().minutes_from) == (0, 0)
+    assert rollups() == built_by_ingest
     check(stats(reader_client, since, until), truth(day, since, until), exact=False)
+
+
+def test_rollup_events_builds_the_minutes_of_hours_rolled_up_before_minutes_existed(
+    day: list[dict[str, Any]], reader_client: APIClient
+) -> None:
+    """After the upgrade that brought minute rollups: hourly ones cover every hour, minute
+    ones none; ``rollup_events`` builds the minutes (and the hours again, the same)."""
+    by_ingest = rollups()
+    assert len({m for m, *_ in by_ingest["minute"]}) > 60  # the ingester wrote them: over an hour's minutes
+    StatsMinute.objects.all().delete()
+    StatsDay.objects.all().delete()
+    StatsCoverage.objects.update_or_create(
+        pk=1, defaults={"covered_from": 0, "minutes_from": T0 + 7 * HOUR_MS}
+    )
+    call_command("rollup_events", stdout=StringIO(), stderr=StringIO())
+    assert (StatsCoverage.load().covered_from, StatsCoverage.load().minutes_from) == (0, 0)
+    assert rollups() == by_ingest
 
 
 def test_rollup_events_can_stop_at_a_day(day: list[dict[str, Any]]) -> None:
@@ -286,6 +388,8 @@ def test_retention_drops_the_rollups_of_hours_past_the_longest_policy(db: Any) -
     RetentionPolicy.objects.create(event_type="error", keep_days=3)
     events_retention_apply(now_ms=T0 + 6 * 86_400_000)
     assert set(StatsRollup.objects.values_list("hour", flat=True)) == {T0 + 5 * 86_400_000}
+    assert set(StatsMinute.objects.values_list("minute", flat=True)) == {T0 + 5 * 86_400_000}
+    assert set(StatsDay.objects.values_list("day", flat=True)) == {T0 + 5 * 86_400_000}
 
 
 @pytest.mark.parametrize(
@@ -324,19 +428,16 @@ def test_bucket_percentiles_stay_within_one_bucket_of_the_exact_ones(seed: int) 
 
 
 def test_rollup_events_rebuild_counts_events_loaded_around_the_ingester(day: list[dict[str, Any]]) -> None:
-    built_by_ingest = sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
+    built_by_ingest = rollups()
     # A bulk load or a restore of the events table alone: events, no rollups, coverage says all.
-    StatsRollup.objects.all().delete()
+    rollups_deleted()
     assert StatsCoverage.load().covered_from == 0
     call_command("rollup_events", stdout=StringIO(), stderr=StringIO())  # nothing before coverage
     assert not StatsRollup.objects.exists()
     out = StringIO()
     call_command("rollup_events", "--rebuild", stdout=out, stderr=StringIO())
     assert f"Built 6 hours of rollups ({len(day):,} events)" in out.getvalue()
-    assert (
-        sorted(StatsRollup.objects.values_list("hour", "model", "series", "bucket", "count"))
-        == built_by_ingest
-    )
+    assert rollups() == built_by_ingest
 
 
 @pytest.mark.parametrize(("since", "until"), [(0, 2**63 - 1), (2**63 - 2, 2**63 - 1), (0, 0), (5, 5)])
@@ -346,3 +447,14 @@ def test_the_widest_and_narrowest_windows_are_answered(
     body = stats(reader_client, since, until)  # 200, whatever the bounds the API accepts
     expected = truth(day, since, until)
     assert body["events"]["byType"] == expected["byType"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_window_is_read_in_one_snapshot_outside_any_transaction(reader_client: APIClient) -> None:
+    """As the web server reads it (no transaction around the request): on PostgreSQL a
+    repeatable-read, read-only one of its own; the same answer as reading every event."""
+    rng = random.Random(7)
+    events = fleet_day(rng, hours=3)
+    ingest(events, rng)
+    since, until = T0 + 1_234_567, T0 + 2 * HOUR_MS + 777_777
+    check(stats(reader_client, since, until), truth(events, since, until), exact=False)
