@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
+from typing import ClassVar
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -372,14 +373,20 @@ class RollupColumns(models.Model):
     bucket = models.SmallIntegerField(default=0)
     count = models.BigIntegerField(default=0)
 
+    unit: ClassVar[str]  # the column holding the unit's start: "day", "hour" or "minute"
+
     class Meta:
         abstract = True
+
+    def __str__(self) -> str:
+        return f"{getattr(self, self.unit)} {self.model} {self.series}[{self.bucket}] {self.count}"
 
 
 class StatsRollup(RollupColumns):
     """One hour's tally for ``GET /api/stats/``: a window's whole hours are read from here."""
 
     hour = models.BigIntegerField(help_text="The hour's start, epoch milliseconds.")
+    unit = "hour"
 
     class Meta:
         constraints = [
@@ -387,22 +394,17 @@ class StatsRollup(RollupColumns):
         ]
         indexes = [models.Index(fields=["model", "hour"], name="stats_rollup_model_hour")]
 
-    def __str__(self) -> str:
-        return f"{self.hour} {self.model} {self.series}[{self.bucket}] {self.count}"
-
 
 class StatsDay(RollupColumns):
     """One day's tally (UTC): a window's whole days are read from here."""
 
     day = models.BigIntegerField(help_text="The day's start (UTC), epoch milliseconds.")
+    unit = "day"
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["day", "model", "series", "bucket"], name="stats_day_key")
         ]
-
-    def __str__(self) -> str:
-        return f"{self.day} {self.model} {self.series}[{self.bucket}] {self.count}"
 
 
 class StatsMinute(RollupColumns):
@@ -410,14 +412,12 @@ class StatsMinute(RollupColumns):
     read from here, so a window reads at most half a minute of events at each end."""
 
     minute = models.BigIntegerField(help_text="The minute's start, epoch milliseconds.")
+    unit = "minute"
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["minute", "model", "series", "bucket"], name="stats_minute_key")
         ]
-
-    def __str__(self) -> str:
-        return f"{self.minute} {self.model} {self.series}[{self.bucket}] {self.count}"
 
 
 class StatsCoverage(SingletonModel):
@@ -443,6 +443,7 @@ class SourceMinute(models.Model):
     the ingester with each batch (events stored for the first time only); kept two days."""
 
     minute = models.BigIntegerField(help_text="The minute's start, epoch milliseconds.")
+    unit = "minute"
     source = models.CharField(max_length=200)
     events = models.BigIntegerField(default=0)
     tokens = models.BigIntegerField(default=0)

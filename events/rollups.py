@@ -287,11 +287,11 @@ def activity_prune(now_ms: int) -> int:
     return deleted
 
 
-# Each width of rollup: its table and the column holding a unit's start. Widest first.
-ROLLUPS: tuple[tuple[int, type[StatsDay] | type[StatsRollup] | type[StatsMinute], str], ...] = (
-    (DAY_MS, StatsDay, "day"),
-    (HOUR_MS, StatsRollup, "hour"),
-    (MINUTE_MS, StatsMinute, "minute"),
+# Each width of rollup and its table, widest first.
+ROLLUPS: tuple[tuple[int, type[StatsDay] | type[StatsRollup] | type[StatsMinute]], ...] = (
+    (DAY_MS, StatsDay),
+    (HOUR_MS, StatsRollup),
+    (MINUTE_MS, StatsMinute),
 )
 
 
@@ -299,7 +299,7 @@ def _upsert(
     counts: Counter[tuple[int, str, str, int]], widths: Sequence[int] = (DAY_MS, HOUR_MS, MINUTE_MS)
 ) -> None:
     """Add minute-keyed ``counts`` to the rollups of ``widths``, each summed to its units."""
-    for width, table, key in ROLLUPS:
+    for width, table in ROLLUPS:
         if width not in widths:
             continue
         rows: Counter[tuple[int, str, str, int]] = Counter()
@@ -307,7 +307,7 @@ def _upsert(
             rows[(minute - minute % width, model, series, bucket)] += n
         upsert_adding(
             table._meta.db_table,
-            (key, "model", "series", "bucket"),
+            (table.unit, "model", "series", "bucket"),
             ("count",),
             [(*k, n) for k, n in sorted(rows.items())],
         )
@@ -448,8 +448,8 @@ def window_figures(
             (MINUTE_MS, minutes_from),
         )
         parts = _plan(since, end, levels)
-        for width, table, column in ROLLUPS:
-            _add_rollups(events, buckets, [p for p in parts if p.width == width], table, column, model)
+        for width, table in ROLLUPS:
+            _add_rollups(events, buckets, [p for p in parts if p.width == width], table, model)
         # The events' parts, one read: at most one part at each end, so a minute's sign is its part's.
         read = [p for p in parts if p.width == 0]
         if read:
@@ -468,7 +468,6 @@ def _add_rollups(
     buckets: dict[str, Counter[int]],
     parts: Sequence[_Part],
     table: type[StatsDay] | type[StatsRollup] | type[StatsMinute],
-    key: str,
     model: str | None,
 ) -> None:
     """Add the rollups of ``parts`` (one width, disjoint), each with its sign, in one query."""
@@ -477,7 +476,7 @@ def _add_rollups(
     inside = Q()
     signed = []
     for part in parts:
-        span = Q(**{f"{key}__gte": part.since, f"{key}__lt": part.end})
+        span = Q(**{f"{table.unit}__gte": part.since, f"{table.unit}__lt": part.end})
         inside |= span
         signed.append(When(span, then=F("count") * part.sign))
     rows = table.objects.filter(inside)
