@@ -430,10 +430,11 @@ def window_figures(
     events (``_plan``); a window with no whole hour from the events alone, exactly."""
     events: Counter[tuple[str, str]] = Counter()
     buckets: dict[str, Counter[int]] = {h: Counter() for h in HISTOGRAMS}
+    # Before the snapshot, which reads only: the coverage row is made if it is missing.
+    coverage = StatsCoverage.load()
     outermost = not connection.in_atomic_block
     with transaction.atomic():
         _snapshot(outermost)
-        coverage = StatsCoverage.load()
         end = until + 1
         covered_from = coverage.covered_from if use_rollups else end
         if max(-(-since // HOUR_MS) * HOUR_MS, covered_from) >= end // HOUR_MS * HOUR_MS:
