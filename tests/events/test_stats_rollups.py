@@ -440,7 +440,17 @@ def test_rollup_events_rebuild_counts_events_loaded_around_the_ingester(day: lis
     assert rollups() == built_by_ingest
 
 
-@pytest.mark.parametrize(("since", "until"), [(0, 2**63 - 1), (2**63 - 2, 2**63 - 1), (0, 0), (5, 5)])
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [
+        (0, 2**63 - 1),
+        (2**63 - 2, 2**63 - 1),
+        (0, 0),
+        (5, 5),
+        (0, 2**63 - 1 - 86_400_000 // 2 - 5),  # the top day taken whole, the part past the top taken away
+        (3 * 3_600_000 + 1, 2**63 - 1 - 3_600_000 // 4),  # the same with the top hour
+    ],
+)
 def test_the_widest_and_narrowest_windows_are_answered(
     day: list[dict[str, Any]], reader_client: APIClient, since: int, until: int
 ) -> None:
