@@ -1,15 +1,15 @@
-"""Rollups behind ``GET /api/stats/``: what each hour and each minute held, per model.
+"""Rollups behind ``GET /api/stats/``: what each day, hour and minute held, per model.
 
-Each hour, and each minute, keeps per model a count of events of each type and three
+Each day (UTC), hour and minute keeps per model a count of events of each type and three
 histograms (time to first token, per-generation tokens/s, generation duration) in
 log-scale buckets, four to a doubling (each about 19% wide). The ingester adds a
 batch's share in the same transaction that stores it, counting only events stored
 for the first time, so the rollups are exact under redelivery. A stats window reads
-its whole hours from the hourly rollups, the whole minutes of its partial first and
-last hours from the minute rollups, and at most half a minute of events at each end
-(``_plan``); percentiles then come from the buckets, within one bucket of the exact
-figure. A window with no whole hour is counted from the events alone and its
-percentiles are exact.
+its whole days from the daily rollups, the whole hours of its partial days from the
+hourly ones, the whole minutes of its partial hours from the minute ones, and at most
+half a minute of events at each end (``_plan``); percentiles then come from the
+buckets, within one bucket of the exact figure. A window with no whole hour is counted
+from the events alone and its percentiles are exact.
 
 The same tally serves three callers: the ingester (a batch of envelopes), the
 stats endpoint (a window's edges) and ``rollup_events`` (hours stored before the
@@ -34,6 +34,7 @@ from events.models import (
     Channel,
     Event,
     EventRecord,
+    RollupColumns,
     SourceMinute,
     StatsCoverage,
     StatsDay,
@@ -182,7 +183,7 @@ def first_tokens(envelopes: Sequence[Envelope]) -> list[FirstToken]:
 
 def batch_tally(envelopes: Sequence[Envelope], firsts: Sequence[FirstToken]) -> Tally:
     """What newly stored ``envelopes`` add to the rollups and to each source's minutes; time to
-    first token from ``firsts``, under the start's hour and model."""
+    first token from ``firsts``, under the start's minute and model."""
     tally = Tally()
     # Per event only a tuple is counted (this runs for every event stored); keys are made
     # once per distinct (minute, model, type) at the end.
@@ -288,7 +289,7 @@ def activity_prune(now_ms: int) -> int:
 
 
 # Each width of rollup and its table, widest first.
-ROLLUPS: tuple[tuple[int, type[StatsDay] | type[StatsRollup] | type[StatsMinute]], ...] = (
+ROLLUPS: tuple[tuple[int, type[RollupColumns]], ...] = (
     (DAY_MS, StatsDay),
     (HOUR_MS, StatsRollup),
     (MINUTE_MS, StatsMinute),
@@ -373,8 +374,8 @@ class WindowFigures:
 
 @dataclass(frozen=True)
 class _Part:
-    """Part of a window: ``[since, end)`` read from the rollups of ``width`` (hour or minute)
-    or, ``width`` 0, from the events; its counts added (``sign`` 1) or taken away (-1)."""
+    """Part of a window: ``[since, end)`` read from the rollups of ``width`` (a day, an hour
+    or a minute) or, ``width`` 0, from the events; its counts added (``sign`` 1) or taken away (-1)."""
 
     width: int
     since: int
@@ -468,7 +469,7 @@ def _add_rollups(
     events: Counter[tuple[str, str]],
     buckets: dict[str, Counter[int]],
     parts: Sequence[_Part],
-    table: type[StatsDay] | type[StatsRollup] | type[StatsMinute],
+    table: type[RollupColumns],
     model: str | None,
 ) -> None:
     """Add the rollups of ``parts`` (one width, disjoint), each with its sign, in one query."""
@@ -480,7 +481,7 @@ def _add_rollups(
         span = Q(**{f"{table.unit}__gte": part.since, f"{table.unit}__lt": part.end})
         inside |= span
         signed.append(When(span, then=F("count") * part.sign))
-    rows = table.objects.filter(inside)
+    rows = table._default_manager.filter(inside)
     if model is not None:
         rows = rows.filter(model=model[:MODEL_COLUMN_LENGTH])
     total = Sum(Case(*signed)) if len(parts) > 1 else Sum(F("count") * parts[0].sign)
