@@ -38,7 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 SCRATCH_DB = "mlxserve_bench_api"
 DAY_MS = 86_400_000
-NOW_MS = 1_800_000_000_000
+# Where the events end: the wall clock (to the minute) when the scratch database was filled, as a
+# fleet's events run up to now (the list's first page is looked for in the day before the clock).
+# Kept in the database (bench_now) for --keep; a database filled before that ends at 1.8e12.
+NOW_MS = 0
+LEGACY_NOW_MS = 1_800_000_000_000
 MODELS = ["llama-3-8b", "qwen-2.5-7b", "mistral-7b", "phi-3-mini"]
 SOURCES = [f"mac-studio-{i}/worker-1" for i in range(8)]
 TOKENS = 512
@@ -257,6 +261,16 @@ def main() -> int:
     }
     python = sys.executable
     subprocess.run([python, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
+    global NOW_MS
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if exists:
+            kept = conn.execute("SELECT to_regclass('bench_now') IS NOT NULL").fetchone()
+            row = conn.execute("SELECT now_ms FROM bench_now").fetchone() if kept and kept[0] else None
+            NOW_MS = int(row[0]) if row else LEGACY_NOW_MS
+        else:
+            NOW_MS = time.time_ns() // 60_000_000_000 * 60_000
+            conn.execute("CREATE TABLE bench_now (now_ms bigint NOT NULL)")
+            conn.execute("INSERT INTO bench_now VALUES (%s)", [NOW_MS])
     if not exists:
         script = PARTITIONS.format(days=31, now=NOW_MS)
         subprocess.run([python, "manage.py", "shell", "-c", script], cwd=ROOT, env=env, check=True)

@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 import msgspec
+from django.db import connection
 from django.db.models import Case, F, FloatField, Q, QuerySet, TextField, Value, When
 from django.db.models.functions import Cast
 
@@ -207,11 +208,42 @@ def in_event_order(queryset: QuerySet[Any, Any], *, newest_first: bool = True) -
     return queryset.order_by(f"{sign}{by}", f"{sign}seq", f"{sign}id")
 
 
+# A page is looked for first in the day past where it starts (see ``rows_merged``).
+PROBE_MS = 86_400_000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def rows_merged(
-    querysets: Sequence[QuerySet[Any, Row]], limit: int, *, newest_first: bool = True
+    querysets: Sequence[QuerySet[Any, Row]],
+    limit: int,
+    *,
+    newest_first: bool = True,
+    near: int | None = None,
 ) -> list[Row]:
     """The first ``limit`` rows of ``querysets`` together, in the event order (newest first, or
-    oldest first): at most ``limit`` from each, merged."""
+    oldest first): at most ``limit`` from each, merged.
+
+    ``near`` is where the page starts (a cursor's time, or now for the first page). On
+    PostgreSQL the rows of the day past it are read first: a bound on ``timestamp`` the planner
+    prunes the time partitions with, so each query is planned and run over one or two partitions
+    of each table instead of all of them (about 1.5 ms of planning a query over 30 days; 8 ms on
+    a connection's first). If they are ``limit`` rows or more, they are the page: every row
+    outside the bound comes after all of them. Otherwise everything is read as before. A
+    generation's rows (sorted after they are found, ``_by_generation``) are read at once.
+    """
+    by_generation = any("sort_timestamp" in q.query.annotations for q in querysets)
+    if near is not None and connection.vendor == "postgresql" and not by_generation:
+        if newest_first:
+            bound = Q(timestamp__gte=max(INT64_MIN, near - PROBE_MS))
+        else:
+            bound = Q(timestamp__lte=min(INT64_MAX, near + PROBE_MS))
+        rows = _merged([q.filter(bound) for q in querysets], limit, newest_first)
+        if len(rows) >= limit:
+            return rows
+    return _merged(querysets, limit, newest_first)
+
+
+def _merged(querysets: Sequence[QuerySet[Any, Row]], limit: int, newest_first: bool) -> list[Row]:
     pages = [list(in_event_order(q, newest_first=newest_first)[:limit]) for q in querysets]
     if len(pages) == 1:
         return pages[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -54,7 +55,9 @@ class EventKeysetPagination(CursorPagination):
         querysets = [queryset] if isinstance(queryset, QuerySet) else list(queryset)
         if key is not None:
             querysets = [q.filter(after(key, newer=self.reverse)) for q in querysets]
-        rows = rows_merged(querysets, self.page_size + 1, newest_first=not self.reverse)
+        # Where the page starts: its cursor's time, or now (the first page, newest first).
+        near = key[0] if key is not None else time.time_ns() // 1_000_000
+        rows = rows_merged(querysets, self.page_size + 1, newest_first=not self.reverse, near=near)
         more = len(rows) > self.page_size
         rows = rows[: self.page_size]
         if self.reverse:

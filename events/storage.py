@@ -250,8 +250,10 @@ def _generations_lock(envelopes: Sequence[Envelope]) -> None:
     """
     if connection.vendor != "postgresql":
         return
-    generations = {e.generation_id for e in envelopes if type(e) in _LOCKED_TYPES}
-    keys = sorted(int.from_bytes(g.bytes[:8], "big", signed=True) for g in generations if g is not None)
+    # The lock key: a generation id's first 8 bytes as a signed 64-bit integer (from its 128-bit
+    # integer, without UUID's Python-level hashing for each of a batch's thousands of tokens).
+    tops = {e.generation_id.int >> 64 for e in envelopes if type(e) in _LOCKED_TYPES and e.generation_id}
+    keys = sorted(top - 2**64 if top >= 2**63 else top for top in tops)
     if keys:
         with connection.cursor() as cursor:
             # unnest hands the keys over in the array's (sorted) order: every ingester takes them

@@ -97,7 +97,7 @@ def tokens_insert(
     """
     if not tokens:
         return []
-    stored = ids_stored(TokenEvent._meta.db_table, sorted({e.id for e in tokens}))
+    stored = ids_stored(TokenEvent._meta.db_table, [e.id for e in tokens])
     fresh = [e for e in tokens if e.id not in stored]
     if not fresh:
         return []
@@ -124,14 +124,16 @@ def tokens_insert(
 
 
 def ids_stored(table: str, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-    """Which of ``ids`` ``table`` holds. On PostgreSQL the ids go as one uuid[] parameter: the
-    ORM's ``id IN (...)`` adapts each of a thousand ids on its own, most of a token's cost."""
+    """Which of ``ids`` ``table`` holds. On PostgreSQL the ids go as one uuid[] literal written
+    here (``{hex,hex,...}``): the ORM's ``id IN (...)`` adapts each id on its own, and psycopg's
+    list adapter still costs ~2 µs an id, about a tenth of the ingester's time."""
     if not ids:
         return set()
     found: set[uuid.UUID] = set()
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            cursor.execute(f"SELECT id FROM {table} WHERE id = ANY(%s::uuid[])", [list(ids)])
+            literal = "{" + ",".join([i.hex for i in ids]) + "}"
+            cursor.execute(f"SELECT id FROM {table} WHERE id = ANY(%s::uuid[])", [literal])
             return {row[0] for row in cursor.fetchall()}
         for start in range(0, len(ids), 500):  # SQLite keeps a UUID as 32 hex digits
             chunk = [i.hex for i in ids[start : start + 500]]

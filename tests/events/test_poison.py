@@ -533,7 +533,7 @@ def test_dead_letters_keep_prompts_only_as_the_prompt_policy_allows(
     by_entry = {letter.stream_id.split("#")[0]: letter for letter in DeadLetter.objects.all()}
     letters = [by_entry[entry] for entry in entries]
     for letter in letters[:3]:
-        # "4111 1111", with its space: ids, timestamps and hex digests hold digits, never a space between them.
+        # "4111 1111", with its space: ids, timestamps and digests hold digits, never a space between.
         assert "4111 1111" not in letter.body, letter.body
         assert "4111 1111" not in str(letter.error)
     kept = {"hash": "hmac-sha256:", "drop": '"prompt":""', "truncate": '"prompt":"my c"'}[mode]
