@@ -10,13 +10,13 @@ import msgspec
 from django.conf import settings
 from kombu import Exchange, Queue
 
+from events.decoding import storable_body
 from events.models import (
     Generation,
     RegisteredModel,
 )
 from events.privacy import prompt_policy_get, prompt_redact
 from events.signing import task_sign
-from events.storage import storable_body
 from mlxserve.contract.events import (
     GenerationOrder,
 )

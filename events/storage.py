@@ -7,9 +7,7 @@ rest of the batch is stored.
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +16,9 @@ import msgspec
 from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 from django.db.models import Q
-from django.utils import timezone
 
 from events.copy import copy_text, copy_timestamp
+from events.decoding import DecodedBatch, dead_letter, events_decode
 from events.fleet import fleet_counters_add
 from events.models import (
     MODEL_COLUMN_LENGTH,
@@ -34,21 +32,18 @@ from events.models import (
     TokenEvent,
     Worker,
 )
-from events.privacy import prompt_policy_get, prompt_redact
+from events.privacy import prompt_policy_get
 from events.rollups import first_tokens, rollups_add
 from events.tokens import ids_stored, tokens_insert, tokens_sorted
 from events.upsert import upsert_adding
 from mlxserve.contract.events import (
-    TIMESTAMP_FUTURE_MESSAGE,
-    TIMESTAMP_MAX_AHEAD_MS,
     Envelope,
     ErrorEnvelope,
     GenerationStartedEnvelope,
     RuntimeStatusEnvelope,
     TokenGeneratedEnvelope,
-    envelope_decode,
 )
-from mlxserve.contract.validation import INT64_MAX, Issue, ValidationFailed, error_object, json_parse
+from mlxserve.contract.validation import INT64_MAX, error_object
 
 logger = logging.getLogger(__name__)
 
@@ -185,55 +180,27 @@ def _insert_events(rows: list[tuple[Any, ...]]) -> int:
 def events_store(
     entries: Sequence[tuple[str, bytes]], *, refused: Sequence[tuple[str, bytes, dict[str, Any]]] = ()
 ) -> StoreOutcome:
-    """Store stream entries ``(entry_id, body)`` in one transaction.
+    """Store stream entries ``(entry_id, body)`` in one transaction: ``events_decode``, then
+    ``decoded_store``."""
+    return decoded_store(events_decode(entries, refused=refused, policy=prompt_policy_get()))
 
-    Valid envelopes become events, idempotent on ``id`` (a repeat is skipped
-    by the database, not by a read first). Invalid ones, and ``refused`` items
-    (what an entry held besides envelopes), become dead letters with their
-    error, so they never hold up the entries behind them. Everything stored for
-    an event (its row, its worker, the fleet counters) is refused or kept
-    together: an event the database will not take becomes a dead letter with
-    the database's reason, and the rest of the batch is stored. Only a database
-    that cannot be reached raises (the caller waits for it and tries again).
+
+def decoded_store(batch: DecodedBatch) -> StoreOutcome:
+    """Store a decoded batch in one transaction (again from the start if it is tried again).
+
+    Valid envelopes become events, idempotent on ``id``. Invalid ones become dead letters with
+    their error, so they never hold up the entries behind them. Everything stored for an event
+    (its row, its worker, the fleet counters) is refused or kept together: an event the database
+    will not take becomes a dead letter with the database's reason, and the rest of the batch is
+    stored. Only a database that cannot be reached raises (the caller waits and tries again).
     """
-    now = timezone.now()
-    now_ms = int(now.timestamp() * 1000)
-    pending: dict[Any, tuple[Envelope, str, bytes]] = {}
-    policy = prompt_policy_get()
-    dead: list[DeadLetter] = [_dead_letter(label, body, error, policy) for label, body, error in refused]
-    # Decoded against the latest "now" an entry can have (this host's clock plus ten minutes); only
-    # an event past this host's own rule is checked again against when Redis received its entry.
-    latest = now_ms + TIMESTAMP_MAX_AHEAD_MS
-    for entry_id, body in entries:
-        try:
-            envelope = envelope_decode(storable_body(body), now_ms=latest)
-            if envelope.timestamp > now_ms + TIMESTAMP_MAX_AHEAD_MS and envelope.timestamp > (
-                receiving_clock_ms(entry_id, now_ms) + TIMESTAMP_MAX_AHEAD_MS
-            ):
-                raise ValidationFailed([Issue(["timestamp"], TIMESTAMP_FUTURE_MESSAGE, "in_future")])
-        except ValidationFailed as exc:
-            dead.append(_dead_letter(entry_id, body, exc.as_error(), policy))
-            continue
-        host = entry_id.partition("/")[0] if "/" in entry_id else None
-        if host is not None and not (envelope.source == host or envelope.source.startswith(host + "/")):
-            # On a host's own stream only that host's events: its credentials cannot speak for another.
-            message = (
-                f"Events on worker host '{host}''s stream must have source '{host}' or '{host}/...'; "
-                f"this one's is '{envelope.source[:200]}'"
-            )
-            dead.append(
-                _dead_letter(entry_id, body, error_object("Forbidden", message, "foreign_source"), policy)
-            )
-            continue
-        if isinstance(envelope, GenerationStartedEnvelope):
-            envelope = _prompt_redacted(envelope, policy)
-        pending.setdefault(envelope.id, (envelope, entry_id, body))
+    dead = list(batch.dead)
     with transaction.atomic():
-        _generations_lock([envelope for envelope, _, _ in pending.values()])
-        stored = _store_refusing(list(pending.values()), now, dead, policy)
+        _generations_lock([envelope for envelope, _, _ in batch.pending])
+        stored = _store_refusing(batch.pending, batch.now, dead, batch.policy)
         dead_letters_keep(dead)
-    invalid = len(dead) - len(refused)
-    return StoreOutcome(stored=stored, duplicates=len(entries) - invalid - stored, dead_letters=dead)
+    invalid = len(dead) - batch.refused
+    return StoreOutcome(stored=stored, duplicates=batch.entries - invalid - stored, dead_letters=dead)
 
 
 _LOCKED_TYPES = frozenset({GenerationStartedEnvelope, TokenGeneratedEnvelope})
@@ -297,16 +264,6 @@ def dead_letters_total() -> float:
     return float(row or 0)
 
 
-def receiving_clock_ms(entry_id: str, now_ms: int) -> int:
-    """What "now" is for an entry's "not in the future" check: when Redis received it (its id's
-    time, the clock the API checked against), or this host's clock if later. An entry id set by
-    hand in the future counts as at most ten minutes ahead of this host's clock."""
-    received = entry_id.rpartition("/")[2].split("-", 1)[0]
-    if not (received.isascii() and received.isdigit() and len(received) <= 19):
-        return now_ms
-    return max(now_ms, min(int(received), now_ms + TIMESTAMP_MAX_AHEAD_MS))
-
-
 def _store_together(envelopes: list[Envelope], now: Any) -> int:
     """Everything one batch writes: event rows (token events in their compact table), workers,
     fleet counters, stats rollups."""
@@ -354,7 +311,7 @@ def _store_refusing(
         if len(items) == 1:
             _, entry_id, body = items[0]
             logger.warning("Event in %s refused by the database: %s", entry_id, exc)
-            dead.append(_dead_letter(entry_id, body, _storage_error(exc), policy))
+            dead.append(dead_letter(entry_id, body, _storage_error(exc), policy))
             return 0
     middle = len(items) // 2
     return _store_refusing(items[:middle], now, dead, policy) + _store_refusing(
@@ -426,13 +383,6 @@ def storage_ready() -> bool:
     return True
 
 
-# PostgreSQL cannot hold U+0000 in text or jsonb. An escaped NUL in the JSON
-# (never a raw one: JSON forbids it) is stored as U+FFFD, on SQLite too, so
-# both databases keep the same thing. An escaped backslash before "u0000"
-# is literal text and is left alone.
-_ESCAPED_NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
-
-
 def _stored_now(kept: list[Envelope], stored: int, now: Any) -> list[Envelope]:
     """Which of ``kept`` this batch stored (the others were stored before: a redelivery).
 
@@ -448,78 +398,6 @@ def _stored_now(kept: list[Envelope], stored: int, now: Any) -> list[Envelope]:
         EventRecord.objects.filter(id__in=[e.id for e in kept], ingested_at=now).values_list("id", flat=True)
     )
     return [e for e in kept if e.id in fresh]
-
-
-def _prompt_redacted(envelope: GenerationStartedEnvelope, policy: PromptPolicy) -> GenerationStartedEnvelope:
-    if policy.mode == PromptPolicy.KEEP:
-        return envelope
-    payload = msgspec.structs.replace(envelope.payload, prompt=prompt_redact(envelope.payload.prompt, policy))
-    return msgspec.structs.replace(envelope, payload=payload)
-
-
-def storable_body(body: bytes) -> bytes:
-    if b"\\u0000" not in body:
-        return body
-    return _ESCAPED_NUL.sub(rb"\1\\ufffd", body)
-
-
-def _dead_letter(entry_id: str, body: bytes, error: dict[str, Any], policy: PromptPolicy) -> DeadLetter:
-    event_id = dead_letter_event_id(body)
-    body = prompts_redacted_in(body, policy)
-    text = body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
-    # The error quotes what was sent (an unknown field's name, the database's message):
-    # stored as the body is, with NUL (which PostgreSQL cannot hold) made U+FFFD.
-    storable_error = msgspec.json.decode(storable_body(msgspec.json.encode(error)))
-    return DeadLetter(stream_id=entry_id, event_id=event_id, body=text, error=storable_error)
-
-
-def prompts_redacted_in(body: bytes, policy: PromptPolicy) -> bytes:
-    """A dead letter's body with its prompts kept as the prompt policy keeps stored ones.
-
-    Whatever else is wrong with it, the value of every ``prompt`` key in the JSON is redacted
-    (a string or an object, as in a stored event; anything else under that name is dropped).
-    A body that cannot be read as JSON but mentions a prompt is not kept at all: only its
-    length and a keyed hash, so it still tells one letter from another.
-    """
-    if policy.mode == PromptPolicy.KEEP or b"prompt" not in body:
-        return body
-    try:
-        return msgspec.json.encode(_prompts_redacted(json_parse(storable_body(body)), policy))
-    except (ValidationFailed, RecursionError):
-        withheld = prompt_redact(body.decode("utf-8", errors="replace"), _HASHING)
-        return msgspec.json.encode(
-            {"withheld": f"not JSON, {len(body)} bytes, a prompt perhaps among them", "hash": withheld}
-        )
-
-
-_HASHING = PromptPolicy(mode=PromptPolicy.HASH)
-
-
-def _prompts_redacted(value: Any, policy: PromptPolicy) -> Any:
-    if isinstance(value, dict):
-        return {
-            key: (
-                prompt_redact(item if isinstance(item, str | dict) else "", policy)
-                if key == "prompt"
-                else _prompts_redacted(item, policy)
-            )
-            for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [_prompts_redacted(item, policy) for item in value]
-    return value
-
-
-class _EnvelopeId(msgspec.Struct):
-    id: uuid.UUID | None = None
-
-
-def dead_letter_event_id(body: bytes) -> uuid.UUID | None:
-    """The id of the envelope in ``body`` if one can be read, whatever else is wrong with it."""
-    try:
-        return msgspec.json.decode(body, type=_EnvelopeId).id
-    except Exception:
-        return None
 
 
 def _storage_error(exc: Exception) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from django.db import migrations, models
 
 def event_ids_fill(apps: Any, schema_editor: Any) -> None:
     """Read the envelope id out of the dead letters kept before the column existed."""
-    from events.storage import dead_letter_event_id
+    from events.decoding import dead_letter_event_id
 
     DeadLetter = apps.get_model("events", "DeadLetter")
     for letter in DeadLetter.objects.filter(event_id__isnull=True).only("id", "body").iterator(chunk_size=500):

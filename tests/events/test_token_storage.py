@@ -18,7 +18,7 @@ from django.db import connection
 from django.test import Client
 from rest_framework.test import APIClient
 
-import events.storage
+import events.decoding
 import events.tokens
 from events.models import Channel, EventRecord, TokenEvent
 from events.storage import events_store
@@ -115,7 +115,7 @@ def store(envelopes: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> N
     for moment, batch in ((1, bodies[: len(bodies) // 2]), (2, bodies[len(bodies) // 3 :])):
         at = datetime(2025, 11, 26, 0, 0, moment, 123456, tzinfo=UTC)
         with monkeypatch.context() as clock:
-            clock.setattr(events.storage.timezone, "now", lambda at=at: at)
+            clock.setattr(events.decoding.timezone, "now", lambda at=at: at)
             events_store(batch)
 
 
