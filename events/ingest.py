@@ -9,7 +9,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,10 +82,6 @@ class EventIngester:
     # Worker hosts with a stream of their own (``<stream>:<host>``), read beside the shared one.
     hosts: tuple[str, ...] = ()
     _ready_streams: set[str] = field(default_factory=set)
-    # The next batch read and decoded while this one is stored (``step``).
-    read_ahead: bool = True
-    _ahead: Future[tuple[list[Entry], DecodedBatch | None]] | None = None
-    _reads: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         # Reads on the same connections, each entry's fields kept as Redis sent them (pairs, in
@@ -109,10 +104,6 @@ class EventIngester:
         return entry_id if stream == self.stream else f"{stream.removeprefix(self.stream + ':')}/{entry_id}"
 
     def step(self) -> StoreOutcome:
-        """Store the next batch: the one read (and decoded) ahead while the last was stored, or
-        one read now; then, while this one is stored, the next is read and decoded on a thread
-        of its own (``read_ahead``): decoding costs the ingester about a quarter of its time, and
-        a store spends about half of its own waiting for PostgreSQL."""
         for stream in self.streams:
             if stream not in self._ready_streams:
                 stream_ensure_group(self.client, stream, self.group)
@@ -124,46 +115,17 @@ class EventIngester:
                 raise OperationalError("The database is unreachable or incomplete; pending entries wait")
             self._verify_database = False
         try:
-            entries, batch = self._ahead.result() if self._ahead is not None else ([], None)
-            self._ahead = None
-            if batch is None:  # nothing read ahead (or nothing new then): read now
-                entries, redelivered = self._read()
-                if not entries:
-                    return StoreOutcome()
-                batch = self._decoded(entries, redelivered, prompt_policy_get())
+            entries, redelivered = self._read()
         except redis.ResponseError as exc:
-            self._ahead = None
             if "NOGROUP" in str(exc):  # Redis lost its groups (a restart with no persistence): made again
                 self._ready_streams.clear()
             raise
-        if self.read_ahead and not self._read_pending and time.monotonic() < self._next_claim:
-            # The prompt policy read here, on this thread's connection: the next batch keeps
-            # prompts as the policy says now, whatever the admin changed since the last.
-            self._ahead = self._read_thread().submit(self._read_new, prompt_policy_get())
-        return self._commit(entries, batch)
-
-    def finish(self) -> StoreOutcome:
-        """Store what was read ahead, if anything (before stopping: nothing is left pending)."""
-        if self._ahead is None:
+        if not entries:
             return StoreOutcome()
-        entries, batch = self._ahead.result()
-        self._ahead = None
-        return self._commit(entries, batch) if batch is not None else StoreOutcome()
-
-    def _read_new(self, policy: PromptPolicy) -> tuple[list[Entry], DecodedBatch | None]:
-        """Entries no consumer has read, decoded; none waited for (an empty stream is read
-        again, waiting, by the step that wants them)."""
-        entries = self._xread(">", block=None)
-        return entries, (self._decoded(entries, False, policy) if entries else None)
-
-    def _read_thread(self) -> ThreadPoolExecutor:
-        if self._reads is None:
-            self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-read-ahead")
-        return self._reads
+        return self._commit(entries, self._decoded(entries, redelivered, prompt_policy_get()))
 
     def _decoded(self, entries: list[Entry], redelivered: bool, policy: PromptPolicy) -> DecodedBatch:
-        """The batch in ``entries``, decoded (no database touched: this may run on the read-ahead
-        thread)."""
+        """The batch in ``entries``, decoded."""
         contents = EntryContents()
         poisoned = self._poisoned(entries) if redelivered else {}
         for entry_id, fields in entries:
@@ -208,7 +170,6 @@ class EventIngester:
         except Exception:
             # Not stored, or stored and not acknowledged (Redis went away between
             # the two): read our pending entries again next turn; the insert skips repeats.
-            # (What was read ahead meanwhile is stored first, as it was read once only.)
             self._read_pending = True
             self._verify_database = True
             raise
@@ -563,10 +524,5 @@ def _ingest_loop(
                 )
                 last_line = time.monotonic()
             window_start, window_stored, window_dead = time.monotonic(), 0, 0
-    try:
-        outcome = ingester.finish()  # what was read ahead is stored, not left pending
-        stored, dead = stored + outcome.stored, dead + outcome.dead
-    except PAUSING_ERRORS as exc:  # left pending: this consumer, or another after claim_idle_ms, stores it
-        progress_logger.error("Could not store what was read ahead (%s: %s)", type(exc).__name__, exc)
     progress_logger.info("Stopped: stored %d events, %d dead letters", stored, dead)
     return stored, dead
