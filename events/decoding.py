@@ -56,7 +56,7 @@ def events_decode(
     ``refused`` items, what an entry held besides envelopes) as dead letters with their error."""
     now = timezone.now()
     now_ms = int(now.timestamp() * 1000)
-    pending: dict[Any, tuple[Envelope, str, bytes]] = {}
+    pending: dict[int, tuple[Envelope, str, bytes]] = {}  # by id (its integer: hashed in C)
     dead: list[DeadLetter] = [dead_letter(label, body, error, policy) for label, body, error in refused]
     # Decoded against the latest "now" an entry can have (this host's clock plus ten minutes); only
     # an event past this host's own rule is checked again against when Redis received its entry.
@@ -84,7 +84,7 @@ def events_decode(
             continue
         if isinstance(envelope, GenerationStartedEnvelope):
             envelope = _prompt_redacted(envelope, policy)
-        pending.setdefault(envelope.id, (envelope, entry_id, body))
+        pending.setdefault(envelope.id.int, (envelope, entry_id, body))
     return DecodedBatch(list(pending.values()), dead, len(entries), len(refused), now, policy)
 
 

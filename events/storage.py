@@ -267,12 +267,12 @@ def dead_letters_total() -> float:
 def _store_together(envelopes: list[Envelope], now: Any) -> int:
     """Everything one batch writes: event rows (token events in their compact table), workers,
     fleet counters, stats rollups."""
-    tokens, records, channels = tokens_sorted(envelopes)
+    tokens, records = tokens_sorted(envelopes)
     records = _not_stored(records)
     stored = _insert_events([_event_values(e, now) for e in records])
     # Only events stored for the first time count: a redelivered entry adds nothing.
     fresh = _stored_now(records, stored, now)
-    fresh_tokens = tokens_insert(tokens, channels, now)
+    fresh_tokens = tokens_insert(tokens, now)
     stored += len(fresh_tokens)
     fresh += fresh_tokens
     workers_note(envelopes)

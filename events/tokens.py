@@ -26,6 +26,8 @@ from events.models import MODEL_COLUMN_LENGTH, Channel, TokenEvent
 from mlxserve.contract.events import Envelope, TokenGenerated, TokenGeneratedEnvelope
 
 INT32_MAX = 2**31 - 1
+# A token event for the typed columns, with its channel (its (source, model) pair's id).
+TypedToken = tuple[TokenGeneratedEnvelope, int]
 INT16_MAX = 2**15 - 1
 _FLOAT32 = struct.Struct("<f")
 
@@ -50,18 +52,24 @@ def token_compact(envelope: TokenGeneratedEnvelope) -> bool:
     return True
 
 
-def tokens_sorted(
-    envelopes: Sequence[Envelope],
-) -> tuple[list[TokenGeneratedEnvelope], list[Envelope], dict[tuple[str, str], int]]:
-    """Which of ``envelopes`` go to the typed columns (with their channels) and which are JSON
+def tokens_sorted(envelopes: Sequence[Envelope]) -> tuple[list[TypedToken], list[Envelope]]:
+    """Which of ``envelopes`` go to the typed columns (each with its channel) and which are JSON
     rows. A pair past the 32,767th (the column is 16 bits) is stored as JSON."""
     candidates = [e for e in envelopes if type(e) is TokenGeneratedEnvelope and token_compact(e)]
     if not candidates:
-        return [], list(envelopes), {}
-    channels = channels_for({(e.source, e.payload.model) for e in candidates})
-    tokens = [e for e in candidates if channels[(e.source, e.payload.model)] <= INT16_MAX]
-    typed = {id(e) for e in tokens}
-    return tokens, [e for e in envelopes if id(e) not in typed], channels
+        return [], list(envelopes)
+    # Channels by source, then model: two lookups of strings (their hashes kept by Python) for
+    # each of a batch's thousands of tokens, instead of a tuple made and hashed.
+    by_source: dict[str, dict[str, int]] = {}
+    for (source, model), ident in channels_for({(e.source, e.payload.model) for e in candidates}).items():
+        by_source.setdefault(source, {})[model] = ident
+    tokens = [
+        (e, channel) for e in candidates if (channel := by_source[e.source][e.payload.model]) <= INT16_MAX
+    ]
+    if len(tokens) == len(envelopes):
+        return tokens, []
+    typed = {id(e) for e, _ in tokens}
+    return tokens, [e for e in envelopes if id(e) not in typed]
 
 
 def channels_for(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -86,9 +94,7 @@ def channels_for(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
     return found
 
 
-def tokens_insert(
-    tokens: Sequence[TokenGeneratedEnvelope], channels: dict[tuple[str, str], int], now: Any
-) -> list[TokenGeneratedEnvelope]:
+def tokens_insert(tokens: Sequence[TypedToken], now: Any) -> list[TokenGeneratedEnvelope]:
     """Store the token events not stored before; returns those stored now.
 
     An event whose id is stored already (a redelivery; or a producer reusing an id, at any
@@ -97,42 +103,47 @@ def tokens_insert(
     """
     if not tokens:
         return []
-    stored = ids_stored(TokenEvent._meta.db_table, [e.id for e in tokens])
-    fresh = [e for e in tokens if e.id not in stored]
-    if not fresh:
-        return []
+    table = TokenEvent._meta.db_table
     if connection.vendor == "postgresql":
-        _copy(fresh, channels, now)
-    else:
-        TokenEvent.objects.bulk_create(
-            [
-                TokenEvent(
-                    id=e.id,
-                    generation_id=e.generation_id,
-                    timestamp=e.timestamp,
-                    seq=e.seq,
-                    channel_id=channels[(e.source, e.payload.model)],
-                    token=e.payload.token,
-                    logprob=None if e.payload.logprob is UNSET else e.payload.logprob,
-                    ingested_at=now,
-                )
-                for e in fresh
-            ],
-            batch_size=500,
-        )
-    return fresh
+        hexes = [e.id.hex for e, _ in tokens]  # each id written out once: looked for, then stored
+        stored = ids_stored(table, [], hexes=hexes)
+        rows = [(e, channel, ident) for (e, channel), ident in zip(tokens, hexes, strict=True)]
+        if stored:
+            rows = [row for row in rows if row[0].id not in stored]
+        _copy(rows, now)
+        return [e for e, _, _ in rows]
+    stored = ids_stored(table, [e.id for e, _ in tokens])
+    fresh = [(e, channel) for e, channel in tokens if e.id not in stored]
+    TokenEvent.objects.bulk_create(
+        [
+            TokenEvent(
+                id=e.id,
+                generation_id=e.generation_id,
+                timestamp=e.timestamp,
+                seq=e.seq,
+                channel_id=channel,
+                token=e.payload.token,
+                logprob=None if e.payload.logprob is UNSET else e.payload.logprob,
+                ingested_at=now,
+            )
+            for e, channel in fresh
+        ],
+        batch_size=500,
+    )
+    return [e for e, _ in fresh]
 
 
-def ids_stored(table: str, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+def ids_stored(table: str, ids: Sequence[uuid.UUID], *, hexes: Sequence[str] = ()) -> set[uuid.UUID]:
     """Which of ``ids`` ``table`` holds. On PostgreSQL the ids go as one uuid[] literal written
     here (``{hex,hex,...}``): the ORM's ``id IN (...)`` adapts each id on its own, and psycopg's
-    list adapter still costs ~2 µs an id, about a tenth of the ingester's time."""
-    if not ids:
+    list adapter still costs ~2 µs an id, about a tenth of the ingester's time. ``hexes``: the
+    ids as 32 hex digits, where the caller has them already (PostgreSQL)."""
+    if not ids and not hexes:
         return set()
     found: set[uuid.UUID] = set()
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            literal = "{" + ",".join([i.hex for i in ids]) + "}"
+            literal = "{" + ",".join(hexes or [i.hex for i in ids]) + "}"
             cursor.execute(f"SELECT id FROM {table} WHERE id = ANY(%s::uuid[])", [literal])
             return {row[0] for row in cursor.fetchall()}
         for start in range(0, len(ids), 500):  # SQLite keeps a UUID as 32 hex digits
@@ -145,16 +156,21 @@ def ids_stored(table: str, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
 _COLUMNS = 'id, generation_id, "timestamp", logprob, ingested_at, seq, channel_id, token'
 
 
-def _copy(tokens: Sequence[TokenGeneratedEnvelope], channels: dict[tuple[str, str], int], now: Any) -> None:
+def _copy(rows: Sequence[tuple[TokenGeneratedEnvelope, int, str]], now: Any) -> None:
+    """COPY the rows (token event, its channel, its id's hex) into the token table."""
+    if not rows:
+        return
     at = copy_timestamp(now)
     lines = []
-    for e in tokens:
+    generations: dict[int, str] = {}  # a batch holds a few hundred tokens a generation: its hex once
+    for e, channel, ident in rows:
         p = e.payload
         logprob = "\\N" if p.logprob is UNSET else repr(p.logprob)
-        channel = channels[(e.source, p.model)]
+        key = e.generation_id.int
+        if (generation := generations.get(key)) is None:
+            generation = generations[key] = e.generation_id.hex
         lines.append(
-            f"{e.id.hex}\t{e.generation_id.hex}\t{e.timestamp}\t{logprob}\t{at}\t{e.seq}\t{channel}\t"
-            f"{copy_text(p.token)}\n"
+            f"{ident}\t{generation}\t{e.timestamp}\t{logprob}\t{at}\t{e.seq}\t{channel}\t{copy_text(p.token)}\n"
         )
     table = TokenEvent._meta.db_table
     with (
