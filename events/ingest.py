@@ -16,6 +16,7 @@ from typing import Any
 import redis
 from django.db import OperationalError, close_old_connections
 
+from events.backlog import id_tuple, safe_trim_id, streams_lag, text_of
 from events.decoding import DecodedBatch, events_decode
 from events.fleet import fleet_labels_fold
 from events.models import PromptPolicy, WorkerHost
@@ -200,14 +201,14 @@ class EventIngester:
             rows: Any = self.client.xpending_range(
                 stream,
                 self.group,
-                min=min(ids, key=_id_tuple),
-                max=max(ids, key=_id_tuple),
+                min=min(ids, key=id_tuple),
+                max=max(ids, key=id_tuple),
                 count=max(len(ids), 1000),
                 consumername=self.consumer,
             )
             wanted = set(ids)
             for row in rows:
-                key = _text(row["message_id"])
+                key = text_of(row["message_id"])
                 if key in wanted and int(row["times_delivered"]) > self.max_deliveries:
                     poisoned[self._label(stream, key)] = int(row["times_delivered"])
         return poisoned
@@ -256,7 +257,7 @@ class EventIngester:
         )
         # An entry deleted while pending comes back with no fields (None): kept as such.
         return [
-            (self._label(_text(stream), _text(entry_id)), fields)
+            (self._label(text_of(stream), text_of(entry_id)), fields)
             for stream, items in response or []
             for entry_id, fields in items
         ]
@@ -276,8 +277,8 @@ class EventIngester:
             )
             # Redis 7 leaves deleted entries out of the claimed ones, drops them from the group
             # and names them apart: they come back here as deleted (no fields).
-            claimed += [(self._label(stream, _text(entry_id)), fields) for entry_id, fields in response[1]]
-            claimed += [(self._label(stream, _text(entry_id)), None) for entry_id in response[2]]
+            claimed += [(self._label(stream, text_of(entry_id)), fields) for entry_id, fields in response[1]]
+            claimed += [(self._label(stream, text_of(entry_id)), None) for entry_id in response[2]]
         return claimed
 
 
@@ -301,99 +302,6 @@ def _deliveries_refuse(entry_id: str, fields: EntryFields, deliveries: int, into
     error = error_object("DeliveryFailed", message, "delivery_failed")
     into.refused.extend((label, body, error) for label, body in held.bodies)
     into.refused.extend(held.refused)
-
-
-def _id_ms(entry_id: Any) -> int:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    return int(text.split("-", 1)[0])
-
-
-def _id_tuple(entry_id: Any) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-ID_PART_MAX = 2**64 - 1  # a stream id is two unsigned 64-bit integers
-
-
-def safe_trim_id(*, client: redis.Redis, stream: str, group: str) -> str | None:
-    """The oldest entry id the group still needs (pending, or not yet delivered), or None if unknown."""
-    try:
-        groups: Any = client.xinfo_groups(stream)
-        pending: Any = client.xpending(stream, group)
-    except redis.ResponseError:
-        return None
-    info = next(
-        (g for g in groups if (g["name"].decode() if isinstance(g["name"], bytes) else g["name"]) == group),
-        None,
-    )
-    if info is None:
-        return None
-    if pending["pending"]:
-        return str(pending["min"].decode() if isinstance(pending["min"], bytes) else pending["min"])
-    # Nothing pending: everything up to the last delivered entry is acknowledged. (The id after it,
-    # unless it is the last of the id space, as a producer may make it: then up to it.)
-    ms, seq = _id_tuple(info["last-delivered-id"])
-    if seq < ID_PART_MAX:
-        return f"{ms}-{seq + 1}"
-    return f"{ms + 1}-0" if ms < ID_PART_MAX else f"{ms}-{seq}"
-
-
-def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int]:
-    """How far ingestion is behind the stream.
-
-    ``pending``: entries an ingester read and has not stored yet (and the age of the
-    oldest, ``oldest_pending_ms``); ``undelivered``: entries no ingester has read
-    yet (and the age of the oldest, ``oldest_undelivered_ms``: with every ingester
-    down, this is the one that grows). ``lag_ms`` is the older of the two ages: how
-    long the oldest event not yet stored has waited.
-    """
-    lag = {
-        "length": 0,
-        "pending": 0,
-        "oldest_pending_ms": 0,
-        "undelivered": 0,
-        "oldest_undelivered_ms": 0,
-        "lag_ms": 0,
-    }
-    try:
-        pending: Any = client.xpending(stream, group)
-        length = client.xlen(stream)
-        info = next((g for g in client.xinfo_groups(stream) if _text(g.get("name")) == group), None)
-    except redis.ResponseError:
-        return lag
-    now_ms = time.time_ns() // 1_000_000
-    lag["length"], lag["pending"] = int(length), int(pending["pending"])
-    if pending["pending"]:
-        lag["oldest_pending_ms"] = max(0, now_ms - _id_ms(pending["min"]))
-    if info is not None:
-        after = _text(info.get("last-delivered-id")) or "0-0"
-        first = client.xrange(stream, min=f"({after}", max="+", count=1)
-        if first:
-            lag["oldest_undelivered_ms"] = max(0, now_ms - _id_ms(first[0][0]))
-            undelivered = info.get("lag")
-            lag["undelivered"] = int(undelivered) if undelivered is not None else int(length)
-    lag["lag_ms"] = max(lag["oldest_pending_ms"], lag["oldest_undelivered_ms"])
-    return lag
-
-
-def streams_lag(*, client: redis.Redis, streams: list[str], group: str) -> dict[str, int]:
-    """``stream_lag`` over several streams: counts added up, ages the oldest of them."""
-    total = dict.fromkeys(
-        ("length", "pending", "oldest_pending_ms", "undelivered", "oldest_undelivered_ms", "lag_ms"), 0
-    )
-    for stream in streams:
-        lag = stream_lag(client=client, stream=stream, group=group)
-        for key in ("length", "pending", "undelivered"):
-            total[key] += lag[key]
-        for key in ("oldest_pending_ms", "oldest_undelivered_ms", "lag_ms"):
-            total[key] = max(total[key], lag[key])
-    return total
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 # Redis or the database unreachable (or refusing for reasons no event caused): wait, retry.

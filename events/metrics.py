@@ -17,8 +17,9 @@ from django.db.models import Count
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
+from events.backlog import streams_lag
 from events.fleet import FLEET_METRICS, HISTOGRAM_BUCKETS, bucket_label, fleet_counters_read
-from events.ingest import host_stream, streams_lag, worker_hosts
+from events.ingest import host_stream, worker_hosts
 from events.models import DeadLetter, Worker
 from events.selectors import DEAD_LETTERS_COUNTED, heard_since
 from events.storage import dead_letters_total

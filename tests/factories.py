@@ -24,7 +24,8 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from events.ingest import EventIngester, stream_lag
+from events.backlog import stream_lag
+from events.ingest import EventIngester
 from mlxserve.contract.events import envelope_to_wire
 from mlxserve.contract.stream import stream_append, stream_envelope_bodies
 from mlxserve.engine.emitter import CollectingPublisher, EngineEventEmitter

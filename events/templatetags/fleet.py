@@ -9,7 +9,7 @@ from django import template
 from django.conf import settings
 
 from events import selectors
-from events.ingest import stream_lag
+from events.backlog import stream_lag
 from events.selectors import ConfigRollout, FleetOverview
 from mlxserve.redis_conn import redis_client
 

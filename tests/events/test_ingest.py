@@ -9,7 +9,7 @@ import redis
 from django.core.management import call_command
 from django.db import DatabaseError, connection
 
-from events.ingest import stream_lag
+from events.backlog import stream_lag
 from events.models import DeadLetter, Event
 from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD, stream_append_batch
 from mlxserve.contract.telemetry import telemetry_config_read

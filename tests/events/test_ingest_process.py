@@ -14,7 +14,7 @@ import pytest
 import redis
 from django.conf import settings as django_settings
 
-from events.ingest import stream_lag
+from events.backlog import stream_lag
 from events.models import Event
 from mlxserve.contract.stream import stream_append_batch
 from tests.factories import TEST_REDIS_URL, RedisServer, database_url, token_bodies
