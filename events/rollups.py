@@ -8,8 +8,9 @@ for the first time, so the rollups are exact under redelivery. A stats window re
 its whole days from the daily rollups, the whole hours of its partial days from the
 hourly ones, the whole minutes of its partial hours from the minute ones, and at most
 half a minute of events at each end (``_plan``); percentiles then come from the
-buckets, within one bucket of the exact figure. A window with no whole hour is counted
-from the events alone and its percentiles are exact.
+buckets, within one bucket of the exact figure. A window with no whole hour has exact
+percentiles (every observation in it read), its counts from the minute rollups and from
+the events of the part-minutes at its ends.
 
 The same tally serves three callers: the ingester (a batch of envelopes), the
 stats endpoint (a window's edges) and ``rollup_events`` (hours stored before the
@@ -317,23 +318,46 @@ def _upsert(
 # -- counting a window from its events ------------------------------------------------
 
 
-def window_tally(*spans: tuple[int, int], model: str | None = None) -> Tally:
+def window_tally(
+    *spans: tuple[int, int], model: str | None = None, counted: tuple[int, int] | None = None
+) -> Tally:
     """The tally of the events stamped in ``spans`` (each ``(since, until)``, epoch ms, both
     included), read from the events: one GROUP BY for the counts of each table, the
-    ``generationCompleted`` payloads, and each attempt's first token by the generation index."""
+    ``generationCompleted`` payloads, and each attempt's first token by the generation index.
+
+    ``counted``: whole minutes ``[start, end)`` inside the one span whose event counts are
+    read from the minute rollups instead (exact, as the ingester keeps them), so a window's
+    token events (nearly all of its rows) are read only at its edges; its observations (the
+    percentiles' values) are still every one of the window's."""
     tally = Tally()
     stamped = Q()
     for since, until in spans:
         stamped |= Q(timestamp__gte=since, timestamp__lte=until)
     window = EventRecord.objects.filter(stamped)
-    tokens = TokenEvent.objects.filter(stamped)
+    counting = stamped
+    if counted is not None:
+        ((since, until),), (start, end) = spans, counted
+        counting = Q(pk__in=[])  # nothing, unless an edge holds time
+        for edge_since, edge_until in ((since, start - 1), (end, until)):
+            if edge_since <= edge_until:
+                counting |= Q(timestamp__gte=edge_since, timestamp__lte=edge_until)
+        rolled = StatsMinute.objects.filter(
+            minute__gte=start, minute__lt=end, series__startswith=EVENTS_SERIES
+        )
+        if model is not None:
+            rolled = rolled.filter(model=model[:MODEL_COLUMN_LENGTH])
+        for minute, m, series, n in rolled.values_list("minute", "model", "series", "count"):
+            tally.counts[(minute, m, series, 0)] += n
+    records = EventRecord.objects.filter(counting)
+    tokens = TokenEvent.objects.filter(counting)
     channels = dict(Channel.objects.values_list("id", "model"))
     if model is not None:
         window = window.filter(model=model[:MODEL_COLUMN_LENGTH])
+        records = records.filter(model=model[:MODEL_COLUMN_LENGTH])
         tokens = tokens.filter(
             channel_id__in=[c for c, m in channels.items() if m == model[:MODEL_COLUMN_LENGTH]]
         )
-    minutes = window.order_by().annotate(minute=F("timestamp") - Mod("timestamp", MINUTE_MS))
+    minutes = records.order_by().annotate(minute=F("timestamp") - Mod("timestamp", MINUTE_MS))
     for row in minutes.values("minute", "model", "type").annotate(n=Count("*")):
         tally.event(int(row["minute"]), row["model"], row["type"], row["n"])
     # Token events by their (source, model) pair, a small number each minute; the pair's model.
@@ -428,7 +452,8 @@ def window_figures(
     since: int, until: int, *, model: str | None = None, use_rollups: bool = True
 ) -> WindowFigures:
     """``[since, until]`` (epoch ms) from the rollups where they cover it, the rest from the
-    events (``_plan``); a window with no whole hour from the events alone, exactly."""
+    events (``_plan``); a window with no whole hour with every observation read (exact
+    percentiles), its counts from the minute rollups and the events of its part-minutes."""
     events: Counter[tuple[str, str]] = Counter()
     buckets: dict[str, Counter[int]] = {h: Counter() for h in HISTOGRAMS}
     # Before the snapshot, which reads only: the coverage row is made if it is missing.
@@ -438,12 +463,16 @@ def window_figures(
         _snapshot(outermost)
         end = until + 1
         covered_from = coverage.covered_from if use_rollups else end
+        minutes_from = max(coverage.minutes_from, covered_from)
         if max(-(-since // HOUR_MS) * HOUR_MS, covered_from) >= end // HOUR_MS * HOUR_MS:
-            tally = window_tally((since, until), model=model)
+            # No whole hour: every observation read (exact percentiles); the whole minutes'
+            # counts from their rollups, the events counted only at the edges.
+            start = max(-(-since // MINUTE_MS), -(-minutes_from // MINUTE_MS)) * MINUTE_MS
+            counted = (start, end // MINUTE_MS * MINUTE_MS)
+            tally = window_tally((since, until), model=model, counted=counted if start < counted[1] else None)
             for (_, m, series, bucket), n in tally.counts.items():
                 _add(events, buckets, m, series, bucket, n)
             return WindowFigures(events=events, buckets=buckets, exact=tally.values)
-        minutes_from = max(coverage.minutes_from, covered_from)
         levels = (
             (DAY_MS, -(-minutes_from // DAY_MS) * DAY_MS),  # a day is whole from its first minute
             (HOUR_MS, covered_from),

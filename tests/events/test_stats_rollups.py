@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 import uuid
 from collections import Counter
 from io import StringIO
@@ -222,10 +223,47 @@ def test_stats_over_whole_hours_equal_reading_every_event(
     check(stats(reader_client, since, until, model), truth(day, since, until, model), exact=False)
 
 
-@pytest.mark.parametrize(("since", "until"), [(T0 + 600_000, T0 + HOUR_MS + 900_000), (T0, T0 + HOUR_MS - 2)])
-def test_a_window_with_no_whole_hour_is_read_from_the_events_exactly(
-    day: list[dict[str, Any]], reader_client: APIClient, since: int, until: int
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [
+        (T0 + 600_000, T0 + HOUR_MS + 900_000),
+        (T0, T0 + HOUR_MS - 2),
+        (T0 + 61_000, T0 + 119_998),  # inside one minute: no whole minute either
+        (T0 + 59_999, T0 + 60_000),  # two milliseconds astride a minute
+    ],
+)
+@pytest.mark.parametrize("model", [None, "qwen", LONG_MODEL])
+def test_a_window_with_no_whole_hour_is_exact(
+    day: list[dict[str, Any]], reader_client: APIClient, since: int, until: int, model: str | None
 ) -> None:
+    check(stats(reader_client, since, until, model), truth(day, since, until, model), exact=True)
+
+
+def test_a_window_with_no_whole_hour_reads_token_events_only_at_its_edges(
+    day: list[dict[str, Any]], reader_client: APIClient
+) -> None:
+    """The default last hour at a busy fleet: its token events (nearly all of its rows) are counted
+    from the minute rollups, and read only in the part-minutes at its ends; its percentiles stay
+    exact (every start, completion and first token read)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    since, until = T0 + 600_123, T0 + HOUR_MS + 599_000
+    with CaptureQueriesContext(connection) as queries:
+        body = stats(reader_client, since, until)
+    check(body, truth(day, since, until), exact=True)
+    spans = [
+        (int(low), int(high))
+        for q in queries.captured_queries
+        if "COUNT" in q["sql"] and "events_token" in q["sql"]
+        for low, high in re.findall(
+            r'"events_token"\."timestamp" >= (-?\d+) AND "events_token"\."timestamp" <= (-?\d+)', q["sql"]
+        )
+    ]
+    assert spans == [(since, T0 + 659_999), (T0 + HOUR_MS + 540_000, until)], spans
+    # Minute rollups not built for that time (hours stored before them): every event is read.
+    StatsMinute.objects.all().delete()
+    StatsCoverage.objects.update_or_create(pk=1, defaults={"minutes_from": T0 + 7 * HOUR_MS})
     check(stats(reader_client, since, until), truth(day, since, until), exact=True)
 
 
