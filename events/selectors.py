@@ -24,7 +24,8 @@ from events.responses import (
     StatsOut,
     WorkerOut,
 )
-from events.rollups import MINUTE_MS, bucket_percentile, window_figures
+from events.rollups import MINUTE_MS
+from events.windows import bucket_percentile, window_figures
 from mlxserve.contract.events import time_to_first_token_ms, tokens_per_second
 from telemetry.services import telemetry_config_get
 

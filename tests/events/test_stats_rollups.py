@@ -27,13 +27,12 @@ from events.rollups import (
     LOWEST_BUCKET,
     MINUTE_MS,
     ZERO_BUCKET,
-    _plan,
     bucket_bounds,
     bucket_of,
-    bucket_percentile,
 )
 from events.selectors import _percentiles
 from events.storage import events_store
+from events.windows import _plan, bucket_percentile
 from tests.factories import T0, make_envelope
 
 pytestmark = pytest.mark.django_db
