@@ -418,6 +418,32 @@ def test_the_first_token_is_counted_once_whichever_arrives_first(db: Any, reader
     assert sum(counted.values_list("value", flat=True)) == 1
 
 
+@pytest.mark.parametrize("late_first", [True, False])
+def test_first_tokens_are_found_seconds_or_hours_after_their_starts(
+    db: Any, reader_client: APIClient, late_first: bool
+) -> None:
+    # Looked for within ten minutes of their starts first, then within the day: a slow first token
+    # (three hours: a model loaded cold, a queue) is found all the same, whichever is stored first.
+    fast, slow = str(uuid.uuid4()), str(uuid.uuid4())
+    starts = [
+        make_envelope("generationStarted", generationId=gid, timestamp=T0 + 1_000, seq=0)
+        for gid in (fast, slow)
+    ]
+    firsts = [
+        make_envelope("tokenGenerated", generationId=fast, timestamp=T0 + 1_500, seq=1),
+        make_envelope("tokenGenerated", generationId=slow, timestamp=T0 + 1_000 + 3 * HOUR_MS, seq=1),
+    ]
+    batches = [starts, firsts] if not late_first else [firsts, starts]
+    for n, batch in enumerate(batches):
+        events_store([(f"{n}-{i}", msgspec.json.encode(e)) for i, e in enumerate(batch)])
+    exact = stats(reader_client, T0, T0 + 30 * MINUTE_MS)  # no whole hour: every start's first token read
+    assert exact["percentiles"] == "exact"
+    assert exact["timeToFirstTokenMs"]["count"] == 2
+    assert exact["timeToFirstTokenMs"]["p99"] == pytest.approx(3 * HOUR_MS, rel=0.02)
+    rolled = stats(reader_client, T0, T0 + 4 * HOUR_MS)  # whole hours: the ingester's rollups
+    assert rolled["timeToFirstTokenMs"]["count"] == 2
+
+
 def test_retention_drops_the_rollups_of_hours_past_the_longest_policy(db: Any) -> None:
     events_store([("1-0", msgspec.json.encode(make_envelope("error", timestamp=T0, generationId=None)))])
     events_store([("2-0", msgspec.json.encode(make_envelope("error", timestamp=T0 + 5 * 86_400_000)))])
