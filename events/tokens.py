@@ -10,6 +10,7 @@ number past 2^31, a model name past 200 characters) is stored as JSON with the o
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import struct
 import uuid
@@ -18,12 +19,16 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+from django.conf import settings
 from django.db import connection
+from django.db.models import Q
 from msgspec import UNSET
 
 from events.copy import copy_text, copy_timestamp
 from events.models import MODEL_COLUMN_LENGTH, Channel, TokenEvent
 from mlxserve.contract.events import Envelope, TokenGenerated, TokenGeneratedEnvelope
+
+logger = logging.getLogger(__name__)
 
 INT32_MAX = 2**31 - 1
 # A token event for the typed columns, with its channel (its (source, model) pair's id).
@@ -60,11 +65,15 @@ def tokens_sorted(envelopes: Sequence[Envelope]) -> tuple[list[TypedToken], list
         return [], list(envelopes)
     # Channels by source, then model: two lookups of strings (their hashes kept by Python) for
     # each of a batch's thousands of tokens, instead of a tuple made and hashed.
-    by_source: dict[str, dict[str, int]] = {}
-    for (source, model), ident in channels_for({(e.source, e.payload.model) for e in candidates}).items():
-        by_source.setdefault(source, {})[model] = ident
+    pairs = {(e.source, e.payload.model) for e in candidates}
+    by_source: dict[str, dict[str, int]] = {source: {} for source, _ in pairs}
+    for (source, model), ident in channels_for(pairs).items():
+        by_source[source][model] = ident
+    # A pair with no channel (its producer has its share of them) is stored as JSON, as past 16 bits.
     tokens = [
-        (e, channel) for e in candidates if (channel := by_source[e.source][e.payload.model]) <= INT16_MAX
+        (e, channel)
+        for e in candidates
+        if (channel := by_source[e.source].get(e.payload.model, _NO_CHANNEL)) <= INT16_MAX
     ]
     if len(tokens) == len(envelopes):
         return tokens, []
@@ -88,10 +97,38 @@ def channels_for(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
                     found[(source, model)] = ident
 
     read()
-    if missing := [pair for pair in wanted if pair not in found]:
+    if missing := _channels_admitted([pair for pair in wanted if pair not in found]):
         Channel.objects.bulk_create([Channel(source=s, model=m) for s, m in missing], ignore_conflicts=True)
         read()
     return found
+
+
+_NO_CHANNEL = INT16_MAX + 1
+
+
+def _channels_admitted(missing: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The new pairs that get a channel: at most ``MLXSERVE_CHANNELS_PER_PRODUCER`` per host or
+    producer (a source's first part, ``N`` of ``N/...``), so whatever one of them sends cannot use
+    up the 16-bit ids the fleet's pairs need. (Two ingesters making a producer's last ones at once
+    may each make its share: by a batch's pairs at most.)"""
+    by_prefix: dict[str, list[tuple[str, str]]] = {}
+    for pair in missing:
+        by_prefix.setdefault(pair[0].split("/", 1)[0], []).append(pair)
+    admitted: list[tuple[str, str]] = []
+    limit = settings.CHANNELS_PER_PRODUCER
+    for prefix, pairs in by_prefix.items():
+        held = Channel.objects.filter(Q(source=prefix) | Q(source__startswith=prefix + "/")).count()
+        room = max(0, limit - held)
+        admitted += pairs[:room]
+        if len(pairs) > room:
+            logger.warning(
+                "%d new (source, model) pairs of %s get no channel: it has %d "
+                "(MLXSERVE_CHANNELS_PER_PRODUCER); their token events are stored as JSON rows",
+                len(pairs) - room,
+                prefix,
+                held,
+            )
+    return admitted
 
 
 def tokens_insert(tokens: Sequence[TypedToken], now: Any) -> list[TokenGeneratedEnvelope]:

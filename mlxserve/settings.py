@@ -270,9 +270,14 @@ SOURCES_PER_PRODUCER = env_int("MLXSERVE_SOURCES_PER_PRODUCER", 100)
 # A worker not heard from for this many seconds is forgotten (its row deleted by the hourly pass);
 # it comes back with its next event.
 WORKER_FORGET_AFTER_S = env_int("MLXSERVE_WORKER_FORGET_AFTER", 7 * 86400)
-if SOURCES_PER_PRODUCER < 1 or WORKER_FORGET_AFTER_S < 60:
+# (source, model) pairs the ingester gives a channel (a 16-bit id of the compact token rows) per host
+# or producer (a source's first part): one compromised host cannot use up the 32,767 ids; the tokens
+# of the pairs past it are stored as JSON rows, whole and readable the same way.
+CHANNELS_PER_PRODUCER = env_int("MLXSERVE_CHANNELS_PER_PRODUCER", 1000)
+if SOURCES_PER_PRODUCER < 1 or WORKER_FORGET_AFTER_S < 60 or CHANNELS_PER_PRODUCER < 1:
     raise ImproperlyConfigured(
-        "MLXSERVE_SOURCES_PER_PRODUCER must be at least 1, MLXSERVE_WORKER_FORGET_AFTER at least 60 (seconds)"
+        "MLXSERVE_SOURCES_PER_PRODUCER and MLXSERVE_CHANNELS_PER_PRODUCER must be at least 1, "
+        "MLXSERVE_WORKER_FORGET_AFTER at least 60 (seconds)"
     )
 
 # Distinct values of one label of one metric with their own series (fleet and worker metrics);

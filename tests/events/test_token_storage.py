@@ -255,6 +255,52 @@ def test_a_token_stored_as_json_before_the_upgrade_reads_as_before(reader_client
     assert listed[1]["payload"] == {"model": "m", "token": "t", "logprob": -1.0}
 
 
+def test_a_host_gets_channels_for_its_share_of_pairs_and_its_other_tokens_are_stored_as_json(
+    reader_client: APIClient, settings: Any
+) -> None:
+    # A compromised host sending tokens under ever new model names cannot use up the 16-bit channel
+    # ids another host's tokens need: past its share, its tokens are JSON rows, readable the same way.
+    settings.CHANNELS_PER_PRODUCER = 3
+    flood = [
+        make_envelope(
+            "tokenGenerated",
+            timestamp=T0 + i,
+            seq=i + 1,
+            source=f"rogue/w{i % 2}",
+            payload={"model": f"fake-{i}", "token": f"t{i}"},
+        )
+        for i in range(6)
+    ]
+    honest = make_envelope("tokenGenerated", timestamp=T0 + 10, seq=1, source="mac-1/worker-1")
+    outcome = events_store([(f"{i}-0", msgspec.json.encode(e)) for i, e in enumerate([*flood, honest])])
+    assert outcome.stored == 7
+    assert Channel.objects.filter(source__startswith="rogue/").count() == 3
+    assert Channel.objects.filter(source="mac-1/worker-1").count() == 1
+    assert TokenEvent.objects.count() == 4 and EventRecord.objects.filter(type="tokenGenerated").count() == 3
+    # A later batch of the same host: no more channels for it; every token listed as it was sent.
+    events_store(
+        [
+            (
+                "9-0",
+                msgspec.json.encode(
+                    make_envelope(
+                        "tokenGenerated",
+                        timestamp=T0 + 20,
+                        seq=9,
+                        source="rogue/w9",
+                        payload={"model": "x", "token": "y"},
+                    )
+                ),
+            )
+        ]
+    )
+    assert Channel.objects.filter(source__startswith="rogue/").count() == 3
+    listed = reader_client.get("/api/events/", {"source": "rogue/w0", "limit": "100"}).json()["results"]
+    assert sorted((e["payload"]["model"], e["payload"]["token"]) for e in listed) == [
+        (f"fake-{i}", f"t{i}") for i in (0, 2, 4)
+    ]
+
+
 def test_a_pair_past_the_16_bit_channel_ids_is_stored_as_json_and_reads_the_same(
     reader_client: APIClient,
 ) -> None:
