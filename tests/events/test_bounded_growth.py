@@ -215,3 +215,31 @@ def test_with_the_ingester_stopped_posts_stop_at_the_backlog_bound_and_none_acce
         if worker.step().stored == 0 and Event.objects.count() >= len(accepted):
             break
     assert set(map(str, Event.objects.values_list("id", flat=True))) == set(accepted)
+
+
+def test_events_each_in_their_own_minute_and_model_make_a_bounded_number_of_rollup_rows() -> None:
+    # A producer stamping every event in a minute and a model of its own (as a hostile one may) makes
+    # what it sends grow the rollups linearly: a completed generation is at most three series (its
+    # count and two histograms) at three widths (minute, hour, day), nine rows; retention drops them.
+    from events.models import RetentionPolicy, SourceMinute, StatsDay, StatsMinute, StatsRollup
+
+    now, n = now_ms(), 600
+    envelopes = [
+        make_envelope(
+            "generationCompleted",
+            timestamp=now - i * 60_000,
+            payload={"model": f"fake-{i}", "tokensGenerated": 8, "durationMs": 100.0 + i, "throughput": 80.0},
+        )
+        for i in range(n)
+    ]
+    for start in range(0, n, 200):
+        events_store(
+            [(f"{start}-{i}", msgspec.json.encode(e)) for i, e in enumerate(envelopes[start : start + 200])]
+        )
+    rows = {table: table.objects.count() for table in (StatsMinute, StatsRollup, StatsDay)}
+    assert rows[StatsMinute] == 3 * n and sum(rows.values()) <= 9 * n, rows
+    assert SourceMinute.objects.count() <= n
+    RetentionPolicy.objects.all().delete()
+    RetentionPolicy.objects.create(event_type="generationCompleted", keep_days=1)
+    events_retention_apply(now_ms=now + 3 * 86_400_000)
+    assert sum(table.objects.count() for table in (StatsMinute, StatsRollup, StatsDay)) == 0
