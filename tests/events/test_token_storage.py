@@ -278,23 +278,10 @@ def test_a_host_gets_channels_for_its_share_of_pairs_and_its_other_tokens_are_st
     assert Channel.objects.filter(source="mac-1/worker-1").count() == 1
     assert TokenEvent.objects.count() == 4 and EventRecord.objects.filter(type="tokenGenerated").count() == 3
     # A later batch of the same host: no more channels for it; every token listed as it was sent.
-    events_store(
-        [
-            (
-                "9-0",
-                msgspec.json.encode(
-                    make_envelope(
-                        "tokenGenerated",
-                        timestamp=T0 + 20,
-                        seq=9,
-                        source="rogue/w9",
-                        payload={"model": "x", "token": "y"},
-                    )
-                ),
-            )
-        ]
-    )
+    later = make_envelope("tokenGenerated", timestamp=T0 + 20, seq=9, source="rogue/w9")
+    assert events_store([("9-0", msgspec.json.encode(later))]).stored == 1
     assert Channel.objects.filter(source__startswith="rogue/").count() == 3
+    assert EventRecord.objects.filter(type="tokenGenerated").count() == 4
     listed = reader_client.get("/api/events/", {"source": "rogue/w0", "limit": "100"}).json()["results"]
     assert sorted((e["payload"]["model"], e["payload"]["token"]) for e in listed) == [
         (f"fake-{i}", f"t{i}") for i in (0, 2, 4)
