@@ -22,8 +22,10 @@ from django.db.models import Case, F, FloatField, Q, QuerySet, TextField, Value,
 from django.db.models.functions import Cast
 
 from events.models import MODEL_COLUMN_LENGTH, Channel, EventRecord, TokenEvent
+from events.partitions import DAY_MS
 from events.responses import EventOut
 from events.tokens import token_payload
+from mlxserve.contract.validation import INT64_MAX
 
 TOKEN_TYPE = "tokenGenerated"
 Row = dict[str, Any]
@@ -208,9 +210,8 @@ def in_event_order(queryset: QuerySet[Any, Any], *, newest_first: bool = True) -
     return queryset.order_by(f"{sign}{by}", f"{sign}seq", f"{sign}id")
 
 
-# A page is looked for first in the day past where it starts (see ``rows_merged``).
-PROBE_MS = 86_400_000
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# A page is looked for first in the day past where it starts (see ``rows_merged``): a token partition.
+PROBE_MS = DAY_MS
 
 
 def rows_merged(
@@ -234,7 +235,7 @@ def rows_merged(
     by_generation = any("sort_timestamp" in q.query.annotations for q in querysets)
     if near is not None and connection.vendor == "postgresql" and not by_generation:
         if newest_first:
-            bound = Q(timestamp__gte=max(INT64_MIN, near - PROBE_MS))
+            bound = Q(timestamp__gte=max(-INT64_MAX - 1, near - PROBE_MS))
         else:
             bound = Q(timestamp__lte=min(INT64_MAX, near + PROBE_MS))
         rows = _merged([q.filter(bound) for q in querysets], limit, newest_first)
