@@ -31,8 +31,8 @@ from mlxserve.contract.events import (
     ModelLoadedEnvelope,
     ModelUnloadedEnvelope,
     TokenGeneratedEnvelope,
-    time_to_first_token_ms,
 )
+from mlxserve.contract.generations import time_to_first_token_ms
 from mlxserve.contract.telemetry import (
     BOUNDED_LABELS,
     DURATION_BUCKETS,

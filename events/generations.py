@@ -17,9 +17,7 @@ from events.models import (
 )
 from events.privacy import prompt_policy_get, prompt_redact
 from events.signing import task_sign
-from mlxserve.contract.events import (
-    GenerationOrder,
-)
+from mlxserve.contract.generations import GenerationOrder
 from mlxserve.contract.serving import model_queue, serving_key
 from mlxserve.contract.validation import Issue, ValidationFailed, validate
 from mlxserve.redis_conn import redis_client, redis_clock

@@ -50,9 +50,8 @@ from mlxserve.contract.events import (
     GenerationCompletedEnvelope,
     GenerationStartedEnvelope,
     TokenGeneratedEnvelope,
-    time_to_first_token_ms,
-    tokens_per_second,
 )
+from mlxserve.contract.generations import time_to_first_token_ms, tokens_per_second
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000

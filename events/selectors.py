@@ -26,7 +26,7 @@ from events.responses import (
 )
 from events.rollups import MINUTE_MS
 from events.windows import bucket_percentile, window_figures
-from mlxserve.contract.events import time_to_first_token_ms, tokens_per_second
+from mlxserve.contract.generations import time_to_first_token_ms, tokens_per_second
 from telemetry.services import telemetry_config_get
 
 # A worker is stale after this many heartbeat intervals without a word.

@@ -18,7 +18,8 @@ from celery import shared_task
 from django.conf import settings
 
 from events.signing import task_signature_refusal
-from mlxserve.contract.events import (
+from mlxserve.contract.events import Prompt
+from mlxserve.contract.generations import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
@@ -27,7 +28,6 @@ from mlxserve.contract.events import (
     OrderSeed,
     OrderTemperature,
     OrderTopP,
-    Prompt,
 )
 from mlxserve.contract.serving import EpochMs, QueueTimeoutMs, StopSequences, TopLogprobs
 from mlxserve.contract.validation import EngineError

@@ -58,7 +58,8 @@ from mlxserve.api import (
     error_body,
 )
 from mlxserve.contract.control import ControlCommand, control_command_publish
-from mlxserve.contract.events import Envelope, GenerationOrder
+from mlxserve.contract.events import Envelope
+from mlxserve.contract.generations import GenerationOrder
 from mlxserve.contract.validation import Issue, ValidationFailed, validate
 from mlxserve.openapi import (
     ERROR_RESPONSES,

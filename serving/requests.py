@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from mlxserve.contract.events import OrderMaxTokens, OrderModel, OrderSeed, OrderTopP
+from mlxserve.contract.generations import OrderMaxTokens, OrderModel, OrderSeed, OrderTopP
 from mlxserve.contract.serving import StopSequence, TopLogprobs
 
 

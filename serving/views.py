@@ -30,7 +30,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from events.generations import ModelNotServed, generation_submit, registered_model
 from events.models import RegisteredModel
-from mlxserve.contract.events import GenerationOrder
+from mlxserve.contract.generations import GenerationOrder
 from mlxserve.contract.serving import (
     ReplyEnd,
     ReplyError,

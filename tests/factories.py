@@ -31,7 +31,7 @@ from mlxserve.contract.stream import stream_append, stream_envelope_bodies
 from mlxserve.engine.emitter import CollectingPublisher, EngineEventEmitter
 from mlxserve.engine.engine import Engine
 from mlxserve.engine.metrics import WorkerMetrics
-from mlxserve.service import CELERY_WORKER_ARGS
+from mlxserve.service_files import CELERY_WORKER_ARGS
 
 # Another database (MLXSERVE_TEST_REDIS_URL) lets two checkouts' suites run side by side.
 TEST_REDIS_URL = os.environ.get("MLXSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

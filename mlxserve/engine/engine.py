@@ -18,7 +18,7 @@ from typing import Any
 
 from msgspec import UNSET
 
-from mlxserve.contract.events import (
+from mlxserve.contract.generations import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,

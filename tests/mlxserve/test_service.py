@@ -22,7 +22,7 @@ import pytest
 import redis
 from django.conf import settings as django_settings
 
-from mlxserve import service
+from mlxserve import service, service_files
 from mlxserve.contract.stream import stream_envelope_bodies
 from tests.factories import free_port, generation_queue_on
 
@@ -32,8 +32,8 @@ PYTHON = Path(sys.executable)
 
 def installed(
     tmp_path: Path, manager: str, redis_url: str, *, workers: int = 2, **env: str
-) -> service.Layout:
-    layout = service.Layout(manager=manager, home=tmp_path / "home")
+) -> service_files.Layout:
+    layout = service_files.Layout(manager=manager, home=tmp_path / "home")
     code = service.install(
         layout=layout,
         workers=workers,
@@ -48,7 +48,7 @@ def installed(
     return layout
 
 
-def written(layout: service.Layout) -> set[Path]:
+def written(layout: service_files.Layout) -> set[Path]:
     return {p for p in layout.home.rglob("*") if p.is_file()}
 
 
@@ -56,7 +56,7 @@ def test_systemd_units_verify_and_keep_secrets_in_a_0600_file(tmp_path: Path, ow
     layout = installed(tmp_path, "systemd", own_redis.url, workers=2)
     env_file = tmp_path / "home/.config/mlxserve/worker.env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    assert service.env_file_read(env_file) == {"REDIS_URL": own_redis.url}
+    assert service_files.env_file_read(env_file) == {"REDIS_URL": own_redis.url}
     units = [tmp_path / f"home/.config/systemd/user/mlxserve-worker-{n}.service" for n in (1, 2)]
     for n, unit in enumerate(units, start=1):
         text = unit.read_text()
@@ -82,7 +82,7 @@ def test_install_models_makes_the_workers_serve_those_only(
         ["install", "--redis-url", own_redis.url, "--models", "demo", "qwen-0.5b", "--no-start"]
     )
     assert code == 0
-    env = service.env_file_read(tmp_path / "home/.config/mlxserve/worker.env")
+    env = service_files.env_file_read(tmp_path / "home/.config/mlxserve/worker.env")
     assert env["MLXSERVE_WORKER_MODELS"] == "demo,qwen-0.5b"
     with pytest.raises(SystemExit):
         service.main(["install", "--redis-url", own_redis.url, "--models", "a,b", "--no-start"])
@@ -121,7 +121,7 @@ def test_launchd_agents_parse_with_the_keys_launchd_needs(tmp_path: Path, own_re
 def test_install_refuses_without_a_redis_that_answers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    layout = service.Layout(manager="systemd", home=tmp_path / "home")
+    layout = service_files.Layout(manager="systemd", home=tmp_path / "home")
     common: dict[str, Any] = {
         "layout": layout,
         "workers": 1,
@@ -162,7 +162,7 @@ def test_fewer_workers_remove_the_extra_ones_and_uninstall_removes_what_it_wrote
     assert not (layout.data_dir).exists() and not layout.config_dir.exists()
 
 
-def _command_of(layout: service.Layout, manager: str) -> tuple[list[str], dict[str, str], Path]:
+def _command_of(layout: service_files.Layout, manager: str) -> tuple[list[str], dict[str, str], Path]:
     """What the service manager would run: its command line, environment and directory."""
     base = {
         k: v
@@ -175,7 +175,7 @@ def _command_of(layout: service.Layout, manager: str) -> tuple[list[str], dict[s
         values = dict(
             line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
         )
-        env = {**base, **service.env_file_read(Path(values["EnvironmentFile"]))}
+        env = {**base, **service_files.env_file_read(Path(values["EnvironmentFile"]))}
         for line in unit.splitlines():
             if line.startswith("Environment="):
                 key, value = line.removeprefix("Environment=").split("=", 1)
@@ -298,10 +298,10 @@ def test_a_worker_runs_a_generation_with_none_of_the_web_only_packages_importabl
 def test_a_system_unit_runs_as_its_own_user_confined(tmp_path: Path) -> None:
     # Units from `install --system` ran as root: now as `mlxserve`, with systemd's hardening, as
     # `systemd-analyze security` scores it (it rates a unit with none of it 9.6, "UNSAFE").
-    layout = service.Layout(manager="systemd", home=tmp_path, system=True)
-    worker = service.Worker(n=1, source="mac/worker-1", checkout=tmp_path, python=Path(sys.executable))
+    layout = service_files.Layout(manager="systemd", home=tmp_path, system=True)
+    worker = service_files.Worker(n=1, source="mac/worker-1", checkout=tmp_path, python=Path(sys.executable))
     unit = tmp_path / "mlxserve-worker-1.service"
-    unit.write_text(service.systemd_unit(worker, layout))
+    unit.write_text(service_files.systemd_unit(worker, layout))
     text = unit.read_text()
     assert "User=mlxserve" in text and "NoNewPrivileges=yes" in text and "ProtectSystem=strict" in text
     assert f"ReadWritePaths={layout.data_dir} {layout.log_dir}" in text
@@ -312,5 +312,5 @@ def test_a_system_unit_runs_as_its_own_user_confined(tmp_path: Path) -> None:
     [score] = re.findall(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", analysis.stdout)
     assert float(score[0]) <= 2.0 and score[1] == "OK", analysis.stdout[-2000:]
     # A user unit (no root to drop) is as before: no User= line.
-    user_unit = service.systemd_unit(worker, service.Layout(manager="systemd", home=tmp_path))
+    user_unit = service_files.systemd_unit(worker, service_files.Layout(manager="systemd", home=tmp_path))
     assert "User=" not in user_unit and "ProtectSystem" not in user_unit

@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from events.generations import ModelNotServed, generation_queue
 from events.responses import GenerationOut
 from events.selectors import generation_detail, generation_latest_tokens
-from mlxserve.contract.events import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from mlxserve.contract.generations import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from mlxserve.contract.validation import ValidationFailed
 
 
