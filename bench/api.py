@@ -236,6 +236,12 @@ def main() -> int:
         help="token events in typed columns (events_token, as stored now) or JSON rows (before issue 25)",
     )
     parser.add_argument(
+        "--server",
+        choices=["asgi", "wsgi"],
+        default="asgi",
+        help="the web server: ASGI with uvicorn's workers, as deployed (default), or gunicorn's sync workers",
+    )
+    parser.add_argument(
         "--only", action="append", default=[], help="only the cases whose names start with this (repeatable)"
     )
     args = parser.parse_args()
@@ -339,10 +345,17 @@ def main() -> int:
         .splitlines()[-1]
     )
 
+    # The web server as `make run` and docs/operations.md run it (ASGI, uvicorn's workers), or
+    # gunicorn's sync WSGI workers (--server wsgi; the figures before 2026-12-06).
+    application = (
+        ["mlxserve.asgi:application", "-c", "python:mlxserve.gunicorn_conf"]
+        if args.server == "asgi"
+        else ["mlxserve.wsgi"]
+    )
     server = subprocess.Popen(
         [
             str(Path(python).parent / "gunicorn"),
-            "mlxserve.wsgi",
+            *application,
             "--bind",
             f"127.0.0.1:{args.port}",
             "--workers",

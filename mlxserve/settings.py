@@ -124,7 +124,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "servestatic.middleware.ServeStaticMiddleware",
+    "mlxserve.static_files.StaticFilesMiddleware",
     "mlxserve.api.RequestSizeLimitMiddleware",
     "mlxserve.api.NulParameterMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -172,15 +172,28 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 30,
     }
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_int("MLXSERVE_DB_POOL_SIZE", 10):
-    # Under ASGI (the web server) each request's database work runs on a thread of its own: a
-    # connection kept per thread (CONN_MAX_AGE) would be one per request, left to the garbage
-    # collector. So, as Django advises for ASGI, no persistent connections but psycopg's pool, per
-    # process; MLXSERVE_DB_POOL_SIZE=0 goes back to DATABASE_CONN_MAX_AGE.
+# The threads a web process serves the API, the admin and /metrics on (mlxserve.asgi; /v1/ runs on
+# the event loop): each holds at most one database connection during a request.
+WEB_THREADS = env_int("MLXSERVE_WEB_THREADS", 8)
+if not 1 <= WEB_THREADS <= 256:
+    raise ImproperlyConfigured(f"MLXSERVE_WEB_THREADS must be 1 to 256, got {WEB_THREADS}")
+DB_POOL_SIZE = env_int("MLXSERVE_DB_POOL_SIZE", 10)
+if DB_POOL_SIZE < 0:
+    raise ImproperlyConfigured(f"MLXSERVE_DB_POOL_SIZE must be 0 or more, got {DB_POOL_SIZE}")
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and 0 < DB_POOL_SIZE <= WEB_THREADS:
+    # A thread waiting for a connection would wait out the pool's timeout and fail the request.
+    raise ImproperlyConfigured(
+        f"MLXSERVE_DB_POOL_SIZE ({DB_POOL_SIZE}) must be more than MLXSERVE_WEB_THREADS ({WEB_THREADS}):"
+        " a connection for each thread and one for /v1/"
+    )
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and DB_POOL_SIZE:
+    # The web server's requests run on its threads and /v1/'s on the thread Django's ASGI handler
+    # keeps for sync work: as Django advises for ASGI, no persistent connections but psycopg's
+    # pool, per process; MLXSERVE_DB_POOL_SIZE=0 goes back to DATABASE_CONN_MAX_AGE.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
-        "max_size": env_int("MLXSERVE_DB_POOL_SIZE", 10),
+        "max_size": DB_POOL_SIZE,
         "timeout": 10,
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":

