@@ -24,7 +24,7 @@ from django.db.models.functions import Cast
 from events.models import MODEL_COLUMN_LENGTH, Channel, EventRecord, TokenEvent
 from events.partitions import DAY_MS
 from events.responses import EventOut
-from events.tokens import token_payload
+from events.tokens import token_payload, token_payload_value
 from mlxserve.contract.validation import INT64_MAX
 
 TOKEN_TYPE = "tokenGenerated"
@@ -116,8 +116,11 @@ def stored_event(row: Row, decode: Callable[[bytes], dict[str, Any]] | None = No
     text = row["payload_text"]
     if text is not None:
         raw = text.encode()
+        payload = decode(raw) if decode else {}
     else:
         raw = token_payload(row["model"], row["token"], row["logprob_value"])
+        # What decoding ``raw`` gives, without decoding it.
+        payload = token_payload_value(row["model"], row["token"], row["logprob_value"]) if decode else {}
     return StoredEvent(
         id=_dashed(row["id_text"]) or "",
         type=row["type"],
@@ -125,7 +128,7 @@ def stored_event(row: Row, decode: Callable[[bytes], dict[str, Any]] | None = No
         source=row["source"],
         generation_id=_dashed(row["generation_text"]),
         seq=row["seq"],
-        payload=decode(raw) if decode else {},
+        payload=payload,
         payload_raw=msgspec.Raw(raw),
         ingested_at=_iso(row["ingested_text"]),
     )
@@ -203,6 +206,13 @@ def row_key(row: Row) -> tuple[int, int, uuid.UUID]:
     return int(row["timestamp"]), int(row["seq"]), uuid.UUID(row["id_text"])
 
 
+def _merge_key(row: Row) -> tuple[int, int, str]:
+    """``row_key`` for merging rows of one database: the id's text is fixed-width lower-case hex
+    (dashed on PostgreSQL, not on SQLite), so it sorts as the UUID's bytes do, as the database
+    orders them; no UUID made a row (most of a generation view's merge)."""
+    return row["timestamp"], row["seq"], row["id_text"]
+
+
 def in_event_order(queryset: QuerySet[Any, Any], *, newest_first: bool = True) -> QuerySet[Any, Any]:
     """``queryset`` in the event order, by ``timestamp + 0`` where ``_by_generation`` asked for it."""
     sign = "-" if newest_first else ""
@@ -248,7 +258,7 @@ def _merged(querysets: Sequence[QuerySet[Any, Row]], limit: int, newest_first: b
     pages = [list(in_event_order(q, newest_first=newest_first)[:limit]) for q in querysets]
     if len(pages) == 1:
         return pages[0]
-    return list(itertools.islice(heapq.merge(*pages, key=row_key, reverse=newest_first), limit))
+    return list(itertools.islice(heapq.merge(*pages, key=_merge_key, reverse=newest_first), limit))
 
 
 def after(key: tuple[int, int, uuid.UUID], *, newer: bool = False) -> Q:
@@ -284,7 +294,7 @@ def event_get(event_id: uuid.UUID) -> Row | None:
         for model in (EventRecord, TokenEvent)
         if (row := event_values(model.objects.filter(pk=event_id)).order_by("-timestamp").first())
     ]
-    return max(rows, key=row_key, default=None)
+    return max(rows, key=_merge_key, default=None)
 
 
 def generation_events(generation_id: uuid.UUID) -> list[StoredEvent]:
@@ -294,4 +304,4 @@ def generation_events(generation_id: uuid.UUID) -> list[StoredEvent]:
         event_values(model.objects.filter(generation_id=generation_id)) for model in (EventRecord, TokenEvent)
     ]
     pages = [list(q.order_by("timestamp", "seq", "id")) for q in querysets]
-    return [stored_event(row, decode) for row in heapq.merge(*pages, key=row_key)]
+    return [stored_event(row, decode) for row in heapq.merge(*pages, key=_merge_key)]

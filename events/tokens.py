@@ -253,6 +253,18 @@ def _jsonb() -> bool:
     return connection.vendor == "postgresql"
 
 
+def token_payload_value(model: str, token: str, logprob: float | None) -> dict[str, Any]:
+    """``token_payload`` decoded: the same keys in the same order, the same values (jsonb keeps
+    no sign on a zero)."""
+    if logprob is None:
+        return {"model": model, "token": token}
+    if _jsonb():
+        if abs(logprob) >= 1e15:  # jsonb may print it with no point: it reads back as an integer
+            return {"model": model, "token": token, "logprob": msgspec.json.decode(_jsonb_number(logprob))}
+        logprob += 0.0
+    return {"model": model, "token": token, "logprob": logprob}
+
+
 def token_payload(model: str, token: str, logprob: float | None) -> bytes:
     """A token event's payload as the JSON form stores it on this database: msgspec's bytes on
     SQLite (a JSON text column), jsonb's text on PostgreSQL (keys by length, then by bytes)."""

@@ -302,3 +302,17 @@ def test_a_pair_past_the_16_bit_channel_ids_is_stored_as_json_and_reads_the_same
         "model": "far",
         "token": "t",
     }
+
+
+@pytest.mark.parametrize("logprob", [*LOGPROBS, f32(-1e-30), -1e300, 5e-324])
+@pytest.mark.parametrize("token", ["plain", 'quo"te\\back\n\t\x01', "ünï ✓ 😀", ""])
+def test_a_token_payload_read_for_figures_is_what_decoding_its_bytes_gives(
+    logprob: float | None, token: str
+) -> None:
+    """The generation view reads each token's payload as a value instead of decoding the bytes it
+    writes out: the same keys in the same order, the same values and signs, on this database."""
+    raw = events.tokens.token_payload("llama-3-8b", token, logprob)
+    value = events.tokens.token_payload_value("llama-3-8b", token, logprob)
+    decoded = msgspec.json.decode(raw)
+    assert list(value.items()) == list(decoded.items())
+    assert [repr(v) for v in value.values()] == [repr(v) for v in decoded.values()]  # -0.0 vs 0.0
