@@ -12,7 +12,10 @@ times ``--requests`` sequential keep-alive requests per case:
   offset pagination (``?limit=100&offset=N``), at random offsets and filtered.
 
     .venv/bin/python bench/api.py [--rows 10000000] [--requests 200]
-        [--postgres postgres://postgres@127.0.0.1:5432/postgres] [--keep]
+        [--postgres postgres://postgres@127.0.0.1:5432/postgres] [--keep] [--server asgi|wsgi]
+
+The server is gunicorn as deployed (``mlxserve.asgi``, uvicorn's workers; ``--server wsgi``: sync
+workers on ``mlxserve.wsgi``, as the figures before 2026-12-06 were measured), 2 processes.
 """
 
 from __future__ import annotations
