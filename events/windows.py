@@ -4,8 +4,9 @@ buckets, or exact where every observation was read."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from django.db import connection, transaction
@@ -79,14 +80,31 @@ def _plan(since: int, end: int, levels: Sequence[tuple[int, int]], sign: int = 1
     return parts
 
 
-def _snapshot(outermost: bool) -> None:
+@contextlib.contextmanager
+def _read_snapshot() -> Iterator[None]:
     """Read the window in one snapshot: rollups and events that each hold a batch or not
     (a batch stored between two reads would be counted in one and taken away in the other).
-    SQLite's read transaction is one already; PostgreSQL's must be asked for, first thing in
-    the transaction (inside a caller's transaction, the caller's isolation stands)."""
-    if outermost and connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    PostgreSQL's must be asked for, first thing in the transaction; SQLite's is a deferred
+    transaction (a reader of the write-ahead log), not the project's IMMEDIATE one, which takes
+    the write lock: a read would wait behind every write (and fail after 30 s behind a long one).
+    Inside a caller's transaction, the caller's isolation stands."""
+    outermost = not connection.in_atomic_block
+    deferred = outermost and connection.vendor == "sqlite"
+    if deferred:
+        connection.ensure_connection()  # a new connection would set its mode again
+        mode = connection.transaction_mode  # type: ignore[attr-defined]
+        connection.transaction_mode = "DEFERRED"  # type: ignore[attr-defined]
+    try:
+        with transaction.atomic():  # BEGIN is sent here
+            if deferred:
+                connection.transaction_mode = mode  # type: ignore[attr-defined]
+            if outermost and connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield
+    finally:
+        if deferred:
+            connection.transaction_mode = mode  # type: ignore[attr-defined]
 
 
 def window_figures(
@@ -99,9 +117,7 @@ def window_figures(
     buckets: dict[str, Counter[int]] = {h: Counter() for h in HISTOGRAMS}
     # Before the snapshot, which reads only: the coverage row is made if it is missing.
     coverage = StatsCoverage.load()
-    outermost = not connection.in_atomic_block
-    with transaction.atomic():
-        _snapshot(outermost)
+    with _read_snapshot():
         end = until + 1
         covered_from = coverage.covered_from if use_rollups else end
         minutes_from = max(coverage.minutes_from, covered_from)

@@ -286,6 +286,27 @@ def generation(
     return [started, *token_events, completed]
 
 
+@contextlib.contextmanager
+def writers_locked_out(table: str) -> Iterator[None]:
+    """Another session holding ``table`` against writers, as a long write would; readers go on
+    (PostgreSQL: the table locked EXCLUSIVE; SQLite: the file's write lock, WAL readers go on)."""
+    if connection.vendor == "postgresql":
+        import psycopg
+
+        holder: Any = psycopg.connect(database_url())
+        holder.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+    else:
+        import sqlite3
+
+        holder = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.rollback()
+        holder.close()
+
+
 def database_url() -> str:
     db = connection.settings_dict
     if connection.vendor == "postgresql":

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,16 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from django.conf import settings as django_settings
 from django.contrib.auth.models import User
-from django.db import connection
 from django.test import Client
 from rest_framework.authtoken.models import Token
 
 from telemetry.services import telemetry_config_get
-from tests.factories import TEST_REDIS_URL, database_url, free_port
+from tests.factories import TEST_REDIS_URL, database_url, free_port, writers_locked_out
 
 STATIC_FILE = "/static/admin/css/base.css"
 
@@ -91,23 +88,6 @@ def web_server(tmp_path: Path) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-class ConfigTableLocked:
-    """Another session holding the telemetry config's table against writers (readers go on)."""
-
-    def __enter__(self) -> ConfigTableLocked:
-        if connection.vendor == "postgresql":
-            self.conn: Any = psycopg.connect(database_url())
-            self.conn.execute("LOCK TABLE telemetry_telemetryconfig IN EXCLUSIVE MODE")
-        else:  # SQLite: the write lock of the whole file (WAL: readers go on)
-            self.conn = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
-            self.conn.execute("BEGIN IMMEDIATE")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.rollback()
-        self.conn.close()
-
-
 def requests_received(base: str, method: str) -> float:
     """The server's own count of ``method`` requests received (django-prometheus, on /metrics)."""
     _, body = call(base, "/metrics")
@@ -125,7 +105,7 @@ def test_a_request_waiting_on_the_database_holds_one_thread_and_the_others_are_a
     token = Token.objects.create(user=staff).key
     telemetry_config_get()  # the row exists: the PATCH waits on the lock, not on making it
     answers: list[tuple[int, bytes]] = []
-    with ConfigTableLocked():
+    with writers_locked_out("telemetry_telemetryconfig"):
         change = threading.Thread(
             target=lambda: answers.append(
                 call(web_server, "/api/telemetry/config/", method="PATCH", token=token, body={})
