@@ -307,6 +307,21 @@ def writers_locked_out(table: str) -> Iterator[None]:
         holder.close()
 
 
+def web_server_command(port: int, *, workers: int = 1) -> list[str]:
+    """The web server as deployed (docs/operations.md): gunicorn managing uvicorn's workers on
+    ``mlxserve.asgi``, on a loopback port."""
+    return [
+        str(Path(sys.executable).parent / "gunicorn"),
+        "mlxserve.asgi:application",
+        "-c",
+        "python:mlxserve.gunicorn_conf",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+    ]
+
+
 def database_url() -> str:
     db = connection.settings_dict
     if connection.vendor == "postgresql":

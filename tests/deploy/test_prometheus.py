@@ -41,7 +41,7 @@ from events.ingest import EventIngester
 from events.models import Event, RegisteredModel
 from events.selectors import generation_detail
 from telemetry.services import telemetry_config_patch
-from tests.factories import CONFIG_KEY, CONTROL, STREAM, free_port
+from tests.factories import CONFIG_KEY, CONTROL, STREAM, free_port, web_server_command
 
 ROOT = Path(django_settings.BASE_DIR)
 DEPLOY = ROOT / "deploy"
@@ -316,16 +316,7 @@ def test_metrics_add_up_across_gunicorn_processes_and_leave_no_stale_series(tmp_
     log = tmp_path / "gunicorn.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "gunicorn"),
-                "mlxserve.asgi:application",
-                "-c",
-                "python:mlxserve.gunicorn_conf",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "3",
-            ],
+            web_server_command(port, workers=3),
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 
-from tests.factories import free_port
+from tests.factories import free_port, web_server_command
 
 
 @pytest.fixture
@@ -22,14 +21,7 @@ def gunicorn_port(tmp_path: Path) -> Iterator[int]:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"}
     server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "gunicorn"),
-            "mlxserve.asgi:application",
-            "-c",
-            "python:mlxserve.gunicorn_conf",
-            "--bind",
-            f"127.0.0.1:{port}",
-        ],
+        web_server_command(port),
         cwd=django_settings.BASE_DIR,
         env=env,
         stdout=subprocess.DEVNULL,

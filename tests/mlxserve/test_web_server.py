@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +22,7 @@ from django.test import Client
 from rest_framework.authtoken.models import Token
 
 from telemetry.services import telemetry_config_get
-from tests.factories import TEST_REDIS_URL, database_url, free_port, writers_locked_out
+from tests.factories import TEST_REDIS_URL, database_url, free_port, web_server_command, writers_locked_out
 
 STATIC_FILE = "/static/admin/css/base.css"
 
@@ -57,16 +56,7 @@ def web_server(tmp_path: Path) -> Iterator[str]:
     log = tmp_path / "gunicorn.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "gunicorn"),
-                "mlxserve.asgi:application",
-                "-c",
-                "python:mlxserve.gunicorn_conf",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-            ],
+            web_server_command(port),
             cwd=django_settings.BASE_DIR,
             env=env,
             stdout=out,
