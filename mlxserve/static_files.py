@@ -2,8 +2,8 @@
 
 ServeStatic's own middleware is async only: under the sync handler (the API and the admin, see
 ``mlxserve.asgi``; ``mlxserve.wsgi``; the test client) Django would adapt it with ``async_to_sync``
-on every request, and in the async handler (``/v1/``) a sync-only static middleware would block
-the thread every sync part of a process shares for as long as a stream lasts. This one runs in
+on every request, and in the async handler (``/v1/``) a sync-only static middleware would run the
+rest of the request from a thread, held for as long as each stream lasts. This one runs in
 either mode: async, it is ServeStatic's middleware; sync, it looks the file up in the same table
 (the apps' files through the finders, no collectstatic) and answers with ServeStatic's response.
 """
