@@ -168,3 +168,23 @@ def test_postgresql_connections_start_no_parallel_workers_and_a_bad_number_is_re
     result = manage("check", env=env)
     assert result.returncode != 0
     assert "MLXSERVE_DB_PARALLEL_WORKERS must be 0 to 64, got 100" in result.stderr
+
+
+def test_web_threads_out_of_range_or_more_than_the_pool_can_serve_are_refused_at_start() -> None:
+    postgres = "postgres://postgres@127.0.0.1:5432/postgres"
+    refusals = {
+        "MLXSERVE_WEB_THREADS must be 1 to 256, got 0": {"MLXSERVE_WEB_THREADS": "0"},
+        "MLXSERVE_WEB_THREADS must be 1 to 256, got 257": {"MLXSERVE_WEB_THREADS": "257"},
+        "MLXSERVE_DB_POOL_SIZE must be 0 or more, got -1": {"MLXSERVE_DB_POOL_SIZE": "-1"},
+        "MLXSERVE_DB_POOL_SIZE (8) must be more than MLXSERVE_WEB_THREADS (8)": {
+            "DATABASE_URL": postgres,
+            "MLXSERVE_DB_POOL_SIZE": "8",
+        },
+    }
+    for message, env in refusals.items():
+        result = manage("check", env=env)
+        assert result.returncode != 0 and message in result.stderr, (env, result.stderr[-500:])
+    # A pool one larger than the threads, or no pool at all, starts.
+    for env in ({"MLXSERVE_DB_POOL_SIZE": "9"}, {"MLXSERVE_DB_POOL_SIZE": "0", "MLXSERVE_WEB_THREADS": "64"}):
+        result = manage("check", env={"DATABASE_URL": postgres, **env})
+        assert result.returncode == 0, (env, result.stderr[-500:])
