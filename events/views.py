@@ -10,7 +10,8 @@ from urllib import parse
 import msgspec
 import redis
 from django.conf import settings
-from django.db import transaction
+from django.core.handlers.asgi import ASGIRequest
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.http import StreamingHttpResponse
 from django_filters.utils import translate_validation
@@ -71,6 +72,7 @@ from mlxserve.openapi import (
     struct_serializer,
 )
 from mlxserve.redis_conn import redis_client
+from mlxserve.streaming import chunks_from_the_loop
 
 ENVELOPE_SCHEMA = struct_schema(Envelope)
 
@@ -380,9 +382,15 @@ class EventExportView(generics.GenericAPIView[EventRecord]):
         },
     )
     def get(self, request: Request) -> StreamingHttpResponse:
-        response = StreamingHttpResponse(
-            events_export(filtered_history(self)), content_type="application/x-ndjson"
-        )
+        chunks = events_export(filtered_history(self))
+        ndjson = NDJSONRenderer.media_type
+        if isinstance(request._request, ASGIRequest):
+            # The deployed server (mlxserve.asgi): sent from the event loop, the request's thread and
+            # its database connection given back now rather than after the last byte.
+            connection.close()
+            response = StreamingHttpResponse(chunks_from_the_loop(chunks), content_type=ndjson)
+        else:
+            response = StreamingHttpResponse(chunks, content_type=ndjson)
         response["Content-Disposition"] = 'attachment; filename="events.ndjson"'
         return response
 

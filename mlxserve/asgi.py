@@ -3,12 +3,16 @@ uvicorn's workers).
 
 Two of Django's handlers, routed by path:
 
-- ``/v1/`` (the OpenAI-compatible endpoints, async views that stream): Django's ASGI handler.
+- ``/v1/`` (the OpenAI-compatible endpoints, async views that stream) and the event export (a
+  stream as long as the range asked for, see ``mlxserve.streaming``): Django's ASGI handler.
 - everything else (the API, the admin, ``/metrics``, static files: sync views): Django's WSGI
   handler on a pool of ``MLXSERVE_WEB_THREADS`` threads (a2wsgi). Under the ASGI handler each
   half of each sync middleware and the view is a hop between the event loop and a thread (about
   20 a request; measured on a 2-core host, a request that took 5 ms under WSGI took 16); here a
   request is one hop onto a thread of the pool, its middleware and view run there in one go.
+  A request's body is read whole here, on the event loop, before the request takes a thread: a
+  client that sends its body slowly (anyone can, to ``/admin/login/``) holds a connection, never
+  one of the pool's threads.
 
 Django reads a request's whole body before any middleware runs: the size limit is applied here,
 from the headers, so an oversized or chunked body is answered (413, 411) unread, as
@@ -34,6 +38,7 @@ production_keys_require("web server")
 
 sync_application = WSGIMiddleware(get_wsgi_application(), workers=settings.WEB_THREADS)  # type: ignore[arg-type]
 ASYNC_PREFIX = "/v1/"
+EXPORT_PATH = "/api/events/export/"
 
 
 def _refusal(path: str, status: int, code: str, message: str) -> bytes:
@@ -50,6 +55,30 @@ async def _drained(receive):  # type: ignore[no-untyped-def]
         message = await receive()
         if message["type"] != "http.request" or not message.get("more_body", False):
             return
+
+
+async def _body_read(receive):  # type: ignore[no-untyped-def]
+    """The whole body (at most ``MAX_REQUEST_BYTES``: the headers were checked), or None if the
+    client went away first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replayed(body: bytes, receive):  # type: ignore[no-untyped-def]
+    """``receive`` for a request whose body was read: the body once, then the client's messages
+    (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay():  # type: ignore[no-untyped-def]
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 async def application(scope, receive, send):  # type: ignore[no-untyped-def] # the ASGI signature
@@ -86,7 +115,9 @@ async def application(scope, receive, send):  # type: ignore[no-untyped-def] # t
             )
             await send({"type": "http.response.body", "body": body})
             return
-        if not scope["path"].startswith(ASYNC_PREFIX):
-            await sync_application(scope, receive, send)
+        if not scope["path"].startswith(ASYNC_PREFIX) and scope["path"] != EXPORT_PATH:
+            body = await _body_read(receive)
+            if body is not None:
+                await sync_application(scope, _replayed(body, receive), send)
             return
     await django_application(scope, receive, send)

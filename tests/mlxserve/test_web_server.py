@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -15,20 +16,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from django.conf import settings as django_settings
 from django.contrib.auth.models import User
 from django.test import Client
 from rest_framework.authtoken.models import Token
 
+from events.storage import events_store
 from telemetry.services import telemetry_config_get
-from tests.factories import TEST_REDIS_URL, database_url, free_port, web_server_command, writers_locked_out
+from tests.factories import (
+    T0,
+    TEST_REDIS_URL,
+    database_url,
+    free_port,
+    make_envelope,
+    web_server_command,
+    writers_locked_out,
+)
 
 STATIC_FILE = "/static/admin/css/base.css"
 
 
 def call(
-    base: str, path: str, *, method: str = "GET", token: str = "", body: Any = None
+    base: str, path: str, *, method: str = "GET", token: str = "", body: Any = None, timeout: float = 60
 ) -> tuple[int, bytes]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"{base}{path}", data=data, method=method)
@@ -37,7 +48,7 @@ def call(
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
@@ -45,13 +56,15 @@ def call(
 
 @pytest.fixture
 def web_server(tmp_path: Path) -> Iterator[str]:
-    """One web process (gunicorn, uvicorn's worker) on the test database, four threads."""
+    """One web process (gunicorn, uvicorn's worker) on the test database, four threads (and on
+    PostgreSQL a pool of five connections: one a thread and one for the event loop's work)."""
     port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": database_url(),
         "REDIS_URL": TEST_REDIS_URL,
         "MLXSERVE_WEB_THREADS": "4",
+        "MLXSERVE_DB_POOL_SIZE": "5",
     }
     log = tmp_path / "gunicorn.log"
     with open(log, "wb") as out:
@@ -114,6 +127,85 @@ def test_a_request_waiting_on_the_database_holds_one_thread_and_the_others_are_a
         assert change.is_alive() and not answers, "the PATCH was still waiting on the lock"
     change.join(timeout=60)
     assert answers and answers[0][0] == 200, answers
+
+
+def slow_reader(base: str, path: str, token: str) -> socket.socket:
+    """A client that asks for ``path`` with a small receive window and reads nothing."""
+    host, port = base.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(60)
+    client.connect((host, int(port)))
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Token {token}\r\n\r\n".encode())
+    return client
+
+
+@pytest.mark.django_db(transaction=True)
+def test_clients_reading_an_export_slowly_hold_no_thread_nor_database_connection(web_server: str) -> None:
+    """Six exports of 50,000 events (about 20 MB each) to clients that read nothing, more than the
+    server has threads and connections: the API is answered meanwhile, and an export read to its end
+    holds every event once."""
+    reader = User.objects.create_user("reader", password="reader-pass-123", is_staff=True)
+    token = Token.objects.create(user=reader).key
+    total = 50_000
+    for start in range(0, total, 10_000):
+        batch = [
+            make_envelope("tokenGenerated", timestamp=T0 + i, seq=i) for i in range(start, start + 10**4)
+        ]
+        events_store([(f"{i}-0", msgspec.json.encode(e)) for i, e in enumerate(batch)])
+    path = f"/api/events/export/?since={T0}"
+    slow = [slow_reader(web_server, path, token) for _ in range(6)]
+    try:
+        time.sleep(3)  # every export is in the server, its client's window full
+        started = time.monotonic()
+        for path_read in ("/api/telemetry/config/", "/api/events/?limit=5"):
+            status, body = call(web_server, path_read, token=token, timeout=20)
+            assert status == 200, body
+        assert time.monotonic() - started < 10
+    finally:
+        for client in slow:
+            client.close()
+    status, body = call(web_server, path, token=token)
+    assert status == 200
+    lines = body.splitlines()
+    assert len(lines) == total and len({json.loads(line)["id"] for line in lines}) == total
+
+
+def slow_post(base: str, path: str, length: int) -> socket.socket:
+    """A client that sends a POST's headers and one byte of its ``length``-byte body, then waits."""
+    host, port = base.removeprefix("http://").split(":")
+    client = socket.create_connection((host, int(port)), timeout=60)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        f"Cookie: csrftoken={'c' * 32}\r\nContent-Length: {length}\r\n\r\na"
+    )
+    client.sendall(head.encode())
+    return client
+
+
+@pytest.mark.django_db(transaction=True)
+def test_clients_sending_their_bodies_slowly_hold_no_thread(web_server: str) -> None:
+    """More slow posts than the server has threads (four), from clients with no account (the admin's
+    login form reads its body for the CSRF check, once it has the cookie): the API is answered
+    meanwhile, and each post is answered once its body is in."""
+    reader = User.objects.create_user("reader", password="reader-pass-123", is_staff=True)
+    token = Token.objects.create(user=reader).key
+    length = 64
+    slow = [slow_post(web_server, "/admin/login/", length) for _ in range(6)]
+    try:
+        time.sleep(1)  # every post is in the server, waiting on its body
+        started = time.monotonic()
+        status, body = call(web_server, "/api/telemetry/config/", token=token, timeout=20)
+        assert status == 200, body
+        assert time.monotonic() - started < 10
+        for client in slow:
+            client.sendall(b"b" * (length - 1))
+        for client in slow:
+            answer = client.recv(64)
+            assert answer.startswith(b"HTTP/1.1 403"), answer  # CSRF: the form has no token
+    finally:
+        for client in slow:
+            client.close()
 
 
 @pytest.mark.django_db(transaction=True)
