@@ -36,7 +36,7 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from bench.telemetry_on import runtime_with_telemetry
-from mlxserve.contract.stream import stream_envelope_bodies
+from mlxserve.bus import stream_envelope_bodies
 from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.engine.engine import GenerationRequest
 

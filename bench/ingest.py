@@ -121,8 +121,8 @@ def main() -> int:
 
     from events.models import Event, EventRecord
     from events.storage import _EVENT_COLUMNS, _event_values
+    from mlxserve.bus import stream_append_batch
     from mlxserve.contract.events import envelope_decode
-    from mlxserve.contract.stream import stream_append_batch
 
     call_command("migrate", verbosity=0)
     client = redis.Redis.from_url(args.redis_url)

@@ -24,12 +24,12 @@ from events.partitions import partitions_ensure
 from events.privacy import prompt_policy_get
 from events.retention import events_retention_apply
 from events.storage import DATABASE_ERRORS, StoreOutcome, decoded_store, storage_ready, transient_conflict
+from mlxserve.bus import stream_ensure_group
 from mlxserve.contract.stream import (
     ENTRY_MAX_BYTES,
     EntryContents,
     EntryFields,
     entry_envelopes,
-    stream_ensure_group,
     xautoclaim_pairs,
     xreadgroup_pairs,
 )

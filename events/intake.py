@@ -17,8 +17,8 @@ import redis
 from django.conf import settings
 
 from events.responses import BatchOutcome, Rejected
+from mlxserve.bus import backlog_refusal, stream_append, stream_append_batch
 from mlxserve.contract.events import Envelope, envelope_encode, envelope_validate
-from mlxserve.contract.stream import backlog_refusal, stream_append, stream_append_batch
 from mlxserve.contract.validation import Issue, ValidationFailed
 from mlxserve.redis_conn import redis_clock
 

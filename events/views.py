@@ -58,7 +58,8 @@ from mlxserve.api import (
     CanSeeDeadLetters,
     error_body,
 )
-from mlxserve.contract.control import ControlCommand, control_command_publish
+from mlxserve.bus import control_command_publish
+from mlxserve.contract.control import ControlCommand
 from mlxserve.contract.events import Envelope
 from mlxserve.contract.generations import GenerationOrder
 from mlxserve.contract.validation import Issue, ValidationFailed, validate

@@ -8,12 +8,11 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 
+from mlxserve.bus import telemetry_config_publish, telemetry_config_read
 from mlxserve.contract.telemetry import (
     FIELD_TO_WIRE,
     TelemetryConfigSchema,
     telemetry_config_merge,
-    telemetry_config_publish,
-    telemetry_config_read,
     telemetry_config_validate,
 )
 from mlxserve.redis_conn import redis_client

@@ -26,8 +26,8 @@ from rest_framework.test import APIClient
 
 from events.backlog import stream_lag
 from events.ingest import EventIngester
+from mlxserve.bus import stream_append, stream_envelope_bodies
 from mlxserve.contract.events import envelope_to_wire
-from mlxserve.contract.stream import stream_append, stream_envelope_bodies
 from mlxserve.engine.emitter import CollectingPublisher, EngineEventEmitter
 from mlxserve.engine.engine import Engine
 from mlxserve.engine.metrics import WorkerMetrics

@@ -11,7 +11,6 @@ command's JSON, for workers of earlier versions that read it from there.
 from __future__ import annotations
 
 import msgspec
-import redis
 
 COMMAND_FIELD = b"c"
 LOG_LENGTH = 1000
@@ -25,13 +24,3 @@ class ControlCommand(msgspec.Struct, forbid_unknown_fields=True):
 
 def control_log_key(channel: str) -> str:
     return f"{channel}:log"
-
-
-def control_command_publish(*, client: redis.Redis, channel: str, command: ControlCommand) -> int:
-    """Write a command to the log and nudge the workers; returns how many were listening."""
-    body = msgspec.json.encode(command)
-    pipe = client.pipeline(transaction=True)
-    pipe.xadd(control_log_key(channel), {COMMAND_FIELD: body}, maxlen=LOG_LENGTH, approximate=True)
-    pipe.publish(channel, body)
-    _, listeners = pipe.execute()
-    return int(listeners)

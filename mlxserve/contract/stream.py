@@ -1,6 +1,6 @@
 """The Redis stream that carries events from producers to the ingester.
 
-Redis alone, no Django: the API and the workers both append through here.
+What an entry holds, written and read here without a client (``mlxserve.bus`` does the I/O).
 An entry holds either one envelope, JSON-encoded, in the field ``e``, or a
 batch of them, a JSON array, in the field ``b``. Workers send batches: one
 entry per batch costs Redis and the worker a tenth of one entry per event.
@@ -16,40 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import redis
 
 from mlxserve.contract.validation import Issue, ValidationFailed
 
 ENTRY_FIELD = b"e"
 BATCH_FIELD = b"b"
-
-
-def stream_append(client: redis.Redis, stream: str, bodies: Sequence[bytes]) -> list[str]:
-    """XADD each body in one round trip; returns the entry ids. Raises ``redis.RedisError``.
-
-    No MAXLEN here: trimming by length would drop entries the ingester has
-    not stored yet.
-    """
-    if not bodies:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for body in bodies:
-        pipe.xadd(stream, {ENTRY_FIELD: body})
-    return [i.decode() if isinstance(i, bytes) else str(i) for i in pipe.execute()]
-
-
-def stream_backlog(*, client: redis.Redis, stream: str, group: str) -> int:
-    """Entries not yet stored: read and pending, plus not yet read (the whole stream if no
-    ingester has made the group yet, or if this Redis does not report the group's lag)."""
-    try:
-        groups: Any = client.xinfo_groups(stream)
-    except redis.ResponseError:  # no stream yet
-        return 0
-    for info in groups:
-        name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-        if name == group and info.get("lag") is not None:
-            return int(info["pending"]) + int(info["lag"])
-    return int(client.xlen(stream))
 
 
 # What one stream entry may hold, all its fields together. Producers keep under it (an API post is
@@ -58,50 +29,9 @@ def stream_backlog(*, client: redis.Redis, stream: str, group: str) -> int:
 ENTRY_MAX_BYTES = 4 * 1024 * 1024
 
 
-def stream_bytes(*, client: redis.Redis, stream: str) -> int:
-    """The stream's memory in Redis (``MEMORY USAGE``, sampled: a few nodes read, whatever its
-    length), 0 when there is no stream."""
-    used: Any = client.memory_usage(stream, samples=5)
-    return int(used or 0)
-
-
-def backlog_refusal(
-    *, client: redis.Redis, stream: str, group: str, max_entries: int, max_bytes: int
-) -> str | None:
-    """Why nothing more may be written to the stream now, or None: past ``max_entries`` entries
-    not yet stored, or past ``max_bytes`` of stream in Redis (0 turns either check off). Entries
-    alone would not bound memory: one entry may hold thousands of events."""
-    if max_entries:
-        backlog = stream_backlog(client=client, stream=stream, group=group)
-        if backlog >= max_entries:
-            return f"the stream holds {backlog} entries not yet stored (limit {max_entries})"
-    if max_bytes:
-        used = stream_bytes(client=client, stream=stream)
-        if used >= max_bytes:
-            return f"the stream takes {used} bytes of Redis (limit {max_bytes})"
-    return None
-
-
-def stream_ensure_group(client: redis.Redis, stream: str, group: str) -> None:
-    """Create the consumer group (and the stream) if missing; from the start of the stream."""
-    try:
-        client.xgroup_create(stream, group, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
 def batch_body(bodies: Sequence[bytes]) -> bytes:
     """Envelopes already encoded as JSON, joined into one JSON array."""
     return b"[" + b",".join(bodies) + b"]"
-
-
-def stream_append_batch(client: redis.Redis, stream: str, bodies: Sequence[bytes]) -> str | None:
-    """XADD one entry holding all ``bodies``, in order. Raises ``redis.RedisError``."""
-    if not bodies:
-        return None
-    entry_id = client.xadd(stream, {BATCH_FIELD: batch_body(bodies)})
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 @dataclass
@@ -245,12 +175,3 @@ def batch_split(batch: bytes) -> list[bytes] | None:
     if last or items:
         items.append(last)
     return items
-
-
-def stream_envelope_bodies(client: redis.Redis, stream: str) -> list[bytes]:
-    """Every envelope body on the stream, in order (for tools and tests; reads it all)."""
-    entries: Any = client.xrange(stream)
-    contents = EntryContents()
-    for entry_id, fields in entries:
-        entry_envelopes(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields, contents)
-    return [body for _, body in contents.bodies]

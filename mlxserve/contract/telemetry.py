@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 import msgspec
-import redis
 from msgspec import Meta
 
 from mlxserve.contract.validation import Issue, ValidationFailed, messages, validate
@@ -212,16 +211,6 @@ def channel_for(key: str) -> str:
     return f"{key}:changes"
 
 
-def telemetry_config_publish(
-    *, client: redis.Redis, key: str, config: TelemetryConfigSchema, version: int
-) -> None:
-    message = msgspec.json.encode(PublishedConfig(version=version, config=config.to_wire()))
-    pipe = client.pipeline(transaction=True)
-    pipe.set(key, message)
-    pipe.publish(channel_for(key), message)
-    pipe.execute()
-
-
 def config_parse(raw: bytes | None) -> tuple[int, TelemetryConfigSchema] | None:
     if raw is None:
         return None
@@ -231,9 +220,3 @@ def config_parse(raw: bytes | None) -> tuple[int, TelemetryConfigSchema] | None:
     except Exception:  # a foreign or corrupt value must not take a worker down
         logger.exception("Ignoring an invalid telemetry config in Redis: %r", raw[:200])
         return None
-
-
-def telemetry_config_read(*, client: redis.Redis, key: str) -> tuple[int, TelemetryConfigSchema] | None:
-    """The current config and its version, or None if the control plane never published one."""
-    raw = client.get(key)
-    return config_parse(raw)  # type: ignore[arg-type]

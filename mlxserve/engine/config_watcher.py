@@ -11,11 +11,8 @@ from collections.abc import Callable
 
 import redis
 
-from mlxserve.contract.telemetry import (
-    TelemetryConfigSchema,
-    channel_for,
-    telemetry_config_read,
-)
+from mlxserve.bus import telemetry_config_read
+from mlxserve.contract.telemetry import TelemetryConfigSchema, channel_for
 from mlxserve.engine.subscription import Subscription
 
 logger = logging.getLogger(__name__)

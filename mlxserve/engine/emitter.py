@@ -20,6 +20,7 @@ import msgspec
 import redis
 from msgspec import UNSET
 
+from mlxserve.bus import stream_append
 from mlxserve.contract.events import (
     EVENT_TYPES,
     Envelope,
@@ -31,7 +32,6 @@ from mlxserve.contract.events import (
     token_envelopes_decode,
     token_rules,
 )
-from mlxserve.contract.stream import stream_append
 from mlxserve.contract.validation import Issue, ValidationFailed
 
 logger = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ from typing import IO
 import msgspec
 import redis
 
+from mlxserve.bus import backlog_refusal, stream_append_batch
 from mlxserve.contract.events import EnvelopeBase
-from mlxserve.contract.stream import ENTRY_MAX_BYTES, backlog_refusal, stream_append_batch
+from mlxserve.contract.stream import ENTRY_MAX_BYTES
 from mlxserve.engine.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)

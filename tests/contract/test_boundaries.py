@@ -1,5 +1,5 @@
-"""The package boundaries: the contract and the engine load neither Django nor Celery, and
-lint-imports holds every package to its place."""
+"""The package boundaries: the contract and the engine load neither Django nor Celery (the contract
+no Redis client either), and lint-imports holds every package to its place."""
 
 from __future__ import annotations
 
@@ -30,6 +30,21 @@ def test_importing_the_contract_and_the_engine_loads_neither_django_nor_celery()
     loaded = set(ast.literal_eval(result.stdout))
     assert "mlxserve" in loaded and "msgspec" in loaded
     assert not loaded & {"django", "celery", "kombu", "rest_framework", "events", "telemetry"}
+
+
+def test_the_contract_alone_loads_no_redis_client() -> None:
+    """The contract says what goes over Redis; reading and writing it is ``mlxserve.bus``'s."""
+    code = (
+        "import sys\n"
+        "import mlxserve.contract, mlxserve.contract.control, mlxserve.contract.stream\n"
+        "import mlxserve.contract.telemetry, mlxserve.contract.serving, mlxserve.contract.generations\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = set(ast.literal_eval(result.stdout))
+    assert "msgspec" in loaded and "redis" not in loaded
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:

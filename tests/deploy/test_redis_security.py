@@ -217,8 +217,9 @@ def test_a_worker_host_cannot_set_another_workers_config_or_send_it_commands(
 ) -> None:
     import queue
 
-    from mlxserve.contract.control import ControlCommand, control_command_publish, control_log_key
-    from mlxserve.contract.telemetry import TelemetryConfigSchema, telemetry_config_publish
+    from mlxserve.bus import control_command_publish, telemetry_config_publish
+    from mlxserve.contract.control import ControlCommand, control_log_key
+    from mlxserve.contract.telemetry import TelemetryConfigSchema
     from mlxserve.engine.config_watcher import TelemetryConfigWatcher
     from mlxserve.engine.runtime import ControlLog
 

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import redis
 
-from mlxserve.contract.telemetry import TelemetryConfigSchema, channel_for, telemetry_config_publish
+from mlxserve.bus import telemetry_config_publish
+from mlxserve.contract.telemetry import TelemetryConfigSchema, channel_for
 from mlxserve.engine.config_watcher import TelemetryConfigWatcher
 from telemetry.services import telemetry_config_replace, telemetry_config_sync
 

@@ -11,8 +11,8 @@ from django.db import DatabaseError, connection
 
 from events.backlog import stream_lag
 from events.models import DeadLetter, Event
-from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD, stream_append_batch
-from mlxserve.contract.telemetry import telemetry_config_read
+from mlxserve.bus import stream_append_batch, telemetry_config_read
+from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD
 from tests.factories import T0, append, ingester, make_envelope, pending
 
 

@@ -18,7 +18,7 @@ from django.db import connection
 from events.ingest import PAUSING_ERRORS
 from events.models import DeadLetter, Event, FleetCounter, StatsRollup, Worker
 from events.rollups import rollups_rebuild
-from mlxserve.contract.stream import stream_append_batch
+from mlxserve.bus import stream_append_batch
 from tests.factories import T0, ingester, make_envelope, pending
 
 pytestmark = pytest.mark.django_db(transaction=True)

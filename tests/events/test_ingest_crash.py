@@ -16,7 +16,7 @@ from django.conf import settings as django_settings
 
 from events.backlog import stream_lag
 from events.models import Event
-from mlxserve.contract.stream import stream_append, stream_append_batch
+from mlxserve.bus import stream_append, stream_append_batch
 from tests.factories import TEST_REDIS_URL, database_url, token_bodies
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -23,7 +23,7 @@ import redis
 from django.conf import settings as django_settings
 
 from mlxserve import service, service_files
-from mlxserve.contract.stream import stream_envelope_bodies
+from mlxserve.bus import stream_envelope_bodies
 from tests.factories import free_port, generation_queue_on
 
 ROOT = Path(django_settings.BASE_DIR)

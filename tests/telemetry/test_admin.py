@@ -9,7 +9,7 @@ from django.test import Client
 
 from events.models import Event
 from events.storage import events_store
-from mlxserve.contract.telemetry import telemetry_config_read
+from mlxserve.bus import telemetry_config_read
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
 from tests.factories import make_envelope
 

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from mlxserve.contract.telemetry import telemetry_config_read
+from mlxserve.bus import telemetry_config_read
 from telemetry.models import TelemetryConfigChange
 
 pytestmark = pytest.mark.django_db
