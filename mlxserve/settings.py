@@ -204,7 +204,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     if not 0 <= parallel <= 64:
         raise ImproperlyConfigured(f"MLXSERVE_DB_PARALLEL_WORKERS must be 0 to 64, got {parallel}")
     options = DATABASES["default"].setdefault("OPTIONS", {})
-    options["options"] = f"-c max_parallel_workers_per_gather={parallel}"
+    # force_generic_plan applies to prepared statements only. The ORM prepares none (client-side
+    # binding); events.history prepares the reads that no time bound prunes (a generation's rows),
+    # whose planning over every daily partition cost more than running them.
+    options["options"] = (
+        f"-c max_parallel_workers_per_gather={parallel} -c plan_cache_mode=force_generic_plan"
+    )
+    # Statements are prepared only when asked to (prepare=True): never after N runs of one query.
+    options["prepare_threshold"] = 2**31 - 1
 if DATABASES["default"]["ENGINE"] in ("django.db.backends.postgresql", "django.db.backends.sqlite3"):
     # django-prometheus's wrappers of the same backends: queries, errors and new
     # connections by database on /metrics.

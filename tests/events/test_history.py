@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from django.db import connection
 from rest_framework.test import APIClient
 
 from events.models import Event, Generation, PromptPolicy
@@ -167,3 +168,31 @@ def test_the_default_policy_hashes(operator_client: APIClient, any_model_served:
     assert response.status_code == 202
     recorded = Generation.objects.get(pk=response.json()["generationId"])
     assert recorded.prompt.startswith(HASH_PREFIX)
+
+
+def test_a_generations_rows_are_read_by_prepared_statements_on_generic_plans(
+    reader_client: APIClient,
+) -> None:
+    """On PostgreSQL a generation's rows (no time bound: every daily partition) are read by
+    prepared statements on generic plans, planned once a connection; nothing else is prepared,
+    so the connection's ``force_generic_plan`` changes no other query's plan."""
+    events = generation(start=T0, ttft=100, tokens=20)
+    store(events)
+    gid = events[0]["generationId"]
+    for _ in range(3):
+        body = reader_client.get(f"/api/generations/{gid}/").json()
+        assert [e["id"] for e in body["events"]] == [e["id"] for e in events]
+        listed = reader_client.get(f"/api/events/?generationId={gid}&limit=5").json()["results"]
+        assert [e["id"] for e in listed] == [e["id"] for e in events[::-1][:5]]
+    assert reader_client.get("/api/events/?limit=5").status_code == 200
+    if connection.vendor != "postgresql":
+        return  # SQLite plans every query anew, cheaply: the ORM reads them
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+        prepared = cursor.fetchall()
+    # The generation view's two tables and the list's (generation filter, page size 5): each run
+    # three times, each time on its generic plan.
+    assert len(prepared) == 4, prepared
+    assert all(
+        '"generation_id" =' in sql and generic == 3 and custom == 0 for sql, generic, custom in prepared
+    )

@@ -202,7 +202,13 @@ def test_each_filter_reads_its_first_page_of_token_events_off_an_index(case: str
         for node in nodes:
             if node["Node Type"] == "Sort":
                 assert node["Plans"][0]["Plan Rows"] < 1000, node
-        # No table read whole, but an empty partition (a day with none of these events).
-        assert all(n["Plan Rows"] <= 1 for n in nodes if n["Node Type"] == "Seq Scan"), nodes
+        # No table read whole, but an empty partition (a day with none of these events) or the
+        # (source, model) pairs the rows are joined to (a few hundred rows).
+        read_whole = [
+            (n["Relation Name"], n["Plan Rows"])
+            for n in nodes
+            if n["Node Type"] == "Seq Scan" and n["Plan Rows"] > 1 and n["Relation Name"] != "events_channel"
+        ]
+        assert not read_whole, read_whole
         used = {root_index(n["Index Name"]) for n in nodes if "Index" in n["Node Type"]}
         assert used & indexes, (used, [n["Node Type"] for n in nodes])
