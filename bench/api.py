@@ -188,7 +188,8 @@ def sizes(dsn: str) -> dict[str, float]:
 class Client:
     def __init__(self, base: str, headers: dict[str, str]) -> None:
         url = urlparse(base)
-        self.conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
+        # As the server's: a baseline that reads every event may take minutes on a cold cache.
+        self.conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=600)
         self.headers = headers
 
     def get(self, path: str) -> tuple[int, bytes, float]:

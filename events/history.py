@@ -18,7 +18,6 @@ from functools import cache, lru_cache
 from typing import Any
 
 import msgspec
-import psycopg
 from django.db import connection
 from django.db.models import Case, F, FloatField, Q, QuerySet, TextField, Value, When
 from django.db.models.functions import Cast
@@ -357,6 +356,8 @@ def rows_prepared(queryset: QuerySet[Any, Row]) -> list[Row]:
     """
     if connection.vendor != "postgresql":
         return list(queryset)
+    import psycopg  # PostgreSQL's driver: not in a worker's install
+
     sql, params = queryset.query.sql_with_params()
     connection.ensure_connection()
     with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ from rest_framework.test import APIClient
 from events.backlog import stream_lag
 from events.ingest import EventIngester
 from mlxserve.bus import stream_append, stream_envelope_bodies
-from mlxserve.contract.events import envelope_to_wire
-from mlxserve.engine.emitter import CollectingPublisher, EngineEventEmitter
+from mlxserve.contract.events import Envelope, envelope_to_wire, token_envelopes_decode
+from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.engine import Engine
 from mlxserve.engine.metrics import WorkerMetrics
 from mlxserve.service_files import CELERY_WORKER_ARGS
@@ -346,6 +346,19 @@ def token_bodies(count: int) -> list[bytes]:
         )
         for i in range(count)
     ]
+
+
+class CollectingPublisher:
+    """A publisher that keeps the envelopes it is given, in order (one or a batch)."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+
+    def publish(self, envelope: Envelope, body: bytes) -> None:
+        self.envelopes.append(envelope)
+
+    def publish_many(self, bodies: Sequence[bytes]) -> None:
+        self.envelopes.extend(token_envelopes_decode(list(bodies)))
 
 
 class Recorder:

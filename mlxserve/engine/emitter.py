@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from math import isfinite
 from typing import Any, Protocol
 
@@ -38,11 +39,13 @@ logger = logging.getLogger(__name__)
 
 
 class EventPublisher(Protocol):
-    """Takes validated events. A publisher may also have ``publish_many(bodies)`` (the worker's
-    does): a batch of checked events' JSON in one call; without it each is handed to ``publish``."""
+    """Takes validated events as JSON (the emitter encoded them already): one, or a batch."""
 
     def publish(self, envelope: Envelope, body: bytes) -> None:
         """Take ``envelope`` (validated), whose JSON encoding is ``body``."""
+
+    def publish_many(self, bodies: Sequence[bytes]) -> None:
+        """Take a batch of checked events' JSON, in order (a generation's tokens)."""
 
 
 class RedisStreamPublisher:
@@ -59,15 +62,8 @@ class RedisStreamPublisher:
     def publish(self, envelope: Envelope, body: bytes) -> None:
         stream_append(self.client, self.stream, [body])
 
-
-class CollectingPublisher:
-    """Keeps envelopes in a list: for callers that publish them later themselves."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Envelope] = []
-
-    def publish(self, envelope: Envelope, body: bytes) -> None:
-        self.envelopes.append(envelope)
+    def publish_many(self, bodies: Sequence[bytes]) -> None:
+        stream_append(self.client, self.stream, bodies)  # one round trip
 
 
 def _random_uuids() -> Callable[[], uuid.UUID]:
@@ -138,15 +134,33 @@ Listener = Callable[[Envelope], None]
 ANY_TYPE = "*"
 
 
-class PublishingListener:
-    """A publisher (``publish(envelope, body)``) as one listener among others: it is handed the
-    JSON the emitter already encoded, so no event is encoded twice."""
+TypedBatch = Callable[[], list[Envelope]]
 
-    def __init__(self, publisher: EventPublisher) -> None:
-        self.publisher = publisher
 
-    def __call__(self, envelope: Envelope, body: bytes | None = None) -> None:
-        self.publisher.publish(envelope, body if body is not None else envelope_encode(envelope))
+@dataclass(frozen=True)
+class _Subscriber:
+    """Who hears events, as the emitter delivers them: one event with its JSON, or a batch of
+    JSON (a generation's tokens) with a way to the typed envelopes, made once for all who need
+    them. Every event leaves the emitter through ``deliver`` or ``deliver_many``."""
+
+    listener: Listener | None = None
+    publisher: EventPublisher | None = None
+
+    def deliver(self, envelope: Envelope, body: bytes) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(envelope, body)
+        else:
+            self.listener(envelope)  # type: ignore[misc]
+
+    def deliver_many(self, bodies: Sequence[bytes], typed: TypedBatch) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_many(bodies)  # the JSON alone: no envelope made for it
+        else:
+            for envelope in typed():
+                try:  # a listener that fails on one event still hears the others
+                    self.listener(envelope)  # type: ignore[misc]
+                except Exception:
+                    logger.exception("A listener of %s events failed", envelope.type)
 
 
 class EngineEventEmitter:
@@ -172,24 +186,25 @@ class EngineEventEmitter:
         self.source = source
         self.publisher = publisher
         self.on_refused = on_refused
-        self._listeners: dict[str, list[Listener]] = {}
+        self._listeners: dict[str, list[_Subscriber]] = {}
         # Who hears each type, "*" included, worked out when listeners change, not per event.
-        self._routes: dict[str, tuple[Listener, ...]] = {}
+        self._routes: dict[str, tuple[_Subscriber, ...]] = {}
         if publisher is not None:
-            self.on(ANY_TYPE, PublishingListener(publisher))
+            self._listeners[ANY_TYPE] = [_Subscriber(publisher=publisher)]
+            self._route()
 
     def on(self, event_type: str, listener: Listener) -> None:
         """Call ``listener(envelope)`` with every valid event of ``event_type`` (``"*"``: all)."""
         if event_type != ANY_TYPE and event_type not in EVENT_TYPES:
             raise ValueError(f"No event type {event_type!r}: one of {', '.join(EVENT_TYPES)}, or '*'")
-        self._listeners.setdefault(event_type, []).append(listener)
+        self._listeners.setdefault(event_type, []).append(_Subscriber(listener=listener))
         self._route()
 
     def off(self, event_type: str, listener: Listener) -> None:
         """Stop calling ``listener`` for ``event_type`` (nothing if it was not listening)."""
         listeners = self._listeners.get(event_type, [])
-        if listener in listeners:
-            listeners.remove(listener)
+        if (subscriber := _Subscriber(listener=listener)) in listeners:
+            listeners.remove(subscriber)
             self._route()
 
     def _route(self) -> None:
@@ -249,13 +264,12 @@ class EngineEventEmitter:
         return envelope
 
     @staticmethod
-    def _deliver(event_type: str, listeners: tuple[Listener, ...], envelope: Envelope, body: bytes) -> None:
+    def _deliver(
+        event_type: str, listeners: tuple[_Subscriber, ...], envelope: Envelope, body: bytes
+    ) -> None:
         for listener in listeners:
             try:
-                if type(listener) is PublishingListener:
-                    listener(envelope, body)
-                else:
-                    listener(envelope)
+                listener.deliver(envelope, body)
             except Exception:
                 logger.exception("A listener of %s events failed", event_type)
 
@@ -358,7 +372,7 @@ class EngineEventEmitter:
         ``token_generated`` token by token: those before the bad one are delivered, the bad one
         is refused as any event is (logged, ``on_refused``, ``ValidationFailed`` raised). Typed
         envelopes are made (one decode of the batch) only for listeners that take them: a
-        publisher with ``publish_many`` takes the JSON alone."""
+        publisher takes the JSON alone (``publish_many``)."""
         if not tokens:
             return
         source, ids, gid = self.source, random_uuid_strings(len(tokens)), str(generation_id)
@@ -393,19 +407,19 @@ class EngineEventEmitter:
                     generation_id=generation_id, seq=seq, model=model, token=token, logprob=logprob
                 )
             return
+        made = typed
+
+        def envelopes() -> list[Envelope]:  # made once, for the listeners that take envelopes
+            nonlocal made
+            if made is None:
+                made = token_envelopes_decode(bodies, now_ms=now_ms)
+            return made
+
         for listener in self._routes.get("tokenGenerated") or ():
-            publisher = listener.publisher if type(listener) is PublishingListener else None
             try:
-                if hasattr(publisher, "publish_many"):
-                    publisher.publish_many(bodies)  # type: ignore[union-attr]
-                    continue
-                if typed is None:  # made once, for the listeners that take envelopes
-                    typed = token_envelopes_decode(bodies, now_ms=now_ms)
+                listener.deliver_many(bodies, envelopes)
             except Exception:
                 logger.exception("A listener of tokenGenerated events failed")
-                continue
-            for envelope, body in zip(typed, bodies, strict=True):
-                self._deliver("tokenGenerated", (listener,), envelope, body)
 
     def generation_completed(
         self,
