@@ -42,6 +42,9 @@ class EventKeysetPagination(CursorPagination):
     page_size_query_param = "limit"
     max_page_size = 1000
     ordering = ("-timestamp", "-seq", "-id")
+    # The filters' ``since`` and ``until`` (epoch ms, either None), set by the view: where a page
+    # can start.
+    window: tuple[int | None, int | None] = (None, None)
 
     def paginate_queryset(
         self, queryset: QuerySet[Any] | Sequence[QuerySet[Any]], request: Request, view: APIView | None = None
@@ -55,8 +58,15 @@ class EventKeysetPagination(CursorPagination):
         querysets = [queryset] if isinstance(queryset, QuerySet) else list(queryset)
         if key is not None:
             querysets = [q.filter(after(key, newer=self.reverse)) for q in querysets]
-        # Where the page starts: its cursor's time, or now (the first page, newest first).
+        # Where the page starts: its cursor's time, or now (the first page, newest first); no
+        # later than ``until`` (newest first) nor earlier than ``since`` (oldest first), as no row
+        # the filters select is past them.
         near = key[0] if key is not None else time.time_ns() // 1_000_000
+        since, until = self.window
+        if not self.reverse and until is not None:
+            near = min(near, until)
+        elif self.reverse and since is not None:
+            near = max(near, since)
         rows = rows_merged(querysets, self.page_size + 1, newest_first=not self.reverse, near=near)
         more = len(rows) > self.page_size
         rows = rows[: self.page_size]

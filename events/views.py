@@ -137,12 +137,17 @@ def _is_int64(text: Any) -> bool:
 def filtered_history(view: generics.GenericAPIView[EventRecord]) -> list[QuerySet[Any]]:
     """The rows of both event tables the request's filters select (validated as DRF's filter
     backend does: a bad value is a 400)."""
+    return _filtered(view)[0]
+
+
+def _filtered(view: generics.GenericAPIView[EventRecord]) -> tuple[list[QuerySet[Any]], dict[str, Any]]:
     filterset = view.filterset_class(  # type: ignore[attr-defined]
         view.request.query_params, queryset=view.get_queryset(), request=view.request
     )
     if not filterset.is_valid():
         raise translate_validation(filterset.errors)
-    return history(filterset.qs, filterset.form.cleaned_data)
+    filters = filterset.form.cleaned_data
+    return history(filterset.qs, filters), filters
 
 
 class EventListCreateView(generics.ListAPIView[EventRecord]):
@@ -160,9 +165,9 @@ class EventListCreateView(generics.ListAPIView[EventRecord]):
         # re-encoded), no serializer fields per row.
         paginator = self.paginator
         assert isinstance(paginator, EventKeysetPagination)
-        page: builtins.list[Any] = (
-            paginator.paginate_queryset(filtered_history(self), request, view=self) or []
-        )
+        querysets, filters = _filtered(self)
+        paginator.window = (filters.get("since"), filters.get("until"))
+        page: builtins.list[Any] = paginator.paginate_queryset(querysets, request, view=self) or []
         return self.get_paginated_response([event_row(e) for e in page])
 
     def get_permissions(self) -> builtins.list[BasePermission]:

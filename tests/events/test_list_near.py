@@ -137,3 +137,26 @@ def test_the_first_page_of_a_busy_fleet_reads_only_the_last_days_partitions(
         p.name for p in partitions_of("events_token") if p.upper is not None and p.upper < now_ms() - 2 * DAY
     }
     assert len(older) >= 8 and not scanned & older, scanned
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+def test_a_window_in_the_past_looks_for_its_page_where_the_window_is(
+    reader_client: APIClient, days_ending_now: list[tuple[int, int, str]], backwards: bool
+) -> None:
+    """``until`` days back (or, oldest first, ``since``): the page is looked for in the day before
+    ``until`` (after ``since``), where the filters' rows are, not in the day before now."""
+    until = days_ending_now[-1][0] + 5 * DAY if backwards else now_ms() - DAY - 3_600_000
+    window = [key for key in days_ending_now if key[0] <= until]
+    query = {"until": str(until), "limit": "5"}
+    if backwards:  # a previous page from days before the window: its oldest rows after ``since``
+        since = window[-1][0]
+        start = f"p={since - 5 * DAY}_0_{uuid.UUID(int=0).hex}&r=1"
+        query = {"since": str(since), "until": str(until), "limit": "5"}
+        query["cursor"] = base64.b64encode(start.encode()).decode()
+    with CaptureQueriesContext(connection) as queries:
+        page = reader_client.get(URL, query).json()
+    assert keys(page) == (window[-5:] if backwards else window[:5])
+    reads = [q for q in queries.captured_queries if "events_token" in q["sql"] and "SELECT" in q["sql"]]
+    # PostgreSQL: the day by the window held the page, so the token events were read once;
+    # SQLite reads everything at once, as it always does.
+    assert len(reads) == 1
