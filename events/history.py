@@ -275,7 +275,8 @@ def rows_merged(
     a connection's first). If they are ``limit`` rows or more, they are the page: every row
     outside the bound comes after all of them. Otherwise everything is read as before. A
     generation's rows (sorted after they are found, ``_by_generation``) are read at once, by
-    prepared statements (``rows_prepared``): nothing prunes their partitions at planning.
+    prepared statements (``rows_together``): nothing prunes their partitions at planning. The
+    queries of a page are sent together.
     """
     by_generation = any("sort_timestamp" in q.query.annotations for q in querysets)
     if near is not None and connection.vendor == "postgresql" and not by_generation:
@@ -286,16 +287,15 @@ def rows_merged(
         rows = _merged([q.filter(bound) for q in querysets], limit, newest_first)
         if len(rows) >= limit:
             return rows
-    return _merged(querysets, limit, newest_first, read=rows_prepared if by_generation else list)
+    return _merged(querysets, limit, newest_first, prepared=by_generation)
 
 
 def _merged(
-    querysets: Sequence[QuerySet[Any, Row]],
-    limit: int,
-    newest_first: bool,
-    read: Callable[[QuerySet[Any, Row]], list[Row]] = list,
+    querysets: Sequence[QuerySet[Any, Row]], limit: int, newest_first: bool, *, prepared: bool = False
 ) -> list[Row]:
-    pages = [read(in_event_order(q, newest_first=newest_first)[:limit]) for q in querysets]
+    pages = rows_together(
+        [in_event_order(q, newest_first=newest_first)[:limit] for q in querysets], prepared=prepared
+    )
     if len(pages) == 1:
         return pages[0]
     return list(itertools.islice(heapq.merge(*pages, key=_merge_key, reverse=newest_first), limit))
@@ -341,27 +341,46 @@ def generation_events(generation_id: uuid.UUID) -> list[StoredEvent]:
     """A generation's events, oldest first, payloads decoded."""
     decode = msgspec.json.Decoder(dict[str, Any]).decode
     querysets = [rows_of(model).filter(generation_id=generation_id) for model in (EventRecord, TokenEvent)]
-    pages = [rows_prepared(q.order_by("timestamp", "seq", "id")) for q in querysets]
+    pages = rows_together([q.order_by("timestamp", "seq", "id") for q in querysets], prepared=True)
     return [stored_event(row, decode) for row in heapq.merge(*pages, key=_merge_key)]
 
 
-def rows_prepared(queryset: QuerySet[Any, Row]) -> list[Row]:
-    """``list(queryset)``; on PostgreSQL as a prepared statement run with a generic plan.
+def rows_together(querysets: Sequence[QuerySet[Any, Row]], *, prepared: bool = False) -> list[list[Row]]:
+    """``[list(q) for q in querysets]``; on PostgreSQL sent together, one round trip for all
+    (psycopg's pipeline mode), each planned and run as it would be alone.
 
-    For a query the time partitions cannot be pruned for (a generation's rows: no bound on
-    ``timestamp``), planning it over every daily partition took longer than running it (2.5-3 ms
-    and 1.8 ms at 30 days); a generic plan is made once a connection. The connection's
-    ``plan_cache_mode`` is ``force_generic_plan`` (settings): it applies to prepared statements
-    only, and the ORM prepares none (client-side binding), so only these run generic plans.
+    ``prepared``: as prepared statements run with generic plans. For a query the time partitions
+    cannot be pruned for (a generation's rows: no bound on ``timestamp``), planning it over every
+    daily partition took longer than running it (2.5-3 ms and 1.8 ms at 30 days); a generic plan
+    is made once a connection. The connection's ``plan_cache_mode`` is ``force_generic_plan``
+    (settings): it applies to statements with parameters bound by the server, and the ORM binds
+    them itself (client-side binding), so only these run generic plans. Others go through the
+    ORM's cursors (its query log and metrics see them).
     """
-    if connection.vendor != "postgresql":
-        return list(queryset)
+    if connection.vendor != "postgresql" or (len(querysets) < 2 and not prepared):
+        return [list(q) for q in querysets]
     import psycopg  # PostgreSQL's driver: not in a worker's install
 
-    sql, params = queryset.query.sql_with_params()
+    compiled = [q.query.sql_with_params() for q in querysets]
     connection.ensure_connection()
-    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
-        cursor.execute(sql, params, prepare=True)
-        names = [column.name for column in cursor.description or ()]
-        pick = operator.itemgetter(*(names.index(name) for name in _ROW_FIELDS))
-        return [pick(row) for row in cursor.fetchall()]
+    raw = connection.connection
+    with connection.wrap_database_errors:
+        cursors: list[Any] = [psycopg.Cursor(raw) if prepared else connection.cursor() for _ in compiled]
+        try:
+            with raw.pipeline():
+                for cursor, (sql, params) in zip(cursors, compiled, strict=True):
+                    if prepared:
+                        cursor.execute(sql, params, prepare=True)
+                    else:
+                        cursor.execute(sql, params)
+            return [_rows(cursor) for cursor in cursors]
+        finally:
+            for cursor in cursors:
+                cursor.close()
+
+
+def _rows(cursor: Any) -> list[Row]:
+    """A cursor's rows as ``_ROW_FIELDS`` tuples, whatever else it selected (a sort key)."""
+    names = [column.name for column in cursor.description or ()]
+    pick = operator.itemgetter(*(names.index(name) for name in _ROW_FIELDS))
+    return [pick(row) for row in cursor.fetchall()]
