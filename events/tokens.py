@@ -220,19 +220,10 @@ def _copy(rows: Sequence[tuple[TokenGeneratedEnvelope, int, str]], now: Any) -> 
 
 # -- the payload, as the JSON form would have stored it ---------------------------------------
 
-_JSONB_ESCAPES = {i: f"\\u{i:04x}" for i in range(32)} | {
-    ord("\b"): "\\b",
-    ord("\f"): "\\f",
-    ord("\n"): "\\n",
-    ord("\r"): "\\r",
-    ord("\t"): "\\t",
-    ord('"'): '\\"',
-    ord("\\"): "\\\\",
-}
-
-
-def _jsonb_string(value: str) -> str:
-    return '"' + value.translate(_JSONB_ESCAPES) + '"'
+# A string as jsonb prints it: msgspec's encoding is the same text (``"``, ``\``, ``\b``, ``\f``,
+# ``\n``, ``\r``, ``\t`` and ``\u00xx`` for the other control characters; the rest as it is),
+# made in C (a tenth of the time of ``str.translate`` with jsonb's table).
+_jsonb_string = msgspec.json.encode
 
 
 def _jsonb_number(value: float) -> str:
@@ -272,7 +263,7 @@ def token_payload(model: str, token: str, logprob: float | None) -> bytes:
         return msgspec.json.encode(
             TokenGenerated(model=model, token=token, logprob=UNSET if logprob is None else logprob)
         )
-    text = f'{{"model": {_jsonb_string(model)}, "token": {_jsonb_string(token)}'
+    text = b'{"model": ' + _jsonb_string(model) + b', "token": ' + _jsonb_string(token)
     if logprob is not None:
-        text += f', "logprob": {_jsonb_number(logprob)}'
-    return (text + "}").encode()
+        text += b', "logprob": ' + _jsonb_number(logprob).encode()
+    return text + b"}"

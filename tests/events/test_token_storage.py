@@ -48,6 +48,7 @@ TOKENS = [
     "tab\there",
     "line\nfeed",
     "\x01\x1f",
+    "\b\f\r\x7f",
     "ü€😀",
     "\u2028",
 ]
