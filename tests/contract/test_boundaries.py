@@ -15,35 +15,43 @@ ROOT = Path(settings.BASE_DIR)
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
-def test_importing_the_contract_and_the_engine_loads_neither_django_nor_celery() -> None:
+def packages_loaded(*modules: str) -> set[str]:
+    """The top-level packages a fresh interpreter has loaded once it has imported ``modules``."""
     code = (
-        "import sys\n"
-        "import mlxserve.contract, mlxserve.engine\n"
-        "import mlxserve.contract.control, mlxserve.contract.events, mlxserve.contract.stream\n"
-        "import mlxserve.contract.telemetry, mlxserve.contract.validation\n"
-        "import mlxserve.engine.runtime, mlxserve.engine.demo_model\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules}))\n"
+        f"import sys\nimport {', '.join(modules)}\nprint(sorted({{m.split('.')[0] for m in sys.modules}}))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    loaded = set(ast.literal_eval(result.stdout))
+    return set(ast.literal_eval(result.stdout))
+
+
+def test_importing_the_contract_and_the_engine_loads_neither_django_nor_celery() -> None:
+    loaded = packages_loaded(
+        "mlxserve.contract",
+        "mlxserve.engine",
+        "mlxserve.contract.control",
+        "mlxserve.contract.events",
+        "mlxserve.contract.stream",
+        "mlxserve.contract.telemetry",
+        "mlxserve.contract.validation",
+        "mlxserve.engine.runtime",
+        "mlxserve.engine.demo_model",
+    )
     assert "mlxserve" in loaded and "msgspec" in loaded
     assert not loaded & {"django", "celery", "kombu", "rest_framework", "events", "telemetry"}
 
 
 def test_the_contract_alone_loads_no_redis_client() -> None:
     """The contract says what goes over Redis; reading and writing it is ``mlxserve.bus``'s."""
-    code = (
-        "import sys\n"
-        "import mlxserve.contract, mlxserve.contract.control, mlxserve.contract.stream\n"
-        "import mlxserve.contract.telemetry, mlxserve.contract.serving, mlxserve.contract.generations\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules}))\n"
+    loaded = packages_loaded(
+        "mlxserve.contract",
+        "mlxserve.contract.control",
+        "mlxserve.contract.stream",
+        "mlxserve.contract.telemetry",
+        "mlxserve.contract.serving",
+        "mlxserve.contract.generations",
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    loaded = set(ast.literal_eval(result.stdout))
     assert "msgspec" in loaded and "redis" not in loaded
 
 
