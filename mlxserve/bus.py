@@ -17,6 +17,14 @@ from mlxserve.contract.control import COMMAND_FIELD, LOG_LENGTH, ControlCommand,
 from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD, EntryContents, batch_body, entry_envelopes
 from mlxserve.contract.telemetry import PublishedConfig, TelemetryConfigSchema, channel_for, config_parse
 
+
+def redis_from_url(url: str) -> redis.Redis:
+    """A client with the project's timeouts, for the web side, the ingester and workers alike: a
+    short connect timeout (a request fails fast, 503, when Redis is down, instead of holding a web
+    thread), a bounded wait for any answer, and idle connections checked before use."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+
+
 # -- the event stream ---------------------------------------------------------------------------
 
 

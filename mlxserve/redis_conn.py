@@ -8,12 +8,12 @@ import time
 
 import redis
 
+from mlxserve.bus import redis_from_url
+
 
 @functools.cache
 def redis_for_url(url: str) -> redis.Redis:
-    # A short connect timeout: a request must fail fast (503) when Redis is
-    # down, not hang the web worker.
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+    return redis_from_url(url)
 
 
 def redis_client() -> redis.Redis:

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import redis
 
+from mlxserve.bus import redis_from_url
 from mlxserve.contract.control import COMMAND_FIELD, ControlCommand, control_log_key
 from mlxserve.contract.telemetry import DEFAULT_METRIC_LABEL_LIMIT, TelemetryConfigSchema
 from mlxserve.engine.bridge import TelemetryBridge
@@ -96,9 +97,7 @@ def _text(value: Any) -> str:
 class WorkerRuntime:
     def __init__(self, settings: RuntimeSettings, *, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.client = client or redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=5
-        )
+        self.client = client or redis_from_url(settings.redis_url)
         self.metrics = WorkerMetrics(label_limit=settings.metric_label_limit)
         # Serves the metrics as the live config says (off until the first config arrives).
         self.bridge = TelemetryBridge(
