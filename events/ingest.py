@@ -282,6 +282,14 @@ class EventIngester:
         return claimed
 
 
+def _drained(ingester: EventIngester) -> bool:
+    """Whether no entry of the group's streams waits to be delivered: a read that came back empty
+    is taken for the end only then (entries left pending by a consumer that died are its own to
+    read again, or another's to claim, as ever)."""
+    lag = streams_lag(client=ingester.client, streams=ingester.streams, group=ingester.group)
+    return lag["undelivered"] == 0
+
+
 def worker_hosts() -> tuple[str, ...]:
     """The worker hosts with a stream of their own (``manage.py create_worker_host``)."""
     return tuple(WorkerHost.objects.order_by("name").values_list("name", flat=True))
@@ -397,7 +405,11 @@ def _ingest_loop(
             window_stored += outcome.stored
             window_dead += outcome.dead
             backoff = 0.5
-            if exit_when_idle and outcome.stored + outcome.duplicates + outcome.dead == 0:
+            if (
+                exit_when_idle
+                and outcome.stored + outcome.duplicates + outcome.dead == 0
+                and _drained(ingester)
+            ):
                 break
         except PAUSING_ERRORS as exc:
             progress_logger.error(
