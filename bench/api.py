@@ -39,6 +39,8 @@ from urllib.parse import urlencode, urlparse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mlxserve.service_files import WEB_SERVER_ARGS  # noqa: E402  (after the path)
+
 SCRATCH_DB = "mlxserve_bench_api"
 DAY_MS = 86_400_000
 # Where the events end: the wall clock (to the minute) when the scratch database was filled, as a
@@ -355,11 +357,7 @@ def main() -> int:
 
     # The web server as `make run` and docs/operations.md run it (ASGI, uvicorn's workers), or
     # gunicorn's sync WSGI workers (--server wsgi; the figures before 2026-12-06).
-    application = (
-        ["mlxserve.asgi:application", "-c", "python:mlxserve.gunicorn_conf"]
-        if args.server == "asgi"
-        else ["mlxserve.wsgi"]
-    )
+    application = list(WEB_SERVER_ARGS) if args.server == "asgi" else ["mlxserve.wsgi"]
     server = subprocess.Popen(
         [
             str(Path(python).parent / "gunicorn"),

@@ -43,6 +43,9 @@ from openai.types.chat import ChatCompletionMessageParam
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from mlxserve.service_files import WEB_SERVER_ARGS  # noqa: E402  (after the path)
+
 PY = str(ROOT / ".venv" / "bin" / "python")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story"}]
@@ -100,9 +103,7 @@ def stack(work: Path, port: int) -> Iterator[tuple[str, dict[str, str], list[int
         subprocess.Popen(
             [
                 str(ROOT / ".venv/bin/gunicorn"),
-                "mlxserve.asgi:application",
-                "-c",
-                "python:mlxserve.gunicorn_conf",
+                *WEB_SERVER_ARGS,
                 "--bind",
                 f"127.0.0.1:{port}",
                 "--workers",

@@ -31,6 +31,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mlxserve.settings")
 django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402  (after the settings are loaded)
+from django.urls import reverse  # noqa: E402
 
 from mlxserve.production import production_keys_require  # noqa: E402
 
@@ -38,7 +39,7 @@ production_keys_require("web server")
 
 sync_application = WSGIMiddleware(get_wsgi_application(), workers=settings.WEB_THREADS)  # type: ignore[arg-type]
 ASYNC_PREFIX = "/v1/"
-EXPORT_PATH = "/api/events/export/"
+EXPORT_PATH = reverse("event-export")  # streamed from the event loop (mlxserve.streaming)
 
 
 def _refusal(path: str, status: int, code: str, message: str) -> bytes:

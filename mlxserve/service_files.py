@@ -26,6 +26,9 @@ CELERY_WORKER_ARGS = (
     "worker",
     "--loglevel=INFO",
 )
+# The web server as docs/operations.md and ``make run`` run it: gunicorn managing uvicorn's workers
+# on ``mlxserve.asgi`` (followed by ``--bind`` and ``--workers``).
+WEB_SERVER_ARGS = ("mlxserve.asgi:application", "-c", "python:mlxserve.gunicorn_conf")
 # What a worker's environment may carry from ``--env`` or this process's environment.
 PASSED_ON = (
     "REDIS_URL",

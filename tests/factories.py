@@ -31,7 +31,7 @@ from mlxserve.contract.events import Envelope, envelope_to_wire, token_envelopes
 from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.engine import Engine
 from mlxserve.engine.metrics import WorkerMetrics
-from mlxserve.service_files import CELERY_WORKER_ARGS
+from mlxserve.service_files import CELERY_WORKER_ARGS, WEB_SERVER_ARGS
 
 # Another database (MLXSERVE_TEST_REDIS_URL) lets two checkouts' suites run side by side.
 TEST_REDIS_URL = os.environ.get("MLXSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -310,16 +310,8 @@ def writers_locked_out(table: str) -> Iterator[None]:
 def web_server_command(port: int, *, workers: int = 1) -> list[str]:
     """The web server as deployed (docs/operations.md): gunicorn managing uvicorn's workers on
     ``mlxserve.asgi``, on a loopback port."""
-    return [
-        str(Path(sys.executable).parent / "gunicorn"),
-        "mlxserve.asgi:application",
-        "-c",
-        "python:mlxserve.gunicorn_conf",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        str(workers),
-    ]
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    return [gunicorn, *WEB_SERVER_ARGS, "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
 
 
 def database_url() -> str:
