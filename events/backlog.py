@@ -64,22 +64,22 @@ def stream_lag(*, client: redis.Redis, stream: str, group: str) -> dict[str, int
         "lag_ms": 0,
     }
     try:
-        pending: Any = client.xpending(stream, group)
         length = client.xlen(stream)
         info = next((g for g in client.xinfo_groups(stream) if text_of(g.get("name")) == group), None)
-    except redis.ResponseError:
+        pending: Any = client.xpending(stream, group) if info is not None else {"pending": 0}
+    except redis.ResponseError:  # no stream yet
         return lag
     now_ms = time.time_ns() // 1_000_000
     lag["length"], lag["pending"] = int(length), int(pending["pending"])
     if pending["pending"]:
         lag["oldest_pending_ms"] = max(0, now_ms - _id_ms(pending["min"]))
-    if info is not None:
-        after = text_of(info.get("last-delivered-id")) or "0-0"
-        first = client.xrange(stream, min=f"({after}", max="+", count=1)
-        if first:
-            lag["oldest_undelivered_ms"] = max(0, now_ms - _id_ms(first[0][0]))
-            undelivered = info.get("lag")
-            lag["undelivered"] = int(undelivered) if undelivered is not None else int(length)
+    # No group yet (no ingester has read this stream): every entry is undelivered.
+    after = (text_of(info.get("last-delivered-id")) or "0-0") if info is not None else "0-0"
+    first = client.xrange(stream, min=f"({after}", max="+", count=1)
+    if first:
+        lag["oldest_undelivered_ms"] = max(0, now_ms - _id_ms(first[0][0]))
+        undelivered = info.get("lag") if info is not None else None
+        lag["undelivered"] = int(undelivered) if undelivered is not None else int(length)
     lag["lag_ms"] = max(lag["oldest_pending_ms"], lag["oldest_undelivered_ms"])
     return lag
 

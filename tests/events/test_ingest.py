@@ -416,3 +416,34 @@ def test_the_ingester_reads_a_worker_hosts_stream_from_when_it_is_made(
     assert ingest_run(worker, stopping=lambda: False, exit_when_idle=True, retention_every=0) == (1, 0)
     assert Event.objects.filter(pk=theirs["id"]).exists()
     assert samples()["mlxserve_ingest_undelivered"] == 0
+
+
+@pytest.mark.django_db
+def test_exit_when_idle_goes_on_while_entries_wait_undelivered(
+    redis_client: redis.Redis, settings: Any
+) -> None:
+    """A read that comes back empty (on a loaded host) is not the end while entries wait: the
+    run stores them all before it exits."""
+    from events.ingest import EventIngester, ingest_run
+    from events.storage import StoreOutcome
+
+    class FirstReadEmpty(EventIngester):
+        empty = True
+
+        def step(self) -> StoreOutcome:
+            if self.empty:
+                self.empty = False
+                return StoreOutcome()
+            return super().step()
+
+    events = [make_envelope(timestamp=T0 + i, seq=i + 1) for i in range(3)]
+    append(redis_client, settings, *events)
+    worker = FirstReadEmpty(
+        client=redis_client,
+        stream=settings.EVENTS_STREAM,
+        group=settings.EVENTS_CONSUMER_GROUP,
+        consumer="c1",
+        block_ms=10,
+    )
+    assert ingest_run(worker, stopping=lambda: False, exit_when_idle=True, retention_every=0) == (3, 0)
+    assert Event.objects.count() == 3

@@ -168,6 +168,9 @@ def test_clients_reading_an_export_slowly_hold_no_thread_nor_database_connection
     status, body = call(web_server, path, token=token)
     assert status == 200
     lines = body.splitlines()
+    # A bad export is refused with the error object from the event loop's handler too.
+    status, refused = call(web_server, "/api/events/export/", token=token)
+    assert status == 400 and json.loads(refused)["code"] == "InvalidParams", refused
     assert len(lines) == total and len({json.loads(line)["id"] for line in lines}) == total
 
 
