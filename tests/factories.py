@@ -201,8 +201,14 @@ def celery_worker_running(log_dir: Path, source: str, **env: str) -> Iterator[su
     assert f"Worker runtime {source} stopped".encode() in log.read_bytes()
 
 
-def ingester(redis_client: redis.Redis, settings: Any, consumer: str = "c1", **kwargs: Any) -> EventIngester:
-    return EventIngester(
+def ingester(
+    redis_client: redis.Redis,
+    settings: Any,
+    consumer: str = "c1",
+    kind: type[EventIngester] = EventIngester,
+    **kwargs: Any,
+) -> EventIngester:
+    return kind(
         client=redis_client,
         stream=settings.EVENTS_STREAM,
         group=settings.EVENTS_CONSUMER_GROUP,

@@ -438,12 +438,6 @@ def test_exit_when_idle_goes_on_while_entries_wait_undelivered(
 
     events = [make_envelope(timestamp=T0 + i, seq=i + 1) for i in range(3)]
     append(redis_client, settings, *events)
-    worker = FirstReadEmpty(
-        client=redis_client,
-        stream=settings.EVENTS_STREAM,
-        group=settings.EVENTS_CONSUMER_GROUP,
-        consumer="c1",
-        block_ms=10,
-    )
+    worker = ingester(redis_client, settings, kind=FirstReadEmpty)
     assert ingest_run(worker, stopping=lambda: False, exit_when_idle=True, retention_every=0) == (3, 0)
     assert Event.objects.count() == 3
