@@ -212,6 +212,21 @@ def test_clients_sending_their_bodies_slowly_hold_no_thread(web_server: str) -> 
 
 
 @pytest.mark.django_db(transaction=True)
+def test_each_web_process_freezes_the_loaded_application_before_its_first_request(
+    web_server: str, tmp_path: Path
+) -> None:
+    """What a process loads at start is out of the collector's walk: no request pays for a full
+    collection over Django and every view (the slowest requests' cost before)."""
+    frozen = [
+        int(line.split("Froze ", 1)[1].split()[0])
+        for line in (tmp_path / "gunicorn.log").read_text().splitlines()
+        if "Froze " in line
+    ]
+    assert len(frozen) == 1 and frozen[0] > 50_000, frozen
+    assert call(web_server, "/api/events/")[0] in (401, 403)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_the_admins_static_files_are_served_under_the_deployed_server(web_server: str) -> None:
     status, body = call(web_server, STATIC_FILE)
     assert status == 200 and b"body" in body
