@@ -39,7 +39,7 @@ from urllib.parse import urlencode, urlparse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlxserve.service_files import WEB_SERVER_ARGS  # noqa: E402  (after the path)
+from mlxserve.host.service_files import WEB_SERVER_ARGS  # noqa: E402  (after the path)
 
 SCRATCH_DB = "mlxserve_bench_api"
 DAY_MS = 86_400_000

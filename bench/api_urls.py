@@ -18,9 +18,9 @@ from events.models import Event
 from events.responses import EventOut
 from events.selectors import events_stats
 from events.views import StatsQuery, StatsView
-from mlxserve.api import CanRead
-from mlxserve.openapi import struct_serializer
 from mlxserve.urls import urlpatterns as project_urlpatterns
+from mlxserve.web.api import CanRead
+from mlxserve.web.openapi import struct_serializer
 
 
 class ViewFilter(EventFilter):
@@ -58,4 +58,4 @@ urlpatterns = [
     path("bench/offset-events/", OffsetEventList.as_view()),
     path("bench/scan-stats/", ScanStats.as_view()),
 ]
-handler404 = "mlxserve.api.not_found"
+handler404 = "mlxserve.web.api.not_found"

@@ -44,7 +44,7 @@ from openai.types.chat import ChatCompletionMessageParam
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlxserve.service_files import WEB_SERVER_ARGS  # noqa: E402  (after the path)
+from mlxserve.host.service_files import WEB_SERVER_ARGS  # noqa: E402  (after the path)
 
 PY = str(ROOT / ".venv" / "bin" / "python")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")

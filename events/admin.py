@@ -37,7 +37,7 @@ from events.selectors import (
     worker_is_stale,
     workers_activity,
 )
-from mlxserve.admin import ReadOnlyAdmin, SingletonAdmin
+from mlxserve.web.admin import ReadOnlyAdmin, SingletonAdmin
 
 
 def _pretty(value: Any) -> str:

@@ -10,9 +10,9 @@ class EventsConfig(AppConfig):
         from django.db.models.signals import post_migrate
 
         import mlxserve.celery
-        import mlxserve.production  # noqa: F401  (registers its deploy check)
+        import mlxserve.web.production  # noqa: F401  (registers its deploy check)
         from events.metrics import register
-        from mlxserve.roles import roles_ensure
+        from mlxserve.web.roles import roles_ensure
 
         register()
         post_migrate.connect(roles_ensure, sender=self)

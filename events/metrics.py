@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.db.models import Count
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import REGISTRY, Collector
+from prometheus_client.registry import Collector
 
 from events.backlog import streams_lag
 from events.fleet import FLEET_METRICS, HISTOGRAM_BUCKETS, bucket_label, fleet_counters_read
@@ -25,6 +25,7 @@ from events.selectors import DEAD_LETTERS_COUNTED, heard_since
 from events.storage import dead_letters_total
 from mlxserve.contract.events import RUNTIME_STATES
 from mlxserve.redis_conn import redis_client
+from mlxserve.web.metrics_view import collector_register
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +167,9 @@ def _families(rows: list[tuple[str, dict[str, str], float]]) -> Iterator[Metric]
 
 
 CONTROL_PLANE_COLLECTORS: tuple[Collector, ...] = (IngestCollector(), FleetCollector())
-_registered = False
 
 
 def register() -> None:
-    """Add the control plane's collectors to the default registry (single-process mode)."""
-    global _registered
-    if not _registered:
-        for collector in CONTROL_PLANE_COLLECTORS:
-            REGISTRY.register(collector)
-        _registered = True
+    """Hand the control plane's collectors to ``/metrics`` (read at scrape, in either mode)."""
+    for collector in CONTROL_PLANE_COLLECTORS:
+        collector_register(collector)

@@ -10,7 +10,7 @@ from django.core.validators import MaxValueValidator, RegexValidator
 from django.db import models
 
 from mlxserve.contract.events import EVENT_TYPES
-from mlxserve.models import SingletonModel
+from mlxserve.web.models import SingletonModel
 
 MODEL_COLUMN_LENGTH = 200
 MAX_KEEP_DAYS = 36_500

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from mlxserve.openapi import ERROR_SCHEMA
+from mlxserve.web.openapi import ERROR_SCHEMA
 
 Uuid = Annotated[str, Meta(extra_json_schema={"format": "uuid"})]
 Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]

@@ -33,7 +33,7 @@ from mlxserve.contract.serving import EpochMs, QueueTimeoutMs, StopSequences, To
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.engine import GenerationRequest
 from mlxserve.engine.reply import GenerationReply
-from mlxserve.worker import worker_runtime
+from mlxserve.host.worker import worker_runtime
 
 logger = logging.getLogger(__name__)
 

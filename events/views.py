@@ -50,7 +50,13 @@ from events.selectors import (
     generation_detail,
     workers_out,
 )
-from mlxserve.api import (
+from mlxserve.bus import control_command_publish
+from mlxserve.contract.control import ControlCommand
+from mlxserve.contract.events import Envelope
+from mlxserve.contract.generations import GenerationOrder
+from mlxserve.contract.validation import Issue, ValidationFailed, validate
+from mlxserve.redis_conn import redis_client
+from mlxserve.web.api import (
     CanOperate,
     CanPostEvents,
     CanRead,
@@ -58,12 +64,7 @@ from mlxserve.api import (
     CanSeeDeadLetters,
     error_body,
 )
-from mlxserve.bus import control_command_publish
-from mlxserve.contract.control import ControlCommand
-from mlxserve.contract.events import Envelope
-from mlxserve.contract.generations import GenerationOrder
-from mlxserve.contract.validation import Issue, ValidationFailed, validate
-from mlxserve.openapi import (
+from mlxserve.web.openapi import (
     ERROR_RESPONSES,
     ERROR_SCHEMA,
     WRITE_ERROR_RESPONSES,
@@ -72,8 +73,7 @@ from mlxserve.openapi import (
     struct_schema,
     struct_serializer,
 )
-from mlxserve.redis_conn import redis_client
-from mlxserve.streaming import chunks_from_the_loop
+from mlxserve.web.streaming import chunks_from_the_loop
 
 ENVELOPE_SCHEMA = struct_schema(Envelope)
 

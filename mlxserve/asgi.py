@@ -4,7 +4,7 @@ uvicorn's workers).
 Two of Django's handlers, routed by path:
 
 - ``/v1/`` (the OpenAI-compatible endpoints, async views that stream) and the event export (a
-  stream as long as the range asked for, see ``mlxserve.streaming``): Django's ASGI handler.
+  stream as long as the range asked for, see ``mlxserve.web.streaming``): Django's ASGI handler.
 - everything else (the API, the admin, ``/metrics``, static files: sync views): Django's WSGI
   handler on a pool of ``MLXSERVE_WEB_THREADS`` threads (a2wsgi). Under the ASGI handler each
   half of each sync middleware and the view is a hop between the event loop and a thread (about
@@ -33,13 +33,13 @@ django_application = get_asgi_application()
 from django.conf import settings  # noqa: E402  (after the settings are loaded)
 from django.urls import reverse  # noqa: E402
 
-from mlxserve.production import production_keys_require  # noqa: E402
+from mlxserve.web.production import production_keys_require  # noqa: E402
 
 production_keys_require("web server")
 
 sync_application = WSGIMiddleware(get_wsgi_application(), workers=settings.WEB_THREADS)  # type: ignore[arg-type]
 ASYNC_PREFIX = "/v1/"
-EXPORT_PATH = reverse("event-export")  # streamed from the event loop (mlxserve.streaming)
+EXPORT_PATH = reverse("event-export")  # streamed from the event loop (mlxserve.web.streaming)
 
 
 def _refusal(path: str, status: int, code: str, message: str) -> bytes:

@@ -2,7 +2,7 @@ import os
 
 from celery import Celery
 
-from mlxserve import broker
+from mlxserve.host import broker
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mlxserve.settings")
 

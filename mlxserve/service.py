@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlxserve.service_files import (
+from mlxserve.host.service_files import (
     LABEL,
     PASSED_ON,
     SERVICE_USER,

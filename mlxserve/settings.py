@@ -54,7 +54,7 @@ VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 
 # Keys read from a file this host made, by environment variable: web server and ingester
-# refuse to start on them with DEBUG off (``mlxserve.production``).
+# refuse to start on them with DEBUG off (``mlxserve.web.production``).
 HOST_MADE_KEYS: dict[str, str] = {}
 
 
@@ -104,7 +104,7 @@ def _proxy_ssl_header(value: str) -> tuple[str, str] | None:
 SECURE_PROXY_SSL_HEADER = _proxy_ssl_header(env_str("MLXSERVE_PROXY_SSL_HEADER", ""))
 
 INSTALLED_APPS = [
-    "mlxserve.admin.MlxserveAdminConfig",  # django.contrib.admin, named after the deployment
+    "mlxserve.web.admin.MlxserveAdminConfig",  # django.contrib.admin, named after the deployment
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -124,9 +124,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "mlxserve.static_files.StaticFilesMiddleware",
-    "mlxserve.api.RequestSizeLimitMiddleware",
-    "mlxserve.api.NulParameterMiddleware",
+    "mlxserve.web.static_files.StaticFilesMiddleware",
+    "mlxserve.web.api.RequestSizeLimitMiddleware",
+    "mlxserve.web.api.NulParameterMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -253,19 +253,19 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["mlxserve.api.CanRead"],
-    "DEFAULT_PARSER_CLASSES": ["mlxserve.api.StrictJSONParser"],
+    "DEFAULT_PERMISSION_CLASSES": ["mlxserve.web.api.CanRead"],
+    "DEFAULT_PARSER_CLASSES": ["mlxserve.web.api.StrictJSONParser"],
     "DEFAULT_RENDERER_CLASSES": [
-        "mlxserve.api.FastJSONRenderer",
+        "mlxserve.web.api.FastJSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_SCHEMA_CLASS": "mlxserve.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "mlxserve.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "mlxserve.web.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "mlxserve.web.api.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     # No ?format=: the API speaks JSON (and the export NDJSON); an unknown format was a 404.
     "URL_FORMAT_OVERRIDE": None,
-    "DEFAULT_THROTTLE_CLASSES": ["mlxserve.api.PostRateThrottle"],
+    "DEFAULT_THROTTLE_CLASSES": ["mlxserve.web.api.PostRateThrottle"],
 }
 # Migration gauges would be one series per process in multiprocess mode; `make run`
 # migrates before it starts, so they say nothing useful.

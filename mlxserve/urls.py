@@ -2,8 +2,8 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularSwaggerView
 
-from mlxserve.metrics_view import metrics
-from mlxserve.schema_view import SchemaView
+from mlxserve.web.metrics_view import metrics
+from mlxserve.web.schema_view import SchemaView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -15,4 +15,4 @@ urlpatterns = [
     path("metrics", metrics, name="prometheus-django-metrics"),
 ]
 
-handler404 = "mlxserve.api.not_found"
+handler404 = "mlxserve.web.api.not_found"

@@ -32,7 +32,7 @@ class Caller:
 
 
 def _lookup(key: str) -> Caller | None:
-    from mlxserve.roles import OPERATOR_GROUP
+    from mlxserve.web.roles import OPERATOR_GROUP
 
     row = ApiKey.objects.select_related("user").filter(digest=key_digest(key), is_active=True).first()
     if row is None:

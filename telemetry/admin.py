@@ -5,7 +5,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 
-from mlxserve.admin import ReadOnlyAdmin, SingletonAdmin
+from mlxserve.web.admin import ReadOnlyAdmin, SingletonAdmin
 from telemetry.forms import TelemetryConfigForm
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
 from telemetry.services import telemetry_config_get, telemetry_config_save

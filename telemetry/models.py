@@ -19,7 +19,7 @@ from mlxserve.contract.telemetry import (
     DEFAULT_SERVICE_NAME,
     TelemetryConfigSchema,
 )
-from mlxserve.models import SingletonModel
+from mlxserve.web.models import SingletonModel
 
 
 def _declared(field: str) -> dict[str, Any]:

@@ -10,10 +10,10 @@ from typing import Any
 from django.core.validators import RegexValidator
 from rest_framework import serializers
 
-from mlxserve.api import drf_validation_error
 from mlxserve.contract.rules import FieldRules, struct_rules
 from mlxserve.contract.telemetry import TelemetryConfigSchema, telemetry_config_validate
 from mlxserve.contract.validation import Issue, ValidationFailed
+from mlxserve.web.api import drf_validation_error
 from telemetry.models import TelemetryConfigChange
 
 # DRF's error codes as the contract's issue codes.

@@ -9,9 +9,9 @@ from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from mlxserve.api import ReadOrStaffWrite
 from mlxserve.contract.validation import Issue, ValidationFailed
-from mlxserve.openapi import ERROR_RESPONSES, WRITE_ERROR_RESPONSES
+from mlxserve.web.api import ReadOrStaffWrite
+from mlxserve.web.openapi import ERROR_RESPONSES, WRITE_ERROR_RESPONSES
 from telemetry.models import TelemetryConfig, TelemetryConfigChange
 from telemetry.serializers import TelemetryConfigChangeSerializer, TelemetryConfigSerializer
 from telemetry.services import (

@@ -17,7 +17,7 @@ from rest_framework.test import APIClient
 from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.engine.reply import ServingClaim
 from mlxserve.redis_conn import redis_for_url
-from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
+from mlxserve.web.roles import OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
 from tests.factories import (
     TEST_REDIS_URL,
     RedisServer,

@@ -31,7 +31,7 @@ from mlxserve.contract.events import Envelope, envelope_to_wire, token_envelopes
 from mlxserve.engine.emitter import EngineEventEmitter
 from mlxserve.engine.engine import Engine
 from mlxserve.engine.metrics import WorkerMetrics
-from mlxserve.service_files import CELERY_WORKER_ARGS, WEB_SERVER_ARGS
+from mlxserve.host.service_files import CELERY_WORKER_ARGS, WEB_SERVER_ARGS
 
 # Another database (MLXSERVE_TEST_REDIS_URL) lets two checkouts' suites run side by side.
 TEST_REDIS_URL = os.environ.get("MLXSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

@@ -290,7 +290,7 @@ def test_a_worker_bounds_model_labels_and_keeps_every_count(demo_model: Path, tm
 
 
 def test_the_worker_label_limit_comes_from_the_setting(settings: Any) -> None:
-    from mlxserve.worker import runtime_settings_from_django
+    from mlxserve.host.worker import runtime_settings_from_django
 
     settings.METRIC_LABEL_LIMIT = 7
     assert runtime_settings_from_django(source="s").metric_label_limit == 7

@@ -11,7 +11,7 @@ from django.contrib.auth.models import User
 from rest_framework.test import APIClient
 
 from events.models import RegisteredModel
-from mlxserve.roles import ADMIN_GROUP, OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
+from mlxserve.web.roles import ADMIN_GROUP, OPERATOR_GROUP, PRODUCER_GROUP, VIEWER_GROUP
 from tests.factories import make_envelope, role_user, token_client
 
 pytestmark = pytest.mark.django_db

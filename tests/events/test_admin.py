@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 
 from events.models import PromptPolicy, Worker
 from events.storage import events_store
-from mlxserve.roles import ADMIN_GROUP
+from mlxserve.web.roles import ADMIN_GROUP
 from tests.factories import T0, make_envelope, role_user
 
 pytestmark = pytest.mark.django_db

@@ -20,7 +20,7 @@ from rest_framework.test import APIClient
 from events.models import DeadLetter, Worker
 from events.retention import events_retention_apply
 from events.storage import events_store
-from mlxserve.roles import PRODUCER_GROUP
+from mlxserve.web.roles import PRODUCER_GROUP
 from tests.factories import ingester, make_envelope, token_client
 
 pytestmark = pytest.mark.django_db
@@ -151,7 +151,7 @@ def test_the_dead_letter_figures_are_read_not_counted_at_scrape() -> None:
 def test_the_openapi_schema_is_generated_once_per_process(anon_client: APIClient, monkeypatch: Any) -> None:
     from drf_spectacular.generators import SchemaGenerator
 
-    from mlxserve import schema_view
+    from mlxserve.web import schema_view
 
     monkeypatch.setattr(schema_view, "_schema", {})
     calls = []

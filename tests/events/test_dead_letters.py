@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 
 from events.models import DeadLetter, Event
 from mlxserve.contract.stream import ENTRY_FIELD
-from mlxserve.roles import ADMIN_GROUP
+from mlxserve.web.roles import ADMIN_GROUP
 from tests.factories import ingester, make_envelope, role_user, token_client
 
 pytestmark = pytest.mark.django_db

@@ -16,7 +16,7 @@ from rest_framework.test import APIClient
 
 from events.ingest import EventIngester
 from events.models import Event, Generation, RegisteredModel
-from mlxserve.roles import OPERATOR_GROUP
+from mlxserve.web.roles import OPERATOR_GROUP
 from tests.factories import (
     CONFIG_KEY,
     CONTROL,
@@ -237,7 +237,7 @@ def test_a_rerun_is_a_new_attempt_told_apart_in_the_history(
 ) -> None:
     """The task body as a worker runs it on a redelivery: the attempt counter lives in Redis."""
     from events.tasks import generation_run
-    from mlxserve import worker
+    from mlxserve.host import worker
 
     settings.EVENTS_STREAM, settings.TELEMETRY_CONFIG_KEY = STREAM, CONFIG_KEY
     settings.WORKER_SPOOL_DIR, settings.WORKER_SOURCE = str(tmp_path), "test-host/in-process"

@@ -352,7 +352,7 @@ def test_a_retention_period_the_ingester_cannot_apply_is_never_accepted(settings
     from events.fleet import fleet_labels_fold
     from events.models import RetentionPolicy
     from events.retention import events_retention_apply
-    from mlxserve.roles import ADMIN_GROUP
+    from mlxserve.web.roles import ADMIN_GROUP
     from tests.factories import role_user
 
     role_user("keeper", ADMIN_GROUP, is_staff=True)

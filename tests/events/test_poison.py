@@ -18,7 +18,7 @@ from rest_framework.test import APIClient
 from events.ingest import EventIngester
 from events.models import DeadLetter, Event, FleetCounter, Worker
 from mlxserve.contract.stream import BATCH_FIELD, ENTRY_FIELD
-from mlxserve.roles import ADMIN_GROUP
+from mlxserve.web.roles import ADMIN_GROUP
 from tests.factories import append, ingester, make_envelope, pending, role_user, token_client
 
 pytestmark = pytest.mark.django_db

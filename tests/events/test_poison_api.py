@@ -12,7 +12,7 @@ import pytest
 import redis
 from rest_framework.test import APIClient
 
-from mlxserve.roles import ADMIN_GROUP
+from mlxserve.web.roles import ADMIN_GROUP
 from tests.factories import make_envelope, role_user, token_client
 
 pytestmark = pytest.mark.django_db

@@ -16,7 +16,7 @@ import redis
 from kombu import Connection
 
 from events.models import Event
-from mlxserve.broker import QUARANTINE
+from mlxserve.host.broker import QUARANTINE
 from tests.factories import TEST_REDIS_URL, celery_worker_running, generation_queue_on, ingest_until
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -29,7 +29,7 @@ from events.selectors import generation_detail
 from mlxserve.contract.serving import reply_channel
 from mlxserve.engine.demo_model import create_demo_model
 from mlxserve.engine.reply import ServingClaim
-from mlxserve.roles import OPERATOR_GROUP, VIEWER_GROUP
+from mlxserve.web.roles import OPERATOR_GROUP, VIEWER_GROUP
 from serving.models import ApiKey
 from tests.factories import celery_worker_running, free_port, ingest_until
 

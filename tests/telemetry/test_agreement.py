@@ -158,7 +158,7 @@ def test_the_serializer_keeps_drfs_contract_with_the_contracts_issues(
     with pytest.raises(serializers.ValidationError) as caught:
         TelemetryConfigSerializer(data=config).is_valid(raise_exception=True)
     # DRF's handler and ours read it back as the contract's error object, issue for issue.
-    from mlxserve.api import exception_handler
+    from mlxserve.web.api import exception_handler
 
     answer = exception_handler(caught.value, {})
     assert answer is not None and answer.status_code == 400

@@ -8,7 +8,7 @@ from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 from rest_framework.authtoken.models import Token
 
-from mlxserve.roles import ADMIN_GROUP, ROLES
+from mlxserve.web.roles import ADMIN_GROUP, ROLES
 
 
 class Command(BaseCommand):

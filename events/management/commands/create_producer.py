@@ -7,7 +7,7 @@ from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 from rest_framework.authtoken.models import Token
 
-from mlxserve.roles import PRODUCER_GROUP
+from mlxserve.web.roles import PRODUCER_GROUP
 
 
 class Command(BaseCommand):

@@ -10,8 +10,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
 from events.ingest import EventIngester, ingest_run
-from mlxserve.production import production_keys_require
 from mlxserve.redis_conn import redis_client
+from mlxserve.web.production import production_keys_require
 
 logger = logging.getLogger("mlxserve.ingest")
 

@@ -8,7 +8,7 @@ from django.contrib.auth.models import Group, User
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from events.models import RegisteredModel
-from mlxserve.roles import OPERATOR_GROUP
+from mlxserve.web.roles import OPERATOR_GROUP
 from serving.models import ApiKey
 
 

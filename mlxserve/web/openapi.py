@@ -130,7 +130,7 @@ def struct_serializer(struct: Any) -> type[StructSerializer]:
 
 
 class StructSerializerExtension(OpenApiSerializerExtension):
-    target_class = "mlxserve.openapi.StructSerializer"
+    target_class = "mlxserve.web.openapi.StructSerializer"
     match_subclasses = True
 
     def get_name(self, auto_schema: Any, direction: Any) -> str:

@@ -29,7 +29,7 @@ from rest_framework.settings import api_settings
 from rest_framework.throttling import UserRateThrottle
 
 from mlxserve.contract.validation import Issue, ValidationFailed, json_parse
-from mlxserve.roles import OPERATOR_GROUP, PRODUCER_GROUP
+from mlxserve.web.roles import OPERATOR_GROUP, PRODUCER_GROUP
 
 if TYPE_CHECKING:
     # Not at run time: DRF imports this module (its settings name our parser and

@@ -1,4 +1,4 @@
-"""The view serving the OpenAPI schema (apart from mlxserve.openapi, which DRF's settings
+"""The view serving the OpenAPI schema (apart from mlxserve.web.openapi, which DRF's settings
 import while drf-spectacular's views are still loading)."""
 
 from __future__ import annotations

@@ -60,4 +60,4 @@ class MlxserveAdminSite(admin.AdminSite):
 
 
 class MlxserveAdminConfig(AdminConfig):
-    default_site = "mlxserve.admin.MlxserveAdminSite"
+    default_site = "mlxserve.web.admin.MlxserveAdminSite"

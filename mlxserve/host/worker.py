@@ -20,9 +20,9 @@ from typing import Any
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 from django.conf import settings
 
-from mlxserve import broker
 from mlxserve.contract.serving import model_queue
 from mlxserve.engine.runtime import RuntimeSettings, WorkerRuntime, default_source
+from mlxserve.host import broker
 
 logger = logging.getLogger(__name__)
 
