@@ -170,6 +170,25 @@ def test_postgresql_connections_start_no_parallel_workers_and_a_bad_number_is_re
     assert "MLXSERVE_DB_PARALLEL_WORKERS must be 0 to 64, got 100" in result.stderr
 
 
+def test_postgresql_connections_compile_no_query_with_jit(db: Any) -> None:
+    """At 30 million events the admin's event list was estimated past JIT's thresholds and took a
+    second to compile for a millisecond's work: the project's connections never JIT-compile."""
+    from django.db import connection
+
+    from events.models import Event
+
+    if connection.vendor != "postgresql":
+        return  # SQLite has no JIT
+    sql, params = Event.objects.order_by("-timestamp", "-id")[:100].query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW jit")
+        assert cursor.fetchone() == ("off",)
+        # Every query's estimate past the thresholds, as the admin list's is on a big table.
+        cursor.execute("SET LOCAL jit_above_cost = 0")
+        cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
+        assert "JIT" not in cursor.fetchone()[0][0]
+
+
 def test_web_threads_out_of_range_or_more_than_the_pool_can_serve_are_refused_at_start() -> None:
     postgres = "postgres://postgres@127.0.0.1:5432/postgres"
     refusals = {
