@@ -17,7 +17,7 @@ from events.models import (
 )
 from events.privacy import prompt_policy_get, prompt_redact
 from events.signing import task_sign
-from mlxserve.contract.generations import GenerationOrder
+from mlxserve.contract.generations import GenerationFields, GenerationOrder, generation_fields
 from mlxserve.contract.serving import model_queue, serving_key
 from mlxserve.contract.validation import Issue, ValidationFailed, validate
 from mlxserve.redis_conn import redis_client, redis_clock
@@ -103,7 +103,7 @@ def generation_queue(*, data: Any, user: Any = None) -> Generation:
 
 
 def generation_submit(
-    order: GenerationOrder,
+    order: GenerationFields,
     *,
     user: Any = None,
     serving: dict[str, Any] | None = None,
@@ -133,14 +133,10 @@ def generation_submit(
         requested_by=user if user is not None and getattr(user, "is_authenticated", False) else None,
     )
     task = {
-        "generation_id": str(generation.id),
+        **generation_fields(order),
         "model": registered.name,
+        "generation_id": str(generation.id),
         "model_path": registered.path or None,
-        "prompt": order.prompt,
-        "max_tokens": order.max_tokens,
-        "temperature": order.temperature,
-        "top_p": order.top_p,
-        "seed": order.seed,
         "queued_at_ms": redis_clock.now_ms(client),
         "queue_timeout_ms": settings.QUEUE_TIMEOUT_S * 1000,
         **(serving or {}),

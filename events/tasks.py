@@ -18,17 +18,7 @@ from celery import shared_task
 from django.conf import settings
 
 from events.signing import task_signature_refusal
-from mlxserve.contract.events import Prompt
-from mlxserve.contract.generations import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
-    OrderMaxTokens,
-    OrderModel,
-    OrderSeed,
-    OrderTemperature,
-    OrderTopP,
-)
+from mlxserve.contract.generations import GenerationFields, generation_fields
 from mlxserve.contract.serving import EpochMs, QueueTimeoutMs, StopSequences, TopLogprobs
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.engine import GenerationRequest
@@ -40,18 +30,12 @@ logger = logging.getLogger(__name__)
 ATTEMPTS_TTL_SECONDS = 7 * 24 * 3600
 
 
-class GenerationTask(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The task's keyword arguments, as ``events.generations.generation_queue`` sends them: the
-    order's fields (declared once, in the contract), snake_case, with the generation's id."""
+class GenerationTask(GenerationFields, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The task's keyword arguments, as ``events.generations.generation_submit`` sends them: the
+    request's fields (declared once, in the contract), snake_case, with the generation's id."""
 
     generation_id: uuid.UUID
-    model: OrderModel
     model_path: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
-    prompt: Prompt
-    max_tokens: OrderMaxTokens = DEFAULT_MAX_TOKENS
-    temperature: OrderTemperature = DEFAULT_TEMPERATURE
-    top_p: OrderTopP = DEFAULT_TOP_P
-    seed: OrderSeed | None = None
     # Serving (the /v1/ endpoints): cut at these, answer on the reply channel, drop if taken late.
     stop: StopSequences = []
     logprobs: bool = False
@@ -101,14 +85,9 @@ def generation_run(*args: Any, **kwargs: Any) -> dict[str, Any]:
         )
         return _refused(runtime, kwargs, message, code="TooManyAttempts", attempt=attempt)
     request = GenerationRequest(
+        **generation_fields(task),
         generation_id=generation_id,
-        model=task.model,
         model_path=task.model_path,
-        prompt=task.prompt,
-        max_tokens=task.max_tokens,
-        temperature=task.temperature,
-        top_p=task.top_p,
-        seed=task.seed,
         attempt=attempt,
         stop=tuple(task.stop),
     )

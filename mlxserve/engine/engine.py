@@ -13,17 +13,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from msgspec import UNSET
 
-from mlxserve.contract.generations import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
-    tokens_per_second,
-)
+from mlxserve.contract.generations import GenerationFields, tokens_per_second
 from mlxserve.contract.telemetry import LABEL_VALUE_LENGTH
 from mlxserve.contract.validation import EngineError
 from mlxserve.engine.emitter import EngineEventEmitter
@@ -44,16 +40,12 @@ from mlxserve.engine.sequence import Sequence, TelemetryCost
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    model: str  # the name events carry: a registry name, a path or a repo id
-    prompt: str | dict[str, Any]
-    max_tokens: int = DEFAULT_MAX_TOKENS
+class GenerationRequest(GenerationFields, frozen=True, kw_only=True):
+    """A generation as the engine runs it: the request's fields (``model`` is the name events
+    carry: a registry name, a path or a repo id) and what the worker adds."""
+
     model_path: str | None = None  # where to load it from, when the name is not itself a path
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    seed: int | None = None
-    generation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    generation_id: str = msgspec.field(default_factory=lambda: str(uuid.uuid4()))
     attempt: int = 1
     stop: tuple[str, ...] = ()  # stop sequences (cut on the reply; the events keep every token)
 
