@@ -69,6 +69,7 @@ _ROW_FIELDS = (
     "token",
     "logprob_value",
 )
+_ROW_FIELDS_SET = frozenset(_ROW_FIELDS)
 (
     _ID,
     _TYPE,
@@ -337,12 +338,17 @@ def event_get(event_id: uuid.UUID) -> Row | None:
     return max(rows, key=_merge_key, default=None)
 
 
-def generation_events(generation_id: uuid.UUID) -> list[StoredEvent]:
-    """A generation's events, oldest first, payloads decoded."""
+def generation_events(
+    generation_id: uuid.UUID, *, also: Sequence[QuerySet[Any, Row]] = ()
+) -> tuple[list[StoredEvent], list[list[Row]]]:
+    """A generation's events, oldest first, payloads decoded; and the rows of ``also``, read
+    in the same round trip (the generation's own row)."""
     decode = msgspec.json.Decoder(dict[str, Any]).decode
     querysets = [rows_of(model).filter(generation_id=generation_id) for model in (EventRecord, TokenEvent)]
-    pages = rows_together([q.order_by("timestamp", "seq", "id") for q in querysets], prepared=True)
-    return [stored_event(row, decode) for row in heapq.merge(*pages, key=_merge_key)]
+    records, tokens, *others = rows_together(
+        [*(q.order_by("timestamp", "seq", "id") for q in querysets), *also], prepared=True
+    )
+    return [stored_event(row, decode) for row in heapq.merge(records, tokens, key=_merge_key)], others
 
 
 def rows_together(querysets: Sequence[QuerySet[Any, Row]], *, prepared: bool = False) -> list[list[Row]]:
@@ -380,7 +386,10 @@ def rows_together(querysets: Sequence[QuerySet[Any, Row]], *, prepared: bool = F
 
 
 def _rows(cursor: Any) -> list[Row]:
-    """A cursor's rows as ``_ROW_FIELDS`` tuples, whatever else it selected (a sort key)."""
+    """A cursor's rows as ``_ROW_FIELDS`` tuples, whatever else it selected (a sort key); the
+    rows of a query of something else as it selected them."""
     names = [column.name for column in cursor.description or ()]
+    if not _ROW_FIELDS_SET <= set(names):
+        return list(cursor.fetchall())
     pick = operator.itemgetter(*(names.index(name) for name in _ROW_FIELDS))
     return [pick(row) for row in cursor.fetchall()]

@@ -104,10 +104,9 @@ def _attempts(events: list[StoredEvent]) -> list[Attempt]:
             attempts.append(Attempt(number=number if isinstance(number, int) else len(attempts) + 1))
             attempts[-1].events.append(event)
             continue
-        owner = next(
-            (a for a in reversed(attempts) if a.events[-1].seq == event.seq - 1),
-            attempts[-1],
-        )
+        owner = attempts[-1]
+        if owner.events[-1].seq != event.seq - 1:  # not the latest attempt's next: an older one's?
+            owner = next((a for a in reversed(attempts) if a.events[-1].seq == event.seq - 1), owner)
         owner.events.append(event)
     return attempts
 
@@ -133,8 +132,9 @@ def generation_detail(*, generation_id: uuid.UUID) -> GenerationOut | None:
 def generation_read(*, generation_id: uuid.UUID) -> tuple[GenerationOut, list[Attempt]] | None:
     """``generation_detail`` and the attempts it was made from (the admin page draws their
     tokens: text, log-probabilities, times)."""
-    generation = Generation.objects.filter(pk=generation_id).first()
-    events = generation_events(generation_id)
+    own = Generation.objects.filter(pk=generation_id).values_list("model", "created_at")
+    events, [generation_rows] = generation_events(generation_id, also=[own])
+    generation = generation_rows[0] if generation_rows else None
     if generation is None and not events:
         return None
     raw = _attempts(events)
@@ -143,8 +143,8 @@ def generation_read(*, generation_id: uuid.UUID) -> tuple[GenerationOut, list[At
     detail = GenerationOut(
         **{f: getattr(latest, f) for f in AttemptOut.__struct_fields__},
         generation_id=str(generation_id),
-        model=generation.model if generation else (events[0].payload.get("model") if events else None),
-        created_at=generation.created_at if generation else None,
+        model=generation[0] if generation else (events[0].payload.get("model") if events else None),
+        created_at=generation[1] if generation else None,
         attempts=attempts,
         events=[event_row(e) for e in events],
     )
@@ -154,7 +154,7 @@ def generation_read(*, generation_id: uuid.UUID) -> tuple[GenerationOut, list[At
 def generation_latest_tokens(*, generation_id: uuid.UUID) -> tuple[int, list[tuple[int, str]]]:
     """The number of the generation's latest attempt (0 before it starts) and that attempt's
     tokens stored so far as ``(seq, token)``, in ``seq`` order (there may be gaps still)."""
-    events = generation_events(generation_id)
+    events, _ = generation_events(generation_id)
     attempts = _attempts(events)
     if not attempts:
         return 0, []

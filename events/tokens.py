@@ -228,10 +228,11 @@ _jsonb_string = msgspec.json.encode
 
 def _jsonb_number(value: float) -> str:
     """A float as jsonb prints the number msgspec wrote for it: a numeric, in plain notation
-    with the digits written (``1e-07`` is ``0.0000001``, ``-1.0`` is ``-1.0``), zero unsigned."""
-    text = msgspec.json.encode(value).decode()
-    if "e" not in text and "E" not in text:  # already plain: as jsonb prints it, but a signed zero
-        return text[1:] if text.startswith("-") and value == 0 else text
+    with the digits written (``1e-07`` is ``0.0000001``, ``-1.0`` is ``-1.0``), zero unsigned.
+    Python's ``repr`` has msgspec's digits (both the shortest that read back the same float)."""
+    text = repr(value)
+    if "e" not in text:  # already plain: as jsonb prints it, but a signed zero
+        return "0.0" if value == 0 else text
     number = Decimal(text)
     plain = format(number, "f")
     return plain[1:] if number.is_zero() and plain.startswith("-") else plain
@@ -263,7 +264,16 @@ def token_payload(model: str, token: str, logprob: float | None) -> bytes:
         return msgspec.json.encode(
             TokenGenerated(model=model, token=token, logprob=UNSET if logprob is None else logprob)
         )
-    text = b'{"model": ' + _jsonb_string(model) + b', "token": ' + _jsonb_string(token)
-    if logprob is not None:
-        text += b', "logprob": ' + _jsonb_number(logprob).encode()
-    return text + b"}"
+    if logprob is None:
+        return b"%s%s}" % (_jsonb_head(model), _jsonb_string(token))
+    return b'%s%s, "logprob": %s}' % (
+        _jsonb_head(model),
+        _jsonb_string(token),
+        _jsonb_number(logprob).encode(),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _jsonb_head(model: str) -> bytes:
+    """A token payload's text up to its token, the same for every token of a model."""
+    return b'{"model": ' + _jsonb_string(model) + b', "token": '

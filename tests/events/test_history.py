@@ -190,9 +190,31 @@ def test_a_generations_rows_are_read_by_prepared_statements_on_generic_plans(
     with connection.cursor() as cursor:
         cursor.execute("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
         prepared = cursor.fetchall()
-    # The generation view's two tables and the list's (generation filter, page size 5): each run
-    # three times, each time on its generic plan.
-    assert len(prepared) == 4, prepared
-    assert all(
-        '"generation_id" =' in sql and generic == 3 and custom == 0 for sql, generic, custom in prepared
-    )
+    # The generation view's two tables and its own row, and the list's (generation filter, page
+    # size 5): each run three times, each time on its generic plan.
+    assert len(prepared) == 5, prepared
+    assert all(generic == 3 and custom == 0 for _, generic, custom in prepared), prepared
+    by_generation = [sql for sql, _, _ in prepared if '"generation_id" =' in sql]
+    assert len(by_generation) == 4
+    assert [sql for sql, _, _ in prepared if '"events_generation"."id" =' in sql]
+
+
+def test_the_generation_view_shows_the_generations_own_row_read_with_its_events(
+    reader_client: APIClient,
+) -> None:
+    """The model asked for and when, from the generation's row (read in the events' round trip);
+    a generation with no events yet is shown queued, one with no row from its events."""
+    events = generation(start=T0, ttft=100, tokens=3)
+    store(events)
+    gid = events[0]["generationId"]
+    row = Generation.objects.create(id=gid, model="as-asked", prompt="p", max_tokens=3)
+    body = reader_client.get(f"/api/generations/{gid}/").json()
+    assert body["model"] == "as-asked"
+    assert body["createdAt"] == msgspec.json.encode(row.created_at).decode().strip('"')
+    assert body["createdAt"].endswith("Z") and len(body["events"]) == len(events)
+    queued = Generation.objects.create(id=events[0]["id"], model="later", prompt="p", max_tokens=3)
+    body = reader_client.get(f"/api/generations/{queued.id}/").json()
+    assert (body["state"], body["model"], body["events"]) == ("queued", "later", [])
+    Generation.objects.filter(pk=gid).delete()
+    body = reader_client.get(f"/api/generations/{gid}/").json()
+    assert body["createdAt"] is None and body["model"] == events[0]["payload"]["model"]
