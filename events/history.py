@@ -389,7 +389,7 @@ def _rows(cursor: Any) -> list[Row]:
     """A cursor's rows as ``_ROW_FIELDS`` tuples, whatever else it selected (a sort key); the
     rows of a query of something else as it selected them."""
     names = [column.name for column in cursor.description or ()]
-    if not _ROW_FIELDS_SET <= set(names):
+    if not set(names) >= _ROW_FIELDS_SET:
         return list(cursor.fetchall())
     pick = operator.itemgetter(*(names.index(name) for name in _ROW_FIELDS))
     return [pick(row) for row in cursor.fetchall()]
