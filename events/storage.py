@@ -59,21 +59,12 @@ class StoreOutcome:
         return len(self.dead_letters)
 
 
-_EVENT_COLUMNS = (
-    "id",
-    "type",
-    "timestamp",
-    "source",
-    "generation_id",
-    "seq",
-    "model",
-    "payload",
-    "ingested_at",
-)
+# The table's columns as the model declares them (``EventColumns``), in its order.
+_EVENT_COLUMNS = tuple(field.column for field in EventRecord._meta.concrete_fields)
 
 
 def _event_values(envelope: Envelope, now: Any) -> tuple[Any, ...]:
-    """One row of ``events_event`` in column order, payload as JSON text."""
+    """One row of ``events_event`` in ``_EVENT_COLUMNS``' order, payload as JSON text."""
     payload = envelope.payload
     model = getattr(payload, "model", "")
     return (
