@@ -55,7 +55,7 @@ def written(layout: service_files.Layout) -> set[Path]:
 
 def test_systemd_units_verify_and_keep_secrets_in_a_0600_file(tmp_path: Path, own_redis: Any) -> None:
     layout = installed(tmp_path, "systemd", own_redis.url, workers=2)
-    env_file = tmp_path / "home/.config/mlxserve/host/worker.env"
+    env_file = tmp_path / "home/.config/mlxserve/worker.env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert service_files.env_file_read(env_file) == {"REDIS_URL": own_redis.url}
     units = [tmp_path / f"home/.config/systemd/user/mlxserve-worker-{n}.service" for n in (1, 2)]
@@ -83,7 +83,7 @@ def test_install_models_makes_the_workers_serve_those_only(
         ["install", "--redis-url", own_redis.url, "--models", "demo", "qwen-0.5b", "--no-start"]
     )
     assert code == 0
-    env = service_files.env_file_read(tmp_path / "home/.config/mlxserve/host/worker.env")
+    env = service_files.env_file_read(tmp_path / "home/.config/mlxserve/worker.env")
     assert env["MLXSERVE_WORKER_MODELS"] == "demo,qwen-0.5b"
     with pytest.raises(SystemExit):
         service.main(["install", "--redis-url", own_redis.url, "--models", "a,b", "--no-start"])
@@ -92,7 +92,7 @@ def test_install_models_makes_the_workers_serve_those_only(
 def test_launchd_agents_parse_with_the_keys_launchd_needs(tmp_path: Path, own_redis: Any) -> None:
     layout = installed(tmp_path, "launchd", own_redis.url, workers=2)
     home = tmp_path / "home"
-    env_file = home / "Library/Application Support/mlxserve/host/worker.env"
+    env_file = home / "Library/Application Support/mlxserve/worker.env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     for n in (1, 2):
         path = home / f"Library/LaunchAgents/com.mlxserve.worker.{n}.plist"
@@ -103,7 +103,7 @@ def test_launchd_agents_parse_with_the_keys_launchd_needs(tmp_path: Path, own_re
         assert (
             agent["StandardOutPath"]
             == agent["StandardErrorPath"]
-            == str(home / f"Library/Logs/mlxserve/host/worker-{n}.log")
+            == str(home / f"Library/Logs/mlxserve/worker-{n}.log")
         )
         assert agent["ProgramArguments"][:6] == [
             str(PYTHON),
