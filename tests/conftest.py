@@ -33,15 +33,16 @@ os.environ.setdefault("SECRET_KEY", django_settings.SECRET_KEY)
 os.environ.setdefault("MLXSERVE_PROMPT_HASH_KEY", django_settings.PROMPT_HASH_KEY)
 
 
-# Modules that start real servers and workers (Celery workers generating with mlx-lm, gunicorn,
-# Prometheus, Chromium, a TLS Redis, the ingester as a process, `make run`) or load tables in bulk:
-# `slow`. `make test-quick` (pytest -m "not slow") leaves them out for the edit-test loop; `make
-# test` runs everything.
+# Modules that start real servers, workers or processes (Celery workers generating with mlx-lm,
+# gunicorn, Prometheus, Chromium, a TLS Redis, a private Redis, the ingester as a process, `make
+# run`, `manage.py check` under other settings) or load tables in bulk: `slow`. `make test-quick`
+# (pytest -m "not slow") leaves them out for the edit-test loop; `make test` runs everything.
 SLOW_MODULES = frozenset(
     {
         "tests/deploy/test_prometheus.py",
         "tests/deploy/test_redis_security.py",
         "tests/events/test_browser.py",
+        "tests/events/test_bounded_growth.py",
         "tests/events/test_generations.py",
         "tests/events/test_ingest_crash.py",
         "tests/events/test_ingest_process.py",
@@ -49,10 +50,14 @@ SLOW_MODULES = frozenset(
         "tests/events/test_plan_everywhere.py",
         "tests/events/test_poison_tasks.py",
         "tests/events/test_signed_tasks.py",
+        "tests/events/test_stats_rollups.py",
         "tests/mlxserve/test_api_fuzz.py",
+        "tests/mlxserve/test_devredis.py",
         "tests/mlxserve/test_make_run.py",
         "tests/mlxserve/test_request_limit.py",
         "tests/mlxserve/test_service.py",
+        "tests/mlxserve/test_settings.py",
+        "tests/mlxserve/test_web_server.py",
         "tests/serving/test_openai.py",
     }
 )
