@@ -19,7 +19,7 @@ from django.utils.safestring import mark_safe
 
 from events.charts import latency_chart_svg, sparkline_svg
 from events.dead_letters import dead_letters_replay
-from events.history import event_values, stored_event
+from events.history import StoredEvent, event_values, stored_event
 from events.models import (
     DeadLetter,
     Event,
@@ -30,6 +30,7 @@ from events.models import (
     Worker,
 )
 from events.privacy import HASH_PREFIX, prompt_policy_get
+from events.responses import EventOut
 from events.selectors import (
     WorkerActivity,
     generation_read,
@@ -99,6 +100,11 @@ class CappedCountPaginator(Paginator):
         return int(self.object_list[: self.CAP].count())  # type: ignore[attr-defined]
 
 
+# An event's page shows the API's fields (EventOut), its time also as a date, and the model before
+# the payload (pretty-printed).
+_EVENT_SHOWN_AS = {"timestamp": ("occurred", "timestamp"), "payload": ("model", "payload_pretty")}
+
+
 @admin.register(Event)
 class EventAdmin(ReadOnlyAdmin):
     list_display = ["occurred", "type", "model", "source", "generation_id", "seq"]
@@ -108,16 +114,7 @@ class EventAdmin(ReadOnlyAdmin):
     sortable_by = ["occurred"]
     search_fields = ["=id", "=generation_id"]
     readonly_fields = [
-        "id",
-        "type",
-        "occurred",
-        "timestamp",
-        "source",
-        "generation_id",
-        "seq",
-        "model",
-        "payload_pretty",
-        "ingested_at",
+        shown for name in EventOut.__struct_fields__ for shown in _EVENT_SHOWN_AS.get(name, (name,))
     ]
     exclude = ["payload", "token", "logprob"]  # token and logprob: the view's, shown in the payload
     list_per_page = 100
@@ -146,7 +143,7 @@ class EventAdmin(ReadOnlyAdmin):
     def payload_pretty(self, obj: Event) -> str:
         # As the API writes it (a token event's from its columns), so both show the same numbers.
         row = event_values(Event.objects.filter(pk=obj.pk, timestamp=obj.timestamp)).first()
-        return _pretty(json.loads(bytes(stored_event(row).payload_raw))) if row else ""
+        return _pretty(json.loads(bytes(stored_event(row).out.payload))) if row else ""
 
 
 @admin.register(DeadLetter)
@@ -271,7 +268,7 @@ class GenerationAdmin(ReadOnlyAdmin):
     @admin.display(description="inter-token latency")
     def latency(self, obj: Generation) -> str:
         tokens = self._tokens(obj)
-        gaps = [float(b.timestamp - a.timestamp) for a, b in itertools.pairwise(tokens)]
+        gaps = [float(b.out.timestamp - a.out.timestamp) for a, b in itertools.pairwise(tokens)]
         summary = ""
         if gaps:
             ordered = sorted(gaps)
@@ -296,11 +293,11 @@ class GenerationAdmin(ReadOnlyAdmin):
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
             (
                 (
-                    datetime.fromtimestamp(e.timestamp / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3],
-                    e.type,
-                    e.seq,
-                    e.source,
-                    bytes(e.payload_raw).decode()[:300],
+                    datetime.fromtimestamp(e.out.timestamp / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3],
+                    e.out.type,
+                    e.out.seq,
+                    e.out.source,
+                    bytes(e.out.payload).decode()[:300],
                 )
                 for e in events
             ),
@@ -314,18 +311,17 @@ class GenerationAdmin(ReadOnlyAdmin):
         )
 
 
-def _token_span(event: Any) -> str:
+def _token_span(event: StoredEvent) -> str:
     """One token, shaded by its log-probability (0: sure; -5 and below: darkest)."""
     logprob = event.payload.get("logprob")
-    when = datetime.fromtimestamp(event.timestamp / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3]
+    when = datetime.fromtimestamp(event.out.timestamp / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3]
+    token, seq = event.payload.get("token"), event.out.seq
     if isinstance(logprob, int | float):
         alpha = min(max(-float(logprob), 0.0) / 5.0, 1.0) * 0.75
-        title = (
-            f"token {event.payload.get('token')!r} · logprob {float(logprob):.3f} · seq {event.seq} · {when}"
-        )
+        title = f"token {token!r} · logprob {float(logprob):.3f} · seq {seq} · {when}"
         style = f"background: rgba(186, 33, 33, {alpha:.2f})"
     else:
-        title, style = f"token {event.payload.get('token')!r} · seq {event.seq} · {when}", ""
+        title, style = f"token {token!r} · seq {seq} · {when}", ""
     return format_html(
         '<span class="mlx-tok" style="{}" title="{}" data-logprob="{}">{}</span>',
         style,

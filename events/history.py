@@ -34,55 +34,48 @@ Row = tuple[Any, ...]
 
 
 class StoredEvent(msgspec.Struct, gc=False):
-    """A stored event as the read paths use it: no model instance; the payload both
-    decoded (for the figures) and raw (written out as it is, never re-encoded)."""
+    """A stored event as the read paths use it: as the API shows it (its payload written out as
+    the database holds it, never re-encoded), and its payload decoded (for the figures)."""
 
-    id: str
-    type: str
-    timestamp: int
-    source: str
-    generation_id: str | None
-    seq: int
+    out: EventOut
     payload: dict[str, Any]
-    payload_raw: msgspec.Raw
-    ingested_at: str
 
 
-# Read as text, in SQL: parsing 500 timestamps and UUIDs into Python objects only to
-# print them again was most of a generation view's time. A token event's payload is
-# written from its columns (events.tokens), never cast.
-_AS_TEXT = {
-    "id_text": Cast("id", TextField()),
-    "generation_text": Cast("generation_id", TextField()),
-    "ingested_text": Cast("ingested_at", TextField()),
-}
+# A row is read with ``EventOut``'s fields in their order (under the names of the columns that
+# hold them where SQL writes them as text: parsing 500 timestamps and UUIDs into Python objects
+# only to print them again was most of a generation view's time), then the columns a token event's
+# payload is written from (events.tokens; never cast).
+_READ_AS_TEXT = {"id": "id_text", "generation_id": "generation_text", "ingested_at": "ingested_text"}
+_AS_TEXT = {alias: Cast(name, TextField()) for name, alias in _READ_AS_TEXT.items()}
+_READ_AS = {**_READ_AS_TEXT, "payload": "payload_text"}
 _ROW_FIELDS = (
-    "id_text",
-    "type",
-    "timestamp",
-    "source",
-    "generation_text",
-    "seq",
-    "payload_text",
-    "ingested_text",
+    *(_READ_AS.get(name, name) for name in EventOut.__struct_fields__),
     "model",
     "token",
     "logprob_value",
 )
-_ROW_FIELDS_SET = frozenset(_ROW_FIELDS)
-(
-    _ID,
-    _TYPE,
-    _TIMESTAMP,
-    _SOURCE,
-    _GENERATION,
-    _SEQ,
-    _PAYLOAD,
-    _INGESTED,
-    _MODEL,
-    _TOKEN,
-    _LOGPROB,
-) = range(len(_ROW_FIELDS))
+
+
+def _at(field: str) -> int:
+    return _ROW_FIELDS.index(_READ_AS.get(field, field))
+
+
+_ID, _TYPE, _TIMESTAMP, _SOURCE, _GENERATION, _SEQ, _PAYLOAD, _INGESTED, _MODEL, _TOKEN, _LOGPROB = map(
+    _at,
+    (
+        "id",
+        "type",
+        "timestamp",
+        "source",
+        "generation_id",
+        "seq",
+        "payload",
+        "ingested_at",
+        "model",
+        "token",
+        "logprob_value",
+    ),
+)
 
 
 class _AsDouble(Cast):
@@ -156,34 +149,23 @@ def stored_event(row: Row, decode: Callable[[bytes], dict[str, Any]] | None = No
         raw = token_payload(model, token, logprob)
         # What decoding ``raw`` gives, without decoding it.
         payload = token_payload_value(model, token, logprob) if decode else {}
-    return StoredEvent(
+    out = EventOut(
         id=_dashed(row[_ID]) or "",
         type=row[_TYPE],
         timestamp=row[_TIMESTAMP],
         source=row[_SOURCE],
         generation_id=_dashed(row[_GENERATION]),
         seq=row[_SEQ],
-        payload=payload,
-        payload_raw=msgspec.Raw(raw),
+        payload=msgspec.Raw(raw),
         ingested_at=_iso(row[_INGESTED]),
     )
+    return StoredEvent(out, payload)
 
 
-def event_row(event: StoredEvent | Row) -> EventOut:
-    """An event as the API shows it (a ``StoredEvent``, or a row of ``event_values``); the
-    payload goes out as the database holds it (msgspec writes ``Raw`` as is)."""
-    if isinstance(event, tuple):
-        event = stored_event(event)
-    return EventOut(
-        id=event.id,
-        type=event.type,
-        timestamp=event.timestamp,
-        source=event.source,
-        generation_id=event.generation_id,
-        seq=event.seq,
-        payload=event.payload_raw,
-        ingested_at=event.ingested_at,
-    )
+def event_row(row: Row) -> EventOut:
+    """A row of ``event_values`` as the API shows it; the payload goes out as the database holds
+    it (msgspec writes ``Raw`` as is)."""
+    return stored_event(row).out
 
 
 # -- which rows: the event list's filters on both tables ---------------------------------------
@@ -379,17 +361,17 @@ def rows_together(querysets: Sequence[QuerySet[Any, Row]], *, prepared: bool = F
                         cursor.execute(sql, params, prepare=True)
                     else:
                         cursor.execute(sql, params)
-            return [_rows(cursor) for cursor in cursors]
+            return [_rows(cursor, q) for cursor, q in zip(cursors, querysets, strict=True)]
         finally:
             for cursor in cursors:
                 cursor.close()
 
 
-def _rows(cursor: Any) -> list[Row]:
-    """A cursor's rows as ``_ROW_FIELDS`` tuples, whatever else it selected (a sort key); the
-    rows of a query of something else as it selected them."""
-    names = [column.name for column in cursor.description or ()]
-    if not set(names) >= _ROW_FIELDS_SET:
-        return list(cursor.fetchall())
-    pick = operator.itemgetter(*(names.index(name) for name in _ROW_FIELDS))
-    return [pick(row) for row in cursor.fetchall()]
+def _rows(cursor: Any, queryset: QuerySet[Any, Any]) -> list[Row]:
+    """A cursor's rows as ``queryset`` gives them: its ``values_list`` fields, without what was
+    annotated after them (a sort key; Django selects those last)."""
+    rows = cursor.fetchall()
+    width = len(queryset._fields or ())  # type: ignore[attr-defined]  # values_list's fields
+    if not width or not rows or len(rows[0]) == width:
+        return list(rows)
+    return [row[:width] for row in rows]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.db.models import Count, Sum
 
-from events.history import StoredEvent, event_row, generation_events
+from events.history import StoredEvent, generation_events
 from events.models import DeadLetter, Generation, SourceMinute, Worker
 from events.responses import (
     AttemptOut,
@@ -39,11 +39,11 @@ class Attempt:
     events: list[StoredEvent] = field(default_factory=list)
 
     def first(self, event_type: str) -> StoredEvent | None:
-        return next((e for e in self.events if e.type == event_type), None)
+        return next((e for e in self.events if e.out.type == event_type), None)
 
     @property
     def tokens(self) -> list[StoredEvent]:
-        return [e for e in self.events if e.type == "tokenGenerated"]
+        return [e for e in self.events if e.out.type == "tokenGenerated"]
 
     @property
     def state(self) -> str:
@@ -55,7 +55,7 @@ class Attempt:
 
     @property
     def source(self) -> str | None:
-        return self.events[0].source if self.events else None
+        return self.events[0].out.source if self.events else None
 
     def summary(self) -> AttemptOut:
         started, completed, error = (
@@ -64,11 +64,15 @@ class Attempt:
             self.first("error"),
         )
         tokens = self.tokens
-        ttft = time_to_first_token_ms(started.timestamp, tokens[0].timestamp) if started and tokens else None
+        ttft = (
+            time_to_first_token_ms(started.out.timestamp, tokens[0].out.timestamp)
+            if started and tokens
+            else None
+        )
         if completed is not None and "throughput" in completed.payload:
             rate = completed.payload["throughput"]
         elif tokens:
-            rate = tokens_per_second(len(tokens), (tokens[-1].timestamp - tokens[0].timestamp) / 1000)
+            rate = tokens_per_second(len(tokens), (tokens[-1].out.timestamp - tokens[0].out.timestamp) / 1000)
         else:
             rate = None
         return AttemptOut(
@@ -95,18 +99,18 @@ def _attempts(events: list[StoredEvent]) -> list[Attempt]:
     """
     attempts: list[Attempt] = []
     for event in events:
-        if event.type == "generationStarted" or not attempts:
+        if event.out.type == "generationStarted" or not attempts:
             number = (
                 (event.payload.get("metadata") or {}).get("attempt")
-                if event.type == "generationStarted"
+                if event.out.type == "generationStarted"
                 else None
             )
             attempts.append(Attempt(number=number if isinstance(number, int) else len(attempts) + 1))
             attempts[-1].events.append(event)
             continue
         owner = attempts[-1]
-        if owner.events[-1].seq != event.seq - 1:  # not the latest attempt's next: an older one's?
-            owner = next((a for a in reversed(attempts) if a.events[-1].seq == event.seq - 1), owner)
+        if owner.events[-1].out.seq != event.out.seq - 1:  # not the latest attempt's next: an older one's?
+            owner = next((a for a in reversed(attempts) if a.events[-1].out.seq == event.out.seq - 1), owner)
         owner.events.append(event)
     return attempts
 
@@ -146,7 +150,7 @@ def generation_read(*, generation_id: uuid.UUID) -> tuple[GenerationOut, list[At
         model=generation[0] if generation else (events[0].payload.get("model") if events else None),
         created_at=generation[1] if generation else None,
         attempts=attempts,
-        events=[event_row(e) for e in events],
+        events=[e.out for e in events],
     )
     return detail, raw
 
@@ -158,7 +162,7 @@ def generation_latest_tokens(*, generation_id: uuid.UUID) -> tuple[int, list[tup
     attempts = _attempts(events)
     if not attempts:
         return 0, []
-    return attempts[-1].number, sorted((e.seq, e.payload["token"]) for e in attempts[-1].tokens)
+    return attempts[-1].number, sorted((e.out.seq, e.payload["token"]) for e in attempts[-1].tokens)
 
 
 def heartbeat_interval_ms() -> int:

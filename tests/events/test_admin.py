@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import html
+import json
+import re
 import time
 import uuid
 from typing import Any
@@ -73,6 +76,30 @@ def test_the_event_list_never_counts_past_the_cap(settings: Any) -> None:
 def test_the_event_list_sorts_only_by_time() -> None:
     page = browser("boss", ADMIN_GROUP).get(EVENTS_URL)
     assert page.context["cl"].sortable_by == ["occurred"]
+
+
+@pytest.mark.parametrize("event_type", ["generationStarted", "tokenGenerated"])
+def test_an_events_page_shows_every_field_the_api_shows_with_the_same_values(
+    event_type: str, reader_client: Any
+) -> None:
+    envelope = make_envelope(event_type)
+    store([envelope])
+    shown = reader_client.get(f"/api/events/{envelope['id']}/").json()
+    page = browser("boss", ADMIN_GROUP).get(f"{EVENTS_URL}{envelope['id']}/change/")
+    fields = {
+        field.field["name"]: str(field.contents())
+        for fieldset in page.context["adminform"]
+        for line in fieldset
+        for field in line
+    }
+    for name, value in shown.items():
+        snake = re.sub(r"[A-Z]", lambda m: f"_{m.group().lower()}", name)
+        if name == "payload":
+            assert json.loads(html.unescape(re.sub(r"</?pre>", "", fields["payload_pretty"]))) == value
+        elif name == "ingestedAt":
+            assert fields[snake]  # the admin's own date format
+        else:
+            assert fields[snake] == str(value), name
 
 
 def test_a_payload_is_shown_pretty_and_escaped() -> None:
