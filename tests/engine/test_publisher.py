@@ -119,7 +119,7 @@ def test_publish_never_blocks_on_a_dead_redis(tmp_path: Path) -> None:
     started = time.perf_counter()
     for _ in range(1000):
         emitter.token_generated(generation_id=uuid.uuid4(), seq=1, model="m", token="x")
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 10  # a connection attempt each would take 500 s
     assert publisher.pending() == 1000
     publisher.close(timeout=0.2)
 
