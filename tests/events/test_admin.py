@@ -7,6 +7,7 @@ import json
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -201,3 +202,46 @@ def test_stored_history_leaves_only_by_retention_even_for_a_superuser() -> None:
         assert "deletelink" not in client.get(f"{url}{pk}/change/").content.decode()
     assert Event.objects.count() == 1
     assert Generation.objects.count() == 1
+
+
+def test_a_generations_page_writes_every_token_and_raw_event_escaped_at_its_utc_time() -> None:
+    from events.models import Generation
+
+    gid = str(uuid.uuid4())
+    Generation.objects.create(id=gid, model="m", prompt="p", max_tokens=2)
+    started_at = T0 // 86_400_000 * 86_400_000 - 1  # the day's last millisecond, before the tokens' day
+    tokens = ['<b a="x">&\'', "plain"]
+    store(
+        [
+            make_envelope("generationStarted", generationId=gid, seq=0, timestamp=started_at),
+            *(
+                make_envelope(
+                    "tokenGenerated",
+                    generationId=gid,
+                    seq=seq,
+                    timestamp=T0 + seq * 1_234,
+                    payload={"model": "m", "token": token, **({"logprob": -0.5} if seq == 1 else {})},
+                )
+                for seq, token in enumerate(tokens, start=1)
+            ),
+        ]
+    )
+    page = browser("boss", ADMIN_GROUP).get(f"/admin/events/generation/{gid}/change/").content.decode()
+
+    def at(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3]
+
+    first_title = html.escape(f"token {tokens[0]!r} · logprob -0.500 · seq 1 · {at(T0 + 1_234)}")
+    assert (
+        f'<span class="mlx-tok" style="background: rgba(186, 33, 33, 0.08)" title="{first_title}" '
+        f'data-logprob="-0.5">{html.escape(tokens[0])}</span>'
+    ) in page
+    assert (
+        f'<span class="mlx-tok" style="" title="token &#x27;plain&#x27; · seq 2 · {at(T0 + 2_468)}" '
+        'data-logprob="">plain</span>'
+    ) in page
+    assert at(started_at) == "23:59:59.999"
+    assert f"<tr><td>{at(started_at)}</td><td>generationStarted</td><td>0</td>" in page
+    assert f"<tr><td>{at(T0 + 1_234)}</td><td>tokenGenerated</td><td>1</td>" in page
+    assert html.escape(json.dumps(tokens[0])) in page  # in the raw event's payload
+    assert "<b a=" not in page
