@@ -462,6 +462,7 @@ def admin_cases(base: str, n: int, generation_id: str = "") -> None:
         lambda i: f"/admin/events/event/?source={SOURCES[2]}&type__exact=error",
         n,
     )
+    measure(client, "admin list, model", lambda i: f"/admin/events/event/?model={MODELS[1]}", n)
     print(f"admin pages, {n} requests each:", flush=True)
     measure(client, "admin index (the fleet panel)", lambda i: "/admin/", n)
     measure(client, "admin workers (sparklines, last errors)", lambda i: "/admin/events/worker/", n)

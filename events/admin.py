@@ -92,14 +92,18 @@ class SourceFilter(ExactInputFilter):
 
 class CappedCountPaginator(Paginator):
     """Counts at most ``CAP`` rows: ``COUNT(*)`` over 10 million events takes seconds, a
-    count of the first 10,001 a few milliseconds. Past the cap the list shows 100 pages;
-    the filters and the time order reach the rest."""
+    count of the first 10,000 a few milliseconds. Past the cap the list shows 100 pages;
+    the filters and the time order reach the rest.
+
+    Any ``CAP`` rows count the same as the newest ``CAP``: counted in no order, PostgreSQL
+    stops at the cap wherever it finds them, instead of merging every time partition's index
+    in time order (with a model filter at 30 million events: 3 ms against 35-50)."""
 
     CAP = 10_000
 
     @cached_property
     def count(self) -> int:
-        return int(self.object_list[: self.CAP].count())  # type: ignore[attr-defined]
+        return int(self.object_list.order_by()[: self.CAP].count())  # type: ignore[attr-defined]
 
 
 # An event's page shows the API's fields (EventOut), its time also as a date, and the model before

@@ -67,11 +67,15 @@ def test_the_event_list_never_counts_past_the_cap(settings: Any) -> None:
     store([make_envelope("tokenGenerated", timestamp=T0 + 1_000 + i) for i in range(120)])
     CappedCountPaginator.CAP, cap = 105, CappedCountPaginator.CAP
     try:
-        page = browser("boss", ADMIN_GROUP).get(EVENTS_URL)
+        with CaptureQueriesContext(connection) as queries:
+            page = browser("boss", ADMIN_GROUP).get(EVENTS_URL, {"model": "llama-3-8b"})
     finally:
         CappedCountPaginator.CAP = cap
     assert page.context["cl"].result_count == 105
     assert page.context["cl"].full_result_count is None
+    assert len(page.context["cl"].result_list) == 100
+    [count] = [q["sql"] for q in queries.captured_queries if "COUNT(" in q["sql"].upper()]
+    assert "ORDER BY" not in count.upper(), "the capped count is taken in no order"
 
 
 def test_the_event_list_sorts_only_by_time() -> None:
