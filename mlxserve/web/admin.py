@@ -7,6 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.contrib import admin
 from django.contrib.admin.apps import AdminConfig
+from django.contrib.admin.utils import quote
+from django.contrib.admin.views.main import ChangeList
 from django.db.models import Model
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
@@ -30,9 +32,29 @@ class SingletonAdmin(admin.ModelAdmin):
         return HttpResponseRedirect(url)
 
 
+class LinkOnceChangeList(ChangeList):
+    """The admin's change list, each row's link made from the change URL reversed once a page
+    (``reverse`` a row was an eighth of a 100-event page's time: 3 of 24 ms in-process)."""
+
+    def url_for_result(self, result: Any) -> str:
+        if not hasattr(self, "_change_url"):
+            marker = "0"
+            url = reverse(
+                f"admin:{self.opts.app_label}_{self.opts.model_name}_change",
+                args=(marker,),
+                current_app=self.model_admin.admin_site.name,
+            )
+            self._change_url = url.rsplit(f"/{marker}/", 1)
+        head, tail = self._change_url
+        return f"{head}/{quote(getattr(result, self.pk_attname))}/{tail}"
+
+
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Stored history is evidence: nobody edits, adds or deletes it by hand (it leaves only by
-    retention)."""
+    retention). Its lists are long: each row's link is made without a ``reverse``."""
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return LinkOnceChangeList
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

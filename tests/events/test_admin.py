@@ -61,6 +61,19 @@ def test_the_event_list_filters_on_indexed_columns_without_scanning_for_choices(
     assert "host-9" not in text
 
 
+def test_each_row_of_the_event_list_links_to_its_events_page_keeping_the_filters() -> None:
+    events = [make_envelope("tokenGenerated", source="host/w", timestamp=T0 + 1_000 + i) for i in range(3)]
+    store(events)
+    client = browser("boss", ADMIN_GROUP)
+    page = client.get(EVENTS_URL, {"source": "host/w"}).content.decode()
+    links = re.findall(r'<th class="field-occurred"><a href="([^"]+)"', page)
+    assert links == [
+        f"{EVENTS_URL}{e['id']}/change/?_changelist_filters=source%3Dhost%252Fw" for e in reversed(events)
+    ]
+    shown = client.get(html.unescape(links[0]))
+    assert shown.status_code == 200 and events[-1]["id"] in shown.content.decode()
+
+
 def test_the_event_list_never_counts_past_the_cap(settings: Any) -> None:
     from events.admin import CappedCountPaginator
 
