@@ -50,6 +50,7 @@ SLOW_MODULES = frozenset(
         "tests/events/test_plan_everywhere.py",
         "tests/events/test_poison_tasks.py",
         "tests/events/test_signed_tasks.py",
+        "tests/events/test_rollup_upkeep.py",
         "tests/events/test_stats_rollups.py",
         "tests/mlxserve/test_api_fuzz.py",
         "tests/mlxserve/test_devredis.py",
@@ -59,6 +60,7 @@ SLOW_MODULES = frozenset(
         "tests/mlxserve/test_settings.py",
         "tests/mlxserve/test_web_server.py",
         "tests/serving/test_openai.py",
+        "tests/serving/test_openai_failures.py",
     }
 )
 
