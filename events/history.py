@@ -370,8 +370,8 @@ def rows_together(querysets: Sequence[QuerySet[Any, Row]], *, prepared: bool = F
 def _rows(cursor: Any, queryset: QuerySet[Any, Any]) -> list[Row]:
     """A cursor's rows as ``queryset`` gives them: its ``values_list`` fields, without what was
     annotated after them (a sort key; Django selects those last)."""
-    rows = cursor.fetchall()
+    rows: list[Row] = cursor.fetchall()
     width = len(queryset._fields or ())  # type: ignore[attr-defined]  # values_list's fields
     if not width or not rows or len(rows[0]) == width:
-        return list(rows)
+        return rows
     return [row[:width] for row in rows]

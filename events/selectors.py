@@ -138,17 +138,18 @@ def generation_read(*, generation_id: uuid.UUID) -> tuple[GenerationOut, list[At
     tokens: text, log-probabilities, times)."""
     own = Generation.objects.filter(pk=generation_id).values_list("model", "created_at")
     events, [generation_rows] = generation_events(generation_id, also=[own])
-    generation = generation_rows[0] if generation_rows else None
-    if generation is None and not events:
+    if not generation_rows and not events:
         return None
+    # No row: a generation queued elsewhere (straight on the broker) is known by its events.
+    model, created_at = generation_rows[0] if generation_rows else (events[0].payload.get("model"), None)
     raw = _attempts(events)
     attempts = _summaries(raw)
     latest = attempts[-1] if attempts else Attempt(number=0).summary()
     detail = GenerationOut(
         **{f: getattr(latest, f) for f in AttemptOut.__struct_fields__},
         generation_id=str(generation_id),
-        model=generation[0] if generation else (events[0].payload.get("model") if events else None),
-        created_at=generation[1] if generation else None,
+        model=model,
+        created_at=created_at,
         attempts=attempts,
         events=[e.out for e in events],
     )
